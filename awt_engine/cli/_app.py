@@ -1,0 +1,11 @@
+"""The typer application every command module registers on."""
+
+import typer
+
+app = typer.Typer(
+    name="awt-engine",
+    help="Training-free zero-shot image classification with VLMs (AWT).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)

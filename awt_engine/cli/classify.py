@@ -1,0 +1,3 @@
+"""`awt-engine classify` commands (placeholder until implemented)."""
+
+from awt_engine.cli._app import app  # noqa: F401
