@@ -1,0 +1,287 @@
+"""Any OpenAI-compatible chat-completions endpoint (vLLM serve, TGI, llama.cpp, OpenAI, ...).
+
+Stdlib only: ``urllib`` for HTTP and a bounded thread pool for concurrency. Requests that fail
+with 429, 5xx, a timeout or a dropped connection are retried with exponential backoff; a
+``Retry-After`` header is honoured and pauses every worker, not only the one that got it.
+The API key is read from an environment variable at request time and is never stored.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import json
+import os
+import random
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+from awt_engine.describe.backends.base import (
+    ChatBackend,
+    ChatRequest,
+    Completion,
+    OnResult,
+    SamplingConfig,
+)
+from awt_engine.describe.errors import BackendError
+
+RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+@dataclass(frozen=True)
+class OpenAIConfig:
+    base_url: str  # e.g. http://localhost:8000/v1 ; "/chat/completions" is appended
+    model: str
+    # Name of the environment variable holding the API key; None: use OPENAI_API_KEY if set,
+    # else send no key (local servers). The key itself is never stored.
+    api_key_env: str | None = None
+    # Parallel requests: keeps one vLLM/TGI server's batch full without tripping the
+    # per-key rate limits of hosted APIs.
+    concurrency: int = 16
+    # One long answer from a busy server takes tens of seconds; beyond this it is retried.
+    timeout_s: float = 120.0
+    # 1+2+4+8+16 s of backoff rides out a server restart or a rate-limit window.
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    max_backoff_s: float = 60.0  # also caps a server's Retry-After
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
+        if not self.model:
+            raise ValueError("the openai backend needs --model (the name the server serves)")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class OpenAIBackend(ChatBackend):
+    name = "openai"
+
+    def __init__(
+        self,
+        config: OpenAIConfig,
+        *,
+        sleep: Callable[[float], None] | None = None,
+        jitter: bool = True,
+    ) -> None:
+        super().__init__(config.model)
+        self.config = config
+        self._sleep = sleep  # injectable so tests do not wait
+        self._jitter = jitter
+        self._abort = threading.Event()
+        self._pause_lock = threading.Lock()
+        self._pause_until = 0.0
+        self._api_key = self._read_key()
+
+    def _read_key(self) -> str | None:
+        env = self.config.api_key_env
+        if env is None:
+            return os.environ.get("OPENAI_API_KEY") or None
+        key = os.environ.get(env)
+        if not key:
+            raise ValueError(f"--api-key-env {env}: the environment variable {env} is not set")
+        return key
+
+    def settings(self) -> dict:
+        c = self.config
+        return {
+            "base_url": c.base_url,
+            "concurrency": c.concurrency,
+            "timeout_s": c.timeout_s,
+            "max_retries": c.max_retries,
+        }
+
+    # -- one request ---------------------------------------------------------------------------
+    def _body(self, req: ChatRequest, sampling: SamplingConfig) -> dict:
+        body = {
+            "model": self.config.model,
+            "messages": req.messages,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": req.seed,
+        }
+        if sampling.n > 1:  # some servers reject "n" altogether; send it only when needed
+            body["n"] = sampling.n
+        return body
+
+    def _wait(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            self._abort.wait(seconds)  # wakes early when the run is being stopped
+
+    def _post(self, data: bytes) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        request = urllib.request.Request(self.config.url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout_s) as resp:
+                payload = resp.read()
+        except urllib.error.HTTPError as e:
+            detail = _snippet(e.read() if e.fp is not None else b"")
+            if e.code in RETRY_STATUS:
+                raise _Retryable(
+                    f"HTTP {e.code} {detail}", parse_retry_after(e.headers.get("Retry-After"))
+                ) from None
+            hint = {
+                401: "; check the API key (--api-key-env)",
+                403: "; check the API key (--api-key-env)",
+                404: "; check --base-url (it usually ends in /v1) and --model",
+            }.get(e.code, "")
+            raise BackendError(f"{self.config.url} refused the request: HTTP {e.code} {detail}{hint}")
+        except urllib.error.URLError as e:
+            reason = e.reason
+            if isinstance(reason, (TimeoutError, socket.timeout)):
+                raise _Retryable(f"no answer within {self.config.timeout_s:g} s") from None
+            raise _Retryable(f"cannot connect ({reason})") from None
+        except (TimeoutError, socket.timeout):
+            raise _Retryable(f"no answer within {self.config.timeout_s:g} s") from None
+        except (http.client.HTTPException, ConnectionError) as e:
+            raise _Retryable(f"connection broken ({type(e).__name__}: {e})") from None
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _Retryable(f"answer is not JSON: {_snippet(payload)}") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+            raise _Retryable(f"answer has no 'choices': {_snippet(payload)}")
+        return obj
+
+    def _one(self, req: ChatRequest, sampling: SamplingConfig) -> list[Completion]:
+        data = json.dumps(self._body(req, sampling)).encode("utf-8")
+        c = self.config
+        last = ""
+        for attempt in range(c.max_retries + 1):
+            with self._pause_lock:
+                pause = self._pause_until - time.monotonic()
+            self._wait(pause)
+            if self._abort.is_set():
+                raise BackendError("stopped: another request failed")
+            try:
+                obj = self._post(data)
+            except _Retryable as e:
+                last = str(e)
+                if attempt == c.max_retries or self._abort.is_set():
+                    break
+                delay = min(c.max_backoff_s, c.backoff_s * 2**attempt)
+                if self._jitter:
+                    delay *= 0.5 + random.random()  # spread retries of parallel workers
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, c.max_backoff_s))
+                    with self._pause_lock:  # the server asked everyone to slow down
+                        self._pause_until = max(self._pause_until, time.monotonic() + delay)
+                self.stats.add(retries=1)
+                self._wait(delay)
+                continue
+            return _completions(obj, sampling.n)
+        raise BackendError(
+            f"{c.url} failed after {c.max_retries + 1} attempt(s): {last}. Is the server running "
+            "and --base-url right? Finished classes are kept; run the same command to resume."
+        )
+
+    # -- all requests of a step ----------------------------------------------------------------
+    def chat(
+        self,
+        requests: Sequence[ChatRequest],
+        sampling: SamplingConfig,
+        on_result: OnResult | None = None,
+    ) -> list[list[Completion]]:
+        start = time.perf_counter()
+        results: list[list[Completion] | None] = [None] * len(requests)
+        self._abort.clear()
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.config.concurrency, len(requests))))
+        pending: dict[Future, int] = {
+            pool.submit(self._one, req, sampling): i for i, req in enumerate(requests)
+        }
+        first_error: BaseException | None = None
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = pending.pop(fut)
+                    if fut.cancelled():
+                        continue
+                    err = fut.exception()
+                    if err is not None:
+                        if first_error is None:
+                            # Stop: cancel what has not started, let running requests finish
+                            # (without retrying) so their answers are still delivered.
+                            first_error = err
+                            self._abort.set()
+                            for other in pending:
+                                other.cancel()
+                        continue
+                    completions = fut.result()
+                    results[i] = completions
+                    self.stats.add(requests=1)
+                    if on_result is not None:
+                        on_result(i, completions)
+        except BaseException:
+            self._abort.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            self.stats.add(seconds=time.perf_counter() - start)
+        pool.shutdown(wait=True)
+        if first_error is not None:
+            raise first_error
+        return [r if r is not None else [] for r in results]
+
+
+def _snippet(payload: bytes, limit: int = 200) -> str:
+    text = payload.decode("utf-8", "replace").strip().replace("\n", " ")
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def _completions(obj: dict, n: int) -> list[Completion]:
+    """The choices of a chat-completions answer, in index order. A choice without text
+    counts as an empty answer (the parser then finds nothing in it)."""
+    choices = sorted(
+        (c for c in obj["choices"] if isinstance(c, dict)),
+        key=lambda c: c.get("index", 0) if isinstance(c.get("index", 0), int) else 0,
+    )
+    out = []
+    for c in choices[: max(n, 1)]:
+        message = c.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, str):
+            content = c.get("text") if isinstance(c.get("text"), str) else ""
+        out.append(Completion(content, truncated=c.get("finish_reason") == "length"))
+    return out

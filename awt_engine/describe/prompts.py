@@ -1,0 +1,181 @@
+"""Prompt texts for the description stage: plain files in ``prompts/``, loaded by name.
+
+The repository's top-level ``prompts/`` folder wins when present (a source checkout); an
+installed wheel carries the same files as ``awt_engine/_prompts``. Every file used goes into
+a SHA-256 recorded in the cache's provenance, so a changed prompt is visible.
+
+Placeholders use ``${name}`` (``string.Template``) because the texts themselves contain the
+literal class placeholder ``{}``. Worked examples are files of ``key: value`` header lines, a
+``---`` line, then the model's answer.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import awt_engine
+from awt_engine._io import sha256_hex
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+QUESTION_FILES = ("questions_system", "questions_user", "questions_example")
+DESCRIPTION_FILES = (
+    "descriptions_system",
+    "descriptions_user",
+    "descriptions_example_1",
+    "descriptions_example_2",
+)
+ALL_FILES = QUESTION_FILES + DESCRIPTION_FILES
+
+
+def default_prompts_dir() -> Path:
+    """The repository's ``prompts/`` when running from a checkout, else the packaged copy."""
+    package = Path(awt_engine.__file__).resolve().parent
+    repo = package.parent / "prompts"
+    if repo.is_dir():
+        return repo
+    return package / "_prompts"
+
+
+def load_prompt(name: str, directory: str | os.PathLike | None = None) -> str:
+    """The text of prompt ``name`` (file ``<name>.txt``), trailing whitespace removed."""
+    folder = Path(directory) if directory is not None else default_prompts_dir()
+    path = folder / f"{name}.txt"
+    try:
+        return path.read_text(encoding="utf-8").rstrip()
+    except FileNotFoundError:
+        have = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"prompt file {path} not found (prompts in {folder}: {', '.join(have) or 'none'})"
+        ) from None
+
+
+def display_name(class_name: str) -> str:
+    """How a class is named in prompts: underscores read as spaces."""
+    return " ".join(class_name.replace("_", " ").split())
+
+
+def fill_question(question: str, class_name: str) -> str:
+    """Put the class name where the question's ``{}`` is (no str.format: braces stay safe)."""
+    return question.replace("{}", display_name(class_name), 1)
+
+
+@dataclass(frozen=True)
+class Example:
+    fields: dict[str, str]
+    answer: str
+
+
+def parse_example(text: str, name: str = "example") -> Example:
+    head, sep, answer = text.partition("\n---\n")
+    if not sep:
+        raise ValueError(f"prompt {name}: expected 'key: value' lines, a '---' line, an answer")
+    fields = {}
+    for line in head.splitlines():
+        if not line.strip():
+            continue
+        key, colon, value = line.partition(":")
+        if not colon:
+            raise ValueError(f"prompt {name}: header line {line!r} is not 'key: value'")
+        fields[key.strip()] = value.strip()
+    return Example(fields, answer.strip())
+
+
+def _render(template: str, name: str, **values: object) -> str:
+    try:
+        return string.Template(template).substitute(**values)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"prompt {name}: bad or unknown placeholder ({e})") from None
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """All prompt texts of the stage, with their hashes."""
+
+    texts: dict[str, str]
+    directory: str
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike | None = None) -> PromptSet:
+        folder = Path(directory) if directory is not None else default_prompts_dir()
+        texts = {name: load_prompt(name, folder) for name in ALL_FILES}
+        ps = cls(texts, str(folder))
+        # Render once so a broken prompt file fails now, not after the model has loaded.
+        ps.question_conversation("a check", 3)
+        ps.description_conversation("a check", "thing", "What is {}?", 3)
+        return ps
+
+    @property
+    def files_sha256(self) -> dict[str, str]:
+        return {name: sha256_hex(self.texts[name]) for name in ALL_FILES}
+
+    @property
+    def sha256(self) -> str:
+        """One hash over every prompt file (name and text)."""
+        return sha256_hex(*(part for n in ALL_FILES for part in (n, self.texts[n])))
+
+    def question_conversation(self, dataset_description: str, count: int) -> Conversation:
+        ex = parse_example(self.texts["questions_example"], "questions_example")
+        n_example = sum(1 for line in ex.answer.splitlines() if line.strip())
+        user = self.texts["questions_user"]
+        return [
+            {"role": "system", "content": self.texts["questions_system"]},
+            {
+                "role": "user",
+                "content": _render(
+                    user,
+                    "questions_user",
+                    dataset_description=ex.fields.get("dataset", ""),
+                    count=n_example,
+                ),
+            },
+            {"role": "assistant", "content": ex.answer},
+            {
+                "role": "user",
+                "content": _render(
+                    user, "questions_user", dataset_description=dataset_description, count=count
+                ),
+            },
+        ]
+
+    def description_conversation(
+        self, dataset_description: str, class_name: str, question: str, count: int
+    ) -> Conversation:
+        user = self.texts["descriptions_user"]
+        messages: Conversation = [{"role": "system", "content": self.texts["descriptions_system"]}]
+        for name in ("descriptions_example_1", "descriptions_example_2"):
+            ex = parse_example(self.texts[name], name)
+            n_example = sum(1 for line in ex.answer.splitlines() if line.strip())
+            cls_name = ex.fields.get("class", "")
+            messages.append(
+                {
+                    "role": "user",
+                    "content": _render(
+                        user,
+                        name,
+                        dataset_description=ex.fields.get("dataset", ""),
+                        class_name=cls_name,
+                        question=fill_question(ex.fields.get("question", "{}"), cls_name),
+                        count=n_example,
+                    ),
+                }
+            )
+            messages.append({"role": "assistant", "content": ex.answer})
+        messages.append(
+            {
+                "role": "user",
+                "content": _render(
+                    user,
+                    "descriptions_user",
+                    dataset_description=dataset_description,
+                    class_name=display_name(class_name),
+                    question=fill_question(question, class_name),
+                    count=count,
+                ),
+            }
+        )
+        return messages

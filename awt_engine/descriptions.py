@@ -1,0 +1,346 @@
+"""The descriptions cache: LLM-written class descriptions, one JSON file per data set.
+
+Format 1 (DESIGN.md section 3)::
+
+    {"format": 1, "dataset": "dtd", "dataset_description": "...", "template": "... {} ...",
+     "classes": [...], "questions": [...], "descriptions": {class: [...]}, "provenance": {...}}
+
+The plain form ``{class name: [descriptions]}`` that other AWT tools publish is accepted by
+:func:`load_descriptions` and :func:`from_plain` and converted.
+
+A file may be *partial*: the describe stage saves classes as they finish, so ``descriptions``
+can lack some of ``classes`` (see :meth:`DescriptionSet.missing`). Readers that need every
+class (``classify``) check :meth:`DescriptionSet.is_complete`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from awt_engine._io import atomic_write_json
+
+FORMAT_VERSION = 1
+
+# Data set names become file names: letters, digits and ``._+-`` only, not starting with a dot,
+# so a name can never climb out of the cache folder or hide as a dot-file.
+_DATASET_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,127}")
+
+
+def validate_dataset_name(name: str) -> str:
+    """Return ``name`` if it is usable as a cache file name, else raise ValueError saying why."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("data set name is empty")
+    if "/" in name or "\\" in name or os.sep in name:
+        raise ValueError(f"data set name {name!r} contains a path separator")
+    if not _DATASET_NAME.fullmatch(name):
+        raise ValueError(
+            f"data set name {name!r} is not usable as a file name: use 1-128 letters, digits "
+            "and '._+-', not starting with '.'"
+        )
+    return name
+
+
+def fold_key(text: str) -> str:
+    """Case- and whitespace-folded form of a text, used to find duplicates."""
+    return " ".join(text.casefold().split())
+
+
+def fold_class_name(name: str) -> str:
+    """Folded class name for matching names across sources ('Sea_Lion' == 'sea lion')."""
+    return " ".join(re.sub(r"[_\-]+", " ", name).casefold().split())
+
+
+def _check_template(template: str | None) -> str | None:
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise ValueError(f"template must be a string, not {type(template).__name__}")
+    if template.count("{}") != 1:
+        raise ValueError(
+            f"template {template!r} must contain the class placeholder '{{}}' exactly once "
+            "(e.g. 'a photo of a {}')"
+        )
+    return template
+
+
+@dataclass(frozen=True)
+class DescriptionSet:
+    """One data set's class descriptions plus what is needed to reproduce and use them.
+
+    ``descriptions`` may lack classes (a partial cache being filled); it never holds a class
+    that is not in ``classes``.
+    """
+
+    dataset: str
+    classes: tuple[str, ...]  # label order
+    descriptions: dict[str, list[str]]  # class -> descriptions
+    template: str | None = None
+    dataset_description: str | None = None
+    questions: tuple[str, ...] = ()
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError("'dataset' must be a non-empty string")
+        if isinstance(self.classes, str) or not isinstance(self.classes, Iterable):
+            raise ValueError("'classes' must be a list of class names")
+        classes = tuple(self.classes)
+        if not classes:
+            raise ValueError("'classes' is empty")
+        for c in classes:
+            if not isinstance(c, str) or not c.strip():
+                raise ValueError(f"class names must be non-empty strings, got {c!r}")
+        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"duplicate class names: {', '.join(map(repr, dupes))}")
+        if not isinstance(self.descriptions, Mapping):
+            raise ValueError("'descriptions' must map class names to lists of strings")
+        known = set(classes)
+        unknown = [k for k in self.descriptions if k not in known]
+        if unknown:
+            raise ValueError(
+                f"'descriptions' has {len(unknown)} class(es) not in 'classes': "
+                + ", ".join(map(repr, unknown[:5]))
+                + (" ..." if len(unknown) > 5 else "")
+            )
+        descriptions: dict[str, list[str]] = {}
+        for c in classes:  # keep label order
+            if c not in self.descriptions:
+                continue
+            items = self.descriptions[c]
+            if isinstance(items, str) or not isinstance(items, Iterable):
+                raise ValueError(f"descriptions of class {c!r} must be a list of strings")
+            items = list(items)
+            bad = [d for d in items if not isinstance(d, str)]
+            if bad:
+                raise ValueError(f"descriptions of class {c!r} must be strings, got {bad[0]!r}")
+            descriptions[c] = items
+        questions = tuple(self.questions)
+        for q in questions:
+            if not isinstance(q, str):
+                raise ValueError(f"questions must be strings, got {q!r}")
+        if not isinstance(self.provenance, Mapping):
+            raise ValueError("'provenance' must be a JSON object")
+        if self.dataset_description is not None and not isinstance(self.dataset_description, str):
+            raise ValueError("'dataset_description' must be a string")
+        object.__setattr__(self, "classes", classes)
+        object.__setattr__(self, "descriptions", descriptions)
+        object.__setattr__(self, "questions", questions)
+        object.__setattr__(self, "template", _check_template(self.template))
+        object.__setattr__(self, "provenance", dict(self.provenance))
+
+    # -- queries -----------------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        """Number of descriptions per class, in label order (0 for a class not yet described)."""
+        return {c: len(self.descriptions.get(c, ())) for c in self.classes}
+
+    def missing(self, per_class: int = 1) -> dict[str, int]:
+        """Classes with fewer than ``per_class`` descriptions, with their counts."""
+        return {c: n for c, n in self.counts().items() if n < per_class}
+
+    def is_complete(self, per_class: int = 1) -> bool:
+        return not self.missing(per_class)
+
+    def count_summary(self) -> dict[str, float]:
+        """min / median / max descriptions per class and the total."""
+        counts = list(self.counts().values())
+        return {
+            "min": min(counts),
+            "median": statistics.median(counts),
+            "max": max(counts),
+            "total": sum(counts),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "dataset_description": self.dataset_description,
+            "template": self.template,
+            "classes": list(self.classes),
+            "questions": list(self.questions),
+            "descriptions": {c: list(d) for c, d in self.descriptions.items()},
+            "provenance": self.provenance,
+        }
+
+
+def descriptions_path(dataset: str, cache_root: str | os.PathLike) -> Path:
+    """``cache_root / "descriptions" / f"{dataset}.json"``; the name is validated first."""
+    return Path(cache_root) / "descriptions" / f"{validate_dataset_name(dataset)}.json"
+
+
+def _is_plain(obj: Mapping) -> bool:
+    return "format" not in obj or isinstance(obj.get("format"), list)
+
+
+def load_descriptions(path: str | os.PathLike) -> DescriptionSet:
+    """Read a format-1 file or a plain ``{class: [descriptions]}`` file.
+
+    Raises FileNotFoundError when there is no file, and ValueError naming the file and what is
+    wrong with it when it is damaged or has the wrong shape.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such descriptions file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a folder, not a descriptions file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: damaged descriptions file, not valid JSON "
+            f"(line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ValueError(
+            f"{path}: expected a JSON object (format {FORMAT_VERSION} or "
+            f"{{class: [descriptions]}}), found a {type(obj).__name__}"
+        )
+    try:
+        if _is_plain(obj):
+            return from_plain(obj, dataset=path.stem)
+        return _from_format(obj)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _from_format(obj: Mapping[str, Any]) -> DescriptionSet:
+    version = obj["format"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"'format' must be an integer, found {version!r}")
+    if version != FORMAT_VERSION:
+        newer = " (written by a newer awt-engine?)" if version > FORMAT_VERSION else ""
+        raise ValueError(
+            f"descriptions format {version} is not supported{newer}; this awt-engine reads "
+            f"format {FORMAT_VERSION}"
+        )
+    missing = [k for k in ("dataset", "classes", "descriptions") if k not in obj]
+    if missing:
+        raise ValueError(f"missing key(s): {', '.join(missing)}")
+    classes = obj["classes"]
+    if not isinstance(classes, list):
+        raise ValueError("'classes' must be a list of class names")
+    questions = obj.get("questions") or []
+    if not isinstance(questions, list):
+        raise ValueError("'questions' must be a list of strings")
+    provenance = obj.get("provenance") or {}
+    return DescriptionSet(
+        dataset=obj["dataset"],
+        classes=tuple(classes),
+        descriptions=obj["descriptions"],
+        template=obj.get("template"),
+        dataset_description=obj.get("dataset_description"),
+        questions=tuple(questions),
+        provenance=provenance,
+    )
+
+
+def save_descriptions(ds: DescriptionSet, path: str | os.PathLike) -> None:
+    """Write ``ds`` as format 1, atomically (readers see the old file or the new one)."""
+    atomic_write_json(path, ds.to_json())
+
+
+def from_plain(
+    mapping: Mapping[str, list[str]],
+    dataset: str,
+    *,
+    template: str | None = None,
+    dataset_description: str | None = None,
+    classes: Iterable[str] | None = None,
+) -> DescriptionSet:
+    """Convert ``{class name: [descriptions]}`` into a :class:`DescriptionSet`.
+
+    Descriptions are stripped; empty ones are dropped. Without ``classes`` the label order is
+    the mapping's order. With ``classes`` (e.g. a registry's list), the mapping's names are
+    matched to them with case, ``_``/``-`` and whitespace folded ('Sea_Lion' -> 'sea lion');
+    a name in the mapping that matches no class is an error, a class the mapping lacks is left
+    missing (the describe stage can fill it).
+    """
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"expected {{class: [descriptions]}}, found a {type(mapping).__name__}")
+    if not mapping:
+        raise ValueError("no classes in the descriptions mapping")
+    cleaned: dict[str, list[str]] = {}
+    for name, items in mapping.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"class names must be non-empty strings, got {name!r}")
+        if isinstance(items, str) or not isinstance(items, list):
+            raise ValueError(
+                f"descriptions of class {name!r} must be a list of strings, "
+                f"found {type(items).__name__}"
+            )
+        bad = [d for d in items if not isinstance(d, str)]
+        if bad:
+            raise ValueError(f"descriptions of class {name!r} must be strings, got {bad[0]!r}")
+        cleaned[name] = [d.strip() for d in items if d.strip()]
+
+    if classes is None:
+        label_order = tuple(cleaned)
+        descriptions = cleaned
+    else:
+        label_order = tuple(classes)
+        by_fold: dict[str, str] = {}
+        for c in label_order:
+            key = fold_class_name(c)
+            if key in by_fold and by_fold[key] != c:
+                raise ValueError(f"classes {by_fold[key]!r} and {c!r} cannot be told apart")
+            by_fold[key] = c
+        descriptions = {}
+        unmatched = []
+        for name, items in cleaned.items():
+            target = name if name in label_order else by_fold.get(fold_class_name(name))
+            if target is None:
+                unmatched.append(name)
+                continue
+            if target in descriptions:
+                raise ValueError(f"classes {name!r} and another entry both match class {target!r}")
+            descriptions[target] = items
+        if unmatched:
+            raise ValueError(
+                f"{len(unmatched)} class name(s) match no class of data set {dataset!r}: "
+                + ", ".join(map(repr, unmatched[:5]))
+                + (" ..." if len(unmatched) > 5 else "")
+            )
+    return DescriptionSet(
+        dataset=dataset,
+        classes=label_order,
+        descriptions=descriptions,
+        template=template,
+        dataset_description=dataset_description,
+    )
+
+
+def export_cupl(ds: DescriptionSet) -> dict[str, dict[str, list[str]]]:
+    """``{dataset: {class: [prompts]}}``, the CuPL-style layout other zero-shot tools read.
+
+    The prompts are the descriptions themselves (CuPL feeds its LLM sentences to CLIP as they
+    are), in label order; classes without descriptions are left out.
+    """
+    return {ds.dataset: {c: list(ds.descriptions[c]) for c in ds.classes if c in ds.descriptions}}
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DescriptionSet",
+    "descriptions_path",
+    "export_cupl",
+    "fold_class_name",
+    "fold_key",
+    "from_plain",
+    "load_descriptions",
+    "save_descriptions",
+    "validate_dataset_name",
+]

@@ -1,0 +1,684 @@
+"""The AWT scorer: view/prompt entropy weights and optimal transport, batched and exact.
+
+From image-view embeddings ``[B, V, D]`` and class-prompt embeddings ``[C, P, D]``
+(or precomputed similarities ``[B, V, C, P]``) to class scores ``[B, C]``, exactly as
+DESIGN.md section 2 defines them. This module knows nothing of CLIP.
+
+Axes::
+
+    B images   V views (view 0 = the un-augmented image)
+    C classes  P prompts (prompt 0 = the bare template)   D embedding width
+
+Memory: the similarity tensor ``[B, V, C, P]`` is never built whole. Work is cut
+into blocks of images (and, when one image's classes exceed the budget, of classes)
+that fit ``memory_budget`` bytes; the cut never changes a result, because every
+quantity is per image and the Sinkhorn stopping rule, which couples all classes of
+an image, is evaluated over all of its classes even when they are solved in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from awt_engine.transport import (
+    _log_abs_diff_sum,
+    _step,
+    kernel_form_is_safe,
+    solve_scalings,
+)
+
+# Cost is 1 - cosine, so it spans at most 2: the bound that picks the transport domain.
+_COSINE_COST_RANGE = 2.0
+
+
+@dataclass(frozen=True)
+class AWTConfig:
+    """Hyper-parameters of the AWT computation; defaults are the AWT paper's."""
+
+    eps: float = 0.1  # entropic regularisation; 0.1 keeps the kernel exp(-M/eps) in float32 range
+    view_temperature: float = 0.5  # softmax temperature over -entropy of each view
+    prompt_temperature: float = 0.5  # softmax temperature over -entropy of each prompt
+    tol: float = 1e-2  # stop once mean |r - r_prev| over an image's classes and views < tol
+    max_iter: int = 100  # hard cap on Sinkhorn iterations per image
+
+    def __post_init__(self):
+        for name in ("eps", "view_temperature", "prompt_temperature", "tol"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+
+
+@dataclass(frozen=True)
+class AWTOutput:
+    """Scores plus what produced them (for diagnostics and reports)."""
+
+    scores: Tensor  # [B, C]
+    view_weights: Tensor  # [B, V]
+    prompt_weights: Tensor  # [B, C, P]
+    iterations: Tensor  # [B] Sinkhorn iterations (0 where no transport ran)
+    converged: Tensor  # [B] stopped by tolerance
+
+
+# ---------------------------------------------------------------------------------------
+# Weights
+
+
+def view_weights_from_logits(mean_logits: Tensor, temperature: float = 0.5) -> Tensor:
+    """``u[b] = softmax_v(-H(softmax_c mean_logits[b, v]) / T)``.
+
+    mean_logits: [B, V, C], the prompt-averaged logits of each view. Returns [B, V].
+    """
+    logq = torch.log_softmax(mean_logits, dim=-1)  # [B,V,C], max-shifted internally
+    entropy = -(logq.exp() * logq).sum(dim=-1)  # [B,V]
+    return torch.softmax(-entropy / temperature, dim=-1)
+
+
+def prompt_weights_from_logits(raw_logits: Tensor, temperature: float = 0.5) -> Tensor:
+    """Prompt weights from the raw view's logits, in O(C*P) per image.
+
+    raw_logits: [B, C, P] = logits of view 0. With ``a = mean_p raw_logits`` ([B, C]),
+    ``H'[b,c,p]`` is the entropy of softmax(a with entry c replaced by raw_logits[b,c,p])
+    and ``w[b,c] = softmax_p(-H'[b,c] / T)``. Returns [B, C, P].
+
+    The entropy of a vector whose entry c is replaced by x follows from the sums
+    ``E_c = sum_{j!=c} exp(a_j - M_c)`` and ``F_c = sum_{j!=c} exp(a_j - M_c)(a_j - M_c)``
+    (M_c = max_{j!=c} a_j) and x alone; E_c >= 1 by construction, so nothing cancels.
+    """
+    B, C, P = raw_logits.shape
+    if C == 1:  # a one-class softmax has zero entropy for every prompt
+        return torch.full_like(raw_logits, 1.0 / P)
+    a = raw_logits.mean(dim=-1)  # [B,C]
+    top = a.topk(2, dim=-1)
+    m0, m1 = top.values[:, :1], top.values[:, 1:2]  # [B,1] best and runner-up
+    is_top = F.one_hot(top.indices[:, 0], C).bool()  # [B,C]
+
+    # Classes other than the argmax: the excluded sum keeps the max, shift by m0.
+    e0 = torch.exp(a - m0)  # [B,C] in (0, 1]
+    t0 = e0 * (a - m0)  # [B,C] <= 0
+    E = e0.sum(-1, keepdim=True) - e0  # >= 1: still holds the argmax term
+    Fs = t0.sum(-1, keepdim=True) - t0
+    # The argmax class: sum the others directly, shifted by the runner-up.
+    e1 = torch.exp(a - m1).masked_fill(is_top, 0.0)
+    t1 = e1 * (a - m1).masked_fill(is_top, 0.0)
+    E = torch.where(is_top, e1.sum(-1, keepdim=True), E)  # [B,C]
+    Fs = torch.where(is_top, t1.sum(-1, keepdim=True), Fs)  # [B,C]
+    M = torch.where(is_top, m1, m0)  # [B,C] max of the entries kept
+
+    x = raw_logits  # [B,C,P], the replacing entry
+    m = torch.maximum(M.unsqueeze(-1), x)  # [B,C,P] shift for the whole vector
+    dM, dx = M.unsqueeze(-1) - m, x - m  # both <= 0
+    eM, ex = dM.exp(), dx.exp()
+    E3, F3 = E.unsqueeze(-1), Fs.unsqueeze(-1)
+    Z = E3 * eM + ex  # [B,C,P] >= 1
+    weighted = (F3 + E3 * dM) * eM + ex * dx  # sum_j exp(z_j - m)(z_j - m)
+    entropy = Z.log() - weighted / Z  # [B,C,P]
+    return torch.softmax(-entropy / temperature, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Similarity sources: where blocks of sim[b, v, c, p] come from.
+
+
+class _EmbeddingSims:
+    """Similarities from L2-normalised embeddings, computed block by block."""
+
+    def __init__(self, image_embeds: Tensor, class_embeds: Tensor):
+        self.img, self.txt = image_embeds, class_embeds  # [B,V,D], [C,P,D]
+        self.B, self.V, _ = image_embeds.shape
+        self.C, self.P, self.D = class_embeds.shape
+        self._txt_mean = None
+
+    def block(self, bs: slice, cs: slice) -> Tensor:
+        """sim for images bs and classes cs, laid out [G, Cc, P, V] (fresh, contiguous)."""
+        txt = self.txt[cs]
+        Cc = txt.shape[0]
+        img = self.img[bs]  # [G,V,D]
+        out = torch.matmul(txt.reshape(Cc * self.P, self.D), img.transpose(1, 2))  # [G,Cc*P,V]
+        return out.view(img.shape[0], Cc, self.P, self.V)
+
+    def prompt_mean(self, bs: slice) -> Tensor:
+        """mean_p sim: [G, V, C] (linear, so through the mean text embedding)."""
+        if self._txt_mean is None:
+            self._txt_mean = self.txt.mean(dim=1)  # [C,D]
+        return torch.matmul(self.img[bs], self._txt_mean.T)
+
+    def raw_view(self, bs: slice) -> Tensor:
+        """sim of view 0: [G, C, P]."""
+        img0 = self.img[bs, 0]  # [G,D]
+        return torch.matmul(img0, self.txt.reshape(self.C * self.P, self.D).T).view(
+            -1, self.C, self.P
+        )
+
+    def weighted_mean(self, bs: slice, u: Tensor, w: Tensor) -> Tensor:
+        """sum_{v,p} u[v] w[c,p] sim[v,c,p] = <sum_v u img, sum_p w txt>: [G, C]."""
+        img_bar = torch.einsum("gv,gvd->gd", u, self.img[bs])  # [G,D]
+        txt_bar = torch.einsum("gcp,cpd->gcd", w, self.txt)  # [G,C,D]
+        return torch.einsum("gd,gcd->gc", img_bar, txt_bar)
+
+
+class _LogitSims:
+    """Similarities given whole (e.g. by a generative method), [B, V, C, P]."""
+
+    def __init__(self, sims: Tensor):
+        self.sims = sims
+        self.B, self.V, self.C, self.P = sims.shape
+
+    def block(self, bs: slice, cs: slice) -> Tensor:
+        return self.sims[bs, :, cs, :].permute(0, 2, 3, 1).contiguous()  # [G,Cc,P,V] copy
+
+    def prompt_mean(self, bs: slice) -> Tensor:
+        return self.sims[bs].mean(dim=-1)  # [G,V,C]
+
+    def raw_view(self, bs: slice) -> Tensor:
+        return self.sims[bs, 0]  # [G,C,P]
+
+    def weighted_mean(self, bs: slice, u: Tensor, w: Tensor) -> Tensor:
+        return torch.einsum("gv,gcp,gvcp->gc", u, w, self.sims[bs])
+
+
+# ---------------------------------------------------------------------------------------
+# Budgeting
+
+_DEFAULT_CPU_BUDGET = 1 << 30  # 1 GiB: leaves room for the model and decoded images
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the transport blocks may use: 1 GiB on CPU, a quarter of free GPU memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(free // 4, 64 << 20)
+    return _DEFAULT_CPU_BUDGET
+
+
+def _tensors_per_element(log_domain: bool) -> int:
+    # kernel form: sim (turned into sim*K in place) + K + slack for matmul temporaries;
+    # log domain: logsumexp materialises two more temporaries of the block's size.
+    return 5 if log_domain else 3
+
+
+# ---------------------------------------------------------------------------------------
+# The AWT engine
+
+
+def _check_inputs(image_embeds: Tensor, class_embeds: Tensor) -> None:
+    if not isinstance(image_embeds, Tensor) or not isinstance(class_embeds, Tensor):
+        raise TypeError("image_embeds and class_embeds must be torch.Tensors")
+    if image_embeds.dim() != 3:
+        raise ValueError(f"image_embeds must be [B, V, D], got shape {tuple(image_embeds.shape)}")
+    if class_embeds.dim() != 3:
+        raise ValueError(f"class_embeds must be [C, P, D], got shape {tuple(class_embeds.shape)}")
+    if image_embeds.shape[-1] != class_embeds.shape[-1]:
+        raise ValueError(
+            f"embedding widths differ: image_embeds D={image_embeds.shape[-1]}, "
+            f"class_embeds D={class_embeds.shape[-1]}"
+        )
+    if image_embeds.device != class_embeds.device:
+        raise ValueError(
+            f"image_embeds on {image_embeds.device} but class_embeds on {class_embeds.device}"
+        )
+    if min(image_embeds.shape[:2]) < 1 or min(class_embeds.shape[:2]) < 1:
+        raise ValueError(
+            f"empty input: image_embeds {tuple(image_embeds.shape)}, "
+            f"class_embeds {tuple(class_embeds.shape)}"
+        )
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision embeddings (GPU backbones) are scored in float32; float64 stays.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _solve(
+    src,
+    scale: float,
+    cfg: AWTConfig,
+    *,
+    weighting: str,
+    transport: bool,
+    memory_budget: int | None,
+    sync_every: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> AWTOutput:
+    B, V, C, P = src.B, src.V, src.C, src.P
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    if budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    itemsize = torch.finfo(dtype).bits // 8
+    log_domain = not kernel_form_is_safe(_COSINE_COST_RANGE, cfg.eps, dtype)
+
+    scores = torch.empty(B, C, dtype=dtype, device=device)
+    u_all = torch.empty(B, V, dtype=dtype, device=device)
+    w_all = torch.empty(B, C, P, dtype=dtype, device=device)
+    iters = torch.zeros(B, dtype=torch.int64, device=device)
+    conv = torch.zeros(B, dtype=torch.bool, device=device)
+
+    # Weights need O(V*C + C*P) per image.
+    per_image_w = (V * C + 2 * C * P) * itemsize * 3
+    gw = max(1, budget // per_image_w)
+    for b0 in range(0, B, gw):
+        bs = slice(b0, min(B, b0 + gw))
+        if weighting == "entropy":
+            u_all[bs] = view_weights_from_logits(scale * src.prompt_mean(bs), cfg.view_temperature)
+            w_all[bs] = prompt_weights_from_logits(scale * src.raw_view(bs), cfg.prompt_temperature)
+        else:
+            assert weighting == "uniform", weighting
+            u_all[bs] = 1.0 / V
+            w_all[bs] = 1.0 / P
+
+    if not transport:
+        for b0 in range(0, B, gw):
+            bs = slice(b0, min(B, b0 + gw))
+            scores[bs] = scale * src.weighted_mean(bs, u_all[bs], w_all[bs])
+        return AWTOutput(scores, u_all, w_all, iters, conv)
+
+    per_image = C * V * P * itemsize * _tensors_per_element(log_domain)
+    g = budget // per_image
+    if g >= 1:
+        for b0 in range(0, B, g):
+            bs = slice(b0, min(B, b0 + g))
+            scores[bs], iters[bs], conv[bs] = _transport_block(
+                src, bs, u_all[bs], w_all[bs], scale, cfg, log_domain, sync_every
+            )
+    else:
+        cc = max(1, budget // (V * P * itemsize * _tensors_per_element(log_domain)))
+        for b in range(B):
+            bs = slice(b, b + 1)
+            scores[bs], iters[bs], conv[bs] = _transport_class_chunked(
+                src, bs, u_all[bs], w_all[bs], scale, cfg, log_domain, cc
+            )
+    return AWTOutput(scores, u_all, w_all, iters, conv)
+
+
+def _kernel_from_sims(sim_t: Tensor, eps: float, log_domain: bool) -> Tensor:
+    """K (or log K) = exp(-(1 - sim)/eps), same [G, C, P, V] layout, one new tensor."""
+    k = (sim_t - 1.0).div_(eps)
+    return k if log_domain else k.exp_()
+
+
+def _transport_block(src, bs, u, w, scale, cfg, log_domain, sync_every):
+    """Images ``bs`` with all classes in memory: (scores [G,C], iterations [G], converged [G])."""
+    G = u.shape[0]
+    C, V = src.C, src.V
+    sim_t = src.block(bs, slice(None))  # [G,C,P,V]
+    K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)  # [G,C,P,V]
+    a = u.unsqueeze(1).expand(G, C, V)  # [G,C,V]
+    if log_domain:
+        s = solve_scalings(
+            K_t.transpose(-1, -2),
+            a.log(),
+            w.log(),
+            log_domain=True,
+            tol=cfg.tol,
+            max_iter=cfg.max_iter,
+            sync_every=sync_every,
+        )
+        plan_t = torch.exp(s.r.unsqueeze(-2) + K_t + s.g.unsqueeze(-1))  # [G,C,P,V]
+        score = (plan_t * sim_t).sum(dim=(-1, -2))
+    else:
+        s = solve_scalings(
+            K_t.transpose(-1, -2),
+            a,
+            w,
+            log_domain=False,
+            tol=cfg.tol,
+            max_iter=cfg.max_iter,
+            sync_every=sync_every,
+        )
+        ks_t = sim_t.mul_(K_t)  # [G,C,P,V] sim*K, in place
+        score = (torch.matmul(ks_t, s.r.unsqueeze(-1)).squeeze(-1) * s.g).sum(-1)  # r^T(K.sim)g
+    return scale * score, s.iterations, s.converged
+
+
+def _transport_class_chunked(src, bs, u, w, scale, cfg, log_domain, cc):
+    """One image whose classes do not fit at once: solve class chunks in rounds.
+
+    The stopping iteration depends on the error summed over *all* classes, so each
+    round runs every chunk for the same iterations, recording per iteration the error
+    sums and the scores; after the round the global stopping iteration is read off.
+    Rounds double in length (8, 16, 32, ...), so the matmul is usually done once.
+    """
+    G = u.shape[0]
+    assert G == 1
+    C, V, P = src.C, src.V, src.P
+    dtype, device = u.dtype, u.device
+    fill = 0.0 if log_domain else 1.0
+    r_state = torch.full((G, C, V), fill, dtype=dtype, device=device)
+    g_state = torch.full((G, C, P), fill, dtype=dtype, device=device)
+    a_full = u.unsqueeze(1).expand(G, C, V)
+    b_full = w
+    if log_domain:
+        a_full, b_full = a_full.log(), b_full.log()
+    log_count_tol = math.log(C * V) + math.log(cfg.tol)
+
+    done_iter, round_len = 0, 8
+    while True:
+        n = min(round_len, cfg.max_iter - done_iter)
+        log_err = torch.full((G, n), -math.inf, dtype=dtype, device=device)
+        score_hist = torch.empty(G, n, C, dtype=dtype, device=device)
+        for c0 in range(0, C, cc):
+            cs = slice(c0, min(C, c0 + cc))
+            sim_t = src.block(bs, cs)  # [G,Cc,P,V]
+            K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)
+            K = K_t.transpose(-1, -2)  # [G,Cc,V,P] view
+            if not log_domain:
+                sim_t.mul_(K_t)  # now sim*K
+            r, g = r_state[:, cs], g_state[:, cs]
+            a, b = a_full[:, cs], b_full[:, cs]
+            for j in range(n):
+                r_new, g = _step(K, a, b, r, g, log_domain)
+                log_err[:, j] = torch.logaddexp(
+                    log_err[:, j], _log_abs_diff_sum(r_new, r, log_domain)
+                )
+                r = r_new
+                if log_domain:
+                    plan_t = torch.exp(r.unsqueeze(-2) + K_t + g.unsqueeze(-1))
+                    score_hist[:, j, cs] = (plan_t * sim_t).sum(dim=(-1, -2))
+                else:
+                    score_hist[:, j, cs] = (
+                        torch.matmul(sim_t, r.unsqueeze(-1)).squeeze(-1) * g
+                    ).sum(-1)
+            r_state[:, cs], g_state[:, cs] = r, g
+            del sim_t, K_t, K
+        below = (log_err < log_count_tol)[0]  # [n]
+        hit = below.nonzero()
+        if hit.numel():
+            j = int(hit[0])
+            return (
+                scale * score_hist[:, j],
+                torch.tensor([done_iter + j + 1], device=device),
+                torch.tensor([True], device=device),
+            )
+        done_iter += n
+        if done_iter >= cfg.max_iter:
+            return (
+                scale * score_hist[:, n - 1],
+                torch.tensor([cfg.max_iter], device=device),
+                torch.tensor([False], device=device),
+            )
+        round_len *= 2
+
+
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _grad_scores(src_grad, out: AWTOutput, scale, cfg, memory_budget, device, dtype):
+    """Scores with gradients through the logits and the plan (and weights) held fixed."""
+    B, V, C, P = src_grad.B, src_grad.V, src_grad.C, src_grad.P
+    with torch.no_grad():
+        log_domain = not kernel_form_is_safe(_COSINE_COST_RANGE, cfg.eps, dtype)
+        budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+        per_image = (
+            C * V * P * (torch.finfo(dtype).bits // 8) * (_tensors_per_element(log_domain) + 2)
+        )
+        if per_image > budget:
+            raise ValueError(
+                f"gradients through awt_scores need one image's {C} classes x {V} views x "
+                f"{P} prompts ({per_image / 2**20:.0f} MiB) within memory_budget "
+                f"({budget / 2**20:.0f} MiB); raise memory_budget"
+            )
+    g = max(1, budget // per_image)
+    rows = []
+    for b0 in range(0, B, g):
+        bs = slice(b0, min(B, b0 + g))
+        Gn = bs.stop - bs.start
+        with torch.no_grad():
+            sim_t = src_grad.block(bs, slice(None)).detach()
+            K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)
+            a = out.view_weights[bs].unsqueeze(1).expand(Gn, C, V)
+            w = out.prompt_weights[bs]
+            if log_domain:
+                a, w = a.log(), w.log()
+            s = solve_scalings(
+                K_t.transpose(-1, -2),
+                a,
+                w,
+                log_domain=log_domain,
+                tol=cfg.tol,
+                max_iter=cfg.max_iter,
+            )
+            if log_domain:
+                plan_t = torch.exp(s.r.unsqueeze(-2) + K_t + s.g.unsqueeze(-1))
+            else:
+                plan_t = s.r.unsqueeze(-2) * K_t * s.g.unsqueeze(-1)
+        sim_grad = src_grad.block(bs, slice(None))  # [G,C,P,V], carries the graph
+        rows.append(scale * (plan_t * sim_grad).sum(dim=(-1, -2)))
+    return torch.cat(rows, dim=0)
+
+
+def _run(src_factory, tensors, scale, cfg, weighting, transport, memory_budget, sync_every):
+    in_dtype = tensors[0].dtype
+    dtype = _work_dtype(in_dtype)
+    device = tensors[0].device
+    if not (isinstance(scale, int | float) and scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    cast = [t.to(dtype) for t in tensors]
+    with torch.no_grad():
+        out = _solve(
+            src_factory(*[t.detach() for t in cast]),
+            float(scale),
+            cfg,
+            weighting=weighting,
+            transport=transport,
+            memory_budget=memory_budget,
+            sync_every=sync_every,
+            dtype=dtype,
+            device=device,
+        )
+    if _needs_grad(*tensors):
+        src = src_factory(*cast)
+        if transport:
+            scores = _grad_scores(src, out, float(scale), cfg, memory_budget, device, dtype)
+        else:
+            scores = float(scale) * src.weighted_mean(
+                slice(None), out.view_weights, out.prompt_weights
+            )
+        out = AWTOutput(scores, out.view_weights, out.prompt_weights, out.iterations, out.converged)
+    if in_dtype != dtype:
+        out = AWTOutput(
+            out.scores.to(in_dtype),
+            out.view_weights,
+            out.prompt_weights,
+            out.iterations,
+            out.converged,
+        )
+    return out
+
+
+def awt_solve(
+    image_embeds: Tensor,
+    class_embeds: Tensor,
+    scale: float = 100.0,
+    *,
+    config: AWTConfig | None = None,
+    weighting: str = "entropy",
+    transport: bool = True,
+    memory_budget: int | None = None,
+    sync_every: int | None = None,
+) -> AWTOutput:
+    """AWT from embeddings, returning scores with the weights and iteration counts.
+
+    ``weighting="uniform"`` and ``transport=False`` give the paper's ablations.
+    """
+    _check_inputs(image_embeds, class_embeds)
+    if weighting not in ("entropy", "uniform"):
+        raise ValueError(f"weighting must be 'entropy' or 'uniform', got {weighting!r}")
+    return _run(
+        _EmbeddingSims,
+        [image_embeds, class_embeds],
+        scale,
+        config or AWTConfig(),
+        weighting,
+        transport,
+        memory_budget,
+        sync_every,
+    )
+
+
+def awt_scores(
+    image_embeds: Tensor,
+    class_embeds: Tensor,
+    scale: float = 100.0,
+    *,
+    eps: float = 0.1,
+    view_temperature: float = 0.5,
+    prompt_temperature: float = 0.5,
+    tol: float = 1e-2,
+    max_iter: int = 100,
+    memory_budget: int | None = None,
+    sync_every: int | None = None,
+) -> Tensor:
+    """AWT class scores (DESIGN.md section 2).
+
+    image_embeds: [B, V, D] L2-normalised, view 0 the un-augmented image.
+    class_embeds: [C, P, D] L2-normalised, prompt 0 the bare template.
+    scale: multiplier on cosine similarity (CLIP's ``logit_scale.exp()``).
+    memory_budget: bytes the transport blocks may use (default: 1 GiB on CPU, a
+    quarter of free GPU memory); results do not depend on it.
+    Returns [B, C] in the inputs' dtype and device. Gradients, when the inputs require
+    them, flow through the logits with weights and plan held fixed.
+    """
+    cfg = AWTConfig(eps, view_temperature, prompt_temperature, tol, max_iter)
+    return awt_solve(
+        image_embeds,
+        class_embeds,
+        scale,
+        config=cfg,
+        memory_budget=memory_budget,
+        sync_every=sync_every,
+    ).scores
+
+
+def awt_scores_from_logits(
+    logits: Tensor,
+    scale: float = 100.0,
+    *,
+    config: AWTConfig | None = None,
+    weighting: str = "entropy",
+    transport: bool = True,
+    memory_budget: int | None = None,
+) -> AWTOutput:
+    """AWT from view-class-prompt logits ``[B, V, C, P]`` (= scale * similarity).
+
+    For methods that produce logits directly (generative ones); the transport cost is
+    ``1 - logits / scale``.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [B, V, C, P], got shape {tuple(logits.shape)}")
+    if weighting not in ("entropy", "uniform"):
+        raise ValueError(f"weighting must be 'entropy' or 'uniform', got {weighting!r}")
+    return _run(
+        lambda t: _LogitSims(t / scale),
+        [logits],
+        scale,
+        config or AWTConfig(),
+        weighting,
+        transport,
+        memory_budget,
+        None,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Public pieces and baselines
+
+
+def similarities(image_embeds: Tensor, class_embeds: Tensor) -> Tensor:
+    """The full ``sim[b, v, c, p]`` tensor (small inputs only): [B, V, C, P]."""
+    _check_inputs(image_embeds, class_embeds)
+    return torch.einsum("bvd,cpd->bvcp", image_embeds, class_embeds)
+
+
+def view_weights(
+    image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0, temperature: float = 0.5
+) -> Tensor:
+    """Entropy-based view weights ``u``: [B, V]."""
+    _check_inputs(image_embeds, class_embeds)
+    return view_weights_from_logits(
+        scale * _EmbeddingSims(image_embeds, class_embeds).prompt_mean(slice(None)), temperature
+    )
+
+
+def prompt_weights(
+    image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0, temperature: float = 0.5
+) -> Tensor:
+    """Entropy-based prompt weights ``w``: [B, C, P] (from view 0)."""
+    _check_inputs(image_embeds, class_embeds)
+    return prompt_weights_from_logits(
+        scale * _EmbeddingSims(image_embeds, class_embeds).raw_view(slice(None)), temperature
+    )
+
+
+def clip_scores(image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0) -> Tensor:
+    """Zero-shot CLIP: raw view against the bare prompt. [B, C]."""
+    _check_inputs(image_embeds, class_embeds)
+    return scale * image_embeds[:, 0] @ class_embeds[:, 0].T
+
+
+def clip_descriptions_scores(
+    image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0
+) -> Tensor:
+    """Raw view against the normalised mean of each class's prompt embeddings. [B, C]."""
+    _check_inputs(image_embeds, class_embeds)
+    proto = F.normalize(class_embeds.mean(dim=1), dim=-1)  # [C,D]
+    return scale * image_embeds[:, 0] @ proto.T
+
+
+def _awt_variant(weighting: str, transport: bool) -> Callable[..., Tensor]:
+    def fn(image_embeds, class_embeds, scale=100.0, **kwargs):
+        cfg_keys = {"eps", "view_temperature", "prompt_temperature", "tol", "max_iter"}
+        cfg = AWTConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cfg_keys})
+        return awt_solve(
+            image_embeds,
+            class_embeds,
+            scale,
+            config=cfg,
+            weighting=weighting,
+            transport=transport,
+            **kwargs,
+        ).scores
+
+    return fn
+
+
+# name -> (scores function, one-line description)
+METHODS: dict[str, tuple[Callable[..., Tensor], str]] = {
+    "awt": (_awt_variant("entropy", True), "entropy weights + optimal transport (AWT)"),
+    "clip": (clip_scores, "raw view vs bare prompt (zero-shot CLIP)"),
+    "clip-descriptions": (clip_descriptions_scores, "raw view vs mean prompt embedding"),
+    "awt-uniform": (_awt_variant("uniform", True), "ablation: uniform weights + transport"),
+    "awt-no-transport": (
+        _awt_variant("entropy", False),
+        "ablation: entropy-weighted mean, no transport",
+    ),
+}
+
+
+def list_methods() -> list[str]:
+    return list(METHODS)
+
+
+def get_method(name: str) -> Callable[..., Tensor]:
+    try:
+        return METHODS[name][0]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+def score(
+    method: str, image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0, **kwargs
+) -> Tensor:
+    """Scores [B, C] by a method name from :data:`METHODS`."""
+    fn = get_method(method)
+    if method in ("clip", "clip-descriptions"):
+        return fn(image_embeds, class_embeds, scale)
+    return fn(image_embeds, class_embeds, scale, **kwargs)
