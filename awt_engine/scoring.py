@@ -92,7 +92,7 @@ def prompt_weights_from_logits(raw_logits: Tensor, temperature: float = 0.5) -> 
     ``E_c = sum_{j!=c} exp(a_j - M_c)`` and ``F_c = sum_{j!=c} exp(a_j - M_c)(a_j - M_c)``
     (M_c = max_{j!=c} a_j) and x alone; E_c >= 1 by construction, so nothing cancels.
     """
-    B, C, P = raw_logits.shape
+    _, C, P = raw_logits.shape
     if C == 1:  # a one-class softmax has zero entropy for every prompt
         return torch.full_like(raw_logits, 1.0 / P)
     a = raw_logits.mean(dim=-1)  # [B,C]

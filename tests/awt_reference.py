@@ -46,14 +46,15 @@ def ref_sinkhorn(K, u, w, tol=1e-2, max_iter=100):
     C, V, P = K.shape
     r = np.ones((C, V))
     g = np.ones((C, P))
-    it = 0
-    for it in range(1, max_iter + 1):
+    iterations = 0
+    while iterations < max_iter:
+        iterations += 1
         r_prev = r
         r = u[None, :] / np.einsum("cvp,cp->cv", K, g)
         g = w / np.einsum("cvp,cv->cp", K, r)
         if np.abs(r - r_prev).mean() < tol:
             break
-    return r[:, :, None] * K * g[:, None, :], it
+    return r[:, :, None] * K * g[:, None, :], iterations
 
 
 def ref_awt_scores(
