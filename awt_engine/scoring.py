@@ -137,12 +137,13 @@ class _EmbeddingSims:
         self._txt_mean = None
 
     def block(self, bs: slice, cs: slice) -> Tensor:
-        """sim for images bs and classes cs, laid out [G, Cc, P, V] (fresh, contiguous)."""
+        """sim for images bs and classes cs: [G, Cc, P, V], a permuted view of one GEMM."""
         txt = self.txt[cs]
         Cc = txt.shape[0]
         img = self.img[bs]  # [G,V,D]
-        out = torch.matmul(txt.reshape(Cc * self.P, self.D), img.transpose(1, 2))  # [G,Cc*P,V]
-        return out.view(img.shape[0], Cc, self.P, self.V)
+        G = img.shape[0]
+        flat = img.reshape(G * self.V, self.D) @ txt.reshape(Cc * self.P, self.D).T  # [G*V,Cc*P]
+        return flat.view(G, self.V, Cc, self.P).permute(0, 2, 3, 1)  # [G,Cc,P,V] view
 
     def prompt_mean(self, bs: slice) -> Tensor:
         """mean_p sim: [G, V, C] (linear, so through the mean text embedding)."""
@@ -172,7 +173,7 @@ class _LogitSims:
         self.B, self.V, self.C, self.P = sims.shape
 
     def block(self, bs: slice, cs: slice) -> Tensor:
-        return self.sims[bs, :, cs, :].permute(0, 2, 3, 1).contiguous()  # [G,Cc,P,V] copy
+        return self.sims[bs, :, cs, :].permute(0, 2, 3, 1)  # [G,Cc,P,V] view
 
     def prompt_mean(self, bs: slice) -> Tensor:
         return self.sims[bs].mean(dim=-1)  # [G,V,C]
@@ -199,7 +200,7 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 def _tensors_per_element(log_domain: bool) -> int:
-    # kernel form: sim (turned into sim*K in place) + K + slack for matmul temporaries;
+    # kernel form: sim, K and sim*K (sim is freed once sim*K exists);
     # log domain: logsumexp materialises two more temporaries of the block's size.
     return 5 if log_domain else 3
 
@@ -299,9 +300,19 @@ def _solve(
 
 
 def _kernel_from_sims(sim_t: Tensor, eps: float, log_domain: bool) -> Tensor:
-    """K (or log K) = exp(-(1 - sim)/eps), same [G, C, P, V] layout, one new tensor."""
-    k = (sim_t - 1.0).div_(eps)
+    """K (or log K) = exp(-(1 - sim)/eps): a new contiguous [G, C, P, V] tensor.
+
+    ``sim_t`` may be a permuted view; the strided read happens once, here.
+    """
+    k = torch.empty(sim_t.shape, dtype=sim_t.dtype, device=sim_t.device)
+    torch.sub(sim_t, 1.0, out=k).div_(eps)
     return k if log_domain else k.exp_()
+
+
+def _times(sim_t: Tensor, K_t: Tensor) -> Tensor:
+    """sim * K as a new contiguous tensor (matmul then reads it without a copy)."""
+    out = torch.empty_like(K_t)
+    return torch.mul(sim_t, K_t, out=out)
 
 
 def _transport_block(src, bs, u, w, scale, cfg, log_domain, sync_every):
@@ -333,7 +344,8 @@ def _transport_block(src, bs, u, w, scale, cfg, log_domain, sync_every):
             max_iter=cfg.max_iter,
             sync_every=sync_every,
         )
-        ks_t = sim_t.mul_(K_t)  # [G,C,P,V] sim*K, in place
+        ks_t = _times(sim_t, K_t)  # [G,C,P,V] sim*K
+        del sim_t
         score = (torch.matmul(ks_t, s.r.unsqueeze(-1)).squeeze(-1) * s.g).sum(-1)  # r^T(K.sim)g
     return scale * score, s.iterations, s.converged
 
@@ -370,7 +382,7 @@ def _transport_class_chunked(src, bs, u, w, scale, cfg, log_domain, cc):
             K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)
             K = K_t.transpose(-1, -2)  # [G,Cc,V,P] view
             if not log_domain:
-                sim_t.mul_(K_t)  # now sim*K
+                sim_t = _times(sim_t, K_t)  # sim*K from here on
             r, g = r_state[:, cs], g_state[:, cs]
             a, b = a_full[:, cs], b_full[:, cs]
             for j in range(n):
