@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import clip_like_embeds, hardware, print_table, timeit, today  # noqa: E402
+from _common import clip_like_embeds, hardware, print_table, timeit, today
 
-from awt_engine.scoring import awt_scores  # noqa: E402
+from awt_engine.scoring import awt_scores
 
 
 def paper_loop(img, txt, scale=100.0, eps=0.1, tol=1e-2, max_iter=100):

@@ -1,0 +1,131 @@
+"""The embedding interface every method sits behind, and its CLIP implementation.
+
+Two kinds of model feed the one scorer:
+
+* an :class:`Embedder` gives image-view embeddings ``[B, V, D]`` and class-prompt
+  embeddings ``[C, P, D]`` (zero-shot CLIP; trainable prompt methods such as CoOp,
+  LAMM, LLaMP, CLAMP and the AWT adapter return the same tensors, with gradients
+  when training);
+* a :class:`LogitModel` gives view-prompt-class logits ``[B, V, P, C]`` directly (a
+  generative method such as eP-ALM).
+
+:func:`score_views` takes either and returns ``[B, C]`` through :mod:`awt_engine.scoring`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from awt_engine import scoring
+from awt_engine.text_cache import load_or_encode
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    identity: str  # names model + weights; keys the text-embedding cache
+    logit_scale: float  # multiplier on cosine similarity
+    preprocess: object  # backbone.PreprocessConfig: size, mean, std, interpolation
+    device: torch.device
+
+    def embed_views(self, views: Tensor) -> Tensor:
+        """[B, V, 3, R, R] normalised pixels -> [B, V, D] L2-normalised."""
+        ...
+
+    def embed_prompts(self, prompts: Sequence[Sequence[str]]) -> Tensor:
+        """[C][P] prompt strings -> [C, P, D] L2-normalised."""
+        ...
+
+
+@runtime_checkable
+class LogitModel(Protocol):
+    identity: str
+    logit_scale: float  # logits = logit_scale * similarity (the transport cost uses it)
+    preprocess: object
+    device: torch.device
+
+    def view_prompt_logits(self, views: Tensor, prompts: Sequence[Sequence[str]]) -> Tensor:
+        """[B, V, 3, R, R] and [C][P] prompts -> logits [B, V, P, C]."""
+        ...
+
+
+class ClipEmbedder:
+    """An open_clip backbone behind the :class:`Embedder` interface."""
+
+    def __init__(self, backbone, *, cache_root: Path | None = None, text_batch_size: int = 256):
+        self.backbone = backbone
+        self.identity = backbone.identity
+        self.logit_scale = float(backbone.logit_scale)
+        self.preprocess = backbone.preprocess
+        self.device = backbone.device
+        self.cache_root = cache_root
+        self.text_batch_size = text_batch_size
+
+    def embed_views(self, views: Tensor) -> Tensor:
+        B, V = views.shape[:2]
+        flat = self.backbone.encode_images(views.flatten(0, 1))  # [B*V, D]
+        return flat.view(B, V, -1)
+
+    def embed_prompts(self, prompts: Sequence[Sequence[str]]) -> Tensor:
+        return load_or_encode(
+            lambda texts: self.backbone.encode_text(texts, batch_size=self.text_batch_size),
+            self.identity,
+            prompts,
+            self.cache_root,
+        )
+
+
+def score_views(
+    model: Embedder | LogitModel,
+    method: str,
+    *,
+    image_embeds: Tensor | None = None,
+    class_embeds: Tensor | None = None,
+    logits: Tensor | None = None,
+    awt_config: scoring.AWTConfig | None = None,
+    memory_budget: int | None = None,
+) -> Tensor:
+    """Scores [B, C] by ``method`` from embeddings or from [B, V, P, C] logits."""
+    scoring.get_method(method)  # validates the name
+    scale = float(model.logit_scale)
+    cfg = awt_config or scoring.AWTConfig()
+    if logits is not None:
+        sims = logits.permute(0, 1, 3, 2)  # [B,V,C,P]
+        if method == "clip":
+            return sims[:, 0, :, 0]
+        if method == "clip-descriptions":
+            return sims[:, 0].mean(-1)
+        weighting = "uniform" if method == "awt-uniform" else "entropy"
+        return scoring.awt_scores_from_logits(
+            sims,
+            scale,
+            config=cfg,
+            weighting=weighting,
+            transport=method != "awt-no-transport",
+            memory_budget=memory_budget,
+        ).scores
+    assert image_embeds is not None and class_embeds is not None
+    image_embeds = image_embeds.to(class_embeds.device)
+    if method in ("clip", "clip-descriptions"):
+        return scoring.score(method, image_embeds, class_embeds, scale)
+    kwargs = {
+        k: getattr(cfg, k)
+        for k in ("eps", "view_temperature", "prompt_temperature", "tol", "max_iter")
+    }
+    return scoring.score(
+        method, image_embeds, class_embeds, scale, memory_budget=memory_budget, **kwargs
+    )
+
+
+def views_needed(method: str, n_views: int) -> int:
+    """The baselines look at the raw view only."""
+    return 1 if method in ("clip", "clip-descriptions") else n_views
+
+
+def prompts_needed(method: str, prompts: list[list[str]]) -> list[list[str]]:
+    """Zero-shot CLIP uses the bare prompt only: no need to encode the rest."""
+    return [p[:1] for p in prompts] if method == "clip" else prompts

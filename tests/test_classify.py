@@ -1,0 +1,299 @@
+"""Classification end to end: Python API and `awt-engine classify`, with known answers."""
+
+import csv
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import awt_engine
+from awt_engine import backbone as backbone_mod
+from awt_engine.classifier import MissingDescriptionsError, resolve_label_set
+from awt_engine.cli import app
+from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
+from awt_engine.text_cache import text_cache_key, text_cache_path
+from tests.fixtures_embedders import COLOURS, ColourBackbone, ColourEmbedder, solid
+from tests.fixtures_images import make_bad_input_folder
+
+runner = CliRunner()
+NAMES = ["red", "green", "blue", "yellow"]
+
+
+@pytest.fixture
+def colour_backbone(monkeypatch):
+    """`load_backbone` returns the known-answer backbone; remembers its arguments."""
+    made = []
+
+    def fake_load(model, pretrained=None, **kw):
+        bb = ColourBackbone()
+        made.append((model, pretrained, kw, bb))
+        return bb
+
+    monkeypatch.setattr(backbone_mod, "load_backbone", fake_load)
+    return made
+
+
+@pytest.fixture
+def colour_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    truth = {}
+    for i, name in enumerate(["red", "blue", "green", "yellow", "blue"]):
+        path = folder / ("sub" if i % 2 else "") / f"{i}_{name}.png"
+        solid(name, (20 + 3 * i, 17)).save(path)
+        truth[str(path)] = name
+    return folder, truth
+
+
+def test_api_predicts_known_answers():
+    clf = awt_engine.create_classifier(classes=NAMES, embedder=ColourEmbedder(), views=5)
+    images = [solid(c) for c in ["blue", "red", "yellow"]]
+    preds = clf.predict(images, top_k=3)
+    assert [p[0]["label"] for p in preds] == ["blue", "red", "yellow"]
+    for p in preds:
+        assert len(p) == 3 and set(p[0]) == {"label", "score"}
+        assert p[0]["score"] >= p[1]["score"] >= p[2]["score"]
+        assert sum(x["score"] for x in p) <= 1 + 1e-6
+    single = clf.predict(solid("green"), top_k=2)  # one image -> one list, as HF does
+    assert single[0]["label"] == "green" and len(single) == 2
+    assert clf.scores(images).shape == (3, 4)
+
+
+def test_results_do_not_depend_on_batching_or_order():
+    images = [solid(c, (17 + i, 23)) for i, c in enumerate(["blue", "red", "yellow", "green"])]
+    for im, c in zip(images, ["blue", "red", "yellow", "green"], strict=True):  # add texture
+        im.putpixel((3, 4), (int(255 * COLOURS[c][0]), 128, 7))
+    a = awt_engine.create_classifier(
+        classes=NAMES, embedder=ColourEmbedder(), views=7, batch_size=4
+    )
+    b = awt_engine.create_classifier(
+        classes=NAMES, embedder=ColourEmbedder(), views=7, batch_size=1
+    )
+    sa = a.scores(images)
+    sb = b.scores(images[::-1]).flip(0)
+    alone = torch.cat([a.scores([im]) for im in images])
+    torch.testing.assert_close(sa, sb, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(sa, alone, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "method", ["awt", "clip", "clip-descriptions", "awt-uniform", "awt-no-transport"]
+)
+def test_every_method_gets_the_known_answers(method):
+    clf = awt_engine.create_classifier(
+        classes=NAMES, embedder=ColourEmbedder(), views=4, method=method
+    )
+    assert [p[0]["label"] for p in clf.predict([solid("green"), solid("red")])] == ["green", "red"]
+
+
+def test_clip_method_encodes_bare_prompts_and_one_view(tmp_path):
+    emb = ColourEmbedder()
+    save_descriptions(
+        from_plain(
+            {n: [f"{n} thing {i}" for i in range(3)] for n in NAMES},
+            "colours",
+            template="a photo of a {}",
+        ),
+        descriptions_path("colours", tmp_path),
+    )
+    clf = awt_engine.create_classifier(
+        dataset="colours", embedder=emb, views=9, method="clip", cache_dir=tmp_path, descriptions=3
+    )
+    clf.predict([solid("red")])
+    assert emb.texts_encoded == len(NAMES)  # prompt 0 only
+    assert clf.view_config.n_views == 1
+
+
+def test_prompts_follow_the_design():
+    labels = resolve_label_set("dtd", descriptions=0)
+    assert labels.prompts[0] == [
+        "a photo of a banded, which is a type of texture, or a type of pattern."
+    ]
+    assert len(labels.classes) == 47
+
+
+def test_prompts_with_descriptions(tmp_path):
+    save_descriptions(
+        from_plain(
+            {"sea_lion": ["It is brown.", "It swims."], "cat": ["Fur.", "Whiskers."]},
+            "animals",
+            template="a photo of a {}",
+        ),
+        descriptions_path("animals", tmp_path),
+    )
+    labels = resolve_label_set("animals", cache_dir=tmp_path, descriptions=2)
+    assert labels.prompts[0] == [
+        "a photo of a sea lion.",
+        "a photo of a sea lion. It is brown.",
+        "a photo of a sea lion. It swims.",
+    ]
+    assert labels.classes == ("sea_lion", "cat")
+
+
+def test_missing_descriptions_message_names_file_and_ways_forward(tmp_path):
+    with pytest.raises(MissingDescriptionsError) as info:
+        resolve_label_set("dtd", cache_dir=tmp_path)
+    msg = str(info.value)
+    assert str(descriptions_path("dtd", tmp_path)) in msg
+    assert "awt-engine describe --dataset dtd" in msg and "--descriptions 0" in msg
+
+
+def test_text_cache_hit_and_recompute_on_damage(tmp_path, colour_backbone):
+    kw = dict(classes=NAMES, template="a photo of a {}", cache_dir=tmp_path, views=2)
+    clf = awt_engine.create_classifier(**kw)
+    clf.predict([solid("red")])
+    first = colour_backbone[-1][3]
+    assert first.text_calls == 1
+    key = text_cache_key(first.identity, clf.labels.prompts)
+    path = text_cache_path(tmp_path, key)
+    assert path.exists()
+
+    clf2 = awt_engine.create_classifier(**kw)
+    assert clf2.predict(solid("blue"))[0]["label"] == "blue"
+    assert colour_backbone[-1][3].text_calls == 0  # served from the cache
+
+    path.write_bytes(path.read_bytes()[:50])  # damage it
+    with pytest.warns(UserWarning, match="unreadable"):
+        clf3 = awt_engine.create_classifier(**kw)
+        assert clf3.predict(solid("green"))[0]["label"] == "green"
+    assert colour_backbone[-1][3].text_calls == 1
+    # and the rewritten file is good again
+    clf4 = awt_engine.create_classifier(**kw)
+    clf4.predict([solid("green")])
+    assert colour_backbone[-1][3].text_calls == 0
+
+
+def test_cli_classifies_folder_with_known_answers(colour_folder, colour_backbone, tmp_path):
+    folder, truth = colour_folder
+    out = tmp_path / "preds.jsonl"
+    res = runner.invoke(
+        app,
+        [
+            "classify",
+            str(folder),
+            "--classes",
+            ",".join(NAMES),
+            "--template",
+            "a photo of a {}",
+            "--views",
+            "3",
+            "--output",
+            str(out),
+            "--top-k",
+            "2",
+            "--batch-size",
+            "2",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    lines = [ln.split("\t") for ln in res.stdout.strip().splitlines()]
+    assert {p: label for p, label, _ in lines} == truth
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {r["path"]: r["predictions"][0]["label"] for r in rows} == truth
+    assert all(len(r["predictions"]) == 2 for r in rows)
+    model, pretrained, kw, bb = colour_backbone[-1]
+    assert (model, pretrained) == ("ViT-B-16-quickgelu", "openai")
+    assert max(bb.image_batches) == 2 * 3  # two images' views per forward pass
+
+
+def test_cli_csv_output_and_files_and_globs(colour_folder, colour_backbone, tmp_path):
+    folder, truth = colour_folder
+    out = tmp_path / "p.csv"
+    files = sorted(truth)[:2]
+    res = runner.invoke(
+        app,
+        [
+            "classify",
+            *files,
+            str(folder / "sub" / "*.png"),
+            "--classes",
+            ",".join(NAMES),
+            "--views",
+            "2",
+            "-o",
+            str(out),
+            "--top-k",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(out.open()))
+    expected = {p for p in truth if p in files or "/sub/" in p}
+    assert {r["path"] for r in rows} == expected
+    assert all(truth[r["path"]] == r["label"] for r in rows)
+
+
+def test_cli_bad_input_folder(tmp_path, colour_backbone):
+    folder = tmp_path / "bad"
+    expected = make_bad_input_folder(folder)
+    out = tmp_path / "out.jsonl"
+    res = runner.invoke(
+        app,
+        [
+            "classify",
+            str(folder),
+            "--classes",
+            ",".join(NAMES),
+            "--views",
+            "2",
+            "-o",
+            str(out),
+            "--workers",
+            "2",
+        ],
+    )
+    assert res.exit_code == 1, res.output  # some inputs failed
+    rows = {json.loads(x)["path"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert len(rows) == len(expected)
+    for name, outcome in expected.items():
+        row = rows[str(folder / name)]
+        if outcome == "ok":
+            assert "predictions" in row, (name, row)
+        else:
+            assert row.get("error"), (name, row)
+            assert f"{folder / name}:" in res.stderr
+    printed = res.stdout.strip().splitlines()
+    assert len(printed) == sum(v == "ok" for v in expected.values())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--dataset", "dtdd"], "dtd"),  # unknown data set lists choices
+        (["--classes", "a,b", "--method", "sinkhorn"], "awt, clip"),
+        (["--classes", "a,b", "--views", "0"], "views"),
+        (["--classes", "a,b", "-o", "x.txt"], ".jsonl or .csv"),
+        (["--classes", "a,a"], "duplicate"),
+        ([], "--dataset NAME or --classes"),
+    ],
+)
+def test_cli_usage_errors_exit_2(args, needle, colour_folder, colour_backbone):
+    folder, _ = colour_folder
+    res = runner.invoke(app, ["classify", str(folder), *args])
+    assert res.exit_code == 2, res.output
+    assert needle.lower() in res.output.lower()
+
+
+def test_cli_no_images_found(tmp_path, colour_backbone):
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(
+        app, ["classify", str(tmp_path / "empty"), str(tmp_path / "nope.jpg"), "--classes", "a,b"]
+    )
+    assert res.exit_code == 2
+    assert "nope.jpg" in res.output and "empty" in res.output
+
+
+def test_cli_missing_descriptions_exit_2(colour_folder, colour_backbone, tmp_path):
+    folder, _ = colour_folder
+    res = runner.invoke(
+        app, ["classify", str(folder), "--dataset", "dtd", "--cache-dir", str(tmp_path)]
+    )
+    assert res.exit_code == 2
+    assert "awt-engine describe --dataset dtd" in res.output
+
+
+def test_cli_datasets_lists_registry():
+    res = runner.invoke(app, ["datasets"])
+    assert res.exit_code == 0
+    assert "dtd" in res.stdout and "eurosat" in res.stdout and "a photo of a {}" in res.stdout
