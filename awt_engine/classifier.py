@@ -317,7 +317,8 @@ def _progress(total: int | None, enabled: bool):
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True)
+    # disable=None: drawn on a terminal, silent when stderr is a pipe or a log file
+    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
 
 
 def create_classifier(
