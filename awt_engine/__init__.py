@@ -1,22 +1,35 @@
 """awt-engine: training-free zero-shot image classification with vision-language models.
 
-import awt_engine
-clf = awt_engine.create_classifier(model="ViT-B-16-quickgelu", pretrained="openai", dataset="dtd")
-clf.predict(["a.jpg"], top_k=5)
+    import awt_engine
+    clf = awt_engine.create_classifier(model="ViT-B-16-quickgelu", pretrained="openai", dataset="dtd")
+    clf.predict(["a.jpg"], top_k=5)
+
+The public names are imported on first use, so ``import awt_engine.datasets`` (or the
+description stage) does not pay for torch and open_clip.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from awt_engine.classifier import Classifier, create_classifier
-from awt_engine.datasets import get_dataset, list_datasets
-from awt_engine.scoring import awt_scores, list_methods
+_EXPORTS = {
+    "Classifier": "awt_engine.classifier",
+    "create_classifier": "awt_engine.classifier",
+    "get_dataset": "awt_engine.datasets",
+    "list_datasets": "awt_engine.datasets",
+    "awt_scores": "awt_engine.scoring",
+    "list_methods": "awt_engine.scoring",
+}
 
-__all__ = [
-    "Classifier",
-    "__version__",
-    "awt_scores",
-    "create_classifier",
-    "get_dataset",
-    "list_datasets",
-    "list_methods",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'awt_engine' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*_EXPORTS, "__version__"])
+
+
+__all__ = ["__version__", *_EXPORTS]
