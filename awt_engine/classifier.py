@@ -31,6 +31,7 @@ from awt_engine.embedders import (
 )
 from awt_engine.images import DecodedImage, as_rgb_image, decode_images
 from awt_engine.prompts import build_prompts
+from awt_engine.shortlist import shortlisted_scores
 from awt_engine.views import ViewConfig, make_views
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT paper's main backbone
@@ -152,8 +153,11 @@ class Classifier:
         workers: int = 2,
         awt_config: scoring.AWTConfig | None = None,
         memory_budget: int | None = None,
+        shortlist: int | None = None,
     ):
         scoring.get_method(method)
+        if shortlist is not None and shortlist < 1:
+            raise ValueError(f"shortlist must be >= 1 classes, got {shortlist}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -164,6 +168,7 @@ class Classifier:
         self.workers = workers
         self.awt_config = awt_config or scoring.AWTConfig()
         self.memory_budget = memory_budget
+        self.shortlist = shortlist
         self._class_embeds: Tensor | None = None
 
     @property
@@ -198,16 +203,27 @@ class Classifier:
         with torch.inference_mode():
             return self.model.embed_views(views)
 
-    def scores_from_embeddings(self, image_embeds: Tensor) -> Tensor:
-        """[B, V, D] -> [B, C] by this classifier's method."""
-        return score_views(
-            self.model,
-            self.method,
-            image_embeds=image_embeds,
-            class_embeds=self.class_embeds,
-            awt_config=self.awt_config,
-            memory_budget=self.memory_budget,
-        )
+    def scores_from_embeddings(self, image_embeds: Tensor, method: str | None = None) -> Tensor:
+        """[B, V, D] -> [B, C] by ``method`` (default: this classifier's).
+
+        With a shortlist, classes outside an image's shortlist score ``-inf``.
+        """
+        method = method or self.method
+
+        def score(img: Tensor, txt: Tensor) -> Tensor:
+            return score_views(
+                self.model,
+                method,
+                image_embeds=img,
+                class_embeds=txt,
+                awt_config=self.awt_config,
+                memory_budget=self.memory_budget,
+            )
+
+        txt = self.class_embeds if method != "clip" else self.class_embeds[:, :1]
+        if self.shortlist is not None and self.shortlist < txt.shape[0]:
+            return shortlisted_scores(score, image_embeds, txt, self.shortlist)
+        return score(image_embeds, txt)
 
     def _scores_for_views(self, views: Tensor) -> Tensor:
         if isinstance(self.model, LogitModel) and not isinstance(self.model, Embedder):
@@ -338,6 +354,7 @@ def create_classifier(
     workers: int = 2,
     precision: str | None = None,
     memory_budget: int | None = None,
+    shortlist: int | None = None,
     embedder: Embedder | LogitModel | None = None,
 ) -> Classifier:
     """A ready classifier. Keyword names mirror ``awt-engine classify``'s options.
@@ -349,7 +366,9 @@ def create_classifier(
     descriptions: descriptions per class (default 50 with a data set, else 0).
     views: the image plus ``views - 1`` random crops. method: one of
     :func:`awt_engine.scoring.list_methods`. embedder: use this model instead of
-    loading ``model`` (any :class:`Embedder` or :class:`LogitModel`).
+    loading ``model`` (any :class:`Embedder` or :class:`LogitModel`). shortlist: score
+    only each image's K nearest classes (large label sets; changes results).
+    memory_budget: bytes the scorer's blocks may use (results do not depend on it).
     """
     scoring.get_method(method)
     if views < 1:
@@ -370,6 +389,7 @@ def create_classifier(
         batch_size=batch_size,
         workers=workers,
         memory_budget=memory_budget,
+        shortlist=shortlist,
     )
 
 

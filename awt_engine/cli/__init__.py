@@ -7,6 +7,7 @@ Each command lives in its own module and registers itself on the shared ``app``.
 from awt_engine.cli import cache as _cache  # noqa: F401
 from awt_engine.cli import classify as _classify  # noqa: F401
 from awt_engine.cli import describe as _describe  # noqa: F401
+from awt_engine.cli import evaluate as _evaluate  # noqa: F401
 from awt_engine.cli._app import app
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from awt_engine.cli._app import app
-from awt_engine.cli._common import EXIT_OK, EXIT_PARTIAL, fail, usage_errors
+from awt_engine.cli._common import EXIT_OK, EXIT_PARTIAL, fail, parse_size, usage_errors
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
 
@@ -69,6 +69,14 @@ def classify(
         ),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Predictions kept per image in --output.")] = 5,
+    shortlist: Annotated[
+        int | None,
+        typer.Option(min=1, help="Score only each image's K nearest classes (large label sets)."),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(help="Scorer memory budget, e.g. 512M or 2G [default: 1G on CPU]."),
+    ] = None,
     precision: Annotated[
         str | None, typer.Option(help="fp32, fp16 or bf16 [default: fp16 on GPU, fp32 on CPU].")
     ] = None,
@@ -103,6 +111,8 @@ def classify(
         batch_size=batch_size,
         workers=workers,
         precision=precision,
+        shortlist=shortlist,
+        memory_budget=parse_size(memory_budget) if memory_budget else None,
     )
     n_failed = 0
     with _Writer(output) as writer:
