@@ -1,0 +1,167 @@
+"""Evaluation: metrics with known answers, one embedding pass for all methods, resume."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import awt_engine
+from awt_engine import backbone as backbone_mod
+from awt_engine.cli import app
+from awt_engine.evaluate import compute_metrics, evaluate
+from awt_engine.labelled import LabelledData, LabelledItem
+from tests.fixtures_embedders import ColourBackbone, ColourEmbedder, solid
+
+runner = CliRunner()
+CLASSES = ("red", "green", "blue")
+COUNTS = {"red": 3, "green": 2, "blue": 1}
+
+
+@pytest.fixture
+def colour_set(tmp_path):
+    """An ImageFolder of solid colours: 3 red, 2 green, 1 blue (each image distinct)."""
+    root = tmp_path / "colours"
+    items = []
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(COUNTS[name]):
+            path = root / name / f"{name}_{i}.png"
+            solid(name, (16 + i, 12 + label)).save(path)
+            items.append(LabelledItem(path, label))
+    return root, LabelledData("colours", CLASSES, tuple(items), "test")
+
+
+class SwappedEmbedder(ColourEmbedder):
+    """Deliberately wrong: red text looks green and green text looks red."""
+
+    identity = "test-swapped|v1"
+
+    def _text(self, text):
+        swap = {"red": "green", "green": "red"}
+        for k, v in swap.items():
+            if k in text:
+                return super()._text(text.replace(k, v))
+        return super()._text(text)
+
+
+class CountingEmbedder(ColourEmbedder):
+    def __init__(self, fail_after=None):
+        super().__init__()
+        self.images = 0
+        self.fail_after = fail_after
+
+    def embed_views(self, views):
+        if self.fail_after is not None and self.images + views.shape[0] > self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.images += views.shape[0]
+        return super().embed_views(views)
+
+
+def test_compute_metrics_known_answer():
+    # 4 images, 3 classes; labels 0,0,1,2
+    scores = torch.tensor([[3.0, 2, 1], [1, 3, 2], [1, 3, 2], [3, 2, 1]])
+    m = compute_metrics(scores, torch.tensor([0, 0, 1, 2]))
+    assert m.acc1 == pytest.approx(2 / 4)  # images 0 and 2
+    assert m.acc5 == pytest.approx(1.0)  # C = 3 < 5: all classes count
+    assert m.mean_per_class_recall == pytest.approx((1 / 2 + 1 + 0) / 3)
+
+
+def test_evaluate_right_and_wrong_embedders(colour_set, tmp_path):
+    _, data = colour_set
+    good = awt_engine.create_classifier(classes=list(CLASSES), embedder=ColourEmbedder(), views=3)
+    res = evaluate(good, data, ["awt", "clip"], cache_root=tmp_path / "c1")
+    for m in res.metrics.values():
+        assert (m.acc1, m.mean_per_class_recall, m.n_images) == (1.0, 1.0, 6)
+    bad = awt_engine.create_classifier(classes=list(CLASSES), embedder=SwappedEmbedder(), views=3)
+    res = evaluate(bad, data, ["awt", "clip-descriptions"], cache_root=tmp_path / "c2")
+    for m in res.metrics.values():
+        assert m.acc1 == pytest.approx(1 / 6)  # only the blue image is right
+        assert m.mean_per_class_recall == pytest.approx(1 / 3)  # recalls 0, 0, 1
+        assert m.acc5 == pytest.approx(1.0)
+
+
+def test_all_methods_share_one_embedding_pass(colour_set, tmp_path):
+    _, data = colour_set
+    emb = CountingEmbedder()
+    clf = awt_engine.create_classifier(classes=list(CLASSES), embedder=emb, views=3)
+    evaluate(clf, data, ["awt", "clip", "clip-descriptions", "awt-uniform"], cache_root=None)
+    assert emb.images == 6  # each image embedded once for four methods
+    assert emb.text_calls == 1
+
+
+def test_resume_after_interruption_embeds_only_the_rest(colour_set, tmp_path):
+    _, data = colour_set
+    cache = tmp_path / "cache"
+    first = CountingEmbedder(fail_after=4)
+    clf = awt_engine.create_classifier(classes=list(CLASSES), embedder=first, views=3, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(clf, data, ["awt"], cache_root=cache)
+    assert first.images == 4
+    second = CountingEmbedder()
+    clf2 = awt_engine.create_classifier(
+        classes=list(CLASSES), embedder=second, views=3, batch_size=2
+    )
+    res = evaluate(clf2, data, ["awt"], cache_root=cache)
+    assert second.images == 2  # the four finished images came from the cache
+    assert res.metrics["awt"].acc1 == 1.0 and res.metrics["awt"].n_images == 6
+    third = CountingEmbedder()
+    clf3 = awt_engine.create_classifier(classes=list(CLASSES), embedder=third, views=3)
+    evaluate(clf3, data, ["awt"], cache_root=cache)
+    assert third.images == 0
+    # a different view count is a different cache entry
+    fourth = CountingEmbedder()
+    clf4 = awt_engine.create_classifier(classes=list(CLASSES), embedder=fourth, views=4)
+    evaluate(clf4, data, ["awt"], cache_root=cache)
+    assert fourth.images == 6
+
+
+def test_cli_eval_writes_clip_benchmark_json(colour_set, tmp_path, monkeypatch):
+    root, _ = colour_set
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    out = tmp_path / "results"
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--data-root",
+            str(root),
+            "--method",
+            "awt",
+            "--method",
+            "clip",
+            "--template",
+            "a photo of a {}",
+            "--views",
+            "3",
+            "--output",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "colours__ViT-B-16-quickgelu__openai__awt.json",
+        "colours__ViT-B-16-quickgelu__openai__clip.json",
+    ]
+    rec = json.loads((out / files[0]).read_text())
+    assert rec["task"] == "zeroshot_classification" and rec["dataset"] == "colours"
+    assert rec["model"] == "ViT-B-16-quickgelu" and rec["pretrained"] == "openai"
+    assert rec["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+    assert rec["method"] == "awt" and rec["views"] == 3 and rec["seed"] == 0
+    assert rec["descriptions"] == 0 and "engine_version" in rec
+    clip = json.loads((out / files[1]).read_text())
+    assert clip["views"] == 1
+    assert "awt" in res.stdout and "100.00" in res.stdout
+
+
+def test_cli_eval_limit_and_bad_method(colour_set, tmp_path, monkeypatch):
+    root, _ = colour_set
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    res = runner.invoke(app, ["eval", "--data-root", str(root), "--views", "2", "--limit", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip().splitlines()[1].split()[-1] == "4"
+    res = runner.invoke(app, ["eval", "--data-root", str(root), "--method", "best"])
+    assert res.exit_code == 2 and "awt, clip" in res.output
