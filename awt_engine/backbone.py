@@ -20,6 +20,8 @@ OpenAI weights were trained with QuickGELU. open_clip's plain names (``ViT-B-16`
 exact GELU, so a plain name with a QuickGELU tag (``openai``, ``metaclip_*``, …) is mapped
 to its ``-quickgelu`` variant (``ViT-B-16`` + ``openai`` -> ``ViT-B-16-quickgelu``), which
 is the architecture the weights were trained with; the identity names the mapped model.
+With a checkpoint *file* nothing is mapped: name the ``-quickgelu`` model yourself for
+OpenAI weights.
 
 A ``local-dir:`` folder holds ``open_clip_config.json`` (``{"model_cfg": {...},
 "preprocess_cfg": {...}}``) and one weights file (``open_clip_model.safetensors``,
@@ -175,7 +177,7 @@ class ClipBackbone:
     ``device`` whatever the compute ``dtype`` is.
     """
 
-    image_batch_size: int = 256  # images per forward pass: ~5 views-batches at V=51
+    image_batch_size: int = 256  # images per forward pass: the views of ~5 images at V = 51
 
     def __init__(
         self,
@@ -336,7 +338,7 @@ def _resolve_hf_hub(model: str, pretrained: str | None, cache_dir: str | None) -
 _REGISTERED_CONFIGS: dict[str, Path] = {}  # open_clip name -> config file we registered
 
 
-def _resolve_config_file(model: str, pretrained: str | None) -> tuple[_Source, Path]:
+def _resolve_config_file(model: str, pretrained: str | None) -> _Source:
     oc = _open_clip()
     path = Path(model).expanduser().resolve()
     if not path.is_file():
@@ -372,13 +374,12 @@ def _resolve_config_file(model: str, pretrained: str | None) -> tuple[_Source, P
     weights = _weights_file(name, pretrained) if pretrained is not None else None
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()
     w_id = f"sha256:{_file_sha256(weights)}" if weights else f"random-init-seed{_RANDOM_INIT_SEED}"
-    source = _Source(
+    return _Source(
         create_name=name,
         pretrained=str(weights) if weights else None,
         identity=f"config:{path}|sha256:{h}|{w_id}",
         random_init=weights is None,
     )
-    return source, path
 
 
 def _weights_file(name: str, pretrained: str, tags: list[str] | None = None) -> Path:
@@ -411,7 +412,7 @@ def _resolve_builtin(model: str, pretrained: str | None) -> _Source:
             "'local-dir:/path' or 'hf-hub:org/repo'."
         )
     if pretrained is None:
-        return _Source(name, None, f"{name}|random-init-seed{_RANDOM_INIT_SEED}", True)
+        return _Source(name, None, f"{name}|random-init-seed{_RANDOM_INIT_SEED}", random_init=True)
     tag_cfg = oc.pretrained.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         tag = pretrained.lower().replace("-", "_")  # open_clip's own tag normalisation
@@ -419,19 +420,24 @@ def _resolve_builtin(model: str, pretrained: str | None) -> _Source:
         model_quick_gelu = bool(oc.get_model_config(name).get("quick_gelu", False))
         if tag_cfg.get("quick_gelu", False) and not model_quick_gelu:
             variant = f"{name}-quickgelu"
-            logger.info(
-                "%s weights '%s' were trained with QuickGELU: using %s", name, tag, variant
-            )
+            logger.info("%s weights '%s' were trained with QuickGELU: using %s", name, tag, variant)
             if variant in models:
                 name = variant
             else:
                 force_quick_gelu = True
                 variant = f"{name}+quickgelu"
-            return _Source(name, pretrained, f"{variant}|{tag}", False, force_quick_gelu, True)
-        return _Source(name, pretrained, f"{name}|{tag}", False, downloads=True)
+            return _Source(
+                name,
+                pretrained,
+                f"{variant}|{tag}",
+                random_init=False,
+                force_quick_gelu=force_quick_gelu,
+                downloads=True,
+            )
+        return _Source(name, pretrained, f"{name}|{tag}", random_init=False, downloads=True)
     tags = oc.list_pretrained_tags_by_model(name)
     weights = _weights_file(name, pretrained, tags)
-    return _Source(name, str(weights), f"{name}|sha256:{_file_sha256(weights)}", False)
+    return _Source(name, str(weights), f"{name}|sha256:{_file_sha256(weights)}", random_init=False)
 
 
 @contextmanager
@@ -460,6 +466,13 @@ def _read_preprocess(model: torch.nn.Module) -> PreprocessConfig:
     if interpolation not in ("bicubic", "bilinear"):
         logger.warning("Model interpolation %r is not supported; using bicubic", interpolation)
         interpolation = "bicubic"
+    resize_mode = cfg.get("resize_mode", "shortest")
+    if resize_mode != "shortest":  # views follow DESIGN.md: shorter side to R, centre crop
+        logger.warning(
+            "The model was trained with resize_mode=%r; the engine's view 0 resizes the "
+            "shorter side and centre-crops (resize_mode='shortest')",
+            resize_mode,
+        )
     mean_t = tuple(float(m) for m in mean)
     std_t = tuple(float(s) for s in std)
     if len(mean_t) != 3 or len(std_t) != 3:
@@ -503,7 +516,7 @@ def load_backbone(
     elif model.startswith(_HF_HUB):
         source = _resolve_hf_hub(model, pretrained, cache_dir)
     elif model.endswith(".json"):
-        source, _ = _resolve_config_file(model, pretrained)
+        source = _resolve_config_file(model, pretrained)
     else:
         source = _resolve_builtin(model, pretrained)
 
@@ -531,12 +544,16 @@ def load_backbone(
             )
         tokenizer = oc.get_tokenizer(source.create_name, cache_dir=cache_dir)
     except Exception as e:
-        hint = (
-            "Downloading tagged weights needs internet access; on an offline machine download "
-            "the checkpoint elsewhere and pass pretrained=/path/to/file (or fill cache_dir)."
-            if source.downloads
-            else "Check that the weights file is a CLIP checkpoint for this architecture."
-        )
+        if source.downloads:
+            hint = (
+                "Downloading tagged weights needs internet access; on an offline machine "
+                "download the checkpoint elsewhere and pass pretrained=/path/to/file "
+                "(or point cache_dir at a copy of open_clip's download cache)."
+            )
+        elif source.random_init:
+            hint = "Check the model config."
+        else:
+            hint = "Check that the weights file is a CLIP checkpoint for this architecture."
         raise BackboneLoadError(f"Could not load {described}: {e}. {hint}") from e
 
     clip.eval()  # open_clip returns train mode

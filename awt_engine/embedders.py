@@ -58,7 +58,8 @@ class ClipEmbedder:
 
     def __init__(self, backbone, *, cache_root: Path | None = None, text_batch_size: int = 256):
         self.backbone = backbone
-        self.identity = backbone.identity
+        # fp16 and fp32 forward passes give different embeddings: keep them apart in caches
+        self.identity = f"{backbone.identity}|{str(backbone.dtype).removeprefix('torch.')}"
         self.logit_scale = float(backbone.logit_scale)
         self.preprocess = backbone.preprocess
         self.device = backbone.device

@@ -1,0 +1,209 @@
+"""Image -> views: the un-augmented image plus random resized crops (DESIGN.md section 2).
+
+View 0 is the image with its shorter side resized to R (the model's interpolation,
+bicubic by default) and centre-cropped to R x R. Views 1..V-1 are random resized crops
+of the original image with torchvision ``RandomResizedCrop`` semantics (area scale,
+log-uniform aspect ratio, 10 attempts then a centre-crop fallback), resized bilinearly to
+R x R and flipped horizontally with probability ``flip_p``. All views are normalised with
+the backbone's mean/std.
+
+Reproducibility: the crops of an image are drawn from a generator seeded with
+``view_seed(pixels, config.seed)``, a hash of the seed and the decoded pixels. They depend
+only on the seed and the image content, never on the batch, its order, the device, or
+the global RNG. The crop boxes are drawn on the CPU; the pixel work (crop, resize, flip,
+normalise) runs on ``device`` with tensor ops, so it can run on a GPU. (On CUDA torch
+resizes uint8 images in float and rounds, so pixels may differ from the CPU's by a level.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:
+    from awt_engine.backbone import PreprocessConfig
+
+# Attempts before RandomResizedCrop falls back to a centre crop (torchvision's value).
+_CROP_ATTEMPTS = 10
+_INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How many views to make and how to draw the random crops."""
+
+    n_views: int = 51  # the image plus 50 crops: the AWT paper's setting
+    scale: tuple[float, float] = (0.08, 1.0)  # crop area / image area: RandomResizedCrop's range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height, log-uniform: same source
+    flip_p: float = 0.5  # horizontal flip probability: the usual CLIP/AWT augmentation
+    seed: int = 0  # with the image content, fixes every crop
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_views, bool) or not isinstance(self.n_views, int | np.integer):
+            raise ValueError(f"n_views must be an integer >= 1, got {self.n_views!r}")
+        if self.n_views < 1:
+            raise ValueError(
+                f"n_views must be >= 1 (view 0 is the image itself), got {self.n_views}"
+            )
+        scale = _pair("scale", self.scale)
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(
+                f"scale must satisfy 0 < low <= high <= 1 (fractions of the image area), "
+                f"got {self.scale!r}"
+            )
+        ratio = _pair("ratio", self.ratio)
+        if not 0.0 < ratio[0] <= ratio[1]:
+            raise ValueError(
+                f"ratio must satisfy 0 < low <= high (crop width / height), got {self.ratio!r}"
+            )
+        if not 0.0 <= float(self.flip_p) <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        object.__setattr__(self, "n_views", int(self.n_views))
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "ratio", ratio)
+        object.__setattr__(self, "flip_p", float(self.flip_p))
+        object.__setattr__(self, "seed", int(self.seed))
+
+
+def _pair(name: str, value) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of numbers (low, high), got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return lo, hi
+
+
+def image_to_tensor(img: PIL.Image.Image) -> torch.Tensor:
+    """A PIL image as a uint8 RGB tensor [3, H, W] (any mode is converted to RGB first)."""
+    if img.mode != "RGB":
+        img = img.convert("RGB")  # as CLIP's own preprocessing does: alpha is dropped
+    arr = np.array(img, dtype=np.uint8)  # [H, W, 3], a writable copy
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # [3, H, W]
+
+
+def _check_pixels(image: torch.Tensor) -> torch.Tensor:
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(
+            f"expected a uint8 RGB image tensor [3, H, W], got dtype {image.dtype} and shape "
+            f"{tuple(image.shape)} (convert PIL images with image_to_tensor)"
+        )
+    if image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"image is empty: shape {tuple(image.shape)}")
+    return image
+
+
+def view_seed(image_uint8: torch.Tensor, seed: int) -> int:
+    """A 63-bit generator seed from ``seed`` and the image's shape and pixel bytes."""
+    pixels = _check_pixels(image_uint8).detach().to("cpu").contiguous()
+    h = hashlib.sha256(b"awt-engine/views/v1\0")
+    h.update(f"{int(seed)}\0{'x'.join(map(str, pixels.shape))}\0".encode())
+    h.update(pixels.numpy().data)  # zero-copy view of the bytes
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def crop_boxes(
+    height: int, width: int, n: int, config: ViewConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """``n`` random resized crop boxes, int64 [n, 5] with columns (top, left, h, w, flip).
+
+    Each box follows torchvision's ``RandomResizedCrop.get_params``: draw a target area
+    (``scale`` x image area) and a log-uniform aspect ratio; accept if the rounded box fits,
+    else retry, and after 10 attempts fall back to the largest centre crop whose aspect
+    lies in ``ratio``. The draws use the same ops in the same order, so with a generator
+    in the state of the global one the boxes equal torchvision's. The n flip draws come
+    after all boxes, so box k does not depend on n (its flip does).
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be at least 1 x 1, got {height} x {width}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    area = height * width
+    log_ratio = torch.log(torch.tensor(config.ratio))  # float32, as torchvision computes it
+    log_lo, log_hi = float(log_ratio[0]), float(log_ratio[1])
+    boxes = torch.empty(n, 5, dtype=torch.int64)
+    for k in range(n):
+        for _ in range(_CROP_ATTEMPTS):
+            target_area = area * torch.empty(1).uniform_(*config.scale, generator=generator).item()
+            aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator)).item()
+            w = round(math.sqrt(target_area * aspect))
+            h = round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+                left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+                break
+        else:  # fallback: centre crop, clipped to the aspect range
+            in_ratio = width / height
+            if in_ratio < min(config.ratio):
+                w = width
+                h = round(w / min(config.ratio))
+            elif in_ratio > max(config.ratio):
+                h = height
+                w = round(h * max(config.ratio))
+            else:
+                w, h = width, height
+            # torchvision can round to 0 here for extreme ratios; a crop has >= 1 pixel.
+            w, h = min(max(w, 1), width), min(max(h, 1), height)
+            top, left = (height - h) // 2, (width - w) // 2
+        boxes[k, :4] = torch.tensor([top, left, h, w])
+    # rand() < 1 always, so flip_p = 1 flips every crop and flip_p = 0 none.
+    boxes[:, 4] = (torch.rand(n, generator=generator) < config.flip_p).long()
+    return boxes  # [n, 5]
+
+
+def make_views(
+    image: PIL.Image.Image | torch.Tensor,
+    preprocess: PreprocessConfig,
+    config: ViewConfig = ViewConfig(),
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The V views of one image, float32 [V, 3, R, R], normalised with the model's mean/std.
+
+    ``image`` is a PIL image or a uint8 RGB tensor [3, H, W]. The pixel work runs on
+    ``device`` (default: the tensor's device, the CPU for PIL images).
+    """
+    pixels = _check_pixels(image_to_tensor(image) if isinstance(image, PIL.Image.Image) else image)
+    if preprocess.interpolation not in _INTERPOLATIONS:
+        raise ValueError(
+            f"Unknown interpolation {preprocess.interpolation!r}; valid: {', '.join(_INTERPOLATIONS)}"
+        )
+    r = int(preprocess.size)
+    if r < 1:
+        raise ValueError(f"preprocess.size must be >= 1, got {r}")
+    _, height, width = pixels.shape
+
+    generator = torch.Generator(device="cpu").manual_seed(view_seed(pixels, config.seed))
+    boxes = crop_boxes(height, width, config.n_views - 1, config, generator).tolist()
+
+    target = pixels.device if device is None else torch.device(device)
+    # Channels-last (HWC in memory, as decoded): torch's CPU uint8 resize kernels run ~1.5x
+    # faster on it and give bit-identical values in either layout.
+    pixels = pixels.to(target, non_blocking=True).unsqueeze(0)  # [1, 3, H, W] uint8
+    pixels = pixels.contiguous(memory_format=torch.channels_last)
+    views = torch.empty(config.n_views, 3, r, r, dtype=torch.uint8, device=target)  # [V, 3, R, R]
+
+    # View 0: shorter side -> R (aspect kept, longer side truncated as torchvision does),
+    # then the centre R x R.
+    resized = TF.resize(pixels, [r], interpolation=_INTERPOLATIONS[preprocess.interpolation])
+    views[0] = TF.center_crop(resized, [r, r])[0]
+    for k, (top, left, h, w, flip) in enumerate(boxes, start=1):
+        crop = pixels[:, :, top : top + h, left : left + w]  # [1, 3, h, w]
+        view = TF.resize(crop, [r, r], interpolation=InterpolationMode.BILINEAR)[0]  # [3, R, R]
+        views[k] = view.flip(-1) if flip else view
+
+    # (x / 255 - mean) / std, as (x - 255 mean) / (255 std): one pass fewer over V x 3 x R x R.
+    shift = torch.tensor(preprocess.mean, dtype=torch.float32, device=target).view(1, 3, 1, 1)
+    scale = torch.tensor(preprocess.std, dtype=torch.float32, device=target).view(1, 3, 1, 1)
+    return views.float().sub_(shift * 255.0).div_(scale * 255.0)  # [V, 3, R, R]
