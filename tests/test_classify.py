@@ -145,7 +145,8 @@ def test_text_cache_hit_and_recompute_on_damage(tmp_path, colour_backbone):
     clf.predict([solid("red")])
     first = colour_backbone[-1][3]
     assert first.text_calls == 1
-    key = text_cache_key(first.identity, clf.labels.prompts)
+    key = text_cache_key(clf.model.identity, clf.labels.prompts)
+    assert clf.model.identity == f"{first.identity}|float32"
     path = text_cache_path(tmp_path, key)
     assert path.exists()
 
