@@ -378,6 +378,9 @@ def create_classifier(
     if embedder is None:
         from awt_engine.backbone import load_backbone
 
+        if pretrained == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
+            pretrained = None  # those ids carry their own weights
+
         embedder = ClipEmbedder(
             load_backbone(model, pretrained, device=device, precision=precision), cache_root=root
         )

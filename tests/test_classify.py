@@ -13,6 +13,7 @@ from awt_engine.classifier import MissingDescriptionsError, resolve_label_set
 from awt_engine.cli import app
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from awt_engine.text_cache import text_cache_key, text_cache_path
+from tests.fixtures_clip import tiny_clip, tiny_clip_dir  # noqa: F401 (fixtures)
 from tests.fixtures_embedders import COLOURS, ColourBackbone, ColourEmbedder, solid
 from tests.fixtures_images import make_bad_input_folder
 
@@ -298,3 +299,42 @@ def test_cli_datasets_lists_registry():
     res = runner.invoke(app, ["datasets"])
     assert res.exit_code == 0
     assert "dtd" in res.stdout and "eurosat" in res.stdout and "a photo of a {}" in res.stdout
+
+
+def test_cli_and_api_with_a_real_tiny_open_clip_model(tiny_clip_dir, colour_folder, tmp_path):
+    """The user's code path for real weights: local-dir: folder, open_clip, text cache."""
+    folder, truth = colour_folder
+    out = tmp_path / "tiny.jsonl"
+    args = [
+        "classify",
+        str(folder),
+        "--model",
+        tiny_clip_dir,
+        "--classes",
+        ",".join(NAMES),
+        "--views",
+        "3",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "-o",
+        str(out),
+    ]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(truth)
+    for r in rows:  # random weights: structure, not content
+        assert len(r["predictions"]) == 4 and {p["label"] for p in r["predictions"]} == set(NAMES)
+        assert abs(sum(p["score"] for p in r["predictions"]) - 1) < 1e-4
+    assert list((tmp_path / "c" / "text_embeddings").glob("*.pt"))
+    # the API gives the same scores as the CLI printed
+    clf = awt_engine.create_classifier(
+        tiny_clip_dir, classes=NAMES, views=3, device="cpu", cache_dir=tmp_path / "c"
+    )
+    preds = clf.predict([str(p) for p in sorted(truth)], top_k=1)
+    by_path = {r["path"]: r["predictions"][0] for r in rows}
+    for p, pred in zip(sorted(truth), preds, strict=True):
+        assert pred[0]["label"] == by_path[p]["label"]
+        assert abs(pred[0]["score"] - by_path[p]["score"]) < 1e-4
