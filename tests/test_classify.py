@@ -13,7 +13,6 @@ from awt_engine.classifier import MissingDescriptionsError, resolve_label_set
 from awt_engine.cli import app
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from awt_engine.text_cache import text_cache_key, text_cache_path
-from tests.fixtures_clip import tiny_clip, tiny_clip_dir  # noqa: F401 (fixtures)
 from tests.fixtures_embedders import COLOURS, ColourBackbone, ColourEmbedder, solid
 from tests.fixtures_images import make_bad_input_folder
 
@@ -194,7 +193,7 @@ def test_cli_classifies_folder_with_known_answers(colour_folder, colour_backbone
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert {r["path"]: r["predictions"][0]["label"] for r in rows} == truth
     assert all(len(r["predictions"]) == 2 for r in rows)
-    model, pretrained, kw, bb = colour_backbone[-1]
+    model, pretrained, _kw, bb = colour_backbone[-1]
     assert (model, pretrained) == ("ViT-B-16-quickgelu", "openai")
     assert max(bb.image_batches) == 2 * 3  # two images' views per forward pass
 
