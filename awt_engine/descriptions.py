@@ -19,6 +19,7 @@ import json
 import os
 import re
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ class DescriptionSet:
         for c in classes:
             if not isinstance(c, str) or not c.strip():
                 raise ValueError(f"class names must be non-empty strings, got {c!r}")
-        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        dupes = sorted(c for c, n in Counter(classes).items() if n > 1)  # O(C), not O(C^2)
         if dupes:
             raise ValueError(f"duplicate class names: {', '.join(map(repr, dupes))}")
         if not isinstance(self.descriptions, Mapping):

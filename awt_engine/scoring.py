@@ -262,8 +262,8 @@ def _solve(
     iters = torch.zeros(B, dtype=torch.int64, device=device)
     conv = torch.zeros(B, dtype=torch.bool, device=device)
 
-    # Weights need O(V*C + C*P) per image.
-    per_image_w = (V * C + 2 * C * P) * itemsize * 3
+    # Weights need O(V*C + C*P) per image: ~3 live [V, C] and ~10 live [C, P] temporaries.
+    per_image_w = (3 * V * C + 10 * C * P) * itemsize
     gw = max(1, budget // per_image_w)
     for b0 in range(0, B, gw):
         bs = slice(b0, min(B, b0 + gw))

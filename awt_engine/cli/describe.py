@@ -1,3 +1,214 @@
-"""`awt-engine describe` commands (placeholder until implemented)."""
+"""`awt-engine describe`: LLM descriptions for every class, into the descriptions cache."""
 
-from awt_engine.cli._app import app  # noqa: F401
+from __future__ import annotations
+
+import enum
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from awt_engine.cli._app import app
+from awt_engine.cli._common import EXIT_PARTIAL, fail
+
+# CLIP's generic prompt, for a custom class list given without --template.
+DEFAULT_TEMPLATE = "a photo of a {}"
+
+
+class BackendName(enum.StrEnum):
+    vllm = "vllm"
+    transformers = "transformers"
+    openai = "openai"
+
+
+def datasets_module():
+    """The data set registry (imported late: it is optional for the other commands)."""
+    return importlib.import_module("awt_engine.datasets")
+
+
+def resolve_task(
+    dataset: str | None,
+    classes: str | None,
+    name: str | None,
+    dataset_description: str | None,
+    template: str | None,
+):
+    """The DescribeTask from the registry and/or the explicit options (options win)."""
+    from awt_engine.describe import DescribeTask
+
+    if dataset is None and classes is None:
+        raise ValueError(
+            "give --dataset NAME (a registered data set) or --classes FILE_OR_LIST with --name "
+            "and --dataset-description"
+        )
+    registry = datasets_module()
+    info = registry.get_dataset(dataset) if dataset is not None else None
+    if classes is not None:
+        class_list = list(registry.read_class_list(classes))
+    elif info is not None and info.classes:
+        class_list = list(info.classes)
+    else:
+        raise ValueError(
+            f"data set {dataset!r} has no built-in class list; give --classes FILE "
+            "(one class name per line) or a comma-separated list"
+        )
+    cache_name = name or (info.name if info is not None else None)
+    if not cache_name:
+        raise ValueError("--classes without --dataset needs --name (the cache's name)")
+    description = dataset_description or (info.description if info is not None else None)
+    if template is None:
+        template = info.template if info is not None else DEFAULT_TEMPLATE
+    return DescribeTask(cache_name, tuple(class_list), description, template)
+
+
+@app.command("describe")
+def describe(
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset", "-d", help="Registered data set: gives classes, template, description."
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(help="Class list: a file with one name per line, or 'a,b,c'."),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Cache name (default: the --dataset name).")
+    ] = None,
+    dataset_description: Annotated[
+        str | None,
+        typer.Option(help="One line saying what the images are (the questions are made for it)."),
+    ] = None,
+    template: Annotated[
+        str | None, typer.Option(help="CLIP prompt template with one '{}' for the class.")
+    ] = None,
+    backend: Annotated[
+        BackendName | None,
+        typer.Option(
+            help="LLM backend [default: vllm with a GPU and vllm installed, else transformers]."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model: hub id or folder (vllm, transformers), served name (openai)."),
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="openai: endpoint base URL, e.g. http://localhost:8000/v1.")
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="openai: environment variable holding the API key [default: OPENAI_API_KEY if set]."
+        ),
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="openai: parallel requests.")] = 16,
+    timeout: Annotated[float, typer.Option(min=0.1, help="openai: seconds per request.")] = 120.0,
+    max_retries: Annotated[int, typer.Option(min=0, help="openai: retries per request.")] = 5,
+    device: Annotated[
+        str | None, typer.Option(help="transformers: torch device [default: cuda if present].")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="vllm/transformers: weight dtype.")] = "auto",
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="transformers: conversations per batch.")
+    ] = 16,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="vllm: GPUs.")] = 1,
+    max_model_len: Annotated[int, typer.Option(min=256, help="vllm: context length.")] = 4096,
+    per_class: Annotated[int, typer.Option(min=1, help="Descriptions per class.")] = 50,
+    questions: Annotated[int, typer.Option(min=1, help="Questions to ask for.")] = 10,
+    max_rounds: Annotated[int, typer.Option(min=1, help="Description rounds at most.")] = 4,
+    max_tokens: Annotated[int, typer.Option(min=16, help="Tokens per answer at most.")] = 512,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 0.8,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+    seed: Annotated[int, typer.Option(help="Base seed; each request derives its own.")] = 0,
+    samples: Annotated[int, typer.Option(min=1, help="Samples per request (n).")] = 1,
+    prompts_dir: Annotated[
+        Path | None,
+        typer.Option(exists=True, file_okay=False, help="Use the prompt files of this folder."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Regenerate everything (old file kept as .bak).")
+    ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(file_okay=False, help="Cache root [default: $AWT_ENGINE_CACHE or ./cache]."),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+) -> None:
+    """Ask an LLM for dataset-aware descriptions of every class and cache them.
+
+    Resumable: run the same command again after an interruption and only what is missing is
+    requested. Exit 0: every class has --per-class descriptions; 1: some are short (named in
+    the summary; running again tops them up); 2: bad input or the LLM failed; 130: Ctrl-C.
+    """
+    from awt_engine.describe import (
+        BackendSpec,
+        DescribeConfig,
+        DescribeError,
+        PromptSet,
+        SamplingConfig,
+        describe_classes,
+        make_backend,
+    )
+
+    llm = None
+    path_hint = ""
+    try:
+        task = resolve_task(dataset, classes, name, dataset_description, template)
+        sampling = SamplingConfig(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, n=samples
+        )
+        config = DescribeConfig(
+            per_class=per_class, num_questions=questions, max_rounds=max_rounds, sampling=sampling
+        )
+        spec = BackendSpec(
+            name=backend.value if backend is not None else None,
+            model=model,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            concurrency=concurrency,
+            timeout_s=timeout,
+            max_retries=max_retries,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+        )
+        prompts = PromptSet.load(prompts_dir)
+        llm = make_backend(spec, seed=seed)
+        from awt_engine._io import resolve_cache_root
+        from awt_engine.descriptions import descriptions_path
+
+        path_hint = str(descriptions_path(task.dataset, resolve_cache_root(cache_dir)))
+        result = describe_classes(
+            task,
+            llm,
+            config,
+            cache_root=cache_dir,
+            force=force,
+            progress=progress,
+            prompts=prompts,
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: finished classes are saved in {path_hint or 'the cache'}; "
+            "run the same command again to resume",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    except (ValueError, DescribeError, FileNotFoundError) as e:
+        raise fail(str(e)) from None
+    finally:
+        if llm is not None:
+            llm.close()
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    if not result.generated and not result.questions_generated:
+        typer.echo(f"{task.dataset}: nothing to do, every class has >= {per_class} descriptions")
+    typer.echo(result.summary())
+    sys.stdout.flush()
+    if result.short:  # like classify: finished, but not everything asked for (exit 1)
+        raise typer.Exit(EXIT_PARTIAL)

@@ -11,6 +11,7 @@ literal class placeholder ``{}``. Worked examples are files of ``key: value`` he
 
 from __future__ import annotations
 
+import functools
 import os
 import string
 from dataclasses import dataclass
@@ -142,9 +143,9 @@ class PromptSet:
             },
         ]
 
-    def description_conversation(
-        self, dataset_description: str, class_name: str, question: str, count: int
-    ) -> Conversation:
+    @functools.cached_property
+    def _description_examples(self) -> Conversation:
+        """System message and the two worked examples (the same for every request)."""
         user = self.texts["descriptions_user"]
         messages: Conversation = [{"role": "system", "content": self.texts["descriptions_system"]}]
         for name in ("descriptions_example_1", "descriptions_example_2"):
@@ -165,11 +166,17 @@ class PromptSet:
                 }
             )
             messages.append({"role": "assistant", "content": ex.answer})
+        return messages
+
+    def description_conversation(
+        self, dataset_description: str, class_name: str, question: str, count: int
+    ) -> Conversation:
+        messages = [dict(m) for m in self._description_examples]
         messages.append(
             {
                 "role": "user",
                 "content": _render(
-                    user,
+                    self.texts["descriptions_user"],
                     "descriptions_user",
                     dataset_description=dataset_description,
                     class_name=display_name(class_name),

@@ -80,13 +80,15 @@ class TransformersBackend(ChatBackend):
             if not isinstance(dtype, torch.dtype):
                 raise ValueError(f"unknown dtype {c.dtype!r}; use auto, float32, float16, bfloat16")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(c.model, trust_remote_code=c.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(
+                c.model, trust_remote_code=c.trust_remote_code
+            )
             model = AutoModelForCausalLM.from_pretrained(
                 c.model, dtype=dtype, trust_remote_code=c.trust_remote_code
             )
         except OSError as e:
             raise BackendError(
-                f"cannot load model {c.model!r} with transformers: {e}. Give a local folder with "
+                f"cannot load model {c.model!r} with transformers: {str(e).rstrip('.')}. Give a local folder with "
                 "config.json, weights and tokenizer, or a hub id already in the local cache."
             ) from None
         if not getattr(tokenizer, "chat_template", None):
@@ -162,8 +164,14 @@ class TransformersBackend(ChatBackend):
                     padding=True,
                     add_special_tokens=False,  # the chat template already placed them
                 ).to(self._device)
-                with torch.inference_mode():
-                    out = model.generate(**enc, **gen_kwargs)
+                try:
+                    with torch.inference_mode():
+                        out = model.generate(**enc, **gen_kwargs)
+                except torch.OutOfMemoryError:
+                    raise BackendError(
+                        f"out of memory generating {len(idx)} answers at once with "
+                        f"{self.config.model!r}; lower --batch-size (now {bs}) or --max-tokens"
+                    ) from None
                 new = out[:, enc["input_ids"].shape[1] :].tolist()
                 generated = 0
                 for row, i in enumerate(idx):

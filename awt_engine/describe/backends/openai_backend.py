@@ -12,6 +12,7 @@ import email.utils
 import http.client
 import json
 import os
+import queue
 import random
 import socket
 import threading
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from awt_engine.describe.backends.base import (
@@ -53,7 +54,9 @@ class OpenAIConfig:
 
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"--base-url must start with http:// or https://, got {self.base_url!r}")
+            raise ValueError(
+                f"--base-url must start with http:// or https://, got {self.base_url!r}"
+            )
         if not self.model:
             raise ValueError("the openai backend needs --model (the name the server serves)")
         if self.concurrency < 1:
@@ -96,11 +99,15 @@ class OpenAIBackend(ChatBackend):
         config: OpenAIConfig,
         *,
         sleep: Callable[[float], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
         jitter: bool = True,
     ) -> None:
         super().__init__(config.model)
         self.config = config
-        self._sleep = sleep  # injectable so tests do not wait
+        # sleep and clock are injectable so tests run without waiting; jitter=False makes
+        # the backoff delays exact.
+        self._sleep = sleep
+        self._clock = clock
         self._jitter = jitter
         self._abort = threading.Event()
         self._pause_lock = threading.Lock()
@@ -166,13 +173,15 @@ class OpenAIBackend(ChatBackend):
                 403: "; check the API key (--api-key-env)",
                 404: "; check --base-url (it usually ends in /v1) and --model",
             }.get(e.code, "")
-            raise BackendError(f"{self.config.url} refused the request: HTTP {e.code} {detail}{hint}")
+            raise BackendError(
+                f"{self.config.url} refused the request: HTTP {e.code} {detail}{hint}"
+            ) from None
         except urllib.error.URLError as e:
             reason = e.reason
             if isinstance(reason, (TimeoutError, socket.timeout)):
                 raise _Retryable(f"no answer within {self.config.timeout_s:g} s") from None
             raise _Retryable(f"cannot connect ({reason})") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise _Retryable(f"no answer within {self.config.timeout_s:g} s") from None
         except (http.client.HTTPException, ConnectionError) as e:
             raise _Retryable(f"connection broken ({type(e).__name__}: {e})") from None
@@ -190,8 +199,8 @@ class OpenAIBackend(ChatBackend):
         last = ""
         for attempt in range(c.max_retries + 1):
             with self._pause_lock:
-                pause = self._pause_until - time.monotonic()
-            self._wait(pause)
+                pause = self._pause_until - self._clock()
+            self._wait(pause)  # another worker was told to back off: everyone waits
             if self._abort.is_set():
                 raise BackendError("stopped: another request failed")
             try:
@@ -206,7 +215,7 @@ class OpenAIBackend(ChatBackend):
                 if e.retry_after is not None:
                     delay = max(delay, min(e.retry_after, c.max_backoff_s))
                     with self._pause_lock:  # the server asked everyone to slow down
-                        self._pause_until = max(self._pause_until, time.monotonic() + delay)
+                        self._pause_until = max(self._pause_until, self._clock() + delay)
                 self.stats.add(retries=1)
                 self._wait(delay)
                 continue
@@ -227,32 +236,40 @@ class OpenAIBackend(ChatBackend):
         results: list[list[Completion] | None] = [None] * len(requests)
         self._abort.clear()
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.config.concurrency, len(requests))))
-        pending: dict[Future, int] = {
-            pool.submit(self._one, req, sampling): i for i, req in enumerate(requests)
-        }
+        # Finished futures report through a queue: O(1) per answer however many are queued
+        # (waiting on the whole set each time would be quadratic for 10k-request steps).
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        futures: list[Future] = []
         first_error: BaseException | None = None
         try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = pending.pop(fut)
-                    if fut.cancelled():
-                        continue
-                    err = fut.exception()
-                    if err is not None:
-                        if first_error is None:
-                            # Stop: cancel what has not started, let running requests finish
-                            # (without retrying) so their answers are still delivered.
-                            first_error = err
-                            self._abort.set()
-                            for other in pending:
-                                other.cancel()
-                        continue
-                    completions = fut.result()
-                    results[i] = completions
-                    self.stats.add(requests=1)
-                    if on_result is not None:
-                        on_result(i, completions)
+            for i, req in enumerate(requests):
+                fut = pool.submit(self._one, req, sampling)
+                fut.add_done_callback(lambda f, i=i: finished.put((i, f)))
+                futures.append(fut)
+            remaining = len(futures)
+            while remaining:
+                try:
+                    i, fut = finished.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
+                except queue.Empty:
+                    continue
+                remaining -= 1
+                if fut.cancelled():
+                    continue
+                err = fut.exception()
+                if err is not None:
+                    if first_error is None:
+                        # Stop: cancel what has not started, let running requests finish
+                        # (without retrying) so their answers are still delivered.
+                        first_error = err
+                        self._abort.set()
+                        for other in futures:
+                            other.cancel()
+                    continue
+                completions = fut.result()
+                results[i] = completions
+                self.stats.add(requests=1)
+                if on_result is not None:
+                    on_result(i, completions)
         except BaseException:
             self._abort.set()
             pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,45 @@
+"""The offline description stage: LLM-written, dataset-aware class descriptions.
+
+Entry points: :func:`describe_classes` (cache-aware, resumable) and the two steps
+:func:`generate_questions` / :func:`generate_descriptions`. Backends live in
+:mod:`awt_engine.describe.backends`.
+"""
+
+from awt_engine.describe.backends import (
+    BACKENDS,
+    BackendSpec,
+    ChatBackend,
+    SamplingConfig,
+    default_backend_name,
+    make_backend,
+)
+from awt_engine.describe.errors import BackendError, DescribeError, NoUsableOutputError
+from awt_engine.describe.pipeline import (
+    DescribeConfig,
+    DescribeResult,
+    DescribeTask,
+    describe_classes,
+    generate_descriptions,
+    generate_questions,
+)
+from awt_engine.describe.prompts import PromptSet, load_prompt
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "BackendSpec",
+    "ChatBackend",
+    "DescribeConfig",
+    "DescribeError",
+    "DescribeResult",
+    "DescribeTask",
+    "NoUsableOutputError",
+    "PromptSet",
+    "SamplingConfig",
+    "default_backend_name",
+    "describe_classes",
+    "generate_descriptions",
+    "generate_questions",
+    "load_prompt",
+    "make_backend",
+]

@@ -1,0 +1,524 @@
+"""The two-step, dataset-aware description pipeline and its resumable cache handling.
+
+Problem: :class:`DescribeTask` (which classes, what data set). Solver settings:
+:class:`DescribeConfig` (+ :class:`SamplingConfig`) and a :class:`ChatBackend`. Result:
+:class:`DescribeResult`.
+
+1. Questions: the LLM is told what the data set is and asked for open-ended questions with one
+   ``{}`` for the class name (one worked example in the conversation). Valid ones are kept.
+2. Descriptions: for every class and question the LLM is asked for several stand-alone
+   sentences (two worked examples). Answers are parsed, de-duplicated and merged; classes still
+   short are asked again, cycling on through the questions, for a bounded number of rounds.
+
+All requests of a step go to the backend in one call (batched by vLLM / transformers,
+concurrent over HTTP). Classes are written to the cache as they finish, so an interrupted run
+keeps them and the same command resumes with what is missing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import awt_engine
+from awt_engine._io import resolve_cache_root, sha256_hex
+from awt_engine.describe.backends.base import ChatBackend, ChatRequest, SamplingConfig
+from awt_engine.describe.errors import DescribeError, NoUsableOutputError
+from awt_engine.describe.parsing import dedupe, interleave, parse_descriptions, parse_questions
+from awt_engine.describe.prompts import PromptSet
+from awt_engine.descriptions import (
+    DescriptionSet,
+    descriptions_path,
+    fold_class_name,
+    fold_key,
+    load_descriptions,
+    save_descriptions,
+    validate_dataset_name,
+)
+
+log = logging.getLogger("awt_engine.describe")
+
+
+# ----------------------------------------------------------------------------------------------
+# problem, settings, result
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DescribeTask:
+    """What to describe: the cache name, the classes in label order, the data set's one-line
+    description (what makes the questions dataset-aware) and its CLIP template."""
+
+    dataset: str
+    classes: tuple[str, ...]
+    dataset_description: str
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_dataset_name(self.dataset)
+        classes = tuple(self.classes)
+        object.__setattr__(self, "classes", classes)
+        if not classes:
+            raise ValueError(f"data set {self.dataset!r}: the class list is empty")
+        blank = [i for i, c in enumerate(classes) if not isinstance(c, str) or not c.strip()]
+        if blank:
+            raise ValueError(f"data set {self.dataset!r}: class #{blank[0] + 1} has an empty name")
+        seen: dict[str, str] = {}
+        dupes = []
+        for c in classes:
+            key = fold_class_name(c)
+            if key in seen:
+                dupes.append(c if seen[key] == c else f"{seen[key]!r}/{c!r}")
+            seen[key] = c
+        if dupes:
+            raise ValueError(
+                f"data set {self.dataset!r}: duplicate class names (case, '_' and '-' folded): "
+                + ", ".join(dupes[:10])
+            )
+        if not isinstance(self.dataset_description, str) or not self.dataset_description.strip():
+            raise ValueError(
+                f"data set {self.dataset!r} has no description; the questions are written for "
+                "it (give --dataset-description, e.g. 'close-up photos of machine parts')"
+            )
+        if self.template is not None and self.template.count("{}") != 1:
+            raise ValueError(
+                f"template {self.template!r} must contain the class placeholder '{{}}' exactly "
+                "once (e.g. 'a photo of a {}')"
+            )
+
+
+@dataclass(frozen=True)
+class DescribeConfig:
+    # AWT uses 50 descriptions per class (P = 51 prompts with the bare one).
+    per_class: int = 50
+    # About 10 questions: each adds a distinct visual aspect; more mostly adds near-repeats.
+    num_questions: int = 10
+    # Fewer valid questions than this is reported: the descriptions then lack variety.
+    min_questions: int = 5
+    # Question requests before giving up on reaching num_questions.
+    question_rounds: int = 3
+    # Description rounds: one full pass over the questions plus top-ups; bounded so that a
+    # model that keeps repeating itself cannot loop forever.
+    max_rounds: int = 4
+    # Sentences asked per answer; None: ceil(per_class / questions) + 1, the spare covering
+    # duplicates and dropped lines.
+    sentences_per_answer: int | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # The cache is rewritten at most this often while classes finish (and always at the end or
+    # on interruption): a crash loses at most a few seconds of work, while rewriting a
+    # 1000-class file after every class would cost more I/O than the run is worth.
+    save_every_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("per_class", "num_questions", "question_rounds", "max_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.sentences_per_answer is not None and self.sentences_per_answer < 1:
+            raise ValueError(f"sentences_per_answer must be >= 1, got {self.sentences_per_answer}")
+
+    def to_json(self) -> dict:
+        return {
+            "per_class": self.per_class,
+            "num_questions": self.num_questions,
+            "max_rounds": self.max_rounds,
+            "sentences_per_answer": self.sentences_per_answer,
+        }
+
+
+@dataclass
+class DescribeResult:
+    descriptions: DescriptionSet
+    path: Path
+    per_class: int
+    generated: list[str]  # classes written or topped up by this run
+    short: dict[str, int]  # classes below per_class, with their counts
+    questions_generated: bool
+    requests: int = 0
+    retries: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        ds = self.descriptions
+        counts = list(ds.counts().values())
+        done = sum(n >= self.per_class for n in counts)
+        lines = [
+            f"{ds.dataset}: {done}/{len(ds.classes)} classes have >= {self.per_class} "
+            f"descriptions ({len(self.generated)} described in this run); per class "
+            f"min {min(counts)}, median {statistics.median(counts):g}; "
+            f"{self.requests} requests ({self.retries} retries) in {self.seconds:.1f} s",
+            f"cache: {self.path}",
+        ]
+        if self.short:
+            items = [f"{c} ({n})" for c, n in self.short.items()]
+            lines.append(
+                f"short of {self.per_class}: {len(items)} class(es): "
+                + ", ".join(items[:20])
+                + (" ..." if len(items) > 20 else "")
+                + " -- run the same command again to top them up"
+            )
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# the two steps
+# ----------------------------------------------------------------------------------------------
+def request_seed(base: int, *parts: object) -> int:
+    """A per-request seed, stable across runs, different for every (class, question, round)."""
+    return int(sha256_hex(str(base), *map(str, parts))[:8], 16) & 0x7FFFFFFF
+
+
+def generate_questions(
+    backend: ChatBackend,
+    prompts: PromptSet,
+    dataset_description: str,
+    config: DescribeConfig = DescribeConfig(),
+    notes: list[str] | None = None,
+) -> list[str]:
+    """Step 1: up to ``num_questions`` valid questions (exactly one ``{}`` each)."""
+    found: list[str] = []
+    seen: set[str] = set()
+    first_answer = None
+    for rnd in range(config.question_rounds):
+        if len(found) >= config.num_questions:
+            break
+        req = ChatRequest(
+            prompts.question_conversation(dataset_description, config.num_questions),
+            seed=request_seed(config.sampling.seed, "questions", rnd),
+        )
+        for comp in backend.chat([req], config.sampling)[0]:
+            if first_answer is None:
+                first_answer = comp.text
+            found.extend(dedupe(parse_questions(comp.text, truncated=comp.truncated), seen))
+    if not found:
+        raise NoUsableOutputError(
+            f"the LLM ({backend.name}: {backend.model}) gave no usable question in "
+            f"{config.question_rounds} answer(s); a question must contain the class placeholder "
+            f"{{}} exactly once. Its first answer began: {_snippet(first_answer)!r}"
+        )
+    if len(found) < config.min_questions:
+        msg = (
+            f"only {len(found)} usable question(s) (wanted {config.num_questions}); "
+            "descriptions may lack variety"
+        )
+        log.info(msg)
+        if notes is not None:
+            notes.append(msg)
+    return found[: config.num_questions]
+
+
+def generate_descriptions(
+    backend: ChatBackend,
+    prompts: PromptSet,
+    task: DescribeTask,
+    questions: Sequence[str],
+    config: DescribeConfig = DescribeConfig(),
+    *,
+    existing: dict[str, list[str]] | None = None,
+    classes: Sequence[str] | None = None,
+    on_class_done: Callable[[str, list[str]], None] | None = None,
+) -> dict[str, list[str]]:
+    """Step 2: descriptions for ``classes`` (default: all of the task's), each topped up to
+    ``per_class`` on top of its ``existing`` ones.
+
+    Round 0 asks every class the questions it needs (all of them for an empty class); each later
+    round asks the still-short classes the *next* questions in the cycle, with new seeds. Within
+    a round a class's answers are interleaved (first sentence of every answer, then the second,
+    ...) so truncation keeps every question represented. ``on_class_done(name, descriptions)``
+    is called once per class, as soon as it is full or the rounds are used up.
+    """
+    if not questions:
+        raise ValueError("no questions to ask")
+    existing = existing or {}
+    per_class = config.per_class
+    n_q = len(questions)
+    base_k = math.ceil(per_class / n_q)  # new sentences one answer must bring on average
+    ask_k = config.sentences_per_answer or base_k + 1
+    per_request = base_k * config.sampling.n
+    descs = {c: list(existing.get(c, [])) for c in (classes or task.classes)}
+    seen = {c: {fold_key(d) for d in descs[c]} for c in descs}
+    # Continue the question cycle where earlier descriptions would have left it.
+    cursor = {c: math.ceil(len(descs[c]) / base_k) % n_q for c in descs}
+    pending = [c for c in descs if len(descs[c]) < per_class]
+    done: set[str] = set()
+
+    def finish(c: str) -> None:
+        done.add(c)
+        if on_class_done is not None:
+            on_class_done(c, descs[c])
+
+    for c in [c for c in descs if c not in pending]:
+        done.add(c)
+
+    def run_round(rnd: int, classes_now: list[str]) -> None:
+        last_round = rnd == config.max_rounds - 1
+        requests: list[ChatRequest] = []
+        owners: list[tuple[str, int]] = []
+        answers: dict[str, list[list[str]]] = {}
+        outstanding: dict[str, int] = {}
+        for c in classes_now:
+            need = per_class - len(descs[c])
+            m = min(n_q, math.ceil(need / per_request))
+            for j in range(m):
+                qi = (cursor[c] + j) % n_q
+                conversation = prompts.description_conversation(
+                    task.dataset_description, c, questions[qi], ask_k
+                )
+                seed = request_seed(config.sampling.seed, c, qi, rnd, len(descs[c]))
+                requests.append(ChatRequest(conversation, seed=seed))
+                owners.append((c, j))
+            cursor[c] = (cursor[c] + m) % n_q
+            answers[c] = [[] for _ in range(m)]
+            outstanding[c] = m
+
+        def on_result(i: int, completions: list) -> None:
+            c, j = owners[i]
+            for comp in completions:
+                answers[c][j].extend(parse_descriptions(comp.text, truncated=comp.truncated))
+            outstanding[c] -= 1
+            if outstanding[c] == 0:  # the class's answers of this round are all in
+                descs[c].extend(dedupe(interleave(answers[c]), seen[c]))
+                if len(descs[c]) >= per_class:
+                    del descs[c][per_class:]
+                    finish(c)
+                elif last_round:
+                    finish(c)
+
+        backend.chat(requests, config.sampling, on_result)
+
+    for rnd in range(config.max_rounds):
+        if not pending:
+            break
+        run_round(rnd, pending)
+        pending = [c for c in pending if c not in done]
+    return descs
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache-aware driver
+# ----------------------------------------------------------------------------------------------
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _snippet(text: str | None, limit: int = 160) -> str:
+    text = " ".join((text or "").split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+class _Saver:
+    """Rewrites the cache file when asked, at most every ``interval`` seconds unless forced."""
+
+    def __init__(self, path: Path, interval: float) -> None:
+        self.path = path
+        self.interval = interval
+        self.dirty = False
+        self.last = -math.inf
+        self.writes = 0
+
+    def save(self, build: Callable[[], DescriptionSet], force: bool = False) -> None:
+        self.dirty = True
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            save_descriptions(build(), self.path)
+            self.dirty = False
+            self.last = now
+            self.writes += 1
+
+    def flush(self, build: Callable[[], DescriptionSet]) -> None:
+        if self.dirty:
+            self.save(build, force=True)
+
+
+def _provenance(
+    backend: ChatBackend, prompts: PromptSet, config: DescribeConfig, previous: dict | None
+) -> dict:
+    prov = {
+        "backend": backend.name,
+        "model": backend.model,
+        "backend_settings": backend.settings(),
+        "sampling": config.sampling.to_json(),
+        "describe": config.to_json(),
+        "prompts_sha256": prompts.sha256,
+        "prompt_files_sha256": prompts.files_sha256,
+        "created": _utc_now(),
+        "engine_version": awt_engine.__version__,
+    }
+    if previous:
+        history = list(previous.get("history", []))
+        prev = {k: v for k, v in previous.items() if k != "history"}
+        same = all(
+            prev.get(k) == prov[k] for k in ("backend", "model", "prompts_sha256", "sampling")
+        )
+        if same:  # a resumed run of the same recipe: keep its creation time
+            prov["created"] = prev.get("created", prov["created"])
+            prov["updated"] = _utc_now()
+        else:
+            history.append(prev)
+        if history:
+            prov["history"] = history
+    return prov
+
+
+def _check_resumable(existing: DescriptionSet, task: DescribeTask, path: Path) -> None:
+    if existing.classes != task.classes:
+        old, new = set(existing.classes), set(task.classes)
+        if old == new:
+            what = "the same classes in a different order"
+        else:
+            gone, added = sorted(old - new), sorted(new - old)
+            what = (
+                f"{len(existing.classes)} classes vs {len(task.classes)} requested; "
+                f"only in the cache: {gone[:3]}, only requested: {added[:3]}"
+            )
+        raise DescribeError(
+            f"{path} holds a different class list ({what}). Use --force to regenerate it "
+            "(the old file is kept as .bak), or --name to write a separate cache."
+        )
+    if (
+        existing.dataset_description
+        and existing.questions
+        and existing.dataset_description.strip() != task.dataset_description.strip()
+    ):
+        raise DescribeError(
+            f"{path} was made for the data set description {existing.dataset_description!r}, "
+            f"not {task.dataset_description!r}; its questions would not fit. Use --force to "
+            "regenerate, or --name for a separate cache."
+        )
+
+
+def describe_classes(
+    task: DescribeTask,
+    backend: ChatBackend,
+    config: DescribeConfig = DescribeConfig(),
+    *,
+    cache_path: str | Path | None = None,
+    cache_root: str | Path | None = None,
+    force: bool = False,
+    progress: bool = False,
+    prompts: PromptSet | None = None,
+) -> DescribeResult:
+    """Describe ``task``'s classes into the cache, resuming whatever an earlier run finished.
+
+    The cache file (default ``<cache root>/descriptions/<dataset>.json``) is read first: its
+    questions are reused and classes that already have ``per_class`` descriptions are not asked
+    again; short ones are topped up. ``force`` starts afresh (the old file is kept as
+    ``<name>.json.bak``). Classes are saved as they finish; on any error or interruption the
+    finished ones are written before the exception propagates.
+    """
+    start = time.perf_counter()
+    prompts = prompts or PromptSet.load()
+    path = (
+        Path(cache_path)
+        if cache_path is not None
+        else descriptions_path(task.dataset, resolve_cache_root(cache_root))
+    )
+    notes: list[str] = []
+    existing: DescriptionSet | None = None
+    if path.exists():
+        if force:
+            backup = path.with_name(path.name + ".bak")
+            shutil.copy2(path, backup)
+            notes.append(f"--force: the previous cache was kept as {backup}")
+        else:
+            existing = load_descriptions(path)  # ValueError naming the file if damaged
+            _check_resumable(existing, task, path)
+
+    descs: dict[str, list[str]] = {}
+    questions: tuple[str, ...] = ()
+    if existing is not None:
+        descs = {c: list(d) for c, d in existing.descriptions.items() if d}
+        questions = existing.questions
+    template = task.template if task.template is not None else (existing and existing.template)
+    todo = [c for c in task.classes if len(descs.get(c, ())) < config.per_class]
+    stats0 = (backend.stats.requests, backend.stats.retries, backend.stats.generated_tokens)
+    provenance = existing.provenance if existing is not None else {}
+    state = {"questions": questions, "provenance": provenance}
+
+    def build() -> DescriptionSet:
+        return DescriptionSet(
+            dataset=task.dataset,
+            classes=task.classes,
+            descriptions={c: descs[c] for c in task.classes if descs.get(c)},
+            template=template or None,
+            dataset_description=task.dataset_description,
+            questions=state["questions"],
+            provenance=state["provenance"],
+        )
+
+    questions_generated = False
+    generated: list[str] = []
+    if todo:
+        state["provenance"] = _provenance(
+            backend, prompts, config, existing and existing.provenance
+        )
+        saver = _Saver(path, config.save_every_s)
+        bar = _progress_bar(len(todo), task.dataset, progress)
+
+        def on_class_done(c: str, items: list[str]) -> None:
+            # A class that gained nothing is left as it was (missing classes stay missing, so
+            # a rerun asks again).
+            if len(items) > len(descs.get(c, ())):
+                descs[c] = list(items)
+                generated.append(c)
+                saver.save(build)
+            bar.update(1)
+
+        try:
+            if not state["questions"]:
+                state["questions"] = tuple(
+                    generate_questions(backend, prompts, task.dataset_description, config, notes)
+                )
+                questions_generated = True
+                saver.save(build, force=True)  # a resumed run reuses these questions
+            generate_descriptions(
+                backend,
+                prompts,
+                task,
+                state["questions"],
+                config,
+                existing=descs,
+                classes=todo,
+                on_class_done=on_class_done,
+            )
+        finally:
+            saver.flush(build)
+            bar.close()
+        if not generated:
+            raise NoUsableOutputError(
+                f"the LLM ({backend.name}: {backend.model}) gave no new usable description for "
+                f"any of {len(todo)} class(es); answers should be short sentences, one per line. "
+                f"Nothing already in {path} was lost."
+            )
+
+    result_set = build() if (todo or existing is None) else existing
+    counts = result_set.counts()
+    short = {c: n for c, n in counts.items() if n < config.per_class}
+    return DescribeResult(
+        descriptions=result_set,
+        path=path,
+        per_class=config.per_class,
+        generated=generated,
+        short=short,
+        questions_generated=questions_generated,
+        requests=backend.stats.requests - stats0[0],
+        retries=backend.stats.retries - stats0[1],
+        generated_tokens=backend.stats.generated_tokens - stats0[2],
+        seconds=time.perf_counter() - start,
+        notes=notes,
+    )
+
+
+def _progress_bar(total: int, name: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, desc=f"describe {name}", unit="class", file=sys.stderr, disable=not enabled
+    )

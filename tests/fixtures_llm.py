@@ -1,0 +1,287 @@
+"""Test doubles for the description stage, all real code paths, nothing downloaded:
+
+- :class:`ScriptedServer`: a real HTTP server on 127.0.0.1 speaking the OpenAI
+  chat-completions protocol, answering from a Python function.
+- :func:`build_tiny_chat_model`: a randomly initialised 2-layer Qwen2 causal LM and a
+  byte-level BPE tokenizer trained in memory, saved to a folder with a chat template.
+- :func:`fake_registry`: a stand-in for ``awt_engine.datasets`` (get_dataset,
+  read_class_list, list_datasets).
+
+Import what a test module needs from here directly (``from tests.fixtures_llm import ...``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from awt_engine.describe.prompts import PromptSet, fill_question
+
+# ----------------------------------------------------------------------------------------------
+# loopback OpenAI-compatible server
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: dict | str = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def chat_reply(*texts: str, finish_reason: str = "stop") -> Reply:
+    """A 200 chat-completions answer with one choice per text."""
+    return Reply(
+        200,
+        {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "model": "scripted",
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": t},
+                    "finish_reason": finish_reason,
+                }
+                for i, t in enumerate(texts)
+            ],
+        },
+    )
+
+
+def last_user(body: dict) -> str:
+    return next(m["content"] for m in reversed(body["messages"]) if m["role"] == "user")
+
+
+class ScriptedServer:
+    """``responder(body) -> Reply`` answers every POST to ``/v1/chat/completions``.
+
+    ``requests`` holds every request body received (retries included), in arrival order.
+    """
+
+    def __init__(self, responder: Callable[[dict], Reply]) -> None:
+        self.responder = responder
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                if self.path != "/v1/chat/completions":
+                    self._send(Reply(404, {"error": f"no route {self.path}"}))
+                    return
+                body = json.loads(raw)
+                body["_auth"] = self.headers.get("Authorization")
+                with server.lock:
+                    server.requests.append(body)
+                try:
+                    reply = server.responder(body)
+                except Exception as e:  # a bug in a test's responder: make it visible
+                    reply = Reply(599, {"error": f"responder failed: {e!r}"})
+                self._send(reply)
+
+            def _send(self, reply: Reply):
+                data = (
+                    reply.body.encode()
+                    if isinstance(reply.body, str)
+                    else json.dumps(reply.body).encode()
+                )
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def __enter__(self) -> ScriptedServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+class Router:
+    """Tells question requests from description requests and finds (class, question index)
+    from the rendered question in the last user message (independent of the prompt wording)."""
+
+    def __init__(self, classes, questions) -> None:
+        self.pairs = sorted(
+            ((fill_question(q, c), c, qi) for c in classes for qi, q in enumerate(questions)),
+            key=lambda t: -len(t[0]),
+        )
+
+    def __call__(self, body: dict) -> tuple[str, int] | None:
+        text = last_user(body)
+        for rendered, c, qi in self.pairs:
+            if rendered in text:
+                return c, qi
+        return None
+
+
+def requested_count(body: dict) -> int | None:
+    """The number of sentences/questions the prompt asks for (first number in the message)."""
+    m = re.search(r"\b(\d+)\b", last_user(body).split("\n", 3)[-1])
+    return int(m.group(1)) if m else None
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny random chat model
+# ----------------------------------------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+
+def build_tiny_chat_model(
+    folder: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2
+) -> Path:
+    """Save a random 2-layer Qwen2 LM (hidden 32) with an in-memory-trained byte-level BPE
+    tokenizer and a chat template to ``folder``; return the folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    corpus = [
+        *PromptSet.load().texts.values(),
+        "A banded texture shows parallel stripes of alternating colour.",
+        "- What colour is {}?",
+        "The quick brown fox jumps over the lazy dog.",
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_tok.save_pretrained(folder)
+
+    config = Qwen2Config(
+        vocab_size=len(hf_tok) + 8,  # headroom: AutoTokenizer may add a token on reload
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.3,  # sharper logits: greedy output then depends on the prompt
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        # Zero the (tied) embeddings of the special tokens: their logits are then 0 while the
+        # best ordinary token's is positive, so even greedy decoding writes visible text.
+        emb = model.get_input_embeddings().weight
+        for t in SPECIAL:
+            emb[hf_tok.convert_tokens_to_ids(t)] = 0.0
+        emb[len(hf_tok) :] = 0.0
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+# ----------------------------------------------------------------------------------------------
+# data set registry stand-in
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeDatasetInfo:
+    name: str
+    template: str
+    description: str
+    classes: tuple[str, ...] | None
+
+
+FAKE_DATASETS = {
+    "toytex": FakeDatasetInfo(
+        "toytex",
+        "a photo of a {}, which is a type of texture",
+        "close-up photos of surface textures",
+        ("banded", "blotchy", "sea_lion"),
+    ),
+    "folderset": FakeDatasetInfo("folderset", "a photo of a {}", "photos of things", None),
+}
+
+
+def _read_class_list(spec: str) -> list[str]:
+    p = Path(spec)
+    if p.is_file():
+        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
+    if "," in spec:
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    raise ValueError(f"{spec!r} is neither a file nor a comma-separated list")
+
+
+def _get_dataset(name: str) -> FakeDatasetInfo:
+    if name not in FAKE_DATASETS:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(FAKE_DATASETS))}")
+    return FAKE_DATASETS[name]
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    """Install a stand-in ``awt_engine.datasets`` for the test's duration."""
+    import awt_engine
+
+    mod = types.ModuleType("awt_engine.datasets")
+    mod.get_dataset = _get_dataset
+    mod.list_datasets = lambda: sorted(FAKE_DATASETS)
+    mod.read_class_list = _read_class_list
+    mod.DatasetInfo = FakeDatasetInfo
+    monkeypatch.setitem(sys.modules, "awt_engine.datasets", mod)
+    monkeypatch.setattr(awt_engine, "datasets", mod, raising=False)
+    return mod
