@@ -53,7 +53,11 @@ def clip_like_embeds(B, V, C, P, D, *, seed=0, device="cpu", dtype=torch.float32
     txt_base = torch.randn(C, 1, D, generator=g)
     txt = txt_base + 0.6 * torch.randn(C, P, D, generator=g)
     labels = torch.randint(0, C, (B,), generator=g)
-    img = torch.randn(B, 1, D, generator=g) + 1.0 * txt_base[labels] + 0.7 * torch.randn(B, V, D, generator=g)
+    img = (
+        torch.randn(B, 1, D, generator=g)
+        + 1.0 * txt_base[labels]
+        + 0.7 * torch.randn(B, V, D, generator=g)
+    )
     img = torch.nn.functional.normalize(img, dim=-1)
     txt = torch.nn.functional.normalize(txt, dim=-1)
     return img.to(device, dtype), txt.to(device, dtype)
@@ -61,7 +65,10 @@ def clip_like_embeds(B, V, C, P, D, *, seed=0, device="cpu", dtype=torch.float32
 
 def print_table(title: str, header: list[str], rows: list[list], notes: list[str] = ()) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+
+    def line(r):
+        return "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)) + " |"
+
     out = [f"### {title}", ""] + [f"- {n}" for n in notes] + [""] if notes else [f"### {title}", ""]
     out += [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]

@@ -71,22 +71,41 @@ def main(argv=None) -> str:
         img, txt = clip_like_embeds(B, V, C, P, D, seed=C, device=dev)
         ours = awt_scores(img, txt)
         ref = paper_loop(img, txt)
-        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-3 * ours.abs().max()), "scorers disagree"
+        assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-3 * ours.abs().max()), (
+            "scorers disagree"
+        )
         assert (ours.argmax(1) == ref.argmax(1)).all()
         t_ours = timeit(lambda img=img, txt=txt: awt_scores(img, txt), device=dev)
         t_paper = timeit(lambda img=img, txt=txt: paper_loop(img, txt), device=dev)
         flat = txt.reshape(C * P, D)
         t_mm = timeit(lambda img=img, flat=flat: img.reshape(B * V, D) @ flat.T, device=dev)
         ms = lambda t: f"{1000 * t / B:.2f}"  # noqa: E731
-        rows.append([C, ms(t_paper), ms(t_ours), ms(t_mm), f"{t_paper / t_ours:.1f}x",
-                     f"{t_ours / t_mm:.2f}x"])
+        rows.append(
+            [
+                C,
+                ms(t_paper),
+                ms(t_ours),
+                ms(t_mm),
+                f"{t_paper / t_ours:.1f}x",
+                f"{t_ours / t_mm:.2f}x",
+            ]
+        )
     return print_table(
         "AWT scorer: ms per image",
-        ["classes C", "paper loop", "awt-engine", "matmul floor", "speed-up vs paper",
-         "awt-engine / floor"],
+        [
+            "classes C",
+            "paper loop",
+            "awt-engine",
+            "matmul floor",
+            "speed-up vs paper",
+            "awt-engine / floor",
+        ],
         rows,
-        notes=[f"hardware: {hardware(dev)}", f"sizes: B={B} images, V={V} views, P={P} prompts, "
-               f"D={D}, float32, eps=0.1, tol=1e-2", f"date: {today()}"],
+        notes=[
+            f"hardware: {hardware(dev)}",
+            f"sizes: B={B} images, V={V} views, P={P} prompts, D={D}, float32, eps=0.1, tol=1e-2",
+            f"date: {today()}",
+        ],
     )
 
 
