@@ -137,13 +137,17 @@ class _EmbeddingSims:
         self._txt_mean = None
 
     def block(self, bs: slice, cs: slice) -> Tensor:
-        """sim for images bs and classes cs: [G, Cc, P, V], a permuted view of one GEMM."""
+        """sim for images bs and classes cs: [G, Cc, P, V], a permuted view of one GEMM.
+
+        One GEMM for the whole block (text rows x all views), which BLAS runs faster
+        than one per image; the permutation is absorbed by the kernel's strided write.
+        """
         txt = self.txt[cs]
         Cc = txt.shape[0]
         img = self.img[bs]  # [G,V,D]
         G = img.shape[0]
-        flat = img.reshape(G * self.V, self.D) @ txt.reshape(Cc * self.P, self.D).T  # [G*V,Cc*P]
-        return flat.view(G, self.V, Cc, self.P).permute(0, 2, 3, 1)  # [G,Cc,P,V] view
+        flat = txt.reshape(Cc * self.P, self.D) @ img.reshape(G * self.V, self.D).T  # [Cc*P,G*V]
+        return flat.view(Cc, self.P, G, self.V).permute(2, 0, 1, 3)  # [G,Cc,P,V] view
 
     def prompt_mean(self, bs: slice) -> Tensor:
         """mean_p sim: [G, V, C] (linear, so through the mean text embedding)."""
@@ -262,14 +266,21 @@ def _solve(
     iters = torch.zeros(B, dtype=torch.int64, device=device)
     conv = torch.zeros(B, dtype=torch.bool, device=device)
 
+    per_image = C * V * P * itemsize * _tensors_per_element(log_domain)
+    g = budget // per_image  # images whose whole similarity block fits the budget
+    # With whole blocks in memory, the entropy weights come from the block itself (view 0
+    # and the prompt mean are in it); otherwise from their own small matmuls first.
+    weights_from_blocks = transport and g >= 1 and weighting == "entropy"
+
     # Weights need O(V*C + C*P) per image: ~3 live [V, C] and ~10 live [C, P] temporaries.
     per_image_w = (3 * V * C + 10 * C * P) * itemsize
     gw = max(1, budget // per_image_w)
-    for b0 in range(0, B, gw):
+    for b0 in range(0, B, gw) if not weights_from_blocks else ():
         bs = slice(b0, min(B, b0 + gw))
         if weighting == "entropy":
-            u_all[bs] = view_weights_from_logits(scale * src.prompt_mean(bs), cfg.view_temperature)
-            w_all[bs] = prompt_weights_from_logits(scale * src.raw_view(bs), cfg.prompt_temperature)
+            u_all[bs], w_all[bs] = _entropy_weights(
+                src.prompt_mean(bs), src.raw_view(bs), scale, cfg
+            )
         else:
             assert weighting == "uniform", weighting
             u_all[bs] = 1.0 / V
@@ -281,14 +292,18 @@ def _solve(
             scores[bs] = scale * src.weighted_mean(bs, u_all[bs], w_all[bs])
         return AWTOutput(scores, u_all, w_all, iters, conv)
 
-    per_image = C * V * P * itemsize * _tensors_per_element(log_domain)
-    g = budget // per_image
     if g >= 1:
         for b0 in range(0, B, g):
             bs = slice(b0, min(B, b0 + g))
+            sim_t = src.block(bs, slice(None))  # [G,C,P,V]
+            if weights_from_blocks:
+                u_all[bs], w_all[bs] = _entropy_weights(
+                    sim_t.mean(dim=2).transpose(1, 2), sim_t[..., 0], scale, cfg
+                )
             scores[bs], iters[bs], conv[bs] = _transport_block(
-                src, bs, u_all[bs], w_all[bs], scale, cfg, log_domain, sync_every
+                sim_t, u_all[bs], w_all[bs], scale, cfg, log_domain, sync_every
             )
+            del sim_t
     else:
         cc = max(1, budget // (V * P * itemsize * _tensors_per_element(log_domain)))
         for b in range(B):
@@ -299,27 +314,31 @@ def _solve(
     return AWTOutput(scores, u_all, w_all, iters, conv)
 
 
-def _kernel_from_sims(sim_t: Tensor, eps: float, log_domain: bool) -> Tensor:
-    """K (or log K) = exp(-(1 - sim)/eps): a new contiguous [G, C, P, V] tensor.
+def _entropy_weights(prompt_mean: Tensor, raw_view: Tensor, scale: float, cfg: AWTConfig):
+    """(u [G,V], w [G,C,P]) from mean_p sim [G,V,C] and view 0's sim [G,C,P]."""
+    return (
+        view_weights_from_logits(scale * prompt_mean, cfg.view_temperature),
+        prompt_weights_from_logits(scale * raw_view, cfg.prompt_temperature),
+    )
 
-    ``sim_t`` may be a permuted view; the strided read happens once, here.
+
+def _kernel_from_sims(sim_t: Tensor, eps: float, log_domain: bool) -> Tensor:
+    """K (or log K) = exp((sim - 1)/eps): a new contiguous [G, C, P, V] tensor.
+
+    ``sim_t`` may be a permuted view; the strided read happens once, here, fused with
+    the affine map (two passes over the block in all).
     """
     k = torch.empty(sim_t.shape, dtype=sim_t.dtype, device=sim_t.device)
-    torch.sub(sim_t, 1.0, out=k).div_(eps)
+    torch.add(torch.tensor(-1.0 / eps, dtype=sim_t.dtype), sim_t, alpha=1.0 / eps, out=k)
     return k if log_domain else k.exp_()
 
 
-def _times(sim_t: Tensor, K_t: Tensor) -> Tensor:
-    """sim * K as a new contiguous tensor (matmul then reads it without a copy)."""
-    out = torch.empty_like(K_t)
-    return torch.mul(sim_t, K_t, out=out)
+def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every):
+    """A block of images with all their classes: (scores [G,C], iterations [G], converged [G]).
 
-
-def _transport_block(src, bs, u, w, scale, cfg, log_domain, sync_every):
-    """Images ``bs`` with all classes in memory: (scores [G,C], iterations [G], converged [G])."""
-    G = u.shape[0]
-    C, V = src.C, src.V
-    sim_t = src.block(bs, slice(None))  # [G,C,P,V]
+    sim_t: [G, C, P, V] similarities (any strides).
+    """
+    G, C, _, V = sim_t.shape
     K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)  # [G,C,P,V]
     a = u.unsqueeze(1).expand(G, C, V)  # [G,C,V]
     if log_domain:
@@ -344,9 +363,10 @@ def _transport_block(src, bs, u, w, scale, cfg, log_domain, sync_every):
             max_iter=cfg.max_iter,
             sync_every=sync_every,
         )
-        ks_t = _times(sim_t, K_t)  # [G,C,P,V] sim*K
+        ks_t = K_t.mul_(sim_t)  # [G,C,P,V] sim*K, in K's buffer (K is done with)
         del sim_t
-        score = (torch.matmul(ks_t, s.r.unsqueeze(-1)).squeeze(-1) * s.g).sum(-1)  # r^T(K.sim)g
+        # r^T (K.sim) g, with the product in row-vector form (see transport._step)
+        score = (torch.matmul(s.r.unsqueeze(-2), ks_t.mT).squeeze(-2) * s.g).sum(-1)
     return scale * score, s.iterations, s.converged
 
 
@@ -382,7 +402,7 @@ def _transport_class_chunked(src, bs, u, w, scale, cfg, log_domain, cc):
             K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)
             K = K_t.transpose(-1, -2)  # [G,Cc,V,P] view
             if not log_domain:
-                sim_t = _times(sim_t, K_t)  # sim*K from here on
+                sim_t = torch.mul(sim_t, K_t, out=torch.empty_like(K_t))  # sim*K, contiguous
             r, g = r_state[:, cs], g_state[:, cs]
             a, b = a_full[:, cs], b_full[:, cs]
             for j in range(n):
@@ -396,7 +416,7 @@ def _transport_class_chunked(src, bs, u, w, scale, cfg, log_domain, cc):
                     score_hist[:, j, cs] = (plan_t * sim_t).sum(dim=(-1, -2))
                 else:
                     score_hist[:, j, cs] = (
-                        torch.matmul(sim_t, r.unsqueeze(-1)).squeeze(-1) * g
+                        torch.matmul(r.unsqueeze(-2), sim_t.mT).squeeze(-2) * g
                     ).sum(-1)
             r_state[:, cs], g_state[:, cs] = r, g
             del sim_t, K_t, K
