@@ -14,6 +14,8 @@ into blocks of images (and, when one image's classes exceed the budget, of class
 that fit ``memory_budget`` bytes; the cut never changes a result, because every
 quantity is per image and the Sinkhorn stopping rule, which couples all classes of
 an image, is evaluated over all of its classes even when they are solved in chunks.
+The budget bounds these transient blocks; the outputs (scores [B, C] and prompt
+weights [B, C, P]) and the allocator's slack come on top.
 """
 
 from __future__ import annotations
@@ -273,8 +275,10 @@ def _solve(
     weights_from_blocks = transport and g >= 1 and weighting == "entropy"
 
     # Weights need O(V*C + C*P) per image: ~3 live [V, C] and ~10 live [C, P] temporaries.
+    # They get a quarter of the budget: their allocations are small enough for the C heap
+    # to keep resident afterwards, under the transport blocks that follow.
     per_image_w = (3 * V * C + 10 * C * P) * itemsize
-    gw = max(1, budget // per_image_w)
+    gw = max(1, budget // (4 * per_image_w))
     for b0 in range(0, B, gw) if not weights_from_blocks else ():
         bs = slice(b0, min(B, b0 + gw))
         if weighting == "entropy":

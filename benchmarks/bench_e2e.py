@@ -113,6 +113,7 @@ def main(argv=None) -> str:
         ["weights + transport", ms(t_score), pct(t_score)],
         ["sum of stages", ms(total), "100%"],
         ["classify pipeline (measured)", ms(t_pipe), f"{N / t_pipe:.2f} images/s"],
+        ["floor: encoder forward pass only", ms(t_enc), f"{N / t_enc:.2f} images/s"],
     ]
     return print_table(
         "End-to-end classify: ms per image by stage",
