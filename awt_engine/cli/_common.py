@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -61,3 +63,57 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")
     return value
+
+
+# --------------------------------------------------------------------------------------
+# Options shared by `classify` and `eval`: one definition each, so both read the same.
+
+Dataset = Annotated[
+    str | None,
+    typer.Option(
+        "--dataset", "-d", help="Registry data set (see `awt-engine datasets`) or cache name."
+    ),
+]
+Classes = Annotated[
+    str | None, typer.Option(help="Class names: a file with one per line, or a comma list.")
+]
+Template = Annotated[
+    str | None, typer.Option(help='Prompt template with one "{}", e.g. "a photo of a {}".')
+]
+Model = Annotated[
+    str, typer.Option(help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO.")
+]
+Pretrained = Annotated[
+    str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
+]
+Descriptions = Annotated[
+    int | None,
+    typer.Option(min=0, help="Descriptions per class [default: 50 with --dataset, else 0]."),
+]
+Views = Annotated[int, typer.Option(min=1, help="The image plus VIEWS-1 random crops.")]
+Seed = Annotated[int, typer.Option(help="Seed of the random crops (and of --limit's subset).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Precision = Annotated[
+    str | None, typer.Option(help="fp32, fp16 or bf16 [default: fp16 on GPU, fp32 on CPU].")
+]
+CacheDir = Annotated[
+    Path | None,
+    typer.Option(help="Cache root [default: $AWT_ENGINE_CACHE or ./cache].", file_okay=False),
+]
+BatchSize = Annotated[
+    int, typer.Option(min=1, help="Images per forward pass (each contributes VIEWS views).")
+]
+Workers = Annotated[int, typer.Option(min=1, help="Image decoding threads.")]
+Shortlist = Annotated[
+    int | None,
+    typer.Option(min=1, help="Score only each image's K nearest classes (large label sets)."),
+]
+MemoryBudget = Annotated[
+    str | None,
+    typer.Option(help="Scorer memory budget, e.g. 512M or 2G [default: 1G on CPU]."),
+]
+
+
+def weights_arg(pretrained: str) -> str | None:
+    """The CLI spells random weights "none"."""
+    return None if pretrained.lower() == "none" else pretrained

@@ -10,7 +10,29 @@ from typing import Annotated
 import typer
 
 from awt_engine.cli._app import app
-from awt_engine.cli._common import EXIT_OK, EXIT_PARTIAL, fail, parse_size, usage_errors
+from awt_engine.cli._common import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    BatchSize,
+    CacheDir,
+    Classes,
+    Dataset,
+    Descriptions,
+    Device,
+    MemoryBudget,
+    Model,
+    Precision,
+    Pretrained,
+    Seed,
+    Shortlist,
+    Template,
+    Views,
+    Workers,
+    fail,
+    parse_size,
+    usage_errors,
+    weights_arg,
+)
 
 OUTPUT_FORMATS = (".jsonl", ".csv")
 
@@ -24,44 +46,21 @@ def classify(
             help="Image files, folders (searched recursively) or globs.", show_default=False
         ),
     ],
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset",
-            "-d",
-            help="Registry data set (see `awt-engine datasets`) or description-cache name.",
-        ),
-    ] = None,
-    classes: Annotated[
-        str | None, typer.Option(help="Class names: a file with one per line, or a comma list.")
-    ] = None,
-    template: Annotated[
-        str | None, typer.Option(help='Prompt template with one "{}", e.g. "a photo of a {}".')
-    ] = None,
-    model: Annotated[
-        str, typer.Option(help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO.")
-    ] = "ViT-B-16-quickgelu",
-    pretrained: Annotated[
-        str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
-    ] = "openai",
-    descriptions: Annotated[
-        int | None,
-        typer.Option(min=0, help="Descriptions per class [default: 50 with --dataset, else 0]."),
-    ] = None,
-    views: Annotated[int, typer.Option(min=1, help="The image plus VIEWS-1 random crops.")] = 51,
-    seed: Annotated[int, typer.Option(help="Seed of the random crops.")] = 0,
+    dataset: Dataset = None,
+    classes: Classes = None,
+    template: Template = None,
+    model: Model = "ViT-B-16-quickgelu",
+    pretrained: Pretrained = "openai",
+    descriptions: Descriptions = None,
+    views: Views = 51,
+    seed: Seed = 0,
     method: Annotated[
         str, typer.Option(help="awt, clip, clip-descriptions, awt-uniform, awt-no-transport.")
     ] = "awt",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(help="Cache root [default: $AWT_ENGINE_CACHE or ./cache].", file_okay=False),
-    ] = None,
-    batch_size: Annotated[
-        int, typer.Option(min=1, help="Images per forward pass (each contributes VIEWS views).")
-    ] = 4,
-    workers: Annotated[int, typer.Option(min=1, help="Image decoding threads.")] = 2,
+    device: Device = "auto",
+    cache_dir: CacheDir = None,
+    batch_size: BatchSize = 4,
+    workers: Workers = 2,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -69,17 +68,9 @@ def classify(
         ),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Predictions kept per image in --output.")] = 5,
-    shortlist: Annotated[
-        int | None,
-        typer.Option(min=1, help="Score only each image's K nearest classes (large label sets)."),
-    ] = None,
-    memory_budget: Annotated[
-        str | None,
-        typer.Option(help="Scorer memory budget, e.g. 512M or 2G [default: 1G on CPU]."),
-    ] = None,
-    precision: Annotated[
-        str | None, typer.Option(help="fp32, fp16 or bf16 [default: fp16 on GPU, fp32 on CPU].")
-    ] = None,
+    shortlist: Shortlist = None,
+    memory_budget: MemoryBudget = None,
+    precision: Precision = None,
 ) -> None:
     """Classify images zero-shot; one line per image on stdout (path, label, score)."""
     from awt_engine.classifier import create_classifier
@@ -98,7 +89,7 @@ def classify(
     paths = discover_images(inputs)
     clf = create_classifier(
         model,
-        None if pretrained.lower() == "none" else pretrained,
+        weights_arg(pretrained),
         dataset=dataset,
         classes=classes,
         template=template,

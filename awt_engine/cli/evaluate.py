@@ -8,7 +8,27 @@ from typing import Annotated
 import typer
 
 from awt_engine.cli._app import app
-from awt_engine.cli._common import fail, parse_size, usage_errors
+from awt_engine.cli._common import (
+    BatchSize,
+    CacheDir,
+    Classes,
+    Dataset,
+    Descriptions,
+    Device,
+    MemoryBudget,
+    Model,
+    Precision,
+    Pretrained,
+    Seed,
+    Shortlist,
+    Template,
+    Views,
+    Workers,
+    fail,
+    parse_size,
+    usage_errors,
+    weights_arg,
+)
 
 
 @app.command("eval")
@@ -22,12 +42,7 @@ def eval_command(
             file_okay=False,
         ),
     ],
-    dataset: Annotated[
-        str | None,
-        typer.Option(
-            "--dataset", "-d", help="Registry data set: class names, template and descriptions."
-        ),
-    ] = None,
+    dataset: Dataset = None,
     method: Annotated[
         list[str] | None,
         typer.Option(
@@ -45,46 +60,26 @@ def eval_command(
             file_okay=False,
         ),
     ] = None,
-    classes: Annotated[
-        str | None,
-        typer.Option(
-            help="Class names (file or comma list), overriding the registry's / folder names."
-        ),
-    ] = None,
-    template: Annotated[str | None, typer.Option(help='Prompt template with one "{}".')] = None,
-    model: Annotated[
-        str, typer.Option(help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO.")
-    ] = "ViT-B-16-quickgelu",
-    pretrained: Annotated[
-        str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
-    ] = "openai",
-    descriptions: Annotated[
-        int | None,
-        typer.Option(min=0, help="Descriptions per class [default: 50 with --dataset, else 0]."),
-    ] = None,
-    views: Annotated[int, typer.Option(min=1, help="The image plus VIEWS-1 random crops.")] = 51,
-    seed: Annotated[int, typer.Option(help="Seed of the crops and of --limit's subset.")] = 0,
+    classes: Classes = None,
+    template: Template = None,
+    model: Model = "ViT-B-16-quickgelu",
+    pretrained: Pretrained = "openai",
+    descriptions: Descriptions = None,
+    views: Views = 51,
+    seed: Seed = 0,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Evaluate a fixed-seed random subset of N images.")
     ] = None,
     split: Annotated[
         str, typer.Option(help="Split of CoOp-style split files: test, val or train.")
     ] = "test",
-    shortlist: Annotated[
-        int | None,
-        typer.Option(min=1, help="Score only each image's K nearest classes (large label sets)."),
-    ] = None,
-    memory_budget: Annotated[
-        str | None, typer.Option(help="Scorer memory budget, e.g. 512M or 2G [default: 1G on CPU].")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    precision: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16.")] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(help="Cache root [default: $AWT_ENGINE_CACHE or ./cache].", file_okay=False),
-    ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 4,
-    workers: Annotated[int, typer.Option(min=1, help="Image decoding threads.")] = 2,
+    shortlist: Shortlist = None,
+    memory_budget: MemoryBudget = None,
+    device: Device = "auto",
+    precision: Precision = None,
+    cache_dir: CacheDir = None,
+    batch_size: BatchSize = 4,
+    workers: Workers = 2,
 ) -> None:
     """Top-1, top-5 and mean per-class recall; every method from the same embeddings."""
     from awt_engine._io import resolve_cache_root
@@ -116,7 +111,7 @@ def eval_command(
     root = resolve_cache_root(cache_dir)
     clf = create_classifier(
         model,
-        None if pretrained.lower() == "none" else pretrained,
+        weights_arg(pretrained),
         dataset=dataset,
         classes=list(data.classes),
         template=template,
@@ -141,7 +136,7 @@ def eval_command(
         records = result_records(
             result,
             model=model,
-            pretrained=None if pretrained.lower() == "none" else pretrained,
+            pretrained=weights_arg(pretrained),
             views=clf.view_config.n_views,
             descriptions=n_desc,
             seed=seed,
