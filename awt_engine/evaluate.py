@@ -51,14 +51,22 @@ def compute_metrics(scores: Tensor, labels: Tensor, n_failed: int = 0) -> Metric
 
     Mean per-class recall averages the top-1 recall of the classes that have images.
     """
-    N, C = scores.shape
+    return metrics_from_topk(top_classes(scores), labels, n_failed)
+
+
+def top_classes(scores: Tensor, k: int = 5) -> Tensor:
+    """Indices [N, min(k, C)] of the best classes, best first: all the metrics need."""
+    return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+
+
+def metrics_from_topk(top: Tensor, labels: Tensor, n_failed: int = 0) -> Metrics:
+    """Metrics from :func:`top_classes` output [N, k] and labels [N]."""
+    N = top.shape[0]
     if N == 0:
         return Metrics(float("nan"), float("nan"), float("nan"), 0, n_failed)
-    top = scores.topk(min(5, C), dim=-1).indices  # [N,k]
     hit1 = top[:, 0] == labels
     hit5 = (top == labels[:, None]).any(dim=-1)
-    present = labels.unique()
-    recalls = torch.stack([hit1[labels == c].float().mean() for c in present])
+    recalls = torch.stack([hit1[labels == c].float().mean() for c in labels.unique()])
     return Metrics(
         hit1.float().mean().item(), hit5.float().mean().item(), recalls.mean().item(), N, n_failed
     )
@@ -149,13 +157,13 @@ def evaluate(
             embeds[i] = hit
             bar.update(1)
 
-    scores: dict[str, list[Tensor]] = {m: [] for m in methods}
+    tops: dict[str, list[Tensor]] = {m: [] for m in methods}  # top-5 indices, not [N, C]
     scored_idx: list[int] = []
 
     def score_batch(idx: list[int]):
         img = torch.stack([embeds[i] for i in idx]).to(clf.model.device)  # [b,V,D]
         for m in methods:
-            scores[m].append(clf.scores_from_embeddings(img, method=m).float().cpu())
+            tops[m].append(top_classes(clf.scores_from_embeddings(img, method=m)).cpu())
         scored_idx.extend(idx)
         for i in idx:
             embeds[i] = None  # keep memory flat: only scores stay
@@ -202,8 +210,8 @@ def evaluate(
     labels = labels_all[order] if len(order) else labels_all[:0]
     metrics = {}
     for m in methods:
-        s = torch.cat(scores[m]) if scores[m] else torch.empty(0, len(data.classes))
-        metrics[m] = compute_metrics(s, labels, n_failed=len(failed))
+        top = torch.cat(tops[m]) if tops[m] else torch.empty(0, 5, dtype=torch.long)
+        metrics[m] = metrics_from_topk(top, labels, n_failed=len(failed))
     return EvalResult(
         data.name, metrics, [(str(items[i].path), r) for i, r in sorted(failed.items())]
     )

@@ -21,12 +21,16 @@ def class_prototypes(class_embeds: Tensor) -> Tensor:
     return F.normalize(class_embeds.float().mean(dim=1), dim=-1)
 
 
-def shortlist(queries: Tensor, prototypes: Tensor, k: int) -> Tensor:
+def shortlist(queries: Tensor, prototypes: Tensor, k: int, *, search: str = "auto") -> Tensor:
     """Indices [B, k] of the k prototypes nearest each query, ascending by index.
 
     queries: [B, D] (the raw views), prototypes: [C, D]. Sorting by class index (not by
     similarity) keeps the class order of the full problem, so k = C reproduces it.
+    search: "faiss" (exact inner-product index), "torch" (matmul + top-k) or "auto"
+    (faiss on CPU, torch on GPU).
     """
+    if search not in ("auto", "faiss", "torch"):
+        raise ValueError(f"search must be 'auto', 'faiss' or 'torch', got {search!r}")
     B, D = queries.shape
     C = prototypes.shape[0]
     if not 1 <= k:
@@ -34,13 +38,13 @@ def shortlist(queries: Tensor, prototypes: Tensor, k: int) -> Tensor:
     k = min(k, C)
     if k == C:
         return torch.arange(C, device=queries.device).expand(B, C)
-    if queries.device.type == "cpu":
+    if search == "faiss" or (search == "auto" and queries.device.type == "cpu"):
         import faiss
 
         index = faiss.IndexFlatIP(D)
-        index.add(prototypes.float().contiguous().numpy())
-        _, idx = index.search(queries.float().contiguous().numpy(), k)
-        idx = torch.from_numpy(idx).long()
+        index.add(prototypes.float().cpu().contiguous().numpy())
+        _, idx = index.search(queries.float().cpu().contiguous().numpy(), k)
+        idx = torch.from_numpy(idx).long().to(queries.device)
     else:
         idx = (queries.float() @ prototypes.float().T).topk(k, dim=-1).indices
     return idx.sort(dim=-1).values

@@ -26,6 +26,17 @@ def test_shortlist_is_the_exact_top_k_sorted_by_index():
         np.testing.assert_array_equal(idx[b].numpy(), expect)
 
 
+def test_faiss_and_torch_searches_agree():
+    """The GPU path (matmul + top-k) and faiss's exact index pick the same classes."""
+    img, txt = _embeds(B=6, C=300, seed=3)
+    protos = class_prototypes(txt)
+    a = shortlist(img[:, 0], protos, 17, search="faiss")
+    b = shortlist(img[:, 0], protos, 17, search="torch")
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="search must be"):
+        shortlist(img[:, 0], protos, 17, search="annoy")
+
+
 def test_shortlist_of_all_classes_equals_full_computation_exactly():
     img, txt = _embeds()
     per_image = torch.cat([awt_scores(img[b : b + 1], txt) for b in range(3)])
