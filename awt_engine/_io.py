@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 CACHE_ENV = "AWT_ENGINE_CACHE"
 
@@ -20,24 +21,29 @@ def resolve_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path("cache")
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that readers see the old file or the new one, never half.
 
-    Temp file in the same folder, fsync, rename (``os.replace`` is atomic on POSIX and
-    Windows when source and target share a file system).
+    ``write`` streams into a temp file in the same folder; then fsync and rename
+    (``os.replace`` is atomic on POSIX and Windows within one file system). Streaming
+    keeps a large payload (a [C, P, D] embedding tensor) out of memory twice.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

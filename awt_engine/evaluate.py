@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import io
 import re
 import sys
 import warnings
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from awt_engine import __version__
-from awt_engine._io import atomic_write_bytes, atomic_write_json, sha256_hex
+from awt_engine._io import atomic_write, atomic_write_json, sha256_hex
 from awt_engine.classifier import Classifier
 from awt_engine.images import decode_images
 from awt_engine.labelled import LabelledData
@@ -105,9 +104,8 @@ class ImageEmbeddingCache:
         return None
 
     def put(self, key: str, embeds: Tensor) -> None:
-        buf = io.BytesIO()
-        torch.save(embeds.detach().float().cpu().contiguous(), buf)
-        atomic_write_bytes(self._file(key), buf.getvalue())
+        tensor = embeds.detach().float().cpu().contiguous()
+        atomic_write(self._file(key), lambda f: torch.save(tensor, f))
 
 
 @dataclass

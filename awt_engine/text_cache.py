@@ -7,7 +7,6 @@ cannot be read, is recomputed and rewritten, never trusted (DESIGN.md section 3)
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import warnings
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from awt_engine import __version__
-from awt_engine._io import atomic_write_bytes, sha256_hex
+from awt_engine._io import atomic_write, sha256_hex
 
 FORMAT = 1
 log = logging.getLogger(__name__)
@@ -89,7 +88,6 @@ def load_or_encode(
             "shape": list(embeds.shape),
             "engine_version": __version__,
         }
-        buf = io.BytesIO()
-        torch.save({"header": header, "embeds": embeds.contiguous()}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        blob = {"header": header, "embeds": embeds.contiguous()}
+        atomic_write(path, lambda f: torch.save(blob, f))
     return embeds
