@@ -155,7 +155,7 @@ class Classifier:
         memory_budget: int | None = None,
         shortlist: int | None = None,
     ):
-        scoring.get_method(method)
+        scoring.check_method(method)
         if shortlist is not None and shortlist < 1:
             raise ValueError(f"shortlist must be >= 1 classes, got {shortlist}")
         if batch_size < 1:
@@ -191,15 +191,17 @@ class Classifier:
             as_rgb_image(image), self.model.preprocess, self.view_config, device=self.model.device
         )
 
+    def _view_batches(self, images: Sequence[Any]) -> Iterator[Tensor]:
+        """[b, V, 3, R, R] views, ``batch_size`` images at a time."""
+        for i in range(0, len(images), self.batch_size):
+            yield torch.stack([self.make_views(im) for im in images[i : i + self.batch_size]])
+
     def embed_images(self, images: Sequence[Any]) -> Tensor:
         """[B, V, D] view embeddings, ``batch_size`` images per forward pass."""
-        chunks = []
-        for i in range(0, len(images), self.batch_size):
-            views = torch.stack([self.make_views(im) for im in images[i : i + self.batch_size]])
-            chunks.append(self._embed_views(views))
-        return torch.cat(chunks)
+        return torch.cat([self.embed_views(v) for v in self._view_batches(_as_list(images))])
 
-    def _embed_views(self, views: Tensor) -> Tensor:
+    def embed_views(self, views: Tensor) -> Tensor:
+        """[b, V, 3, R, R] -> [b, V, D], without autograd."""
         with torch.inference_mode():
             return self.model.embed_views(views)
 
@@ -238,18 +240,14 @@ class Classifier:
                 awt_config=self.awt_config,
                 memory_budget=self.memory_budget,
             )
-        return self.scores_from_embeddings(self._embed_views(views))
+        return self.scores_from_embeddings(self.embed_views(views))
 
     # -- public calls --------------------------------------------------------------------
 
     def scores(self, images: Sequence[Any] | Any) -> Tensor:
         """Class scores [B, C] (logit scale) for images: paths, PIL images or arrays."""
-        images = _as_list(images)
-        out = []
-        for i in range(0, len(images), self.batch_size):
-            views = torch.stack([self.make_views(im) for im in images[i : i + self.batch_size]])
-            out.append(self._scores_for_views(views).float().cpu())
-        return torch.cat(out)
+        batches = self._view_batches(_as_list(images))
+        return torch.cat([self._scores_for_views(v).float().cpu() for v in batches])
 
     def _top(self, scores: Tensor, top_k: int) -> list[list[dict[str, Any]]]:
         probs = torch.softmax(scores.float(), dim=-1)  # scores are on CLIP's logit scale
@@ -280,7 +278,7 @@ class Classifier:
 
         An unreadable image yields a Prediction with ``error`` set; the run goes on.
         """
-        bar = _progress(total, progress)
+        bar = progress_bar(total, progress)
         pending: list[DecodedImage] = []
         views: list[Tensor] = []
 
@@ -301,9 +299,7 @@ class Classifier:
                 yield Prediction(item.path, None, item.error)
                 continue
             try:
-                v = make_views(
-                    item.image, self.model.preprocess, self.view_config, device=self.model.device
-                )
+                v = self.make_views(item.image)
             except Exception as exc:  # a decodable image the view code cannot use
                 bar.update(1)
                 yield Prediction(item.path, None, f"cannot make views: {exc}")
@@ -320,21 +316,18 @@ def _as_list(images) -> list:
     return list(images) if isinstance(images, list | tuple) else [images]
 
 
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int | None, enabled: bool):
-    if not enabled:
-        return _NoBar()
+def progress_bar(total: int | None, enabled: bool):
+    """A tqdm bar over images on stderr; when enabled, drawn only on a terminal."""
     from tqdm.auto import tqdm
 
-    # disable=None: drawn on a terminal, silent when stderr is a pipe or a log file
-    return tqdm(total=total, unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+    # disable=None: silent when stderr is a pipe or a log file
+    return tqdm(
+        total=total,
+        unit="img",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=None if enabled else True,
+    )
 
 
 def create_classifier(
@@ -370,7 +363,7 @@ def create_classifier(
     only each image's K nearest classes (large label sets; changes results).
     memory_budget: bytes the scorer's blocks may use (results do not depend on it).
     """
-    scoring.get_method(method)
+    scoring.check_method(method)
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     root = resolve_cache_root(cache_dir)

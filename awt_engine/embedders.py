@@ -91,34 +91,31 @@ def score_views(
     memory_budget: int | None = None,
 ) -> Tensor:
     """Scores [B, C] by ``method`` from embeddings or from [B, V, P, C] logits."""
-    scoring.get_method(method)  # validates the name
+    scoring.check_method(method)
     scale = float(model.logit_scale)
-    cfg = awt_config or scoring.AWTConfig()
     if logits is not None:
         sims = logits.permute(0, 1, 3, 2)  # [B,V,C,P]
         if method == "clip":
             return sims[:, 0, :, 0]
         if method == "clip-descriptions":
             return sims[:, 0].mean(-1)
-        weighting = "uniform" if method == "awt-uniform" else "entropy"
+        weighting, transport = scoring.AWT_VARIANTS[method]
         return scoring.awt_scores_from_logits(
             sims,
             scale,
-            config=cfg,
+            config=awt_config,
             weighting=weighting,
-            transport=method != "awt-no-transport",
+            transport=transport,
             memory_budget=memory_budget,
         ).scores
     assert image_embeds is not None and class_embeds is not None
-    image_embeds = image_embeds.to(class_embeds.device)
-    if method in ("clip", "clip-descriptions"):
-        return scoring.score(method, image_embeds, class_embeds, scale)
-    kwargs = {
-        k: getattr(cfg, k)
-        for k in ("eps", "view_temperature", "prompt_temperature", "tol", "max_iter")
-    }
     return scoring.score(
-        method, image_embeds, class_embeds, scale, memory_budget=memory_budget, **kwargs
+        method,
+        image_embeds.to(class_embeds.device),
+        class_embeds,
+        scale,
+        config=awt_config,
+        memory_budget=memory_budget,
     )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import re
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,10 +22,9 @@ from torch import Tensor
 
 from awt_engine import __version__
 from awt_engine._io import atomic_write, atomic_write_json, sha256_hex
-from awt_engine.classifier import Classifier
+from awt_engine.classifier import Classifier, progress_bar
 from awt_engine.images import decode_images
 from awt_engine.labelled import LabelledData
-from awt_engine.views import make_views
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,7 @@ def evaluate(
         if cache_root is not None
         else None
     )
-    bar = _bar(len(items), progress)
+    bar = progress_bar(len(items), progress)
     keys: list[str | None] = [None] * len(items)
     embeds: list[Tensor | None] = [None] * len(items)
     failed: dict[int, str] = {}
@@ -177,8 +175,7 @@ def evaluate(
     def flush():
         if not batch:
             return
-        with torch.inference_mode():
-            out = clf.model.embed_views(torch.stack(views)).float().cpu()  # [b,V,D]
+        out = clf.embed_views(torch.stack(views)).float().cpu()  # [b,V,D]
         for j, i in enumerate(batch):
             embeds[i] = out[j].clone()
             if cache is not None and keys[i] is not None:
@@ -196,34 +193,20 @@ def evaluate(
             bar.update(1)
             continue
         batch.append(i)
-        views.append(
-            make_views(dec.image, clf.model.preprocess, clf.view_config, device=clf.model.device)
-        )
+        views.append(clf.make_views(dec.image))
         if len(batch) == clf.batch_size:
             flush()
     flush()
     bar.close()
 
     order = torch.tensor(scored_idx, dtype=torch.long)
-    labels = labels_all[order] if len(order) else labels_all[:0]
+    labels = labels_all[order]
     metrics = {}
     for m in methods:
         top = torch.cat(tops[m]) if tops[m] else torch.empty(0, 5, dtype=torch.long)
         metrics[m] = metrics_from_topk(top, labels, n_failed=len(failed))
     return EvalResult(
         data.name, metrics, [(str(items[i].path), r) for i, r in sorted(failed.items())]
-    )
-
-
-def _bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="img",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None if enabled else True,
     )
 
 

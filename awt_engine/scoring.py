@@ -337,38 +337,42 @@ def _kernel_from_sims(sim_t: Tensor, eps: float, log_domain: bool) -> Tensor:
     return k if log_domain else k.exp_()
 
 
-def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every):
-    """A block of images with all their classes: (scores [G,C], iterations [G], converged [G]).
+def _solve_block(sim_t, u, w, cfg, log_domain, sync_every):
+    """Kernel [G, C, P, V] (log K in the log domain) and Sinkhorn scalings for a block.
 
-    sim_t: [G, C, P, V] similarities (any strides).
+    sim_t: [G, C, P, V] similarities (any strides); u: [G, V]; w: [G, C, P].
     """
     G, C, _, V = sim_t.shape
     K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)  # [G,C,P,V]
     a = u.unsqueeze(1).expand(G, C, V)  # [G,C,V]
     if log_domain:
-        s = solve_scalings(
-            K_t.transpose(-1, -2),
-            a.log(),
-            w.log(),
-            log_domain=True,
-            tol=cfg.tol,
-            max_iter=cfg.max_iter,
-            sync_every=sync_every,
-        )
-        plan_t = torch.exp(s.r.unsqueeze(-2) + K_t + s.g.unsqueeze(-1))  # [G,C,P,V]
-        score = (plan_t * sim_t).sum(dim=(-1, -2))
+        a, w = a.log(), w.log()
+    s = solve_scalings(
+        K_t.transpose(-1, -2),
+        a,
+        w,
+        log_domain=log_domain,
+        tol=cfg.tol,
+        max_iter=cfg.max_iter,
+        sync_every=sync_every,
+    )
+    return K_t, s
+
+
+def _plan_t(K_t: Tensor, s) -> Tensor:
+    """The plan in the block's [G, C, P, V] layout."""
+    if s.log_domain:
+        return torch.exp(s.r.unsqueeze(-2) + K_t + s.g.unsqueeze(-1))
+    return s.r.unsqueeze(-2) * K_t * s.g.unsqueeze(-1)
+
+
+def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every):
+    """A block of images with all their classes: (scores [G,C], iterations [G], converged [G])."""
+    K_t, s = _solve_block(sim_t, u, w, cfg, log_domain, sync_every)
+    if log_domain:
+        score = (_plan_t(K_t, s) * sim_t).sum(dim=(-1, -2))
     else:
-        s = solve_scalings(
-            K_t.transpose(-1, -2),
-            a,
-            w,
-            log_domain=False,
-            tol=cfg.tol,
-            max_iter=cfg.max_iter,
-            sync_every=sync_every,
-        )
         ks_t = K_t.mul_(sim_t)  # [G,C,P,V] sim*K, in K's buffer (K is done with)
-        del sim_t
         # r^T (K.sim) g, with the product in row-vector form (see transport._step)
         score = (torch.matmul(s.r.unsqueeze(-2), ks_t.mT).squeeze(-2) * s.g).sum(-1)
     return scale * score, s.iterations, s.converged
@@ -447,48 +451,34 @@ def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _grad_scores(src_grad, out: AWTOutput, scale, cfg, memory_budget, device, dtype):
-    """Scores with gradients through the logits and the plan (and weights) held fixed."""
-    B, V, C, P = src_grad.B, src_grad.V, src_grad.C, src_grad.P
-    with torch.no_grad():
-        log_domain = not kernel_form_is_safe(_COSINE_COST_RANGE, cfg.eps, dtype)
-        budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
-        per_image = (
-            C * V * P * (torch.finfo(dtype).bits // 8) * (_tensors_per_element(log_domain) + 2)
+def _grad_transport(src, u, w, scale, cfg, memory_budget, sync_every, device, dtype):
+    """Transport scores with gradients through the logits, weights and plan held fixed.
+
+    Returns (scores [B, C] with a graph, iterations [B], converged [B]).
+    """
+    B, V, C, P = src.B, src.V, src.C, src.P
+    log_domain = not kernel_form_is_safe(_COSINE_COST_RANGE, cfg.eps, dtype)
+    budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
+    itemsize = torch.finfo(dtype).bits // 8
+    per_image = C * V * P * itemsize * (_tensors_per_element(log_domain) + 2)  # + plan, graph
+    if per_image > budget:
+        raise ValueError(
+            f"gradients through awt_scores need one image's {C} classes x {V} views x "
+            f"{P} prompts ({per_image / 2**20:.0f} MiB) within memory_budget "
+            f"({budget / 2**20:.0f} MiB); raise memory_budget"
         )
-        if per_image > budget:
-            raise ValueError(
-                f"gradients through awt_scores need one image's {C} classes x {V} views x "
-                f"{P} prompts ({per_image / 2**20:.0f} MiB) within memory_budget "
-                f"({budget / 2**20:.0f} MiB); raise memory_budget"
-            )
-    g = max(1, budget // per_image)
-    rows = []
+    g = budget // per_image
+    rows, iters, conv = [], [], []
     for b0 in range(0, B, g):
         bs = slice(b0, min(B, b0 + g))
-        Gn = bs.stop - bs.start
+        sim_t = src.block(bs, slice(None))  # [G,C,P,V], carries the graph
         with torch.no_grad():
-            sim_t = src_grad.block(bs, slice(None)).detach()
-            K_t = _kernel_from_sims(sim_t, cfg.eps, log_domain)
-            a = out.view_weights[bs].unsqueeze(1).expand(Gn, C, V)
-            w = out.prompt_weights[bs]
-            if log_domain:
-                a, w = a.log(), w.log()
-            s = solve_scalings(
-                K_t.transpose(-1, -2),
-                a,
-                w,
-                log_domain=log_domain,
-                tol=cfg.tol,
-                max_iter=cfg.max_iter,
-            )
-            if log_domain:
-                plan_t = torch.exp(s.r.unsqueeze(-2) + K_t + s.g.unsqueeze(-1))
-            else:
-                plan_t = s.r.unsqueeze(-2) * K_t * s.g.unsqueeze(-1)
-        sim_grad = src_grad.block(bs, slice(None))  # [G,C,P,V], carries the graph
-        rows.append(scale * (plan_t * sim_grad).sum(dim=(-1, -2)))
-    return torch.cat(rows, dim=0)
+            K_t, s = _solve_block(sim_t.detach(), u[bs], w[bs], cfg, log_domain, sync_every)
+            plan_t = _plan_t(K_t, s)
+        rows.append(scale * (plan_t * sim_t).sum(dim=(-1, -2)))
+        iters.append(s.iterations)
+        conv.append(s.converged)
+    return torch.cat(rows), torch.cat(iters), torch.cat(conv)
 
 
 def _run(src_factory, tensors, scale, cfg, weighting, transport, memory_budget, sync_every):
@@ -498,27 +488,34 @@ def _run(src_factory, tensors, scale, cfg, weighting, transport, memory_budget, 
     if not (isinstance(scale, int | float) and scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     cast = [t.to(dtype) for t in tensors]
+    grad = _needs_grad(*tensors)
     with torch.no_grad():
+        # With gradients, the transport runs once, below, with the graph; here only weights.
         out = _solve(
             src_factory(*[t.detach() for t in cast]),
             float(scale),
             cfg,
             weighting=weighting,
-            transport=transport,
+            transport=transport and not grad,
             memory_budget=memory_budget,
             sync_every=sync_every,
             dtype=dtype,
             device=device,
         )
-    if _needs_grad(*tensors):
+    if grad:
         src = src_factory(*cast)
+        u, w = out.view_weights, out.prompt_weights
         if transport:
-            scores = _grad_scores(src, out, float(scale), cfg, memory_budget, device, dtype)
-        else:
-            scores = float(scale) * src.weighted_mean(
-                slice(None), out.view_weights, out.prompt_weights
+            scores, iters, conv = _grad_transport(
+                src, u, w, float(scale), cfg, memory_budget, sync_every, device, dtype
             )
-        out = AWTOutput(scores, out.view_weights, out.prompt_weights, out.iterations, out.converged)
+        else:
+            scores, iters, conv = (
+                float(scale) * src.weighted_mean(slice(None), u, w),
+                out.iterations,
+                out.converged,
+            )
+        out = AWTOutput(scores, u, w, iters, conv)
     if in_dtype != dtype:
         out = AWTOutput(
             out.scores.to(in_dtype),
@@ -669,33 +666,22 @@ def clip_descriptions_scores(
     return scale * image_embeds[:, 0] @ proto.T
 
 
-def _awt_variant(weighting: str, transport: bool) -> Callable[..., Tensor]:
-    def fn(image_embeds, class_embeds, scale=100.0, **kwargs):
-        cfg_keys = {"eps", "view_temperature", "prompt_temperature", "tol", "max_iter"}
-        cfg = AWTConfig(**{k: kwargs.pop(k) for k in list(kwargs) if k in cfg_keys})
-        return awt_solve(
-            image_embeds,
-            class_embeds,
-            scale,
-            config=cfg,
-            weighting=weighting,
-            transport=transport,
-            **kwargs,
-        ).scores
-
-    return fn
-
-
-# name -> (scores function, one-line description)
-METHODS: dict[str, tuple[Callable[..., Tensor], str]] = {
-    "awt": (_awt_variant("entropy", True), "entropy weights + optimal transport (AWT)"),
-    "clip": (clip_scores, "raw view vs bare prompt (zero-shot CLIP)"),
-    "clip-descriptions": (clip_descriptions_scores, "raw view vs mean prompt embedding"),
-    "awt-uniform": (_awt_variant("uniform", True), "ablation: uniform weights + transport"),
-    "awt-no-transport": (
-        _awt_variant("entropy", False),
-        "ablation: entropy-weighted mean, no transport",
-    ),
+# AWT and its ablations: method -> (weighting, transport)
+AWT_VARIANTS: dict[str, tuple[str, bool]] = {
+    "awt": ("entropy", True),
+    "awt-uniform": ("uniform", True),
+    "awt-no-transport": ("entropy", False),
+}
+_BASELINES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "clip": clip_scores,
+    "clip-descriptions": clip_descriptions_scores,
+}
+METHODS: dict[str, str] = {
+    "awt": "entropy weights + optimal transport (AWT)",
+    "clip": "raw view vs bare prompt (zero-shot CLIP)",
+    "clip-descriptions": "raw view vs mean prompt embedding",
+    "awt-uniform": "ablation: uniform weights + transport",
+    "awt-no-transport": "ablation: entropy-weighted mean, no transport",
 }
 
 
@@ -703,18 +689,34 @@ def list_methods() -> list[str]:
     return list(METHODS)
 
 
-def get_method(name: str) -> Callable[..., Tensor]:
-    try:
-        return METHODS[name][0]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+def check_method(name: str) -> str:
+    """``name`` if it is a method, else ValueError listing the methods."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    return name
 
 
 def score(
-    method: str, image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0, **kwargs
+    method: str,
+    image_embeds: Tensor,
+    class_embeds: Tensor,
+    scale: float = 100.0,
+    *,
+    config: AWTConfig | None = None,
+    memory_budget: int | None = None,
+    sync_every: int | None = None,
 ) -> Tensor:
     """Scores [B, C] by a method name from :data:`METHODS`."""
-    fn = get_method(method)
-    if method in ("clip", "clip-descriptions"):
-        return fn(image_embeds, class_embeds, scale)
-    return fn(image_embeds, class_embeds, scale, **kwargs)
+    if check_method(method) in _BASELINES:
+        return _BASELINES[method](image_embeds, class_embeds, scale)
+    weighting, transport = AWT_VARIANTS[method]
+    return awt_solve(
+        image_embeds,
+        class_embeds,
+        scale,
+        config=config,
+        weighting=weighting,
+        transport=transport,
+        memory_budget=memory_budget,
+        sync_every=sync_every,
+    ).scores

@@ -295,7 +295,9 @@ def test_baselines_and_ablations_match_reference():
         rtol=1e-9,
     )
     np.testing.assert_allclose(
-        scoring.score("awt", it, tt, eps=0.2).numpy(), ref_awt_scores(img, txt, eps=0.2), rtol=1e-9
+        scoring.score("awt", it, tt, config=AWTConfig(eps=0.2)).numpy(),
+        ref_awt_scores(img, txt, eps=0.2),
+        rtol=1e-9,
     )
 
 
