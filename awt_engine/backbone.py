@@ -49,6 +49,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from awt_engine._io import file_sha256
+
 logger = logging.getLogger(__name__)
 
 _LOCAL_DIR = "local-dir:"
@@ -59,6 +61,7 @@ _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 # Seed for random initialisation: a model built without weights is the same model on every
 # load, so its identity (and any cache keyed on it) stays truthful.
 _RANDOM_INIT_SEED = 0
+_RANDOM_WEIGHTS = "none"  # the record of a randomly initialised model's weights
 
 
 class BackboneLoadError(ValueError):
@@ -161,11 +164,7 @@ def _file_sha256(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_MEMO[key] = h.hexdigest()
+        _SHA_MEMO[key] = file_sha256(path)
     return _SHA_MEMO[key]
 
 
@@ -190,10 +189,12 @@ class ClipBackbone:
         device: torch.device,
         dtype: torch.dtype,
         preprocess: PreprocessConfig,
+        weights: str = "unknown",
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
         self.identity = identity
+        self.weights = weights  # what was loaded (tag, file, folder, hub revision, "none")
         self.device = device
         self.dtype = dtype
         self.preprocess = preprocess
@@ -270,6 +271,7 @@ class _Source:
     pretrained: str | None  # tag or file for create_model (None for schemas / random)
     identity: str
     random_init: bool
+    weights: str  # what was loaded, for records: a tag, a file, a folder, a hub revision
     force_quick_gelu: bool = False
     downloads: bool = False  # weights come from the network (a pretrained tag)
 
@@ -313,6 +315,7 @@ def _resolve_local_dir(model: str, pretrained: str | None) -> _Source:
         pretrained=None,
         identity=f"{_LOCAL_DIR}{folder}|sha256:{h.hexdigest()}",
         random_init=False,
+        weights=f"{_LOCAL_DIR}{folder}",
     )
 
 
@@ -333,7 +336,11 @@ def _resolve_hf_hub(model: str, pretrained: str | None, cache_dir: str | None) -
     snapshot = re.search(r"snapshots[/\\]([0-9a-f]{40})[/\\]", str(path))
     version = f"rev:{snapshot.group(1)}" if snapshot else f"sha256:{_file_sha256(path)}"
     return _Source(
-        create_name=model, pretrained=None, identity=f"{model}|{version}", random_init=False
+        create_name=model,
+        pretrained=None,
+        identity=f"{model}|{version}",
+        random_init=False,
+        weights=f"{model}@{version}",
     )
 
 
@@ -381,6 +388,7 @@ def _resolve_config_file(model: str, pretrained: str | None) -> _Source:
         pretrained=str(weights) if weights else None,
         identity=f"config:{path}|sha256:{h}|{w_id}",
         random_init=weights is None,
+        weights=str(weights) if weights else _RANDOM_WEIGHTS,
     )
 
 
@@ -414,7 +422,13 @@ def _resolve_builtin(model: str, pretrained: str | None) -> _Source:
             "'local-dir:/path' or 'hf-hub:org/repo'."
         )
     if pretrained is None:
-        return _Source(name, None, f"{name}|random-init-seed{_RANDOM_INIT_SEED}", random_init=True)
+        return _Source(
+            name,
+            None,
+            f"{name}|random-init-seed{_RANDOM_INIT_SEED}",
+            random_init=True,
+            weights=_RANDOM_WEIGHTS,
+        )
     tag_cfg = oc.pretrained.get_pretrained_cfg(name, pretrained)
     if tag_cfg:
         tag = pretrained.lower().replace("-", "_")  # open_clip's own tag normalisation
@@ -433,13 +447,22 @@ def _resolve_builtin(model: str, pretrained: str | None) -> _Source:
                 pretrained,
                 f"{variant}|{tag}",
                 random_init=False,
+                weights=tag,
                 force_quick_gelu=force_quick_gelu,
                 downloads=True,
             )
-        return _Source(name, pretrained, f"{name}|{tag}", random_init=False, downloads=True)
+        return _Source(
+            name, pretrained, f"{name}|{tag}", random_init=False, weights=tag, downloads=True
+        )
     tags = oc.list_pretrained_tags_by_model(name)
     weights = _weights_file(name, pretrained, tags)
-    return _Source(name, str(weights), f"{name}|sha256:{_file_sha256(weights)}", random_init=False)
+    return _Source(
+        name,
+        str(weights),
+        f"{name}|sha256:{_file_sha256(weights)}",
+        random_init=False,
+        weights=str(weights),
+    )
 
 
 @contextmanager
@@ -564,6 +587,7 @@ def load_backbone(
         clip,
         tokenizer,
         identity=source.identity,
+        weights=source.weights,
         device=torch_device,
         dtype=_PRECISIONS[prec],
         preprocess=_read_preprocess(clip),

@@ -63,6 +63,7 @@ class ClipEmbedder:
         self.logit_scale = float(backbone.logit_scale)
         self.preprocess = backbone.preprocess
         self.device = backbone.device
+        self.weights = getattr(backbone, "weights", None)  # what was loaded, for records
         self.cache_root = cache_root
         self.text_batch_size = text_batch_size
 
@@ -77,6 +78,7 @@ class ClipEmbedder:
             self.identity,
             prompts,
             self.cache_root,
+            dim=getattr(self.backbone, "embed_dim", None),
         )
 
 

@@ -10,9 +10,7 @@ engine's own fields.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,21 +19,25 @@ import torch
 from torch import Tensor
 
 from awt_engine import __version__
-from awt_engine._io import atomic_write, atomic_write_json, sha256_hex
+from awt_engine._io import atomic_write_json
 from awt_engine.classifier import Classifier, progress_bar
+from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.images import decode_images
 from awt_engine.labelled import LabelledData
 
 
 @dataclass(frozen=True)
 class Metrics:
-    acc1: float
-    acc5: float
-    mean_per_class_recall: float
+    """Accuracies as exact fractions of counts; None where a metric is not defined."""
+
+    acc1: float | None  # None when no image was scored
+    acc5: float | None  # None also when there are fewer than 5 classes (as CLIP_benchmark)
+    mean_per_class_recall: float | None
     n_images: int  # images scored
     n_failed: int  # images that could not be read (not in the metrics)
+    per_class_recall: dict[int, float] = field(default_factory=dict)  # label -> top-1 recall
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | None]:
         return {
             "acc1": self.acc1,
             "acc5": self.acc5,
@@ -44,7 +46,7 @@ class Metrics:
 
 
 def compute_metrics(scores: Tensor, labels: Tensor, n_failed: int = 0) -> Metrics:
-    """scores [N, C], labels [N] -> top-1, top-5 (top-C when C < 5), mean per-class recall.
+    """scores [N, C], labels [N] -> top-1, top-5, mean per-class recall.
 
     Mean per-class recall averages the top-1 recall of the classes that have images.
     """
@@ -56,54 +58,29 @@ def top_classes(scores: Tensor, k: int = 5) -> Tensor:
     return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
 
 
-def metrics_from_topk(top: Tensor, labels: Tensor, n_failed: int = 0) -> Metrics:
-    """Metrics from :func:`top_classes` output [N, k] and labels [N]."""
+def metrics_from_topk(top: Tensor, labels: Tensor, n_failed: int = 0, k: int = 5) -> Metrics:
+    """Metrics from :func:`top_classes` output [N, min(k, C)] and labels [N].
+
+    Fractions are computed from integer counts (1 of 3 is 1/3, not a float32 mean).
+    Top-k needs at least k classes: with fewer it is None, as CLIP_benchmark leaves it
+    undefined rather than reporting a trivial 1.0.
+    """
     N = top.shape[0]
     if N == 0:
-        return Metrics(float("nan"), float("nan"), float("nan"), 0, n_failed)
+        return Metrics(None, None, None, 0, n_failed)
     hit1 = top[:, 0] == labels
-    hit5 = (top == labels[:, None]).any(dim=-1)
-    recalls = torch.stack([hit1[labels == c].float().mean() for c in labels.unique()])
-    return Metrics(
-        hit1.float().mean().item(), hit5.float().mean().item(), recalls.mean().item(), N, n_failed
-    )
+    n1 = int(hit1.sum())
+    acc5 = int((top == labels[:, None]).any(dim=-1).sum()) / N if top.shape[1] >= k else None
+    per_class = {}
+    for c in labels.unique().tolist():
+        mask = labels == c
+        per_class[c] = int(hit1[mask].sum()) / int(mask.sum())
+    mean_recall = sum(per_class.values()) / len(per_class)
+    return Metrics(n1 / N, acc5, mean_recall, N, n_failed, per_class)
 
 
-class ImageEmbeddingCache:
-    """One file per image: ``<root>/image_embeddings/<config key>/<content sha256>.pt``."""
-
-    def __init__(self, root: Path, identity: str, n_views: int, seed: int):
-        self.key = sha256_hex("awt-image-embeddings", "1", identity, str(n_views), str(seed))[:24]
-        self.folder = Path(root) / "image_embeddings" / self.key
-        self.n_views = n_views
-
-    @staticmethod
-    def content_key(path: Path) -> str:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-
-    def _file(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.pt"
-
-    def get(self, key: str) -> Tensor | None:
-        path = self._file(key)
-        if not path.exists():
-            return None
-        try:
-            t = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(t, Tensor) and t.dim() == 2 and t.shape[0] == self.n_views:
-                return t
-        except Exception:
-            pass
-        warnings.warn(f"image-embedding cache file {path} is damaged; recomputing", stacklevel=2)
-        return None
-
-    def put(self, key: str, embeds: Tensor) -> None:
-        tensor = embeds.detach().float().cpu().contiguous()
-        atomic_write(self._file(key), lambda f: torch.save(tensor, f))
+class ResultsWriteError(OSError):
+    """A results file could not be written (the message names it)."""
 
 
 @dataclass
@@ -124,18 +101,19 @@ def evaluate(
     """Embed every image once (cached), score each method from the same embeddings."""
     items = list(data.items)
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
-    cache = (
-        ImageEmbeddingCache(
-            cache_root, clf.model.identity, clf.view_config.n_views, clf.view_config.seed
+    cache = None
+    if cache_root is not None:
+        cache = ImageEmbeddingCache(
+            cache_root,
+            clf.model.identity,
+            clf.view_config.n_views,
+            clf.view_config.seed,
+            dim=clf.class_embeds.shape[-1],
         )
-        if cache_root is not None
-        else None
-    )
     bar = progress_bar(len(items), progress)
     keys: list[str | None] = [None] * len(items)
-    embeds: list[Tensor | None] = [None] * len(items)
     failed: dict[int, str] = {}
-    misses = []
+    hits, misses = [], []
     for i, it in enumerate(items):
         if cache is None:
             misses.append(i)
@@ -146,58 +124,65 @@ def evaluate(
             failed[i] = f"cannot read file: {exc.strerror or exc}"
             bar.update(1)
             continue
-        hit = cache.get(keys[i])
-        if hit is None:
-            misses.append(i)
-        else:
-            embeds[i] = hit
-            bar.update(1)
+        (hits if cache.shard_of(keys[i]) is not None else misses).append(i)
 
     tops: dict[str, list[Tensor]] = {m: [] for m in methods}  # top-5 indices, not [N, C]
     scored_idx: list[int] = []
 
-    def score_batch(idx: list[int]):
-        img = torch.stack([embeds[i] for i in idx]).to(clf.model.device)  # [b,V,D]
+    def score_batch(idx: list[int], img: Tensor):
+        img = img.to(clf.model.device)  # [b,V,D]
         for m in methods:
             tops[m].append(top_classes(clf.scores_from_embeddings(img, method=m)).cpu())
         scored_idx.extend(idx)
-        for i in idx:
-            embeds[i] = None  # keep memory flat: only scores stay
+        bar.update(len(idx))
 
-    # cached images first (no encoding), then the misses as they are embedded
-    ready = [i for i in range(len(items)) if embeds[i] is not None]
-    for s in range(0, len(ready), 64):
-        score_batch(ready[s : s + 64])
+    try:
+        # cached images first (no encoding), shard by shard, then the misses as embedded
+        hits.sort(key=lambda i: str(cache.shard_of(keys[i])))
+        for s in range(0, len(hits), 64):
+            idx, rows = [], []
+            for i in hits[s : s + 64]:
+                row = cache.get(keys[i])
+                if row is None:  # its shard turned out damaged: recompute
+                    misses.append(i)
+                else:
+                    idx.append(i)
+                    rows.append(row)
+            if idx:
+                score_batch(idx, torch.stack(rows))
+        misses.sort()
 
-    batch: list[int] = []
-    views: list[Tensor] = []
+        batch: list[int] = []
+        views: list[Tensor] = []
 
-    def flush():
-        if not batch:
-            return
-        out = clf.embed_views(torch.stack(views)).float().cpu()  # [b,V,D]
-        for j, i in enumerate(batch):
-            embeds[i] = out[j].clone()
-            if cache is not None and keys[i] is not None:
-                cache.put(keys[i], embeds[i])
-        score_batch(list(batch))
-        bar.update(len(batch))
-        batch.clear()
-        views.clear()
+        def flush():
+            if not batch:
+                return
+            out = clf.embed_views(torch.stack(views)).float().cpu()  # [b,V,D]
+            if cache is not None:
+                out = cache.stored(out)  # score what a resumed run will read back
+                for j, i in enumerate(batch):
+                    if keys[i] is not None:
+                        cache.put(keys[i], out[j])
+            score_batch(list(batch), out)
+            batch.clear()
+            views.clear()
 
-    for i, dec in zip(
-        misses, decode_images((items[i].path for i in misses), workers=clf.workers), strict=True
-    ):
-        if not dec.ok:
-            failed[i] = dec.error
-            bar.update(1)
-            continue
-        batch.append(i)
-        views.append(clf.make_views(dec.image))
-        if len(batch) == clf.batch_size:
-            flush()
-    flush()
-    bar.close()
+        decoded = decode_images((items[i].path for i in misses), workers=clf.workers)
+        for i, dec in zip(misses, decoded, strict=True):
+            if not dec.ok:
+                failed[i] = dec.error
+                bar.update(1)
+                continue
+            batch.append(i)
+            views.append(clf.make_views(dec.image))
+            if len(batch) == clf.batch_size:
+                flush()
+        flush()
+    finally:
+        if cache is not None:
+            cache.close()
+        bar.close()
 
     order = torch.tensor(scored_idx, dtype=torch.long)
     labels = labels_all[order]
@@ -263,9 +248,18 @@ def write_results(records: dict[str, dict], output: Path) -> list[Path]:
             + ".json"
         )
         path = Path(output) / name
-        atomic_write_json(path, rec)
+        try:
+            atomic_write_json(path, rec)
+        except OSError as exc:  # a full disk, a read-only folder: say which file
+            raise ResultsWriteError(
+                f"cannot write results file {path}: {exc.strerror or exc}"
+            ) from None
         paths.append(path)
     return paths
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def format_table(result: EvalResult) -> str:
@@ -274,9 +268,9 @@ def format_table(result: EvalResult) -> str:
         rows.append(
             (
                 method,
-                f"{100 * m.acc1:.2f}",
-                f"{100 * m.acc5:.2f}",
-                f"{100 * m.mean_per_class_recall:.2f}",
+                _percent(m.acc1),
+                _percent(m.acc5),
+                _percent(m.mean_per_class_recall),
                 str(m.n_images),
             )
         )

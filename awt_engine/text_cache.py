@@ -1,8 +1,12 @@
 """On-disk cache of class-prompt embeddings [C, P, D].
 
-One file per (backbone identity, prompt list), named by a SHA-256 of both, holding the
-tensor and a small JSON-able header. A file whose header does not match, or that
-cannot be read, is recomputed and rewritten, never trusted (DESIGN.md section 3).
+One file per (model identity, prompt list), named by a SHA-256 of both: a safetensors
+file holding the float32 tensor, with its key, identity, shape and a checksum of its
+bytes in the header (:mod:`awt_engine._tensorfile`). An entry is used only when all of
+it checks out, including that its rows are unit vectors of the expected width; anything
+else (a flipped bit, an integer dtype, huge values, a wrong width) is recomputed and
+rewritten, with a warning naming the file. A cache that cannot be written (read-only
+folder, full disk) is reported once per folder and the run carries on without it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import torch
 from torch import Tensor
 
 from awt_engine import __version__
-from awt_engine._io import atomic_write, sha256_hex
+from awt_engine._io import sha256_hex, warn_unwritable
+from awt_engine._tensorfile import DamagedEntry, check_unit_rows, load_tensors, save_tensors
 
-FORMAT = 1
+FORMAT = 2  # 2: safetensors with checksums (1 was a torch.save pickle)
 log = logging.getLogger(__name__)
 
 
@@ -29,33 +34,21 @@ def text_cache_key(identity: str, prompts: Sequence[Sequence[str]]) -> str:
 
 
 def text_cache_path(cache_root: Path, key: str) -> Path:
-    return Path(cache_root) / "text_embeddings" / f"{key}.pt"
+    return Path(cache_root) / "text_embeddings" / f"{key}.safetensors"
 
 
-def _read(path: Path, key: str, shape: tuple[int, int]) -> Tensor | None:
+def _read(path: Path, key: str, C: int, P: int, dim: int | None) -> Tensor | None:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        header, embeds = blob["header"], blob["embeds"]
-        ok = (
-            header.get("format") == FORMAT
-            and header.get("key") == key
-            and isinstance(embeds, Tensor)
-            and embeds.dim() == 3
-            and tuple(embeds.shape[:2]) == shape
-            and list(embeds.shape) == header.get("shape")
-            and bool(torch.isfinite(embeds).all())
-        )
-    except Exception as exc:  # damaged, truncated, foreign: recompute
+        tensors, meta = load_tensors(path, {"embeds": (torch.float32, (C, P, dim))})
+        if meta.get("key") != key:
+            raise DamagedEntry("its header names another key")
+        check_unit_rows(tensors["embeds"], "embeds")
+    except (DamagedEntry, OSError) as exc:
         warnings.warn(
-            f"text-embedding cache {path} is unreadable ({exc}); recomputing", stacklevel=3
+            f"text-embedding cache {path} is not usable ({exc}); recomputing", stacklevel=4
         )
         return None
-    if not ok:
-        warnings.warn(
-            f"text-embedding cache {path} does not match its key; recomputing", stacklevel=3
-        )
-        return None
-    return embeds
+    return tensors["embeds"]
 
 
 def load_or_encode(
@@ -63,31 +56,35 @@ def load_or_encode(
     identity: str,
     prompts: Sequence[Sequence[str]],
     cache_root: Path | None,
+    *,
+    dim: int | None = None,
 ) -> Tensor:
     """Class-prompt embeddings [C, P, D] (float32, CPU), from the cache when valid.
 
     ``encode`` maps a flat list of strings to [N, D]; it is called once, on all the
-    prompts, only when the cache has no valid entry. ``cache_root=None`` disables it.
+    prompts, only when the cache has no valid entry. ``dim`` is the expected width D
+    (checked on cached entries when given). ``cache_root=None`` disables the cache.
     """
     C, P = len(prompts), len(prompts[0])
     assert all(len(p) == P for p in prompts), "every class needs the same prompt count"
     key = text_cache_key(identity, prompts)
     path = text_cache_path(cache_root, key) if cache_root is not None else None
     if path is not None and path.exists():
-        hit = _read(path, key, (C, P))
+        hit = _read(path, key, C, P, dim)
         if hit is not None:
             log.info("text embeddings from cache %s", path)
             return hit
     flat = [t for row in prompts for t in row]
-    embeds = encode(flat).detach().float().cpu().reshape(C, P, -1)  # [C,P,D]
+    embeds = encode(flat).detach().float().cpu().reshape(C, P, -1).contiguous()  # [C,P,D]
     if path is not None:
-        header = {
-            "format": FORMAT,
+        meta = {
+            "format": str(FORMAT),
             "key": key,
             "identity": identity,
-            "shape": list(embeds.shape),
             "engine_version": __version__,
         }
-        blob = {"header": header, "embeds": embeds.contiguous()}
-        atomic_write(path, lambda f: torch.save(blob, f))
+        try:
+            save_tensors(path, {"embeds": embeds}, meta)
+        except OSError as exc:
+            warn_unwritable(path.parent, exc, "text-embedding")
     return embeds

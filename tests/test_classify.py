@@ -155,7 +155,7 @@ def test_text_cache_hit_and_recompute_on_damage(tmp_path, colour_backbone):
     assert colour_backbone[-1][3].text_calls == 0  # served from the cache
 
     path.write_bytes(path.read_bytes()[:50])  # damage it
-    with pytest.warns(UserWarning, match="unreadable"):
+    with pytest.warns(UserWarning, match="not usable"):
         clf3 = awt_engine.create_classifier(**kw)
         assert clf3.predict(solid("green"))[0]["label"] == "green"
     assert colour_backbone[-1][3].text_calls == 1
@@ -327,7 +327,7 @@ def test_cli_and_api_with_a_real_tiny_open_clip_model(tiny_clip_dir, colour_fold
     for r in rows:  # random weights: structure, not content
         assert len(r["predictions"]) == 4 and {p["label"] for p in r["predictions"]} == set(NAMES)
         assert abs(sum(p["score"] for p in r["predictions"]) - 1) < 1e-4
-    assert list((tmp_path / "c" / "text_embeddings").glob("*.pt"))
+    assert list((tmp_path / "c" / "text_embeddings").glob("*.safetensors"))
     # the API gives the same scores as the CLI printed
     clf = awt_engine.create_classifier(
         tiny_clip_dir, classes=NAMES, views=3, device="cpu", cache_dir=tmp_path / "c"

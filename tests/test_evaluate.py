@@ -62,9 +62,21 @@ def test_compute_metrics_known_answer():
     # 4 images, 3 classes; labels 0,0,1,2
     scores = torch.tensor([[3.0, 2, 1], [1, 3, 2], [1, 3, 2], [3, 2, 1]])
     m = compute_metrics(scores, torch.tensor([0, 0, 1, 2]))
-    assert m.acc1 == pytest.approx(2 / 4)  # images 0 and 2
-    assert m.acc5 == pytest.approx(1.0)  # C = 3 < 5: all classes count
-    assert m.mean_per_class_recall == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert m.acc1 == 2 / 4  # images 0 and 2
+    assert m.acc5 is None  # C = 3 < 5: top-5 is not defined (CLIP_benchmark: NaN)
+    assert m.mean_per_class_recall == (1 / 2 + 1 + 0) / 3
+    assert m.per_class_recall == {0: 1 / 2, 1: 1.0, 2: 0.0}
+
+
+def test_metrics_are_exact_fractions_and_top5_counts_ranks():
+    # 3 images, 6 classes: image 0 right at rank 1, image 1 at rank 5, image 2 at rank 6
+    scores = torch.tensor(
+        [[6.0, 5, 4, 3, 2, 1], [5.0, 6, 4, 3, 2, 1], [6.0, 5, 4, 3, 2, 1]]
+    )  # labels: 0 (rank 1), 5 (rank 6), 4 (rank 5)
+    m = compute_metrics(scores, torch.tensor([0, 5, 4]))
+    assert m.acc1 == 1 / 3  # exactly Python's 1/3, not a float32 mean
+    assert m.acc5 == 2 / 3
+    assert m.mean_per_class_recall == 1 / 3
 
 
 def test_evaluate_right_and_wrong_embedders(colour_set, tmp_path):
@@ -78,7 +90,7 @@ def test_evaluate_right_and_wrong_embedders(colour_set, tmp_path):
     for m in res.metrics.values():
         assert m.acc1 == pytest.approx(1 / 6)  # only the blue image is right
         assert m.mean_per_class_recall == pytest.approx(1 / 3)  # recalls 0, 0, 1
-        assert m.acc5 == pytest.approx(1.0)
+        assert m.acc5 is None  # three classes: top-5 is not defined
 
 
 def test_all_methods_share_one_embedding_pass(colour_set, tmp_path):
@@ -149,7 +161,7 @@ def test_cli_eval_writes_clip_benchmark_json(colour_set, tmp_path, monkeypatch):
     rec = json.loads((out / files[0]).read_text())
     assert rec["task"] == "zeroshot_classification" and rec["dataset"] == "colours"
     assert rec["model"] == "ViT-B-16-quickgelu" and rec["pretrained"] == "openai"
-    assert rec["metrics"] == {"acc1": 1.0, "acc5": 1.0, "mean_per_class_recall": 1.0}
+    assert rec["metrics"] == {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0}
     assert rec["method"] == "awt" and rec["views"] == 3 and rec["seed"] == 0
     assert rec["descriptions"] == 0 and "engine_version" in rec
     clip = json.loads((out / files[1]).read_text())
@@ -165,3 +177,48 @@ def test_cli_eval_limit_and_bad_method(colour_set, tmp_path, monkeypatch):
     assert res.stdout.strip().splitlines()[1].split()[-1] == "4"
     res = runner.invoke(app, ["eval", "--data-root", str(root), "--method", "best"])
     assert res.exit_code == 2 and "awt, clip" in res.output
+
+
+def test_eval_with_no_readable_image_writes_null_and_exits_1(tmp_path, monkeypatch):
+    root = tmp_path / "broken"
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(b"not a png")
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    out = tmp_path / "results"
+    res = runner.invoke(
+        app, ["eval", "--data-root", str(root), "--views", "2", "--output", str(out)]
+    )
+    assert res.exit_code == 1, res.output
+    (path,) = out.iterdir()
+    rec = json.loads(path.read_text())  # strict JSON: a bare NaN would not parse back as null
+    assert rec["metrics"] == {"acc1": None, "acc5": None, "mean_per_class_recall": None}
+    assert "NaN" not in path.read_text()
+    assert rec["n_images"] == 0 and rec["n_failed"] == 3
+
+
+def test_eval_records_local_dir_weights_not_the_default_tag(tmp_path, tiny_clip_dir):
+    root = tmp_path / "colours"
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        solid(name, (16, 12 + label)).save(root / name / "a.png")
+    out = tmp_path / "results"
+    args = ["eval", "--data-root", str(root), "--model", tiny_clip_dir, "--views", "2"]
+    res = runner.invoke(app, [*args, "--output", str(out), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (path,) = out.iterdir()
+    rec = json.loads(path.read_text())
+    assert rec["pretrained"] == tiny_clip_dir  # the folder that was loaded, not "openai"
+    assert "openai" not in path.name
+
+
+def test_results_that_cannot_be_written_are_a_clear_error(colour_set, tmp_path, monkeypatch):
+    root, _ = colour_set
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    out = tmp_path / "results"
+    blocked = out / "colours__ViT-B-16-quickgelu__openai__awt.json"
+    blocked.mkdir(parents=True)  # a folder where the results file must go
+    res = runner.invoke(app, ["eval", "--data-root", str(root), "--views", "2", "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert f"cannot write results file {blocked}" in res.output
+    assert "Traceback" not in res.output

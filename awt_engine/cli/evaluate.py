@@ -136,7 +136,7 @@ def eval_command(
         records = result_records(
             result,
             model=model,
-            pretrained=weights_arg(pretrained),
+            pretrained=str(getattr(clf.model, "weights", None) or pretrained),
             views=clf.view_config.n_views,
             descriptions=n_desc,
             seed=seed,
