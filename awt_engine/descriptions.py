@@ -11,23 +11,46 @@ The plain form ``{class name: [descriptions]}`` that other AWT tools publish is 
 A file may be *partial*: the describe stage saves classes as they finish, so ``descriptions``
 can lack some of ``classes`` (see :meth:`DescriptionSet.missing`). Readers that need every
 class (``classify``) check :meth:`DescriptionSet.is_complete`.
+
+Writers (``describe``, ``cache import``) hold :func:`locked` while they re-read and rewrite a
+file, so parallel runs on one cache never overwrite each other's work; a replaced file is kept
+as a dated backup (:func:`backup_descriptions`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
+import errno
 import json
+import logging
 import os
 import re
+import shutil
 import statistics
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from awt_engine._io import atomic_write_json
+from awt_engine._io import atomic_write, atomic_write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks (writes stay atomic, merging is unguarded)
+    fcntl = None
 
 FORMAT_VERSION = 1
+
+log = logging.getLogger("awt_engine.descriptions")
+
+# A writer holds the lock only to re-read, merge and rewrite one file (well under a second even
+# for 1000 classes), so waiting longer than this means a stuck process, not a busy one.
+LOCK_TIMEOUT_S = 60.0
+# How often a waiting writer retries: short next to a write, cheap next to an LLM request.
+_LOCK_POLL_S = 0.02
 
 # Data set names become file names: letters, digits and ``._+-`` only, not starting with a dot,
 # so a name can never climb out of the cache folder or hide as a dot-file.
@@ -172,6 +195,78 @@ class DescriptionSet:
         }
 
 
+class CacheLockTimeout(TimeoutError):
+    """Another process held a descriptions file's lock for longer than the wait allowed."""
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of a descriptions file: ``<name>.json.lock`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the advisory lock of descriptions file ``path`` (``flock`` on ``<name>.json.lock``).
+
+    Every writer takes it around re-reading and rewriting the file, so two processes never
+    merge against the same old content. Waits at most ``timeout_s`` (default
+    :data:`LOCK_TIMEOUT_S`), then raises :class:`CacheLockTimeout` naming the file. Where no
+    lock can be had (no ``fcntl`` on Windows, a file system without ``flock``) it goes on
+    unlocked: the write itself stays atomic.
+    """
+    path = Path(path)
+    timeout = LOCK_TIMEOUT_S if timeout_s is None else timeout_s
+    if fcntl is None:
+        yield
+        return
+    lp = lock_path(path)
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    log.warning("%s: cannot lock (%s); writing without a lock", lp, e)
+                    break
+            if time.monotonic() >= deadline:
+                raise CacheLockTimeout(
+                    f"{path}: another process has held its lock ({lp.name}) for over "
+                    f"{timeout:g} s; let the other awt-engine run finish and try again"
+                )
+            time.sleep(_LOCK_POLL_S)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def dated_backup_path(path: str | os.PathLike) -> Path:
+    """A free name ``<name>.json.<UTC time>.bak`` beside ``path`` (microseconds, then a counter,
+    keep names unique even within one second)."""
+    path = Path(path)
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    for k in range(10_000):
+        target = path.with_name(f"{path.name}.{stamp}{f'-{k}' if k else ''}.bak")
+        if not target.exists():
+            return target
+    raise FileExistsError(f"{path}: no free backup name for {stamp}")
+
+
+def backup_descriptions(path: str | os.PathLike) -> Path:
+    """Copy ``path`` to a new dated backup beside it (see :func:`dated_backup_path`); return
+    the backup's path. Call it holding :func:`locked` so no other writer picks the same name."""
+    path = Path(path)
+    target = dated_backup_path(path)
+    with path.open("rb") as src:
+        atomic_write(target, lambda out: shutil.copyfileobj(src, out))
+    shutil.copystat(path, target)
+    return target
+
+
 def descriptions_path(dataset: str, cache_root: str | os.PathLike) -> Path:
     """``cache_root / "descriptions" / f"{dataset}.json"``; the name is validated first."""
     return Path(cache_root) / "descriptions" / f"{validate_dataset_name(dataset)}.json"
@@ -204,6 +299,11 @@ def load_descriptions(path: str | os.PathLike) -> DescriptionSet:
         raise ValueError(
             f"{path}: damaged descriptions file, not valid JSON "
             f"(line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    except RecursionError:
+        raise ValueError(
+            f"{path}: not a descriptions file: its JSON is nested too deeply to read "
+            "(a descriptions file is an object of lists of strings)"
         ) from None
     if not isinstance(obj, dict):
         raise ValueError(
@@ -335,13 +435,19 @@ def export_cupl(ds: DescriptionSet) -> dict[str, dict[str, list[str]]]:
 
 __all__ = [
     "FORMAT_VERSION",
+    "LOCK_TIMEOUT_S",
+    "CacheLockTimeout",
     "DescriptionSet",
+    "backup_descriptions",
+    "dated_backup_path",
     "descriptions_path",
     "export_cupl",
     "fold_class_name",
     "fold_key",
     "from_plain",
     "load_descriptions",
+    "lock_path",
+    "locked",
     "save_descriptions",
     "validate_dataset_name",
 ]

@@ -65,12 +65,14 @@ def last_user(body: dict) -> str:
 class ScriptedServer:
     """``responder(body) -> Reply`` answers every POST to ``/v1/chat/completions``.
 
-    ``requests`` holds every request body received (retries included), in arrival order.
+    ``requests`` holds every request body received (retries included), in arrival order;
+    ``seen`` holds (method, path, Authorization header) of every request of any method.
     """
 
     def __init__(self, responder: Callable[[dict], Reply]) -> None:
         self.responder = responder
         self.requests: list[dict] = []
+        self.seen: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         server = self
 
@@ -80,7 +82,16 @@ class ScriptedServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def _record(self):
+                with server.lock:
+                    server.seen.append((self.command, self.path, self.headers.get("Authorization")))
+
+            def do_GET(self):  # what urllib turns a redirected POST into
+                self._record()
+                self._send(Reply(404, {"error": f"no GET route {self.path}"}))
+
             def do_POST(self):
+                self._record()
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 if self.path != "/v1/chat/completions":
@@ -107,8 +118,11 @@ class ScriptedServer:
                 self.send_header("Content-Length", str(len(data)))
                 for k, v in reply.headers.items():
                     self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (killed)
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -1,6 +1,7 @@
 """`awt-engine describe` and `awt-engine cache ...` through typer's CliRunner."""
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -256,14 +257,24 @@ def test_import_plain_export_cupl_and_show(tmp_path, fake_registry):  # noqa: F8
     listed = runner.invoke(app, ["cache", "list"])
     assert "toytex: 3 classes, 3 descriptions" in listed.stdout
 
-    # importing over an existing cache needs --force, and keeps a backup
+    # importing over an existing cache needs --force, and keeps every earlier file
     again = runner.invoke(app, ["cache", "import", str(published), "--dataset", "toytex"])
     assert again.exit_code == 2 and "--force" in again.stderr
-    forced = runner.invoke(
-        app, ["cache", "import", str(published), "--dataset", "toytex", "--force"]
+    path = cache_file(tmp_path, "toytex")
+    befores = []
+    for _ in range(2):
+        befores.append(path.read_bytes())
+        forced = runner.invoke(
+            app, ["cache", "import", str(published), "--dataset", "toytex", "--force"]
+        )
+        assert forced.exit_code == 0
+        assert "previous cache was kept as" in forced.stderr
+    backups = sorted(path.parent.glob("*.bak"))
+    assert len(backups) == 2
+    assert all(
+        re.fullmatch(r"toytex\.json\.\d{8}T\d{6}\.\d{6}Z(-\d+)?\.bak", b.name) for b in backups
     )
-    assert forced.exit_code == 0
-    assert cache_file(tmp_path, "toytex").with_suffix(".json.bak").exists()
+    assert sorted(b.read_bytes() for b in backups) == sorted(befores)
 
 
 def test_import_then_describe_fills_only_the_missing_class(tmp_path, fake_registry):  # noqa: F811
@@ -392,3 +403,50 @@ def test_short_classes_are_named_and_exit_1(tmp_path, fake_registry):  # noqa: F
         "blotchy": 1,
         "sea_lion": 4,
     }
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--timeout", "inf"),
+        ("--temperature", "inf"),
+        ("--save-every", "inf"),
+        ("--top-p", "nan"),
+        ("--timeout", "nan"),
+    ],
+)
+def test_non_finite_numbers_are_usage_errors(option, value, fake_registry):  # noqa: F811
+    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+        result = runner.invoke(
+            app, ["describe", "--dataset", "toytex", *openai_args(server), option, value]
+        )
+        assert server.requests == []  # refused before anything is asked
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr and (
+        "finite" in result.stderr or "Input should" in result.stderr
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_api_key_given_as_the_variable_name_is_not_printed(fake_registry):  # noqa: F811
+    key = "sk-live-0123456789abcdefXYZ"
+    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+        result = runner.invoke(
+            app, ["describe", "--dataset", "toytex", "--api-key-env", key, *openai_args(server)]
+        )
+        assert server.requests == []
+    assert result.exit_code == 2
+    assert key not in result.output and key[:8] not in result.output
+    assert "looks like a key" in result.stderr
+
+
+def test_base_url_with_credentials_exits_2_without_echoing_them(tmp_path, fake_registry):  # noqa: F811
+    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+        url = server.base_url.replace("http://", "http://me:sk-pass-999@")
+        args = openai_args(server)
+        args[args.index("--base-url") + 1] = url
+        result = runner.invoke(app, ["describe", "--dataset", "toytex", *args])
+        assert server.requests == []
+    assert result.exit_code == 2
+    assert "sk-pass-999" not in result.output and "credentials" in result.stderr
+    assert not cache_file(tmp_path, "toytex").exists()

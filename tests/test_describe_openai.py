@@ -366,3 +366,94 @@ def test_cache_with_other_classes_is_not_mixed(tmp_path):
 def test_bad_tasks_are_refused(classes, description, template, message):
     with pytest.raises(ValueError, match=message):
         DescribeTask("toyset", classes, description, template)
+
+
+# ----------------------------------------------------------------------------------------------
+# the API key goes to the configured origin only and never into a message
+# ----------------------------------------------------------------------------------------------
+
+KEY = "sk-live-0123456789abcdefXYZ"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_to_another_host_is_refused_and_never_sees_the_key(status, monkeypatch):
+    monkeypatch.setenv("SCRIPTED_KEY", KEY)
+    with ScriptedServer(lambda body: chat_reply("- should never be asked")) as elsewhere:
+        target = elsewhere.base_url + "/chat/completions"
+        redirect = Reply(status, {"moved": True}, {"Location": target})
+        with ScriptedServer(lambda body: redirect) as server:
+            backend = backend_for(server, api_key_env="SCRIPTED_KEY", max_retries=2)
+            with pytest.raises(BackendError) as e:
+                backend.chat(
+                    [ChatRequest([{"role": "user", "content": "hi"}], 1)], SamplingConfig()
+                )
+            assert [auth for _, _, auth in server.seen] == [f"Bearer {KEY}"]  # asked once
+        assert elsewhere.seen == []  # not contacted at all, so never sent the key
+    here = server.base_url.removesuffix("/v1")
+    there = elsewhere.base_url.removesuffix("/v1")
+    message = str(e.value)
+    assert here in message and there in message and "redirect" in message
+    assert KEY not in message
+
+
+def test_error_bodies_echoing_the_key_are_redacted(monkeypatch):
+    monkeypatch.setenv("SCRIPTED_KEY", KEY)
+    echo = {"error": f"Incorrect API key provided: {KEY}. You can find your key at ..."}
+    with ScriptedServer(lambda body: Reply(401, echo)) as server:
+        backend = backend_for(server, api_key_env="SCRIPTED_KEY")
+        with pytest.raises(BackendError) as refused:
+            backend.chat([ChatRequest([{"role": "user", "content": "hi"}], 1)], SamplingConfig())
+    # a 5xx whose body puts the key right where the 200-character snippet is cut off
+    cut = Reply(500, "x" * 190 + KEY)
+    with ScriptedServer(lambda body: cut) as server:
+        backend = backend_for(server, api_key_env="SCRIPTED_KEY", max_retries=1)
+        with pytest.raises(BackendError) as retried:
+            backend.chat([ChatRequest([{"role": "user", "content": "hi"}], 1)], SamplingConfig())
+    # a 200 that is not JSON, echoing the key
+    with ScriptedServer(lambda body: Reply(200, f"<html>{KEY}</html>")) as server:
+        backend = backend_for(server, api_key_env="SCRIPTED_KEY", max_retries=0)
+        with pytest.raises(BackendError) as not_json:
+            backend.chat([ChatRequest([{"role": "user", "content": "hi"}], 1)], SamplingConfig())
+    for e in (refused, retried, not_json):
+        message = str(e.value)
+        assert "HTTP" in message or "not JSON" in message
+        assert KEY[:12] not in message, message  # not even a truncated prefix
+    assert "Incorrect API key provided: ***" in str(refused.value)
+
+
+@pytest.mark.parametrize("value", [KEY, "gsk_AbCdEf0123456789abcdef0123", "sk-proj-abc"])
+def test_api_key_env_given_a_key_says_so_without_printing_it(value, monkeypatch):
+    monkeypatch.delenv(value, raising=False)
+    with pytest.raises(ValueError) as e:
+        OpenAIBackend(OpenAIConfig("http://127.0.0.1:9/v1", "m", api_key_env=value))
+    message = str(e.value)
+    assert value not in message and value[:8] not in message
+    assert "NAME of an environment variable" in message and "looks like a key" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:sk-pass-999@127.0.0.1:9/v1",
+        "https://sk-pass-999@example.invalid/v1",
+        "user:sk-pass-999@127.0.0.1:9/v1",  # no scheme: refused for that, still not echoed
+    ],
+)
+def test_base_url_with_credentials_is_refused_without_echoing_them(url):
+    with pytest.raises(ValueError) as e:
+        OpenAIConfig(url, "m")
+    message = str(e.value)
+    assert "sk-pass-999" not in message and "***@" in message
+    assert "credentials" in message or "must start with http" in message
+
+
+def test_non_finite_timeouts_are_refused():
+    for value in (float("inf"), float("nan"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="--timeout must be a finite number"):
+            OpenAIConfig("http://127.0.0.1:9/v1", "m", timeout_s=value)
+    with pytest.raises(ValueError, match="max_backoff_s must be a finite"):
+        OpenAIConfig("http://127.0.0.1:9/v1", "m", max_backoff_s=float("inf"))
+    with pytest.raises(ValueError, match="temperature must be a finite"):
+        SamplingConfig(temperature=float("inf"))
+    with pytest.raises(ValueError, match="save_every_s must be a finite"):
+        DescribeConfig(save_every_s=float("nan"))

@@ -1,7 +1,9 @@
 """Interrupted runs keep every finished class; running again asks only for what is missing."""
 
+import re
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -155,21 +157,31 @@ def test_ctrl_c_mid_batch_saves_finished_classes(tmp_path):
     assert saved.descriptions == {"ant": expected("ant"), "bee": expected("bee")}
 
 
-def test_force_regenerates_and_keeps_a_backup(tmp_path):
+BACKUP_NAME = re.compile(r"zoo\.json\.\d{8}T\d{6}\.\d{6}Z(-\d+)?\.bak")
+
+
+def test_force_regenerates_and_keeps_every_earlier_file_as_a_dated_backup(tmp_path):
     run(Endpoint(), tmp_path, concurrency=2)
     path = tmp_path / "descriptions" / "zoo.json"
-    before = path.read_bytes()
-    again = Endpoint()
     task = DescribeTask("zoo", CLASSES, "photos of animals")
-    with ScriptedServer(again) as server:
-        backend = OpenAIBackend(OpenAIConfig(server.base_url, "m"), sleep=lambda s: None)
-        result = describe_classes(
-            task,
-            backend,
-            DescribeConfig(per_class=4, num_questions=2),
-            cache_root=tmp_path,
-            force=True,
-        )
-    assert again.question_requests == 1 and set(again.asked) == set(CLASSES)
-    assert (tmp_path / "descriptions" / "zoo.json.bak").read_bytes() == before
-    assert any("zoo.json.bak" in n for n in result.notes)
+    befores, backups = [], []
+    for _ in range(2):  # --force twice: the second must not overwrite the first backup
+        befores.append(path.read_bytes())
+        again = Endpoint()
+        with ScriptedServer(again) as server:
+            backend = OpenAIBackend(OpenAIConfig(server.base_url, "m"), sleep=lambda s: None)
+            result = describe_classes(
+                task,
+                backend,
+                DescribeConfig(per_class=4, num_questions=2),
+                cache_root=tmp_path,
+                force=True,
+            )
+        assert again.question_requests == 1 and set(again.asked) == set(CLASSES)
+        (note,) = [n for n in result.notes if "kept as" in n]
+        backups.append(Path(note.rsplit(" ", 1)[-1]))
+    assert len(set(backups)) == 2
+    for backup, before in zip(backups, befores, strict=True):
+        assert backup.parent == path.parent and BACKUP_NAME.fullmatch(backup.name), backup
+        assert backup.read_bytes() == before
+    assert sorted(path.parent.glob("*.bak")) == sorted(backups)

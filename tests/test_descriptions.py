@@ -142,3 +142,45 @@ def test_published_awt_set_loads_as_plain_form():
     assert ds.classes == tuple(raw)
     assert len(ds.classes) == 47
     assert all(len(ds.descriptions[c]) == len([d for d in raw[c] if d.strip()]) for c in raw)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 200_000 + "]" * 200_000,
+        '{"format": 1, "dataset": "deep", "classes": ' + "[" * 200_000 + "]" * 200_000 + "}",
+        '{"a": ' + "[" * 200_000 + "]" * 200_000 + "}",  # plain form
+    ],
+)
+def test_deeply_nested_file_is_a_clear_error_naming_it(tmp_path, text):
+    path = tmp_path / "deep.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"deep\.json.*nested too deeply"):
+        load_descriptions(path)
+
+
+def test_dated_backups_never_overwrite_each_other_within_one_second(tmp_path, monkeypatch):
+    import datetime as dt
+
+    import awt_engine.descriptions as mod
+
+    class FrozenClock:  # every backup in the same microsecond
+        UTC = dt.UTC
+
+        class datetime:
+            @staticmethod
+            def now(tz):
+                return dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=tz)
+
+    monkeypatch.setattr(mod, "_dt", FrozenClock)
+    path = tmp_path / "toy.json"
+    made = []
+    for i in range(3):
+        path.write_text(f"version {i}", encoding="utf-8")
+        made.append(mod.backup_descriptions(path))
+    assert [p.name for p in made] == [
+        "toy.json.20260102T030405.678901Z.bak",
+        "toy.json.20260102T030405.678901Z-1.bak",
+        "toy.json.20260102T030405.678901Z-2.bak",
+    ]
+    assert [p.read_text(encoding="utf-8") for p in made] == [f"version {i}" for i in range(3)]

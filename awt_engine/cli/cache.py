@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import enum
 import json
-import shutil
 import statistics
 import textwrap
 from pathlib import Path
@@ -18,11 +17,14 @@ from awt_engine.cli._app import app
 from awt_engine.cli._common import fail
 from awt_engine.cli.describe import datasets_module
 from awt_engine.descriptions import (
+    CacheLockTimeout,
     DescriptionSet,
+    backup_descriptions,
     descriptions_path,
     export_cupl,
     from_plain,
     load_descriptions,
+    locked,
     save_descriptions,
 )
 
@@ -196,7 +198,10 @@ def import_(
         str | None, typer.Option(help="One line saying what the images are.")
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace an existing cache (old file kept as .bak).")
+        bool,
+        typer.Option(
+            "--force", help="Replace an existing cache (old file kept as NAME.json.<UTC time>.bak)."
+        ),
     ] = False,
     cache_dir: CacheDir = None,
 ) -> None:
@@ -210,7 +215,8 @@ def import_(
         target = descriptions_path(dataset, resolve_cache_root(cache_dir))
         if target.exists() and not force:
             raise ValueError(
-                f"{target} already exists; use --force to replace it (the old file is kept as .bak)"
+                f"{target} already exists; use --force to replace it (the old file is kept as "
+                "a dated .bak beside it)"
             )
         source = load_descriptions(file)
         info = None
@@ -249,10 +255,14 @@ def import_(
             questions=source.questions,
             provenance=provenance,
         )
-        if target.exists():
-            shutil.copy2(target, target.with_name(target.name + ".bak"))
-        save_descriptions(ds, target)
-    except (ValueError, FileNotFoundError) as e:
+        backup = None
+        with locked(target):  # a describe run on this cache merges under the same lock
+            if target.exists():
+                if not force:  # created meanwhile by another process
+                    raise ValueError(f"{target} already exists; use --force to replace it")
+                backup = backup_descriptions(target)
+            save_descriptions(ds, target)
+    except (ValueError, FileNotFoundError, CacheLockTimeout) as e:
         raise fail(str(e)) from None
     s = ds.count_summary()
     missing = [c for c, n in ds.counts().items() if n == 0]
@@ -261,6 +271,8 @@ def import_(
         f"classes, {s['total']} descriptions (per class min {s['min']}, median {s['median']:g}) "
         f"-> {target}"
     )
+    if backup is not None:
+        typer.echo(f"note: the previous cache was kept as {backup}", err=True)
     if info is None:
         typer.echo(
             f"note: {dataset!r} is not a registered data set; label order is the file's", err=True

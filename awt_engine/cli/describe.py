@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import enum
 import importlib
+import math
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +18,34 @@ from awt_engine.cli._common import EXIT_PARTIAL, fail
 
 # CLIP's generic prompt, for a custom class list given without --template.
 DEFAULT_TEMPLATE = "a photo of a {}"
+
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal's number, as shells report it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same saving runs."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+def sigterm_as_interrupt() -> Callable[[], None]:
+    """From now on SIGTERM raises :class:`Terminated` (so finished classes are saved); returns
+    the function that puts the previous handler back."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError, AttributeError):  # not the main thread, or no SIGTERM
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def finite(value: float | None) -> float | None:
+    """Typer callback: refuse inf and nan (the ranges are checked by min/max)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 class BackendName(enum.StrEnum):
@@ -105,7 +136,9 @@ def describe(
         ),
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="openai: parallel requests.")] = 16,
-    timeout: Annotated[float, typer.Option(min=0.1, help="openai: seconds per request.")] = 120.0,
+    timeout: Annotated[
+        float, typer.Option(min=0.1, callback=finite, help="openai: seconds per request.")
+    ] = 120.0,
     max_retries: Annotated[int, typer.Option(min=0, help="openai: retries per request.")] = 5,
     device: Annotated[
         str | None, typer.Option(help="transformers: torch device [default: cuda if present].")
@@ -120,16 +153,31 @@ def describe(
     questions: Annotated[int, typer.Option(min=1, help="Questions to ask for.")] = 10,
     max_rounds: Annotated[int, typer.Option(min=1, help="Description rounds at most.")] = 4,
     max_tokens: Annotated[int, typer.Option(min=16, help="Tokens per answer at most.")] = 512,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Sampling temperature.")] = 0.8,
-    top_p: Annotated[float, typer.Option(min=0.01, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, callback=finite, help="Sampling temperature.")
+    ] = 0.8,
+    top_p: Annotated[
+        float, typer.Option(min=0.01, max=1.0, callback=finite, help="Nucleus sampling mass.")
+    ] = 0.95,
     seed: Annotated[int, typer.Option(help="Base seed; each request derives its own.")] = 0,
     samples: Annotated[int, typer.Option(min=1, help="Samples per request (n).")] = 1,
     prompts_dir: Annotated[
         Path | None,
         typer.Option(exists=True, file_okay=False, help="Use the prompt files of this folder."),
     ] = None,
+    save_every: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            callback=finite,
+            help="Seconds within which a finished class is written to the cache.",
+        ),
+    ] = 2.0,
     force: Annotated[
-        bool, typer.Option("--force", help="Regenerate everything (old file kept as .bak).")
+        bool,
+        typer.Option(
+            "--force", help="Regenerate everything (old file kept as NAME.json.<UTC time>.bak)."
+        ),
     ] = False,
     cache_dir: Annotated[
         Path | None,
@@ -140,8 +188,10 @@ def describe(
     """Ask an LLM for dataset-aware descriptions of every class and cache them.
 
     Resumable: run the same command again after an interruption and only what is missing is
-    requested. Exit 0: every class has --per-class descriptions; 1: some are short (named in
-    the summary; running again tops them up); 2: bad input or the LLM failed; 130: Ctrl-C.
+    requested; runs in parallel on one cache share it (each skips what the other saved).
+    Exit 0: every class has --per-class descriptions; 1: some are short (named in the
+    summary; running again tops them up); 2: bad input or the LLM failed; 130: Ctrl-C;
+    143: SIGTERM (finished classes are saved in both cases).
     """
     from awt_engine.describe import (
         BackendSpec,
@@ -152,16 +202,22 @@ def describe(
         describe_classes,
         make_backend,
     )
+    from awt_engine.descriptions import CacheLockTimeout
 
     llm = None
     path_hint = ""
+    restore_sigterm = sigterm_as_interrupt()
     try:
         task = resolve_task(dataset, classes, name, dataset_description, template)
         sampling = SamplingConfig(
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, n=samples
         )
         config = DescribeConfig(
-            per_class=per_class, num_questions=questions, max_rounds=max_rounds, sampling=sampling
+            per_class=per_class,
+            num_questions=questions,
+            max_rounds=max_rounds,
+            sampling=sampling,
+            save_every_s=save_every,
         )
         spec = BackendSpec(
             name=backend.value if backend is not None else None,
@@ -192,16 +248,18 @@ def describe(
             progress=progress,
             prompts=prompts,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         typer.echo(
-            f"interrupted: finished classes are saved in {path_hint or 'the cache'}; "
+            f"{what}: finished classes are saved in {path_hint or 'the cache'}; "
             "run the same command again to resume",
             err=True,
         )
-        raise typer.Exit(130) from None
-    except (ValueError, DescribeError, FileNotFoundError) as e:
+        raise typer.Exit(EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT) from None
+    except (ValueError, DescribeError, FileNotFoundError, CacheLockTimeout) as e:
         raise fail(str(e)) from None
     finally:
+        restore_sigterm()
         if llm is not None:
             llm.close()
     for note in result.notes:

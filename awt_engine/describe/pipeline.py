@@ -12,7 +12,8 @@ Problem: :class:`DescribeTask` (which classes, what data set). Solver settings:
 
 All requests of a step go to the backend in one call (batched by vLLM / transformers,
 concurrent over HTTP). Classes are written to the cache as they finish, so an interrupted run
-keeps them and the same command resumes with what is missing.
+keeps them and the same command resumes with what is missing. Every write merges into the file
+under its lock, so parallel runs on one cache keep each other's classes and skip them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
-import shutil
+import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +38,13 @@ from awt_engine.describe.parsing import dedupe, interleave, parse_descriptions, 
 from awt_engine.describe.prompts import PromptSet
 from awt_engine.descriptions import (
     DescriptionSet,
+    backup_descriptions,
+    dated_backup_path,
     descriptions_path,
     fold_class_name,
     fold_key,
     load_descriptions,
+    locked,
     save_descriptions,
     validate_dataset_name,
 )
@@ -110,9 +115,10 @@ class DescribeConfig:
     # duplicates and dropped lines.
     sentences_per_answer: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    # The cache is rewritten at most this often while classes finish (and always at the end or
-    # on interruption): a crash loses at most a few seconds of work, while rewriting a
-    # 1000-class file after every class would cost more I/O than the run is worth.
+    # Finished classes reach the cache within this many seconds (a timer writes them even when
+    # no further class finishes; the end of the run and an interruption always write): a crash
+    # loses at most a few seconds of work, while rewriting a 1000-class file after every class
+    # would cost more I/O than the run is worth.
     save_every_s: float = 2.0
 
     def __post_init__(self) -> None:
@@ -121,6 +127,10 @@ class DescribeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.sentences_per_answer is not None and self.sentences_per_answer < 1:
             raise ValueError(f"sentences_per_answer must be >= 1, got {self.sentences_per_answer}")
+        if not math.isfinite(self.save_every_s) or self.save_every_s <= 0:
+            raise ValueError(
+                f"save_every_s must be a finite number of seconds > 0, got {self.save_every_s}"
+            )
 
     def to_json(self) -> dict:
         return {
@@ -224,6 +234,7 @@ def generate_descriptions(
     existing: dict[str, list[str]] | None = None,
     classes: Sequence[str] | None = None,
     on_class_done: Callable[[str, list[str]], None] | None = None,
+    is_done: Callable[[str], bool] | None = None,
 ) -> dict[str, list[str]]:
     """Step 2: descriptions for ``classes`` (default: all of the task's), each topped up to
     ``per_class`` on top of its ``existing`` ones.
@@ -233,6 +244,10 @@ def generate_descriptions(
     a round a class's answers are interleaved (first sentence of every answer, then the second,
     ...) so truncation keeps every question represented. ``on_class_done(name, descriptions)``
     is called once per class, as soon as it is full or the rounds are used up.
+
+    ``is_done(name)`` True means the class is already saved in full elsewhere (another run on
+    the same cache): it is not asked again, requests not yet sent for it are skipped, and
+    ``on_class_done`` is not called for it.
     """
     if not questions:
         raise ValueError("no questions to ask")
@@ -264,6 +279,9 @@ def generate_descriptions(
         answers: dict[str, list[list[str]]] = {}
         outstanding: dict[str, int] = {}
         for c in classes_now:
+            if is_done is not None and is_done(c):
+                done.add(c)  # another run saved it in full meanwhile
+                continue
             need = per_class - len(descs[c])
             m = min(n_q, math.ceil(need / per_request))
             for j in range(m):
@@ -272,7 +290,8 @@ def generate_descriptions(
                     task.dataset_description, c, questions[qi], ask_k
                 )
                 seed = request_seed(config.sampling.seed, c, qi, rnd, len(descs[c]))
-                requests.append(ChatRequest(conversation, seed=seed))
+                wanted = None if is_done is None else (lambda c=c: not is_done(c))
+                requests.append(ChatRequest(conversation, seed=seed, wanted=wanted))
                 owners.append((c, j))
             cursor[c] = (cursor[c] + m) % n_q
             answers[c] = [[] for _ in range(m)]
@@ -284,6 +303,9 @@ def generate_descriptions(
                 answers[c][j].extend(parse_descriptions(comp.text, truncated=comp.truncated))
             outstanding[c] -= 1
             if outstanding[c] == 0:  # the class's answers of this round are all in
+                if is_done is not None and is_done(c):
+                    done.add(c)  # another run saved it in full meanwhile: theirs is kept
+                    return
                 descs[c].extend(dedupe(interleave(answers[c]), seen[c]))
                 if len(descs[c]) >= per_class:
                     del descs[c][per_class:]
@@ -291,7 +313,8 @@ def generate_descriptions(
                 elif last_round:
                     finish(c)
 
-        backend.chat(requests, config.sampling, on_result)
+        if requests:
+            backend.chat(requests, config.sampling, on_result)
 
     for rnd in range(config.max_rounds):
         if not pending:
@@ -313,28 +336,184 @@ def _snippet(text: str | None, limit: int = 160) -> str:
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-class _Saver:
-    """Rewrites the cache file when asked, at most every ``interval`` seconds unless forced."""
+def _signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What changes whenever the file is replaced (a write renames a new file into place)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def __init__(self, path: Path, interval: float) -> None:
+
+def _same_recipe(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("backend", "model", "prompts_sha256", "sampling"))
+
+
+def _merge(disk: DescriptionSet, ours: DescriptionSet, path: Path) -> DescriptionSet:
+    """``ours`` written into ``disk`` (the file as it is now): per class the longer list wins (a
+    tie keeps the file's), so no finished class is lost; the file's questions win, so parallel
+    runs ask the same ones. Another recipe's provenance is kept in the history."""
+    if disk.classes != ours.classes:
+        raise DescribeError(
+            f"{path} was replaced by another process meanwhile and now holds a different class "
+            f"list ({len(disk.classes)} classes, this run has {len(ours.classes)}); this run's "
+            "classes cannot be merged into it"
+        )
+    descriptions = {}
+    for c in ours.classes:
+        theirs, mine = disk.descriptions.get(c, []), ours.descriptions.get(c, [])
+        best = mine if len(mine) > len(theirs) else theirs
+        if best:
+            descriptions[c] = best
+    provenance = dict(ours.provenance)
+    if disk.provenance and not _same_recipe(disk.provenance, provenance):
+        other = {k: v for k, v in disk.provenance.items() if k != "history"}
+        history = list(provenance.get("history", []))
+        if other not in history:
+            provenance["history"] = [*history, other]
+    return DescriptionSet(
+        dataset=ours.dataset,
+        classes=ours.classes,
+        descriptions=descriptions,
+        template=ours.template or disk.template,
+        dataset_description=ours.dataset_description or disk.dataset_description,
+        questions=disk.questions or ours.questions,
+        provenance=provenance,
+    )
+
+
+class _Saver:
+    """Writes the run's classes into the cache file without losing anyone else's.
+
+    Each write holds the file's lock, re-reads the file, merges this run's classes into it
+    (:func:`_merge`) and replaces it atomically, so runs sharing a cache end with the union of
+    their work. A change is written at once when ``interval`` seconds have passed since the last
+    write, else by a timer thread within ``interval``; :meth:`close` writes what is left.
+    ``build()`` (this run's state) is called holding :attr:`lock`; change that state under it.
+    :meth:`saved_full` says whether the file already holds a class in full (re-reading the
+    file when it changed), so a run can skip the classes another run finished.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        interval: float,
+        per_class: int,
+        build: Callable[[], DescriptionSet],
+        *,
+        replaces: tuple | None = None,
+    ) -> None:
         self.path = path
         self.interval = interval
-        self.dirty = False
-        self.last = -math.inf
+        self.per_class = per_class
+        self.build = build
+        self.lock = threading.RLock()
         self.writes = 0
+        self.last = -math.inf
+        self._write_lock = threading.Lock()  # one write at a time from this process
+        self._disk_lock = threading.Lock()  # guards disk / _sig
+        self._version = self._saved = 0  # changes noted / written
+        # The file that --force set aside: the first write replaces it instead of merging.
+        self._replaces = replaces
+        self.disk: DescriptionSet | None = None  # the file as last read or written
+        self._sig: tuple | bool | None = False  # its signature; False: not read yet
+        self._error: BaseException | None = None  # a failed timer write, raised by save()
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, name="awt-describe-saver", daemon=True)
+        self._timer.start()
 
-    def save(self, build: Callable[[], DescriptionSet], force: bool = False) -> None:
-        self.dirty = True
-        now = time.monotonic()
-        if force or now - self.last >= self.interval:
-            save_descriptions(build(), self.path)
-            self.dirty = False
-            self.last = now
+    @property
+    def dirty(self) -> bool:
+        return self._version != self._saved
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.dirty:
+                try:
+                    self.write()
+                except Exception as e:  # surfaced by the next save() or close()
+                    log.warning("could not write %s: %s", self.path, e)
+                    self._error = e
+
+    def save(self, force: bool = False) -> DescriptionSet | None:
+        """Note a change; write now (returning the merged file) if forced or if ``interval``
+        has passed since the last write, else leave it to the timer."""
+        with self.lock:
+            self._version += 1
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if force or time.monotonic() - self.last >= self.interval:
+            return self.write()
+        return None
+
+    def write(self) -> DescriptionSet:
+        with self._write_lock:
+            with self.lock:
+                version = self._version
+                ours = self.build()
+            with locked(self.path):
+                sig = _signature(self.path)
+                disk = None
+                if sig is not None and sig != self._replaces:
+                    try:
+                        disk = load_descriptions(self.path)
+                    except ValueError as e:
+                        raise DescribeError(
+                            f"{self.path} was damaged by another process meanwhile ({e})"
+                        ) from None
+                merged = ours if disk is None else _merge(disk, ours, self.path)
+                save_descriptions(merged, self.path)
+                sig = _signature(self.path)
+            with self._disk_lock:
+                self.disk, self._sig = merged, sig
+            with self.lock:
+                self._saved = max(self._saved, version)
+            self.last = time.monotonic()
             self.writes += 1
+            return merged
 
-    def flush(self, build: Callable[[], DescriptionSet]) -> None:
-        if self.dirty:
-            self.save(build, force=True)
+    def current(self) -> DescriptionSet | None:
+        """The file as it is now (re-read if another process replaced it)."""
+        with self._disk_lock:
+            sig = _signature(self.path)
+            if sig != self._sig:
+                self._sig = sig
+                self.disk = None
+                if sig is not None and sig != self._replaces:
+                    try:
+                        self.disk = load_descriptions(self.path)
+                    except (OSError, ValueError):
+                        self.disk = None
+            return self.disk
+
+    def saved_full(self, name: str) -> bool:
+        disk = self.current()
+        return disk is not None and len(disk.descriptions.get(name, ())) >= self.per_class
+
+    def close(self) -> None:
+        """Stop the timer and write what is left. If that fails (the file was replaced by
+        other classes, the lock stayed taken), this run's classes go to a dated backup, named
+        in the error, so nothing is lost."""
+        self._stop.set()
+        self._timer.join()
+        self._error = None  # retried just below
+        if not self.dirty:
+            return
+        try:
+            self.write()
+        except Exception as e:
+            try:
+                with self.lock:
+                    ours = self.build()
+                aside = dated_backup_path(self.path)
+                save_descriptions(ours, aside)
+            except Exception:  # the original error is the one to report
+                raise e from None
+            raise DescribeError(
+                f"could not write {self.path}: {e}. This run's descriptions were saved as "
+                f"{aside} instead (nothing is lost)"
+            ) from e
 
 
 def _provenance(
@@ -380,7 +559,8 @@ def _check_resumable(existing: DescriptionSet, task: DescribeTask, path: Path) -
             )
         raise DescribeError(
             f"{path} holds a different class list ({what}). Use --force to regenerate it "
-            "(the old file is kept as .bak), or --name to write a separate cache."
+            "(the old file is kept as a dated .bak beside it), or --name to write a separate "
+            "cache."
         )
     if (
         existing.dataset_description
@@ -410,8 +590,10 @@ def describe_classes(
     The cache file (default ``<cache root>/descriptions/<dataset>.json``) is read first: its
     questions are reused and classes that already have ``per_class`` descriptions are not asked
     again; short ones are topped up. ``force`` starts afresh (the old file is kept as
-    ``<name>.json.bak``). Classes are saved as they finish; on any error or interruption the
-    finished ones are written before the exception propagates.
+    ``<name>.json.<UTC time>.bak``). Classes are saved as they finish (within
+    ``config.save_every_s``); on any error or interruption the finished ones are written before
+    the exception propagates. Runs sharing the cache file merge into it under its lock and skip
+    the classes another run has saved in full.
     """
     start = time.perf_counter()
     prompts = prompts or PromptSet.load()
@@ -422,10 +604,12 @@ def describe_classes(
     )
     notes: list[str] = []
     existing: DescriptionSet | None = None
+    replaced = None  # the file --force set aside: overwritten by the first write, not merged
     if path.exists():
         if force:
-            backup = path.with_name(path.name + ".bak")
-            shutil.copy2(path, backup)
+            with locked(path):
+                backup = backup_descriptions(path)
+                replaced = _signature(path)
             notes.append(f"--force: the previous cache was kept as {backup}")
         else:
             existing = load_descriptions(path)  # ValueError naming the file if damaged
@@ -438,15 +622,19 @@ def describe_classes(
         questions = existing.questions
     template = task.template if task.template is not None else (existing and existing.template)
     todo = [c for c in task.classes if len(descs.get(c, ())) < config.per_class]
+    start_counts = {c: len(descs.get(c, ())) for c in todo}
     stats0 = (backend.stats.requests, backend.stats.retries, backend.stats.generated_tokens)
     provenance = existing.provenance if existing is not None else {}
     state = {"questions": questions, "provenance": provenance}
+    generated: list[str] = []
 
     def build() -> DescriptionSet:
+        # Only what this run wrote: the rest is in the file, and a file replaced meanwhile
+        # (--force by another run) must not get the old classes back.
         return DescriptionSet(
             dataset=task.dataset,
             classes=task.classes,
-            descriptions={c: descs[c] for c in task.classes if descs.get(c)},
+            descriptions={c: descs[c] for c in generated},
             template=template or None,
             dataset_description=task.dataset_description,
             questions=state["questions"],
@@ -454,30 +642,35 @@ def describe_classes(
         )
 
     questions_generated = False
-    generated: list[str] = []
+    final: DescriptionSet | None = None
     if todo:
         state["provenance"] = _provenance(
             backend, prompts, config, existing and existing.provenance
         )
-        saver = _Saver(path, config.save_every_s)
         bar = _progress_bar(len(todo), task.dataset, progress)
+        saver = _Saver(path, config.save_every_s, config.per_class, build, replaces=replaced)
 
         def on_class_done(c: str, items: list[str]) -> None:
             # A class that gained nothing is left as it was (missing classes stay missing, so
             # a rerun asks again).
             if len(items) > len(descs.get(c, ())):
-                descs[c] = list(items)
-                generated.append(c)
-                saver.save(build)
+                with saver.lock:
+                    descs[c] = list(items)
+                    generated.append(c)
+                saver.save()
             bar.update(1)
 
         try:
             if not state["questions"]:
-                state["questions"] = tuple(
+                asked = tuple(
                     generate_questions(backend, prompts, task.dataset_description, config, notes)
                 )
+                with saver.lock:
+                    state["questions"] = asked
                 questions_generated = True
-                saver.save(build, force=True)  # a resumed run reuses these questions
+                merged = saver.save(force=True)  # a resumed run reuses these questions
+                with saver.lock:  # a parallel run that saved its questions first wins
+                    state["questions"] = merged.questions
             generate_descriptions(
                 backend,
                 prompts,
@@ -487,18 +680,34 @@ def describe_classes(
                 existing=descs,
                 classes=todo,
                 on_class_done=on_class_done,
+                is_done=saver.saved_full,
             )
         finally:
-            saver.flush(build)
-            bar.close()
-        if not generated:
+            try:
+                saver.close()
+            finally:
+                bar.close()
+        final = saver.current()
+        elsewhere = [
+            c
+            for c in todo
+            if c not in generated
+            and final is not None
+            and len(final.descriptions.get(c, ())) > start_counts[c]
+        ]
+        if elsewhere:
+            notes.append(
+                f"{len(elsewhere)} class(es) were described meanwhile by another run on "
+                f"{path.name} and not asked again"
+            )
+        if not generated and not elsewhere:
             raise NoUsableOutputError(
                 f"the LLM ({backend.name}: {backend.model}) gave no new usable description for "
                 f"any of {len(todo)} class(es); answers should be short sentences, one per line. "
                 f"Nothing already in {path} was lost."
             )
 
-    result_set = build() if (todo or existing is None) else existing
+    result_set = final or (build() if (todo or existing is None) else existing)
     counts = result_set.counts()
     short = {c: n for c, n in counts.items() if n < config.per_class}
     return DescribeResult(

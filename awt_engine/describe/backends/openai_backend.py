@@ -1,9 +1,11 @@
 """Any OpenAI-compatible chat-completions endpoint (vLLM serve, TGI, llama.cpp, OpenAI, ...).
 
-Stdlib only: ``urllib`` for HTTP and a bounded thread pool for concurrency. Requests that fail
-with 429, 5xx, a timeout or a dropped connection are retried with exponential backoff; a
+Stdlib only: ``urllib`` for HTTP and a bounded set of daemon worker threads for concurrency
+(an interrupted run returns at once instead of waiting for requests in flight). Requests that
+fail with 429, 5xx, a timeout or a dropped connection are retried with exponential backoff; a
 ``Retry-After`` header is honoured and pauses every worker, not only the one that got it.
-The API key is read from an environment variable at request time and is never stored.
+The API key is read from an environment variable, is only ever sent to the origin of
+``base_url`` (a redirect elsewhere is refused) and never appears in an error message.
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import math
 import os
 import queue
 import random
+import re
 import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from awt_engine.describe.backends.base import (
@@ -33,6 +37,40 @@ from awt_engine.describe.backends.base import (
 from awt_engine.describe.errors import BackendError
 
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+# userinfo ("user:secret@") of a URL, with or without its scheme
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` part replaced by ``***@``."""
+    return _USERINFO.sub(lambda m: (m.group(1) or "") + "***@", url, count=1)
+
+
+def _looks_like_key(value: str) -> bool:
+    """True for a value of --api-key-env that is a key rather than a variable's name."""
+    if not _ENV_NAME.fullmatch(value):
+        return True
+    return (
+        len(value) >= 20 and any(ch.islower() for ch in value) and any(ch.isdigit() for ch in value)
+    )
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """scheme, host, port (the default one filled in): where a request really goes."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _origin_text(origin: tuple[str, str, int | None]) -> str:
+    scheme, host, port = origin
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -55,18 +93,62 @@ class OpenAIConfig:
     def __post_init__(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
             raise ValueError(
-                f"--base-url must start with http:// or https://, got {self.base_url!r}"
+                f"--base-url must start with http:// or https://, got {redact_url(self.base_url)!r}"
             )
+        parts = urllib.parse.urlsplit(self.base_url)
+        if "@" in parts.netloc:
+            raise ValueError(
+                f"--base-url must not hold credentials ({redact_url(self.base_url)}): put the API "
+                "key in an environment variable and name it with --api-key-env"
+            )
+        try:
+            _ = parts.port  # raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError(f"--base-url {self.base_url!r} has an invalid port") from None
+        if not parts.hostname:
+            raise ValueError(f"--base-url {self.base_url!r} has no host")
         if not self.model:
             raise ValueError("the openai backend needs --model (the name the server serves)")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
+            raise ValueError(
+                f"--timeout must be a finite number of seconds > 0, got {self.timeout_s}"
+            )
+        for name in ("backoff_s", "max_backoff_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
 
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only within the configured origin: the Authorization header (the API
+    key) must never reach another host."""
+
+    def __init__(self, origin: tuple[str, str, int | None]) -> None:
+        super().__init__()
+        self.origin = origin
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = _origin(urllib.parse.urljoin(req.full_url, newurl))
+        if target != self.origin:
+            fp.close()
+            here, there = _origin_text(self.origin), _origin_text(target)
+            raise BackendError(
+                f"{here} redirected the request (HTTP {code}) to another host, {there}; not "
+                f"followed, so the API key is only ever sent to {here}. If {there} is the "
+                "server to use, give it as --base-url"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_SKIPPED = object()  # a request whose answer was no longer wanted
 
 
 class _Retryable(Exception):
@@ -109,19 +191,33 @@ class OpenAIBackend(ChatBackend):
         self._sleep = sleep
         self._clock = clock
         self._jitter = jitter
-        self._abort = threading.Event()
         self._pause_lock = threading.Lock()
         self._pause_until = 0.0
         self._api_key = self._read_key()
+        self._opener = urllib.request.build_opener(_SameOriginRedirects(_origin(config.url)))
 
     def _read_key(self) -> str | None:
         env = self.config.api_key_env
         if env is None:
             return os.environ.get("OPENAI_API_KEY") or None
-        key = os.environ.get(env)
-        if not key:
-            raise ValueError(f"--api-key-env {env}: the environment variable {env} is not set")
-        return key
+        key = os.environ.get(env) if _ENV_NAME.fullmatch(env) else None
+        if key:
+            return key
+        if _looks_like_key(env):  # never echo it: it may be the key itself
+            raise ValueError(
+                "--api-key-env takes the NAME of an environment variable holding the API key, "
+                "but no variable of the name given is set and the value given looks like a "
+                "key rather than a name (not shown); put the key in a variable, e.g. "
+                "`export LLM_KEY=...`, and pass --api-key-env LLM_KEY"
+            )
+        raise ValueError(f"--api-key-env {env}: the environment variable {env} is not set")
+
+    def _redact(self, text: str) -> str:
+        """``text`` without the API key (servers sometimes echo it back in errors)."""
+        return text.replace(self._api_key, "***") if self._api_key else text
+
+    def _snippet(self, payload: bytes, limit: int = 200) -> str:
+        return _snippet(self._redact(payload.decode("utf-8", "replace")).encode(), limit)
 
     def settings(self) -> dict:
         c = self.config
@@ -146,24 +242,31 @@ class OpenAIBackend(ChatBackend):
             body["n"] = sampling.n
         return body
 
-    def _wait(self, seconds: float) -> None:
+    def _wait(self, seconds: float, abort: threading.Event) -> None:
         if seconds <= 0:
             return
         if self._sleep is not None:
             self._sleep(seconds)
         else:
-            self._abort.wait(seconds)  # wakes early when the run is being stopped
+            abort.wait(seconds)  # wakes early when the run is being stopped
 
     def _post(self, data: bytes) -> dict:
+        try:
+            return self._post_raw(data)
+        except (_Retryable, BackendError) as e:  # no message may carry the key
+            e.args = (self._redact(str(e)),)
+            raise
+
+    def _post_raw(self, data: bytes) -> dict:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.config.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout_s) as resp:
+            with self._opener.open(request, timeout=self.config.timeout_s) as resp:
                 payload = resp.read()
         except urllib.error.HTTPError as e:
-            detail = _snippet(e.read() if e.fp is not None else b"")
+            detail = self._snippet(e.read() if e.fp is not None else b"")
             if e.code in RETRY_STATUS:
                 raise _Retryable(
                     f"HTTP {e.code} {detail}", parse_retry_after(e.headers.get("Retry-After"))
@@ -188,26 +291,29 @@ class OpenAIBackend(ChatBackend):
         try:
             obj = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise _Retryable(f"answer is not JSON: {_snippet(payload)}") from None
+            raise _Retryable(f"answer is not JSON: {self._snippet(payload)}") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-            raise _Retryable(f"answer has no 'choices': {_snippet(payload)}")
+            raise _Retryable(f"answer has no 'choices': {self._snippet(payload)}")
         return obj
 
-    def _one(self, req: ChatRequest, sampling: SamplingConfig) -> list[Completion]:
+    def _one(self, req: ChatRequest, sampling: SamplingConfig, abort: threading.Event):
+        """The request's completions, or _SKIPPED when ``req.wanted()`` turned False."""
         data = json.dumps(self._body(req, sampling)).encode("utf-8")
         c = self.config
         last = ""
         for attempt in range(c.max_retries + 1):
             with self._pause_lock:
                 pause = self._pause_until - self._clock()
-            self._wait(pause)  # another worker was told to back off: everyone waits
-            if self._abort.is_set():
+            self._wait(pause, abort)  # another worker was told to back off: everyone waits
+            if abort.is_set():
                 raise BackendError("stopped: another request failed")
+            if req.wanted is not None and not req.wanted():
+                return _SKIPPED
             try:
                 obj = self._post(data)
             except _Retryable as e:
                 last = str(e)
-                if attempt == c.max_retries or self._abort.is_set():
+                if attempt == c.max_retries or abort.is_set():
                     break
                 delay = min(c.max_backoff_s, c.backoff_s * 2**attempt)
                 if self._jitter:
@@ -217,7 +323,7 @@ class OpenAIBackend(ChatBackend):
                     with self._pause_lock:  # the server asked everyone to slow down
                         self._pause_until = max(self._pause_until, self._clock() + delay)
                 self.stats.add(retries=1)
-                self._wait(delay)
+                self._wait(delay, abort)
                 continue
             return _completions(obj, sampling.n)
         raise BackendError(
@@ -234,49 +340,63 @@ class OpenAIBackend(ChatBackend):
     ) -> list[list[Completion]]:
         start = time.perf_counter()
         results: list[list[Completion] | None] = [None] * len(requests)
-        self._abort.clear()
-        pool = ThreadPoolExecutor(max_workers=max(1, min(self.config.concurrency, len(requests))))
-        # Finished futures report through a queue: O(1) per answer however many are queued
-        # (waiting on the whole set each time would be quadratic for 10k-request steps).
+        abort = threading.Event()  # this call's: a straggler of an earlier call cannot clear it
+        todo: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(len(requests)):
+            todo.put(i)
+        # Each request reports exactly once through this queue: O(1) per answer however many
+        # are queued (waiting on the whole set each time would be quadratic for 10k requests).
         finished: queue.SimpleQueue = queue.SimpleQueue()
-        futures: list[Future] = []
+
+        def work() -> None:
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                if abort.is_set():
+                    finished.put((i, None, None))  # not started: cancelled
+                    continue
+                try:
+                    finished.put((i, self._one(requests[i], sampling, abort), None))
+                except BaseException as e:  # handed to the caller's thread
+                    abort.set()  # at once, so no worker starts another request
+                    finished.put((i, None, e))
+
+        # Daemon threads: on Ctrl-C / SIGTERM the caller returns at once and the process can
+        # exit; a request still in flight is abandoned instead of waited for (up to timeout_s).
+        for _ in range(min(self.config.concurrency, len(requests))):
+            threading.Thread(target=work, name="awt-openai", daemon=True).start()
         first_error: BaseException | None = None
         try:
-            for i, req in enumerate(requests):
-                fut = pool.submit(self._one, req, sampling)
-                fut.add_done_callback(lambda f, i=i: finished.put((i, f)))
-                futures.append(fut)
-            remaining = len(futures)
-            while remaining:
-                try:
-                    i, fut = finished.get(timeout=0.5)  # a timeout keeps Ctrl-C responsive
-                except queue.Empty:
-                    continue
-                remaining -= 1
-                if fut.cancelled():
-                    continue
-                err = fut.exception()
+            for _ in range(len(requests)):
+                while True:
+                    try:
+                        i, completions, err = finished.get(timeout=0.5)  # Ctrl-C stays prompt
+                        break
+                    except queue.Empty:
+                        continue
                 if err is not None:
                     if first_error is None:
-                        # Stop: cancel what has not started, let running requests finish
+                        # Stop: requests not started are cancelled, running ones finish
                         # (without retrying) so their answers are still delivered.
                         first_error = err
-                        self._abort.set()
-                        for other in futures:
-                            other.cancel()
+                        abort.set()
                     continue
-                completions = fut.result()
+                if completions is None:
+                    continue
+                if completions is _SKIPPED:
+                    completions = []
+                else:
+                    self.stats.add(requests=1)
                 results[i] = completions
-                self.stats.add(requests=1)
                 if on_result is not None:
                     on_result(i, completions)
         except BaseException:
-            self._abort.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+            abort.set()
             raise
         finally:
             self.stats.add(seconds=time.perf_counter() - start)
-        pool.shutdown(wait=True)
         if first_error is not None:
             raise first_error
         return [r if r is not None else [] for r in results]
