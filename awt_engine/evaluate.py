@@ -186,7 +186,13 @@ def evaluate(
         views.clear()
 
     for i, dec in zip(
-        misses, decode_images((items[i].path for i in misses), workers=clf.workers), strict=True
+        misses,
+        decode_images(
+            (items[i].path for i in misses),
+            workers=clf.workers,
+            target_size=clf.model.preprocess.size,
+        ),
+        strict=True,
     ):
         if not dec.ok:
             failed[i] = dec.error

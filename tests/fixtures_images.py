@@ -92,19 +92,29 @@ def _encode(image: Image.Image, fmt: str, **params) -> bytes:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid 1-bit greyscale PNG of the given size, all black; tiny on disk."""
+    row = b"\x00" + bytes((width + 7) // 8)  # filter byte "None" + packed bits
+    return _png(width, height, bit_depth=1, colour_type=0, row=row)
 
+
+def solid_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """An 8-bit RGB PNG, every pixel ``rgb``, streamed through zlib: a 12000 x 12000 one
+    (144 Mpx, 576 MB decoded) takes ~0.7 s to build and ~1.9 MB on disk."""
+    row = b"\x00" + bytes(rgb) * width
+    return _png(width, height, bit_depth=8, colour_type=2, row=row)
+
+
+def _png(width: int, height: int, *, bit_depth: int, colour_type: int, row: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    row = b"\x00" + bytes((width + 7) // 8)  # filter byte "None" + packed bits
-    compressor = zlib.compressobj(9)
-    rows_per_block = 1000
+    compressor = zlib.compressobj(9 if bit_depth == 1 else 1)  # level 1: fast on 432 MB
+    rows_per_block = max(1, min(1000, (1 << 24) // len(row)))  # <= ~16 MB of rows at once
     parts = []
     for start in range(0, height, rows_per_block):
         parts.append(compressor.compress(row * min(rows_per_block, height - start)))
     parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
