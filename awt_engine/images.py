@@ -1,9 +1,10 @@
 """Finding and decoding images, robustly.
 
 Inputs are folders (searched recursively by extension), files (taken as given, any
-extension) and glob patterns. Decoding never stops a run: every readable image comes back
-as RGB with its EXIF orientation applied, every unreadable one comes back with its path
-and a short reason.
+extension) and glob patterns. A folder that cannot be listed is reported with a reason
+(:func:`find_images`), never skipped silently. Decoding never stops a run: every readable
+image comes back as RGB with its EXIF orientation applied, every unreadable one comes back
+with its path and a short reason.
 
 Conversion rules (``_to_rgb``):
 
@@ -54,12 +55,13 @@ import glob
 import os
 import re
 import threading
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -70,10 +72,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "REDUCE_MARGIN",
     "DecodedImage",
+    "FoundImages",
     "ImageDecodeError",
+    "UnreadableFolder",
     "as_rgb_image",
     "decode_images",
     "discover_images",
+    "find_images",
     "load_image",
 ]
 
@@ -133,29 +138,63 @@ class DecodedImage:
 # --------------------------------------------------------------------------- discovery
 
 
+class UnreadableFolder(NamedTuple):
+    """A folder that discovery could not list: its images are unknown, not absent."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class FoundImages:
+    """What :func:`find_images` found: image files, and folders it could not read."""
+
+    images: list[Path]
+    unreadable: list[UnreadableFolder]
+
+
 def discover_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """The image files named by ``inputs``, in order, without duplicates.
+
+    :func:`find_images`'s images; each folder it could not read is named in a
+    ``UserWarning`` (use :func:`find_images` to handle them, as ``classify`` does).
+    """
+    found = find_images(inputs)
+    for folder in found.unreadable:
+        warnings.warn(f"{folder.path}: {folder.reason}; the images in it are skipped", stacklevel=2)
+    return found.images
+
+
+def find_images(inputs: Sequence[str | os.PathLike]) -> FoundImages:
+    """The image files named by ``inputs``, in order, without duplicates, and the
+    folders that could not be read (permission denied...), sorted.
 
     * a file is taken as given, whatever its extension;
     * a folder is searched recursively for files with an extension in
       :data:`IMAGE_EXTENSIONS` (any case), sorted; names starting with "." (hidden files
-      and folders, macOS "._" side files) are skipped;
+      and folders, macOS "._" side files) are skipped; a folder (or subfolder) that
+      cannot be listed is reported in ``unreadable``, never skipped silently;
     * anything else containing ``*``, ``?`` or ``[`` is a glob pattern (``**`` recursive):
       matched image files, plus the images inside matched folders, sorted.
 
-    Raises ValueError naming every input that does not exist or matched no image.
+    Raises ValueError naming every input that does not exist or matched no image (a
+    folder with unreadable subfolders is not "empty": they are reported instead).
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     found: list[Path] = []
     seen: set[str] = set()
     problems: list[str] = []
+    unreadable: dict[str, UnreadableFolder] = {}
 
     def add(path: Path) -> None:
         key = os.path.normcase(os.path.abspath(path))
         if key not in seen:
             seen.add(key)
             found.append(path)
+
+    def note(folder: UnreadableFolder) -> None:
+        unreadable.setdefault(os.path.normcase(os.path.abspath(folder.path)), folder)
 
     for raw in inputs:
         if not isinstance(raw, (str, os.PathLike)):
@@ -165,24 +204,28 @@ def discover_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_file():
             add(path)
         elif path.is_dir():
-            images = _images_in_folder(path)
-            if not images:
+            images, locked = _images_in_folder(path)
+            if not images and not locked:
                 problems.append(f"{text!r} (folder holds no {_extension_list()} files)")
             for image in images:
                 add(image)
+            for folder in locked:
+                note(folder)
         elif _GLOB_CHARS.search(text):
-            images = _images_for_glob(os.path.expanduser(text))
-            if not images:
+            images, locked = _images_for_glob(os.path.expanduser(text))
+            if not images and not locked:
                 problems.append(f"{text!r} (pattern matched no image files)")
             for image in images:
                 add(image)
+            for folder in locked:
+                note(folder)
         elif path.exists():
             problems.append(f"{text!r} (not a regular file or folder)")
         else:
             problems.append(f"{text!r} (does not exist)")
     if problems:
         raise ValueError("no images found for: " + ", ".join(problems))
-    return found
+    return FoundImages(found, sorted(unreadable.values()))
 
 
 def _extension_list() -> str:
@@ -193,25 +236,40 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _images_in_folder(folder: Path) -> list[Path]:
+def _images_in_folder(folder: Path) -> tuple[list[Path], list[UnreadableFolder]]:
     out: list[Path] = []
-    for root, dirs, files in os.walk(folder):
+    locked: list[UnreadableFolder] = []
+
+    def unreadable(exc: OSError) -> None:  # os.walk skips the folder after this
+        where = exc.filename if exc.filename is not None else folder
+        locked.append(UnreadableFolder(os.fspath(where), _listing_reason(exc)))
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if not name.startswith(".") and _is_image_name(name):
                 out.append(Path(root, name))
-    return sorted(out)
+    return sorted(out), locked
 
 
-def _images_for_glob(pattern: str) -> list[Path]:
+def _listing_reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "cannot read folder (permission denied)"
+    return f"cannot read folder ({exc.strerror or _detail(exc)})"
+
+
+def _images_for_glob(pattern: str) -> tuple[list[Path], list[UnreadableFolder]]:
     out: list[Path] = []
+    locked: list[UnreadableFolder] = []
     for match in sorted(glob.glob(pattern, recursive=True)):
         path = Path(match)
         if path.is_dir():
-            out.extend(_images_in_folder(path))
+            images, problems = _images_in_folder(path)
+            out.extend(images)
+            locked.extend(problems)
         elif path.is_file() and _is_image_name(path.name):
             out.append(path)
-    return out
+    return out, locked
 
 
 # --------------------------------------------------------------------------- decoding

@@ -8,12 +8,19 @@ what the decoder produced.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 # sixteen_bit.png: one row of these 16-bit values ...
@@ -121,3 +128,51 @@ def _png(width: int, height: int, *, bit_depth: int, colour_type: int, row: byte
         + chunk(b"IDAT", b"".join(parts))
         + chunk(b"IEND", b"")
     )
+
+
+# --------------------------------------------------------------------------- unreadable folders
+
+
+def deny_listing(monkeypatch, *folders: str | os.PathLike) -> None:
+    """Make ``os.scandir`` (hence ``os.walk``) fail with "permission denied" on these
+    folders, as ``chmod 000`` would for a normal user. Tests run as root here, where
+    chmod does not stop reads; :func:`run_with_permissions` checks the real thing."""
+    real = os.scandir
+    denied = {os.path.abspath(os.fspath(f)) for f in folders}
+
+    def scandir(path="."):
+        if os.path.abspath(os.fspath(path)) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@contextlib.contextmanager
+def chmod_000(folder: Path):
+    """``folder`` with no permissions at all, restored afterwards (so it can be deleted)."""
+    mode = folder.stat().st_mode
+    folder.chmod(0)
+    try:
+        yield folder
+    finally:
+        folder.chmod(mode)
+
+
+def run_with_permissions(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c code args`` in a process where file permissions apply: as it is for a
+    normal user; as root, with the two capabilities that bypass them (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) dropped by ``setpriv``. Skips the test when that is impossible."""
+    command = [sys.executable, "-c", code, *args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make permissions apply")
+        caps = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent
+    )
+    if result.returncode != 0 and "setpriv" in result.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {result.stderr.strip()}")
+    return result

@@ -16,7 +16,7 @@ from awt_engine.cli import app
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from awt_engine.text_cache import text_cache_key, text_cache_path
 from tests.fixtures_embedders import COLOURS, ColourBackbone, ColourEmbedder, solid
-from tests.fixtures_images import make_bad_input_folder
+from tests.fixtures_images import deny_listing, make_bad_input_folder
 
 runner = CliRunner()
 NAMES = ["red", "green", "blue", "yellow"]
@@ -442,3 +442,27 @@ def test_cli_csv_writes_awkward_names_losslessly(awkward_folder, colour_backbone
     assert ok == truth
     (error_row,) = [r for r in rows if r["error"]]
     assert os.fsencode(error_row["path"]) == broken and error_row["rank"] == ""
+
+
+# --------------------------------------------------------------------------- unreadable folders
+
+
+def test_cli_unreadable_subfolder_is_an_error_row(
+    colour_folder, colour_backbone, monkeypatch, tmp_path
+):
+    folder, truth = colour_folder
+    locked = folder / "locked"
+    (locked / "inner").mkdir(parents=True)
+    solid("red").save(locked / "inner" / "x.png")
+    deny_listing(monkeypatch, locked)
+    out = tmp_path / "p.jsonl"
+    res = runner.invoke(
+        app, ["classify", str(folder), "--classes", ",".join(NAMES), "--views", "2", "-o", str(out)]
+    )
+    assert res.exit_code == 1, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {r["path"]: r["predictions"][0]["label"] for r in rows if "predictions" in r} == truth
+    errors = [r for r in rows if "error" in r]
+    assert errors == [{"path": str(locked), "error": "cannot read folder (permission denied)"}]
+    assert f"error: {locked}: cannot read folder (permission denied)" in res.stderr
+    assert "1 folder(s) could not be read" in res.stderr

@@ -20,9 +20,11 @@ from awt_engine.images import (
     IMAGE_EXTENSIONS,
     DecodedImage,
     ImageDecodeError,
+    UnreadableFolder,
     as_rgb_image,
     decode_images,
     discover_images,
+    find_images,
     load_image,
 )
 from tests.fixtures_images import (
@@ -31,7 +33,10 @@ from tests.fixtures_images import (
     EXIF_RED_BLOCK_DISPLAYED,
     PALETTE_OPAQUE_RGB,
     SIXTEEN_BIT_EXPECTED,
+    chmod_000,
+    deny_listing,
     make_bad_input_folder,
+    run_with_permissions,
     solid_png,
 )
 
@@ -588,3 +593,46 @@ print(json.dumps({"labels": labels, "grown": (after - before) * 1024}))
     assert out["labels"] == ["red"] * 6
     one_image = 12000 * 12000 * 4  # one decoded at full size: PNG cannot decode reduced
     assert out["grown"] < 1.75 * one_image, f"peak grew {out['grown'] / 2**30:.2f} GiB"
+
+
+# --------------------------------------------------------------------------- unreadable folders
+
+
+def _locked_tree(root: Path) -> Path:
+    for rel in ["a.png", "open/c.png", "locked/b.png", "locked/deeper/d.png"]:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x")
+    return root / "locked"
+
+
+def test_find_images_reports_unreadable_subfolders(tmp_path, monkeypatch):
+    locked = _locked_tree(tmp_path)
+    deny_listing(monkeypatch, locked)
+    found = find_images([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found.images] == ["a.png", "open/c.png"]
+    assert found.unreadable == [
+        UnreadableFolder(str(locked), "cannot read folder (permission denied)")
+    ]
+    with pytest.warns(UserWarning, match=f"{locked}: cannot read folder"):
+        assert discover_images([tmp_path]) == found.images
+    # an unreadable folder given itself, or through a glob: reported, not "empty"
+    assert find_images([locked]).unreadable == found.unreadable
+    assert find_images([locked]).images == []
+    assert find_images([str(tmp_path / "lo*")]).unreadable == found.unreadable
+
+
+def test_find_images_with_real_permissions(tmp_path):
+    """chmod 000, checked where permissions apply (as root: capabilities dropped)."""
+    locked = _locked_tree(tmp_path)
+    code = (
+        "import json, sys; from awt_engine.images import find_images; "
+        "f = find_images([sys.argv[1]]); "
+        "print(json.dumps([[str(p) for p in f.images], [list(u) for u in f.unreadable]]))"
+    )
+    with chmod_000(locked):
+        res = run_with_permissions(code, str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    images, unreadable = json.loads(res.stdout)
+    assert images == [str(tmp_path / "a.png"), str(tmp_path / "open" / "c.png")]
+    assert unreadable == [[str(locked), "cannot read folder (permission denied)"]]

@@ -74,8 +74,8 @@ def classify(
     precision: Precision = None,
 ) -> None:
     """Classify images zero-shot; one line per image on stdout (path, label, score)."""
-    from awt_engine.classifier import create_classifier
-    from awt_engine.images import discover_images
+    from awt_engine.classifier import Prediction, create_classifier
+    from awt_engine.images import find_images
     from awt_engine.scoring import list_methods
 
     if method not in list_methods():
@@ -87,7 +87,8 @@ def classify(
         )
     if classes is None and dataset is None:
         raise fail("say what the classes are: --dataset NAME or --classes LIST")
-    paths = discover_images(inputs)
+    found = find_images(inputs)
+    paths = found.images
     clf = create_classifier(
         model,
         weights_arg(pretrained),
@@ -108,6 +109,10 @@ def classify(
     )
     n_failed = 0
     with _Writer(output) as writer:
+        for folder in found.unreadable:  # an error row each, as for an unreadable file
+            pred = Prediction(folder.path, None, folder.reason)
+            writer.write(pred)
+            typer.echo(f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True)
         for pred in clf.classify(paths, top_k=top_k, progress=True, total=len(paths)):
             writer.write(pred)
             if pred.ok:
@@ -121,6 +126,9 @@ def classify(
                 )
     if n_failed:
         typer.echo(f"{n_failed} of {len(paths)} image(s) could not be classified", err=True)
+    if found.unreadable:
+        typer.echo(f"{len(found.unreadable)} folder(s) could not be read", err=True)
+    if n_failed or found.unreadable:
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
 
