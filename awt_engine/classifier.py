@@ -29,7 +29,7 @@ from awt_engine.embedders import (
     score_views,
     views_needed,
 )
-from awt_engine.images import DecodedImage, as_rgb_image, decode_images
+from awt_engine.images import as_rgb_image, decode_images
 from awt_engine.prompts import build_prompts
 from awt_engine.shortlist import shortlisted_scores
 from awt_engine.views import ViewConfig, make_views
@@ -187,9 +187,8 @@ class Classifier:
 
     def make_views(self, image) -> Tensor:
         """[V, 3, R, R] normalised views of one image (PIL, path or array)."""
-        return make_views(
-            as_rgb_image(image), self.model.preprocess, self.view_config, device=self.model.device
-        )
+        rgb = as_rgb_image(image, target_size=self.model.preprocess.size)  # huge ones reduced
+        return make_views(rgb, self.model.preprocess, self.view_config, device=self.model.device)
 
     def _view_batches(self, images: Sequence[Any]) -> Iterator[Tensor]:
         """[b, V, 3, R, R] views, ``batch_size`` images at a time."""
@@ -279,21 +278,24 @@ class Classifier:
         An unreadable image yields a Prediction with ``error`` set; the run goes on.
         """
         bar = progress_bar(total, progress)
-        pending: list[DecodedImage] = []
+        pending: list[str] = []  # paths only: a batch's decoded images are not kept
         views: list[Tensor] = []
 
         def flush():
             if pending:
                 scores = self._scores_for_views(torch.stack(views)).float().cpu()
                 yield from (
-                    Prediction(d.path, p)
-                    for d, p in zip(pending, self._top(scores, top_k), strict=True)
+                    Prediction(path, p)
+                    for path, p in zip(pending, self._top(scores, top_k), strict=True)
                 )
                 bar.update(len(pending))
                 pending.clear()
                 views.clear()
 
-        for item in decode_images(inputs, workers=self.workers):
+        decoded = decode_images(
+            inputs, workers=self.workers, target_size=self.model.preprocess.size
+        )
+        for item in decoded:
             if not item.ok:
                 bar.update(1)
                 yield Prediction(item.path, None, item.error)
@@ -304,8 +306,9 @@ class Classifier:
                 bar.update(1)
                 yield Prediction(item.path, None, f"cannot make views: {exc}")
                 continue
-            pending.append(item)
+            pending.append(item.path)
             views.append(v)
+            del item  # the pixels go with it
             if len(pending) == self.batch_size:
                 yield from flush()
         yield from flush()

@@ -168,7 +168,11 @@ def evaluate(
             batch.clear()
             views.clear()
 
-        decoded = decode_images((items[i].path for i in misses), workers=clf.workers)
+        decoded = decode_images(
+            (items[i].path for i in misses),
+            workers=clf.workers,
+            target_size=clf.model.preprocess.size,
+        )
         for i, dec in zip(misses, decoded, strict=True):
             if not dec.ok:
                 failed[i] = dec.error

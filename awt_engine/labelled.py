@@ -40,6 +40,9 @@ the class names in label order; it never opens an image. Layouts, tried in this 
    image-holding subfolders are all split names (train/val/test...) is entered at
    ``split`` (``"test"`` falls back to ``val/`` when there is no ``test/``: ImageNet
    evaluates on its validation set).
+   A class folder (or a folder inside one) that cannot be listed (permission denied) is a
+   :class:`DatasetLayoutError` naming it, not skipped: without its images the
+   evaluation would silently measure a different data set.
 
 Labels of class folders:
 
@@ -404,8 +407,19 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(folder: Path) -> Iterable[Path]:
-    for current, dirs, files in os.walk(folder):
+def _walk_images(folder: Path, *, strict: bool = False) -> Iterable[Path]:
+    """Image files under ``folder``; ``strict``: a folder that cannot be listed is a
+    DatasetLayoutError naming it (else it reads as holding no images)."""
+
+    def unreadable(exc: OSError) -> None:
+        where = exc.filename if exc.filename is not None else folder
+        reason = "permission denied" if isinstance(exc, PermissionError) else exc.strerror
+        raise DatasetLayoutError(
+            f"cannot read folder {str(where)!r} ({reason or exc}): its images would be "
+            "missing from the evaluation; make it readable (or move it out of the data set)"
+        )
+
+    for current, dirs, files in os.walk(folder, onerror=unreadable if strict else None):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             if _is_image_name(name):
@@ -444,7 +458,7 @@ def _load_class_folders(
     class_dirs: list[tuple[Path, list[Path]]] = []
     empty: list[str] = []
     for sub in _subfolders(folder):
-        images = sorted(_walk_images(sub))
+        images = sorted(_walk_images(sub, strict=True))
         if images:
             class_dirs.append((sub, images))
         else:

@@ -8,12 +8,19 @@ what the decoder produced.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 # sixteen_bit.png: one row of these 16-bit values ...
@@ -92,22 +99,80 @@ def _encode(image: Image.Image, fmt: str, **params) -> bytes:
 
 def bomb_png(width: int, height: int) -> bytes:
     """A valid 1-bit greyscale PNG of the given size, all black; tiny on disk."""
+    row = b"\x00" + bytes((width + 7) // 8)  # filter byte "None" + packed bits
+    return _png(width, height, bit_depth=1, colour_type=0, row=row)
 
+
+def solid_png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """An 8-bit RGB PNG, every pixel ``rgb``, streamed through zlib: a 12000 x 12000 one
+    (144 Mpx, 576 MB decoded) takes ~0.7 s to build and ~1.9 MB on disk."""
+    row = b"\x00" + bytes(rgb) * width
+    return _png(width, height, bit_depth=8, colour_type=2, row=row)
+
+
+def _png(width: int, height: int, *, bit_depth: int, colour_type: int, row: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    row = b"\x00" + bytes((width + 7) // 8)  # filter byte "None" + packed bits
-    compressor = zlib.compressobj(9)
-    rows_per_block = 1000
+    compressor = zlib.compressobj(9 if bit_depth == 1 else 1)  # level 1: fast on 432 MB
+    rows_per_block = max(1, min(1000, (1 << 24) // len(row)))  # <= ~16 MB of rows at once
     parts = []
     for start in range(0, height, rows_per_block):
         parts.append(compressor.compress(row * min(rows_per_block, height - start)))
     parts.append(compressor.flush())
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
         + chunk(b"IDAT", b"".join(parts))
         + chunk(b"IEND", b"")
     )
+
+
+# --------------------------------------------------------------------------- unreadable folders
+
+
+def deny_listing(monkeypatch, *folders: str | os.PathLike) -> None:
+    """Make ``os.scandir`` (hence ``os.walk``) fail with "permission denied" on these
+    folders, as ``chmod 000`` would for a normal user. Tests run as root here, where
+    chmod does not stop reads; :func:`run_with_permissions` checks the real thing."""
+    real = os.scandir
+    denied = {os.path.abspath(os.fspath(f)) for f in folders}
+
+    def scandir(path="."):
+        if os.path.abspath(os.fspath(path)) in denied:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+@contextlib.contextmanager
+def chmod_000(folder: Path):
+    """``folder`` with no permissions at all, restored afterwards (so it can be deleted)."""
+    mode = folder.stat().st_mode
+    folder.chmod(0)
+    try:
+        yield folder
+    finally:
+        folder.chmod(mode)
+
+
+def run_with_permissions(code: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -c code args`` in a process where file permissions apply: as it is for a
+    normal user; as root, with the two capabilities that bypass them (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) dropped by ``setpriv``. Skips the test when that is impossible."""
+    command = [sys.executable, "-c", code, *args]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make permissions apply")
+        caps = "-dac_override,-dac_read_search"
+        command = [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent
+    )
+    if result.returncode != 0 and "setpriv" in result.stderr:
+        pytest.skip(f"setpriv cannot drop capabilities here: {result.stderr.strip()}")
+    return result

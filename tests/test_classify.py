@@ -1,7 +1,9 @@
 """Classification end to end: Python API and `awt-engine classify`, with known answers."""
 
 import csv
+import io
 import json
+import os
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from awt_engine.cli import app
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from awt_engine.text_cache import text_cache_key, text_cache_path
 from tests.fixtures_embedders import COLOURS, ColourBackbone, ColourEmbedder, solid
-from tests.fixtures_images import make_bad_input_folder
+from tests.fixtures_images import deny_listing, make_bad_input_folder
 
 runner = CliRunner()
 NAMES = ["red", "green", "blue", "yellow"]
@@ -337,3 +339,130 @@ def test_cli_and_api_with_a_real_tiny_open_clip_model(tiny_clip_dir, colour_fold
     for p, pred in zip(sorted(truth), preds, strict=True):
         assert pred[0]["label"] == by_path[p]["label"]
         assert abs(pred[0]["score"] - by_path[p]["score"]) < 1e-4
+
+
+# --------------------------------------------------------------------------- awkward file names
+
+# Undecodable bytes (Latin-1 e-acute, 0xff), a newline, a tab, a backslash, a carriage
+# return and an escape character: every one must reach the output and come back exactly.
+AWKWARD = {
+    b"caf\xe9_red.png": "red",
+    b"line\nbreak_blue.png": "blue",
+    b"tab\there_green.png": "green",
+    b"back\\slash_yellow.png": "yellow",
+    b"\xff\xfe\r\x1b_red.png": "red",
+    "plain_ünïcode_blue.png".encode(): "blue",
+}
+BROKEN = b"broken\xff\n.png"  # not an image: an error row, its name intact
+
+
+@pytest.fixture
+def awkward_folder(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    truth = {}
+    for name, colour in AWKWARD.items():
+        path = os.path.join(os.fsencode(folder), name)
+        buf = io.BytesIO()
+        solid(colour, (21, 19)).save(buf, format="PNG")
+        with open(path, "wb") as f:
+            f.write(buf.getvalue())
+        truth[path] = colour
+    with open(os.path.join(os.fsencode(folder), BROKEN), "wb") as f:
+        f.write(b"not a png")
+    return folder, truth, os.path.join(os.fsencode(folder), BROKEN)
+
+
+def _unescape(field: str) -> bytes:
+    """The README's stdout rules, undone: the file name's bytes."""
+    out = bytearray()
+    i = 0
+    while i < len(field):
+        if field[i] != "\\":
+            out += field[i].encode("utf-8")
+            i += 1
+        elif field[i + 1] in "\\tnr":
+            out += {"\\": b"\\", "t": b"\t", "n": b"\n", "r": b"\r"}[field[i + 1]]
+            i += 2
+        elif field[i + 1] == "x":
+            out.append(int(field[i + 2 : i + 4], 16))
+            i += 4
+        elif field[i + 1] == "u":
+            out += chr(int(field[i + 2 : i + 6], 16)).encode("utf-8")
+            i += 6
+        else:
+            raise AssertionError(f"unknown escape in {field!r}")
+    return bytes(out)
+
+
+def _classify_awkward(folder, out):
+    args = ["classify", str(folder), "--classes", ",".join(NAMES), "--views", "2", "--top-k", "1"]
+    return runner.invoke(app, [*args, "-o", str(out)] if out else args)
+
+
+def test_cli_stdout_has_one_escaped_line_per_awkward_name(awkward_folder, colour_backbone):
+    folder, truth, broken = awkward_folder
+    res = _classify_awkward(folder, None)
+    assert res.exit_code == 1, res.output  # the broken file
+    lines = res.stdout.split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == len(truth)  # exactly one line per image
+    got = {}
+    for line in lines[:-1]:
+        path, label, score = line.split("\t")  # exactly three fields
+        assert path.isprintable() and float(score) > 0
+        got[_unescape(path)] = label
+    assert got == truth
+    errors = [ln for ln in res.stderr.split("\n") if ln.startswith("error: ")]
+    assert len(errors) == 1 and _unescape(errors[0][len("error: ") :].split(": ")[0]) == broken
+
+
+def test_cli_jsonl_writes_awkward_names_losslessly(awkward_folder, colour_backbone, tmp_path):
+    folder, truth, broken = awkward_folder
+    out = tmp_path / "preds.jsonl"
+    res = _classify_awkward(folder, out)
+    assert res.exit_code == 1, res.output
+    text = out.read_bytes().decode("utf-8")  # strictly valid UTF-8
+    rows = [json.loads(line) for line in text.split("\n")[:-1]]
+    assert len(rows) == len(truth) + 1
+    ok = {os.fsencode(r["path"]): r["predictions"][0]["label"] for r in rows if "predictions" in r}
+    assert ok == truth
+    (error_row,) = [r for r in rows if "error" in r]
+    assert os.fsencode(error_row["path"]) == broken
+
+
+def test_cli_csv_writes_awkward_names_losslessly(awkward_folder, colour_backbone, tmp_path):
+    folder, truth, broken = awkward_folder
+    out = tmp_path / "preds.csv"
+    res = _classify_awkward(folder, out)
+    assert res.exit_code == 1, res.output
+    with open(out, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(truth) + 1
+    ok = {os.fsencode(r["path"]): r["label"] for r in rows if not r["error"]}
+    assert ok == truth
+    (error_row,) = [r for r in rows if r["error"]]
+    assert os.fsencode(error_row["path"]) == broken and error_row["rank"] == ""
+
+
+# --------------------------------------------------------------------------- unreadable folders
+
+
+def test_cli_unreadable_subfolder_is_an_error_row(
+    colour_folder, colour_backbone, monkeypatch, tmp_path
+):
+    folder, truth = colour_folder
+    locked = folder / "locked"
+    (locked / "inner").mkdir(parents=True)
+    solid("red").save(locked / "inner" / "x.png")
+    deny_listing(monkeypatch, locked)
+    out = tmp_path / "p.jsonl"
+    res = runner.invoke(
+        app, ["classify", str(folder), "--classes", ",".join(NAMES), "--views", "2", "-o", str(out)]
+    )
+    assert res.exit_code == 1, res.output
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {r["path"]: r["predictions"][0]["label"] for r in rows if "predictions" in r} == truth
+    errors = [r for r in rows if "error" in r]
+    assert errors == [{"path": str(locked), "error": "cannot read folder (permission denied)"}]
+    assert f"error: {locked}: cannot read folder (permission denied)" in res.stderr
+    assert "1 folder(s) could not be read" in res.stderr

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,14 +14,17 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from awt_engine import images as images_mod
 from awt_engine.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     DecodedImage,
     ImageDecodeError,
+    UnreadableFolder,
     as_rgb_image,
     decode_images,
     discover_images,
+    find_images,
     load_image,
 )
 from tests.fixtures_images import (
@@ -27,7 +33,11 @@ from tests.fixtures_images import (
     EXIF_RED_BLOCK_DISPLAYED,
     PALETTE_OPAQUE_RGB,
     SIXTEEN_BIT_EXPECTED,
+    chmod_000,
+    deny_listing,
     make_bad_input_folder,
+    run_with_permissions,
+    solid_png,
 )
 
 
@@ -398,3 +408,231 @@ def test_as_rgb_image_pil_inputs_are_converted_not_mutated(tmp_path):
     assert as_rgb_image(str(path)).getpixel((0, 0)) == (255, 0, 0)
     with Image.open(path) as lazy:
         assert as_rgb_image(lazy).getpixel((1, 1)) == (255, 0, 0)
+
+
+# --------------------------------------------------------------------------- huge images
+
+# At target_size R = 8 an image is reduced once its shorter side reaches 2 * 16 * 8 = 256
+# px, by shorter // 128 (so its shorter side stays >= 16 R = 128).
+R = 8
+
+
+def _noise(height: int, width: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _block_means(pixels: np.ndarray, factor: int) -> np.ndarray:
+    h, w, _ = pixels.shape
+    blocks = pixels.reshape(h // factor, factor, w // factor, factor, 3).astype(np.float64)
+    return blocks.mean(axis=(1, 3))
+
+
+def test_huge_png_is_reduced_to_box_means_of_the_documented_factor(tmp_path):
+    pixels = _noise(390, 519)  # shorter side 390: 390 // 128 = 3
+    path = _save(tmp_path / "big.png", Image.fromarray(pixels))
+    out = load_image(path, target_size=R)
+    assert out.mode == "RGB" and out.size == (173, 130)
+    diff = np.abs(np.asarray(out, dtype=np.float64) - _block_means(pixels, 3))
+    assert diff.max() < 1.0  # each pixel is its 3 x 3 block's mean (Pillow's rounding)
+
+
+def test_images_below_the_threshold_are_untouched(tmp_path):
+    small = _save(tmp_path / "just_below.png", Image.fromarray(_noise(255, 900)))
+    assert np.array_equal(
+        np.asarray(load_image(small, target_size=R)), np.asarray(load_image(small))
+    )
+    # an ordinary 12-Mpx phone photo at CLIP's 224 px: never reduced
+    photo = _save(tmp_path / "photo.jpg", Image.new("RGB", (4032, 3024), (90, 140, 200)))
+    assert load_image(photo, target_size=224).size == (4032, 3024)
+
+
+def test_huge_jpeg_is_decoded_at_reduced_scale_by_libjpeg(tmp_path):
+    # R = 16: the bound is 256 px; shorter side 768 -> factor 3. libjpeg decodes at 1/2
+    # (the largest of 1/2, 1/4, 1/8 not beyond 3), after which 384 // 256 = 1: 768 x 384.
+    # Image.reduce alone would have given 512 x 256.
+    y, x = np.mgrid[0:768, 0:1536]
+    smooth = np.stack([x * 255 // 1535, y * 255 // 767, (x + y) % 256 // 4 * 0 + 90], axis=-1)
+    path = _save(tmp_path / "big.jpg", Image.fromarray(smooth.astype(np.uint8)), quality=95)
+    out = load_image(path, target_size=16)
+    assert out.size == (768, 384)
+    expected = _block_means(np.asarray(load_image(path), dtype=np.uint8), 2)
+    assert np.abs(np.asarray(out, dtype=np.float64) - expected).mean() < 2.0
+
+
+def test_reduced_jpeg_keeps_exif_orientation(tmp_path):
+    # stored 1024 x 512 with a red top-left quarter, orientation 6: factor 512 // 128 = 4
+    # (decoded at 1/4), shown 128 wide x 256 high with the red block at the top right.
+    stored = Image.new("RGB", (1024, 512), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 256, 256))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = _save(tmp_path / "rotated.jpg", stored, quality=95, exif=exif.tobytes())
+    out = load_image(path, target_size=R)
+    assert out.size == (128, 256)
+    assert _mean(out, (80, 10, 120, 50))[0] > 200  # top right: red
+    assert _mean(out, (10, 200, 50, 240))[2] > 200  # bottom left: blue
+    assert "exif" not in out.info or out.getexif().get(0x0112, 1) == 1
+
+
+def test_palette_images_are_converted_before_they_are_reduced(tmp_path):
+    palette = Image.new("P", (512, 256), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255, 0, 255, 0] + [0, 0, 0] * 253)
+    stripes = np.zeros((256, 512), np.uint8)
+    stripes[:, 1::2] = 2  # red and green columns; averaging the indices would give blue
+    palette.putdata(stripes.ravel().tolist())
+    out = load_image(_save(tmp_path / "p.png", palette), target_size=R)  # factor 2
+    assert out.size == (256, 128)
+    r, g, b = out.getpixel((100, 50))
+    assert abs(r - 128) <= 1 and abs(g - 128) <= 1 and b == 0
+
+
+def test_reduction_depends_only_on_the_image(tmp_path):
+    png = _save(tmp_path / "a.png", Image.fromarray(_noise(390, 519)))
+    jpg = _save(tmp_path / "b.jpg", Image.fromarray(_noise(600, 300, seed=2)), quality=90)
+    small = _save(tmp_path / "c.png", Image.fromarray(_noise(40, 50, seed=3)))
+    paths = [png, jpg, small, png]
+    alone = [np.asarray(load_image(p, target_size=R)) for p in paths]
+    assert alone[1].shape == (300, 150, 3)  # 300 // 128 = 2 -> decoded at 1/2
+    for workers in (1, 3):
+        for order in (paths, paths[::-1]):
+            got = {
+                r.path: np.asarray(r.image)
+                for r in decode_images(order, workers=workers, target_size=R)
+            }
+            for p, want in zip(paths, alone, strict=True):
+                assert np.array_equal(got[str(p)], want)
+    # reducing a reduced image changes nothing; arrays follow the same rule as files
+    again = as_rgb_image(Image.fromarray(alone[0]), target_size=R)
+    assert np.array_equal(np.asarray(again), alone[0])
+    from_array = as_rgb_image(np.asarray(Image.open(png)), target_size=R)
+    assert np.array_equal(np.asarray(from_array), alone[0])
+    with pytest.raises(ValueError, match="target_size"):
+        load_image(png, target_size=0)
+
+
+def _track_decodes(monkeypatch) -> list[str]:
+    started: list[str] = []
+    real = images_mod._decode_opened
+
+    def tracking(opened, target_size):
+        started.append(opened.path.name)
+        return real(opened, target_size)
+
+    monkeypatch.setattr(images_mod, "_decode_opened", tracking)
+    return started
+
+
+def test_pixel_budget_smaller_than_an_image_decodes_one_at_a_time(tmp_path, monkeypatch):
+    paths = [_save(tmp_path / f"{i}.png", Image.new("RGB", (64, 48), (i, 0, 0))) for i in range(8)]
+    started = _track_decodes(monkeypatch)
+    stream = decode_images(paths, workers=4, prefetch=6, pixel_budget=1)
+    for i, result in enumerate(stream):
+        time.sleep(0.02)  # every chance for the pool to run ahead
+        assert len(started) == i + 1  # nothing else decoding, or decoded and waiting
+        assert result.image.getpixel((0, 0)) == (i, 0, 0)  # still decoded: alone
+    assert started == [p.name for p in paths]
+
+
+def test_pixel_budget_lets_images_that_fit_decode_ahead(tmp_path, monkeypatch):
+    paths = [_save(tmp_path / f"{i}.png", Image.new("RGB", (64, 48), (i, 0, 0))) for i in range(8)]
+    started = _track_decodes(monkeypatch)
+    # As documented: a 64 x 48 RGB PNG is charged 12 KB decoded + 2 x 12 KB output while
+    # it decodes, its 12 KB output until consumed. Room for one decoding and one held:
+    held, decoding = 64 * 48 * 4, 3 * 64 * 48 * 4
+    stream = decode_images(paths, workers=4, prefetch=6, pixel_budget=held + decoding)
+    first = next(stream)
+    for _ in range(200):  # <= 2 s
+        if len(started) >= 2:
+            break
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert first.ok and len(started) == 2  # the next one decoded while this one is held
+    assert [r.image.getpixel((0, 0))[0] for r in stream] == list(range(1, 8))
+    stream.close()
+
+
+def test_abandoned_budgeted_stream_closes_promptly(tmp_path):
+    paths = [_save(tmp_path / f"{i}.png", Image.new("RGB", (32, 32), "red")) for i in range(6)]
+    stream = decode_images(paths, workers=2, pixel_budget=1)
+    assert next(stream).ok
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (stream.close(), done.set()), daemon=True)
+    closer.start()
+    assert done.wait(5), "closing the stream hung"
+
+
+@pytest.mark.slow
+def test_six_144_megapixel_pngs_peak_within_one_decode(tmp_path):
+    """The issue's case: six 12000 x 12000 PNGs classified; peak RSS in a fresh process."""
+    data = solid_png(12000, 12000, (200, 30, 30))
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"huge{i}.png"))
+        Path(paths[-1]).write_bytes(data)
+    script = """
+import json, resource, sys
+import awt_engine
+from tests.fixtures_embedders import ColourEmbedder
+clf = awt_engine.create_classifier(
+    classes=["red", "green", "blue"], embedder=ColourEmbedder(), views=3, workers=2
+)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+labels = [p.predictions[0]["label"] if p.ok else p.error for p in clf.classify(sys.argv[1:])]
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"labels": labels, "grown": (after - before) * 1024}))
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", script, *paths],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["labels"] == ["red"] * 6
+    one_image = 12000 * 12000 * 4  # one decoded at full size: PNG cannot decode reduced
+    assert out["grown"] < 1.75 * one_image, f"peak grew {out['grown'] / 2**30:.2f} GiB"
+
+
+# --------------------------------------------------------------------------- unreadable folders
+
+
+def _locked_tree(root: Path) -> Path:
+    for rel in ["a.png", "open/c.png", "locked/b.png", "locked/deeper/d.png"]:
+        target = root / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"x")
+    return root / "locked"
+
+
+def test_find_images_reports_unreadable_subfolders(tmp_path, monkeypatch):
+    locked = _locked_tree(tmp_path)
+    deny_listing(monkeypatch, locked)
+    found = find_images([tmp_path])
+    assert [p.relative_to(tmp_path).as_posix() for p in found.images] == ["a.png", "open/c.png"]
+    assert found.unreadable == [
+        UnreadableFolder(str(locked), "cannot read folder (permission denied)")
+    ]
+    with pytest.warns(UserWarning, match=f"{locked}: cannot read folder"):
+        assert discover_images([tmp_path]) == found.images
+    # an unreadable folder given itself, or through a glob: reported, not "empty"
+    assert find_images([locked]).unreadable == found.unreadable
+    assert find_images([locked]).images == []
+    assert find_images([str(tmp_path / "lo*")]).unreadable == found.unreadable
+
+
+def test_find_images_with_real_permissions(tmp_path):
+    """chmod 000, checked where permissions apply (as root: capabilities dropped)."""
+    locked = _locked_tree(tmp_path)
+    code = (
+        "import json, sys; from awt_engine.images import find_images; "
+        "f = find_images([sys.argv[1]]); "
+        "print(json.dumps([[str(p) for p in f.images], [list(u) for u in f.unreadable]]))"
+    )
+    with chmod_000(locked):
+        res = run_with_permissions(code, str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    images, unreadable = json.loads(res.stdout)
+    assert images == [str(tmp_path / "a.png"), str(tmp_path / "open" / "c.png")]
+    assert unreadable == [[str(locked), "cannot read folder (permission denied)"]]

@@ -18,6 +18,7 @@ from awt_engine.labelled import (
     load_labelled,
     subset,
 )
+from tests.fixtures_images import chmod_000, deny_listing, run_with_permissions
 
 
 def _png_bytes() -> bytes:
@@ -399,6 +400,40 @@ def test_empty_or_missing_root(tmp_path: Path):
     with pytest.raises(DatasetLayoutError, match=r"images directly in it but no class subfolders"):
         load_labelled(flat)
     assert issubclass(DatasetLayoutError, ValueError)
+
+
+def _pets_with_locked_class(root: Path) -> tuple[Path, Path]:
+    touch_image(root / "cat" / "c1.jpg")
+    touch_image(root / "dog" / "d1.jpg")
+    touch_image(root / "dog" / "more" / "d2.jpg")
+    touch_image(root / "parrot" / "p1.jpg")
+    return root / "parrot", root / "dog" / "more"
+
+
+def test_unreadable_class_folder_is_an_error_naming_it(tmp_path: Path, monkeypatch):
+    parrot, nested = _pets_with_locked_class(tmp_path / "pets")
+    for locked in (parrot, nested):
+        with monkeypatch.context() as m:
+            deny_listing(m, locked)
+            with pytest.raises(DatasetLayoutError, match=r"cannot read folder") as info:
+                load_labelled(tmp_path / "pets")
+        assert f"{str(locked)!r} (permission denied)" in str(info.value)
+    assert len(load_labelled(tmp_path / "pets").items) == 4  # readable again: all of them
+
+
+def test_unreadable_class_folder_with_real_permissions(tmp_path: Path):
+    """chmod 000, checked where permissions apply (as root: capabilities dropped)."""
+    parrot, _ = _pets_with_locked_class(tmp_path / "pets")
+    code = (
+        "import sys; from awt_engine.labelled import load_labelled, DatasetLayoutError\n"
+        "try:\n    data = load_labelled(sys.argv[1])\n"
+        "except DatasetLayoutError as exc:\n    print(exc)\nelse:\n"
+        "    print('loaded', data.classes)"
+    )
+    with chmod_000(parrot):
+        res = run_with_permissions(code, str(tmp_path / "pets"))
+    assert res.returncode == 0, res.stderr
+    assert f"cannot read folder {str(parrot)!r} (permission denied)" in res.stdout
 
 
 def test_unknown_dataset_name_is_value_error(tmp_path: Path):

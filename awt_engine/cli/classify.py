@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -73,8 +74,8 @@ def classify(
     precision: Precision = None,
 ) -> None:
     """Classify images zero-shot; one line per image on stdout (path, label, score)."""
-    from awt_engine.classifier import create_classifier
-    from awt_engine.images import discover_images
+    from awt_engine.classifier import Prediction, create_classifier
+    from awt_engine.images import find_images
     from awt_engine.scoring import list_methods
 
     if method not in list_methods():
@@ -86,7 +87,8 @@ def classify(
         )
     if classes is None and dataset is None:
         raise fail("say what the classes are: --dataset NAME or --classes LIST")
-    paths = discover_images(inputs)
+    found = find_images(inputs)
+    paths = found.images
     clf = create_classifier(
         model,
         weights_arg(pretrained),
@@ -107,18 +109,69 @@ def classify(
     )
     n_failed = 0
     with _Writer(output) as writer:
+        for folder in found.unreadable:  # an error row each, as for an unreadable file
+            pred = Prediction(folder.path, None, folder.reason)
+            writer.write(pred)
+            typer.echo(f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True)
         for pred in clf.classify(paths, top_k=top_k, progress=True, total=len(paths)):
             writer.write(pred)
             if pred.ok:
                 best = pred.predictions[0]
-                typer.echo(f"{pred.path}\t{best['label']}\t{best['score']:.4f}")
+                fields = (escape_field(pred.path), escape_field(best["label"]))
+                typer.echo(f"{fields[0]}\t{fields[1]}\t{best['score']:.4f}")
             else:
                 n_failed += 1
-                typer.echo(f"error: {pred.path}: {pred.error}", err=True)
+                typer.echo(
+                    f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True
+                )
     if n_failed:
         typer.echo(f"{n_failed} of {len(paths)} image(s) could not be classified", err=True)
+    if found.unreadable:
+        typer.echo(f"{len(found.unreadable)} folder(s) could not be read", err=True)
+    if n_failed or found.unreadable:
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
+
+
+# stdout/stderr: one image per line, tab-separated, whatever its name holds (README
+# "Output"). \xXX always stands for the byte XX of the name, so the escaped text maps back
+# to the exact bytes: undecodable bytes arrive from os.fsdecode as U+DC80..U+DCFF.
+_ESCAPE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    code = ord(char)
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    if code < 0x80:  # other control characters: their byte
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of the name: that byte
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"  # C1 controls, line/paragraph separators, other lone surrogates
+
+
+def escape_field(text: str) -> str:
+    """``text`` as one printable, tab-free line (README "Output" gives the rules)."""
+    return _ESCAPE.sub(_escape_char, text)
+
+
+# Lone surrogates other than surrogateescape's (not from os.fsdecode on POSIX; possible in
+# Windows names): no byte to write them as, so a \uXXXX escape in the CSV.
+_OTHER_SURROGATES = re.compile("[\ud800-\udc7f\udd00-\udfff]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _json_line(row: dict) -> str:
+    """One JSON object, UTF-8 text, with lone surrogates as JSON \\uXXXX escapes (lossless:
+    json.loads gives the same str back, os.fsencode the file name's bytes)."""
+    text = json.dumps(row, ensure_ascii=False)
+    return _SURROGATES.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _csv_text(text: str) -> str:
+    return _OTHER_SURROGATES.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class _Writer:
@@ -131,7 +184,8 @@ class _Writer:
     def __enter__(self):
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(self.path, "w", encoding="utf-8", newline="")
+            # Undecodable bytes of a file name are written as those bytes (CSV; see README)
+            self.f = open(self.path, "w", encoding="utf-8", errors="surrogateescape", newline="")
             if self.path.suffix.lower() == ".csv":
                 self.csv = csv.writer(self.f)
                 self.csv.writerow(["path", "rank", "label", "score", "error"])
@@ -146,12 +200,13 @@ class _Writer:
                 if pred.ok
                 else {"path": pred.path, "error": pred.error}
             )
-            self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.f.write(_json_line(row) + "\n")
         elif pred.ok:
+            path = _csv_text(pred.path)
             for rank, p in enumerate(pred.predictions, start=1):
-                self.csv.writerow([pred.path, rank, p["label"], f"{p['score']:.6g}", ""])
+                self.csv.writerow([path, rank, _csv_text(p["label"]), f"{p['score']:.6g}", ""])
         else:
-            self.csv.writerow([pred.path, "", "", "", pred.error])
+            self.csv.writerow([_csv_text(pred.path), "", "", "", _csv_text(pred.error)])
         self.f.flush()
 
     def __exit__(self, *exc):
