@@ -485,6 +485,9 @@ def _load_class_folders(
     names = [d.name for d, _ in class_dirs]
     where = f"{str(folder)!r}"
     if target is None:
+        # Folder names become the class names: two that give the same prompt ('sea_lion'
+        # and 'Sea Lion') would be two classes no scorer can tell apart.
+        validate_class_names(names, source=f"class folders of {where}")
         classes = tuple(sorted(names, key=_natural_key) if _all_numeric(names) else names)
         mapping = {n: classes.index(n) for n in names}
         kind = "ImageFolder"

@@ -466,3 +466,16 @@ def test_cli_unreadable_subfolder_is_an_error_row(
     assert errors == [{"path": str(locked), "error": "cannot read folder (permission denied)"}]
     assert f"error: {locked}: cannot read folder (permission denied)" in res.stderr
     assert "1 folder(s) could not be read" in res.stderr
+
+
+def test_full_disk_while_writing_predictions_is_a_clear_error(tmp_path, colour_backbone):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("red", "blue"):
+        solid(name).save(folder / f"{name}.png")
+    out = tmp_path / "preds.jsonl"
+    out.symlink_to("/dev/full")  # every write fails with ENOSPC
+    res = runner.invoke(app, ["classify", str(folder), "--classes", "red,blue", "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    assert f"cannot write predictions to {out}" in res.output
+    assert "No space left" in res.output and "Traceback" not in res.output

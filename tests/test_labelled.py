@@ -466,3 +466,14 @@ def test_subset_is_seeded_and_keeps_order():
     for bad in (0, -3):
         with pytest.raises(ValueError, match="at least 1"):
             subset(data, bad)
+
+
+def test_folders_that_name_the_same_class_are_refused(tmp_path):
+    from PIL import Image
+
+    for name in ("sea_lion", "Sea Lion", "otter"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / name / "a.png")
+    with pytest.raises(ValueError, match="duplicate class names") as info:
+        load_labelled(tmp_path)
+    assert "'sea_lion'" in str(info.value) and "'Sea Lion'" in str(info.value)

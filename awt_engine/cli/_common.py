@@ -29,10 +29,10 @@ def usage_errors(fn: Callable) -> Callable:
         except ValueError as exc:
             raise fail(str(exc)) from None
         except OSError as exc:  # cannot write an output (full disk, read-only folder, ...)
-            where = (
-                f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
-            )
-            raise fail(f"{exc}{where}") from None
+            text = exc.strerror or str(exc)
+            if exc.filename and str(exc.filename) not in text:
+                text += f": {exc.filename}"
+            raise fail(text) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             sys.exit(130)

@@ -194,6 +194,15 @@ class _Writer:
     def write(self, pred) -> None:
         if self.f is None:
             return
+        try:
+            self._write(pred)
+            self.f.flush()
+        except OSError as exc:  # a full disk, a vanished mount: stop, naming the file
+            raise OSError(
+                exc.errno, f"cannot write predictions to {self.path}: {exc.strerror or exc}"
+            ) from None
+
+    def _write(self, pred) -> None:
         if self.path.suffix.lower() == ".jsonl":
             row = (
                 {"path": pred.path, "predictions": pred.predictions}
@@ -207,11 +216,14 @@ class _Writer:
                 self.csv.writerow([path, rank, _csv_text(p["label"]), f"{p['score']:.6g}", ""])
         else:
             self.csv.writerow([_csv_text(pred.path), "", "", "", _csv_text(pred.error)])
-        self.f.flush()
 
     def __exit__(self, *exc):
         if self.f is not None:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:
+                if exc[0] is None:  # the error of an earlier write is the one to report
+                    raise
 
 
 @app.command()
