@@ -1,24 +1,30 @@
-"""awt-engine: training-free zero-shot image classification with vision-language models.
+"""awt-engine: zero-shot and few-shot image classification with vision-language models.
 
     import awt_engine
     clf = awt_engine.create_classifier(model="ViT-B-16-quickgelu", pretrained="openai", dataset="dtd")
     clf.predict(["a.jpg"], top_k=5)
 
-The public names are imported on first use, so ``import awt_engine.datasets`` (or the
+The public names are imported on first use, so ``import awt_engine.registry`` (or the
 description stage) does not pay for torch and open_clip.
 """
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "Classifier": "awt_engine.classifier",
     "create_classifier": "awt_engine.classifier",
-    "get_dataset": "awt_engine.datasets",
-    "list_datasets": "awt_engine.datasets",
+    "load_model": "awt_engine.classifier",
+    "LabelSet": "awt_engine.labels",
+    "resolve_label_set": "awt_engine.labels",
+    "get_dataset": "awt_engine.registry",
+    "list_datasets": "awt_engine.registry",
+    "register_dataset": "awt_engine.registry",
+    "AWTConfig": "awt_engine.scorers",
+    "list_scorers": "awt_engine.scorers",
+    "ViewConfig": "awt_engine.views",
     "awt_scores": "awt_engine.scoring",
-    "list_methods": "awt_engine.scoring",
 }
 
 

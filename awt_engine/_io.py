@@ -11,6 +11,7 @@ group-writable folder stays usable by the group.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import os
@@ -147,6 +148,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """JSON, strictly: NaN or infinity is a ValueError (they are not JSON; write None)."""
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, allow_nan=False) + "\n")
+
+
+def utc_now(*, compact: bool = False) -> str:
+    """The time in UTC for records: ``2026-12-01T20:00:00Z``; ``compact`` for file names,
+    with microseconds (``20261201T200000.123456Z``)."""
+    now = _dt.datetime.now(_dt.UTC)
+    return now.strftime("%Y%m%dT%H%M%S.%fZ" if compact else "%Y-%m-%dT%H:%M:%SZ")
 
 
 def sha256_hex(*parts: str | bytes) -> str:

@@ -1,14 +1,22 @@
-"""The Python API: ``create_classifier`` and the :class:`Classifier` it returns.
+"""The Python API: :func:`create_classifier` and the :class:`Classifier` it returns.
 
-Images -> decode -> views -> image embeddings; classes -> prompts -> text embeddings
-(cached); both -> the scorer. Every image is scored on its own (views seeded by the
-image's content, a per-image Sinkhorn stop), so results never depend on batch size,
-order, or which images ran together.
+Images -> decode -> views (:mod:`awt_engine.batches`) -> the model -> a scorer
+(:mod:`awt_engine.scorers`) -> class scores. Every image is scored on its own (views
+seeded by the image's content, a per-image Sinkhorn stop), so results never depend on
+batch size, order, or which images ran together.
+
+What the numbers are:
+
+* :meth:`Classifier.scores` gives raw class scores ``[B, C]`` on the model's logit
+  scale (for AWT the transport-weighted logits, for ``clip`` ``scale * cosine``); with a
+  shortlist, classes outside an image's shortlist score ``-inf``;
+* :meth:`Classifier.predict` and :meth:`Classifier.classify` give, per image, the top
+  labels with ``score`` = the softmax of those scores over the label set: a probability
+  (over the shortlisted classes when a shortlist is used, the rest having probability 0).
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,113 +25,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from awt_engine import scoring
 from awt_engine._io import resolve_cache_root
-from awt_engine.datasets import get_dataset, read_class_list, validate_template
-from awt_engine.descriptions import descriptions_path, load_descriptions
-from awt_engine.embedders import (
-    ClipEmbedder,
-    Embedder,
-    LogitModel,
-    prompts_needed,
-    score_views,
-    views_needed,
-)
-from awt_engine.images import as_rgb_image, decode_images
-from awt_engine.prompts import build_prompts
+from awt_engine._progress import progress_bar
+from awt_engine.batches import Failure, view_batches
+from awt_engine.labels import LabelSet, resolve_label_set
+from awt_engine.models.base import check_model, is_embedder
+from awt_engine.scorers import AWTConfig, Scorer, get_scorer, score
 from awt_engine.shortlist import shortlisted_scores
-from awt_engine.views import ViewConfig, make_views
+from awt_engine.text_cache import cached_class_embeddings
+from awt_engine.views import ViewConfig
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT paper's main backbone
 DEFAULT_PRETRAINED = "openai"
-DEFAULT_TEMPLATE = "a photo of a {}"  # CLIP's generic template, for ad-hoc label sets
-DEFAULT_DESCRIPTIONS = 50  # AWT: the bare prompt plus 50 descriptions per class
-
-
-class MissingDescriptionsError(ValueError):
-    """A data set was named whose description cache does not exist."""
-
-
-@dataclass(frozen=True)
-class LabelSet:
-    """What the classes are and how they are prompted."""
-
-    name: str | None  # data set / description-cache name, if any
-    classes: tuple[str, ...]
-    template: str
-    prompts: list[list[str]]  # [C][P]
-
-
-def resolve_label_set(
-    dataset: str | None = None,
-    classes: Sequence[str] | str | None = None,
-    template: str | None = None,
-    descriptions: int | None = None,
-    cache_dir: str | Path | None = None,
-) -> LabelSet:
-    """Classes, template and prompts from a data set name, an explicit list, or both.
-
-    * classes: ``classes`` if given (a list, a comma list or a file), else the
-      description cache's, else the registry's;
-    * template: ``template``, else the description cache's, else the registry's,
-      else ``"a photo of a {}"``;
-    * descriptions: ``descriptions`` per class (default 50 when a data set is named, 0
-      otherwise), read from ``<cache>/descriptions/<dataset>.json``.
-    """
-    root = resolve_cache_root(cache_dir)
-    if isinstance(classes, str | Path):
-        classes = read_class_list(classes)
-    info = None
-    cache_file = descriptions_path(dataset, root) if dataset else None
-    cached = load_descriptions(cache_file) if cache_file and cache_file.exists() else None
-    if dataset and cached is None:
-        try:
-            info = get_dataset(dataset)
-        except ValueError as exc:
-            raise ValueError(
-                f"{exc}\n(no description cache {cache_file} either; a custom label set "
-                "needs --classes, or `awt-engine describe --classes ... --name NAME` first)"
-            ) from None
-    if descriptions is None:
-        descriptions = DEFAULT_DESCRIPTIONS if dataset else 0
-    if descriptions < 0:
-        raise ValueError(f"descriptions must be >= 0, got {descriptions}")
-
-    if classes is None:
-        if cached is not None:
-            classes = cached.classes
-        elif info is not None and info.classes is not None:
-            classes = info.classes
-        elif info is not None:
-            raise ValueError(
-                f"the class names of {info.name!r} are not known offline: pass --classes "
-                "(a file with one name per line, or a comma list)"
-            )
-        else:
-            raise ValueError("no classes: pass a data set name (--dataset) or --classes")
-    classes = tuple(classes)
-    if template is None:
-        template = (cached.template if cached is not None else None) or (
-            info.template if info is not None else DEFAULT_TEMPLATE
-        )
-    validate_template(template)
-
-    desc_map = None
-    if descriptions > 0:
-        if not dataset:
-            raise ValueError(
-                f"--descriptions {descriptions} needs a description cache: name it with "
-                "--dataset, or use --descriptions 0"
-            )
-        if cached is None:
-            raise MissingDescriptionsError(
-                f"no class descriptions for data set {dataset!r}: looked for {cache_file}.\n"
-                f"Either generate them:   awt-engine describe --dataset {dataset}\n"
-                "or classify without:    --descriptions 0"
-            )
-        desc_map = cached.descriptions
-    prompts = build_prompts(classes, template, desc_map, descriptions)
-    return LabelSet(dataset, classes, template, prompts)
 
 
 @dataclass(frozen=True)
@@ -131,7 +44,7 @@ class Prediction:
     """One input's outcome: predictions best first, or the reason it failed."""
 
     path: str
-    predictions: list[dict[str, Any]] | None
+    predictions: list[dict[str, Any]] | None  # [{"label": ..., "score": probability}, ...]
     error: str | None = None
 
     @property
@@ -140,129 +53,206 @@ class Prediction:
 
 
 class Classifier:
-    """Zero-shot classifier over a fixed label set; see :func:`create_classifier`."""
+    """A model, a label set and a scorer; see :func:`create_classifier`."""
 
     def __init__(
         self,
-        model: Embedder | LogitModel,
+        model,
         labels: LabelSet,
         *,
-        method: str = "awt",
+        scorer: str | Scorer = "awt",
         view_config: ViewConfig = ViewConfig(),
+        awt_config: AWTConfig | None = None,
         batch_size: int = 4,
         workers: int = 2,
-        awt_config: scoring.AWTConfig | None = None,
         memory_budget: int | None = None,
         shortlist: int | None = None,
+        cache_root: str | Path | None = None,
+        progress: bool = False,
     ):
-        scoring.check_method(method)
+        check_model(model)
         if shortlist is not None and shortlist < 1:
             raise ValueError(f"shortlist must be >= 1 classes, got {shortlist}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.model = model
         self.labels = labels
-        self.method = method
-        self.view_config = replace(view_config, n_views=views_needed(method, view_config.n_views))
+        self.scorer = get_scorer(scorer)
+        self.base_view_config = view_config
+        self.awt_config = awt_config or AWTConfig()
         self.batch_size = batch_size
         self.workers = workers
-        self.awt_config = awt_config or scoring.AWTConfig()
         self.memory_budget = memory_budget
         self.shortlist = shortlist
-        self._class_embeds: Tensor | None = None
+        if shortlist is not None and not is_embedder(model):
+            raise ValueError("--shortlist needs class embeddings; this model gives logits only")
+        self.cache_root = Path(cache_root) if cache_root is not None else None
+        self.progress = progress
+        self._class_embeds: dict[str, Tensor] = {}  # LabelSet.key() -> [C, P, D]
+
+    # -- what the scorers need ------------------------------------------------------------
 
     @property
     def classes(self) -> tuple[str, ...]:
         return self.labels.classes
 
     @property
+    def view_config(self) -> ViewConfig:
+        """The views this classifier's scorer needs (view 0 only for the CLIP baselines)."""
+        return self.view_config_for([self.scorer])
+
+    def view_config_for(self, scorers: Sequence[str | Scorer]) -> ViewConfig:
+        n = max(get_scorer(s).views_needed(self.base_view_config.n_views) for s in scorers)
+        return replace(self.base_view_config, n_views=n)
+
+    def labels_for(self, scorers: Sequence[str | Scorer], labels: LabelSet | None = None):
+        """``labels`` (default: the classifier's) without descriptions when no scorer uses
+        them, so only the bare prompts are encoded."""
+        labels = labels or self.labels
+        uses = any(get_scorer(s).uses_descriptions for s in scorers)
+        return labels if uses else labels.bare()
+
+    def class_embeddings(self, labels: LabelSet | None = None) -> Tensor:
+        """[C, P, D] on the model's device, computed once per label set (and cached on
+        disk, keyed by the model's identity and the label set)."""
+        labels = labels or self.labels_for([self.scorer])
+        key = labels.key()
+        if key not in self._class_embeds:
+            with torch.inference_mode():
+                embeds = cached_class_embeddings(
+                    self.model, labels, self.cache_root, progress=self.progress
+                )
+            self._class_embeds[key] = embeds.to(self.model.device)
+        return self._class_embeds[key]
+
+    @property
     def class_embeds(self) -> Tensor:
-        """[C, P, D], encoded once (and cached on disk by the embedder)."""
-        if self._class_embeds is None:
-            prompts = prompts_needed(self.method, self.labels.prompts)
-            self._class_embeds = self.model.embed_prompts(prompts).to(self.model.device)
-        return self._class_embeds
+        return self.class_embeddings()
 
-    # -- images to embeddings ---------------------------------------------------------
-
-    def make_views(self, image) -> Tensor:
-        """[V, 3, R, R] normalised views of one image (PIL, path or array)."""
-        rgb = as_rgb_image(image, target_size=self.model.preprocess.size)  # huge ones reduced
-        return make_views(rgb, self.model.preprocess, self.view_config, device=self.model.device)
-
-    def _view_batches(self, images: Sequence[Any]) -> Iterator[Tensor]:
-        """[b, V, 3, R, R] views, ``batch_size`` images at a time."""
-        for i in range(0, len(images), self.batch_size):
-            yield torch.stack([self.make_views(im) for im in images[i : i + self.batch_size]])
-
-    def embed_images(self, images: Sequence[Any]) -> Tensor:
-        """[B, V, D] view embeddings, ``batch_size`` images per forward pass."""
-        return torch.cat([self.embed_views(v) for v in self._view_batches(_as_list(images))])
+    # -- views to scores ------------------------------------------------------------------
 
     def embed_views(self, views: Tensor) -> Tensor:
         """[b, V, 3, R, R] -> [b, V, D], without autograd."""
         with torch.inference_mode():
-            return self.model.embed_views(views)
+            return self.model.embed_views(views.to(self.model.device))
 
-    def scores_from_embeddings(self, image_embeds: Tensor, method: str | None = None) -> Tensor:
-        """[B, V, D] -> [B, C] by ``method`` (default: this classifier's).
+    def logits(self, views: Tensor, labels: LabelSet) -> Tensor:
+        """[b, V, 3, R, R] -> [b, V, C, P] from a :class:`LogitModel`."""
+        from awt_engine.scorers import check_logits
 
-        With a shortlist, classes outside an image's shortlist score ``-inf``.
-        """
-        method = method or self.method
+        with torch.inference_mode():
+            out = self.model.logits(views.to(self.model.device), labels)
+        check_logits(out, labels.n_classes, labels.n_prompts)
+        return out
 
-        def score(img: Tensor, txt: Tensor) -> Tensor:
-            return score_views(
-                self.model,
-                method,
+    def scores_from_embeddings(
+        self,
+        image_embeds: Tensor,
+        scorer: str | Scorer | None = None,
+        *,
+        class_embeds: Tensor | None = None,
+    ) -> Tensor:
+        """[B, V, D] -> [B, C] by ``scorer`` (default: this classifier's)."""
+        s = get_scorer(scorer or self.scorer)
+        txt = class_embeds if class_embeds is not None else self.class_embeddings()
+        if not s.uses_descriptions:
+            txt = txt[:, :1]
+
+        def run(img: Tensor, t: Tensor) -> Tensor:
+            return score(
+                s,
+                scale=self.model.logit_scale,
                 image_embeds=img,
-                class_embeds=txt,
-                awt_config=self.awt_config,
+                class_embeds=t,
+                config=self.awt_config,
                 memory_budget=self.memory_budget,
             )
 
-        txt = self.class_embeds if method != "clip" else self.class_embeds[:, :1]
-        if self.shortlist is not None and self.shortlist < txt.shape[0]:
-            return shortlisted_scores(score, image_embeds, txt, self.shortlist)
-        return score(image_embeds, txt)
+        image_embeds = image_embeds.to(txt.device)
+        with torch.inference_mode():
+            if self.shortlist is not None and self.shortlist < txt.shape[0]:
+                return shortlisted_scores(run, image_embeds, txt, self.shortlist)
+            return run(image_embeds, txt)
 
-    def _scores_for_views(self, views: Tensor) -> Tensor:
-        if isinstance(self.model, LogitModel) and not isinstance(self.model, Embedder):
-            with torch.inference_mode():
-                logits = self.model.view_prompt_logits(
-                    views, prompts_needed(self.method, self.labels.prompts)
-                )
-            return score_views(
-                self.model,
-                self.method,
+    def scores_from_logits(self, logits: Tensor, scorer: str | Scorer | None = None) -> Tensor:
+        """[B, V, C, P] -> [B, C] by ``scorer`` (default: this classifier's)."""
+        s = get_scorer(scorer or self.scorer)
+        with torch.inference_mode():
+            return score(
+                s,
+                scale=self.model.logit_scale,
                 logits=logits,
-                awt_config=self.awt_config,
+                config=self.awt_config,
                 memory_budget=self.memory_budget,
             )
-        return self.scores_from_embeddings(self.embed_views(views))
 
-    # -- public calls --------------------------------------------------------------------
+    def scores_for_views(
+        self, views: Tensor, scorers: Sequence[str | Scorer] | None = None, labels=None
+    ) -> dict[str, Tensor]:
+        """[b, V, 3, R, R] -> {scorer name: [b, C]}, the model run once for all scorers."""
+        scorers = [get_scorer(s) for s in (scorers or [self.scorer])]
+        if is_embedder(self.model):
+            txt = self.class_embeddings(self.labels_for(scorers, labels))
+            img = self.embed_views(views)
+            return {s.name: self.scores_from_embeddings(img, s, class_embeds=txt) for s in scorers}
+        logits = self.logits(views, self.labels_for(scorers, labels))
+        return {s.name: self.scores_from_logits(logits, s) for s in scorers}
 
-    def scores(self, images: Sequence[Any] | Any) -> Tensor:
-        """Class scores [B, C] (logit scale) for images: paths, PIL images or arrays."""
-        batches = self._view_batches(_as_list(images))
-        return torch.cat([self._scores_for_views(v).float().cpu() for v in batches])
+    # -- public calls -------------------------------------------------------------------
 
-    def _top(self, scores: Tensor, top_k: int) -> list[list[dict[str, Any]]]:
-        probs = torch.softmax(scores.float(), dim=-1)  # scores are on CLIP's logit scale
+    def _batches(self, images: Iterable[Any]):
+        return view_batches(
+            images,
+            self.model.preprocess,
+            self.view_config,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            device=self.model.device,
+        )
+
+    def scores(self, images, *, candidate_labels: Sequence[str] | None = None) -> Tensor:
+        """Raw class scores [B, C] (logit scale, see the module docstring) for images:
+        paths, PIL images, numpy arrays or torch tensors. Raises for an unreadable one."""
+        labels = self._candidates(candidate_labels)
+        rows = []
+        for item in self._batches(_as_list(images)):
+            if isinstance(item, Failure):
+                raise ValueError(f"{item.source}: {item.reason}")
+            rows.append(self.scores_for_views(item.views, labels=labels)[self.scorer.name])
+        return torch.cat([r.float().cpu() for r in rows])
+
+    def _candidates(self, candidate_labels: Sequence[str] | None) -> LabelSet | None:
+        if candidate_labels is None:
+            return None
+        if isinstance(candidate_labels, str):
+            candidate_labels = [c.strip() for c in candidate_labels.split(",") if c.strip()]
+        return self.labels.select(list(candidate_labels))
+
+    def _top(self, scores: Tensor, top_k: int, classes: Sequence[str]) -> list[list[dict]]:
+        probs = torch.softmax(scores.float(), dim=-1)  # scores are on the logit scale
         k = max(1, min(top_k, probs.shape[-1]))
         vals, idx = probs.topk(k, dim=-1)
         return [
-            [{"label": self.classes[j], "score": float(v)} for v, j in zip(vr, ir, strict=True)]
+            [{"label": classes[j], "score": float(v)} for v, j in zip(vr, ir, strict=True)]
             for vr, ir in zip(vals.tolist(), idx.tolist(), strict=True)
         ]
 
-    def predict(self, images: Sequence[Any] | Any, top_k: int = 5):
-        """Per image, ``[{"label": ..., "score": ...}, ...]`` best first (scores are
-        probabilities over the label set). A single image gives a single list, as the
-        Hugging Face zero-shot image classification pipeline does."""
+    def predict(
+        self, images, top_k: int = 5, *, candidate_labels: Sequence[str] | None = None
+    ) -> list:
+        """Per image, ``[{"label": ..., "score": probability}, ...]`` best first.
+
+        A single image gives a single list, as the Hugging Face zero-shot image
+        classification pipeline does; ``candidate_labels`` (a list or a comma list)
+        scores against those labels instead of the classifier's, as that pipeline's
+        argument does (descriptions are kept when every candidate is a known class).
+        """
         single = not isinstance(images, list | tuple)
-        preds = self._top(self.scores(images), top_k)
+        labels = self._candidates(candidate_labels)
+        classes = labels.classes if labels is not None else self.classes
+        preds = self._top(self.scores(images, candidate_labels=candidate_labels), top_k, classes)
         return preds[0] if single else preds
 
     def classify(
@@ -270,67 +260,49 @@ class Classifier:
         inputs: Iterable[Any],
         *,
         top_k: int = 5,
-        progress: bool = False,
+        progress: bool | None = None,
         total: int | None = None,
     ) -> Iterator[Prediction]:
         """Stream :class:`Prediction` s for many inputs, decoding in parallel workers.
 
         An unreadable image yields a Prediction with ``error`` set; the run goes on.
         """
-        bar = progress_bar(total, progress)
-        pending: list[str] = []  # paths only: a batch's decoded images are not kept
-        views: list[Tensor] = []
-
-        def flush():
-            if pending:
-                scores = self._scores_for_views(torch.stack(views)).float().cpu()
-                yield from (
-                    Prediction(path, p)
-                    for path, p in zip(pending, self._top(scores, top_k), strict=True)
-                )
-                bar.update(len(pending))
-                pending.clear()
-                views.clear()
-
-        decoded = decode_images(
-            inputs, workers=self.workers, target_size=self.model.preprocess.size
-        )
-        for item in decoded:
-            if not item.ok:
-                bar.update(1)
-                yield Prediction(item.path, None, item.error)
-                continue
-            try:
-                v = self.make_views(item.image)
-            except Exception as exc:  # a decodable image the view code cannot use
-                bar.update(1)
-                yield Prediction(item.path, None, f"cannot make views: {exc}")
-                continue
-            pending.append(item.path)
-            views.append(v)
-            del item  # the pixels go with it
-            if len(pending) == self.batch_size:
-                yield from flush()
-        yield from flush()
-        bar.close()
+        bar = progress_bar(total, self.progress if progress is None else progress)
+        try:
+            for item in self._batches(inputs):
+                if isinstance(item, Failure):
+                    bar.update(1)
+                    yield Prediction(item.source, None, item.reason)
+                    continue
+                scores = self.scores_for_views(item.views)[self.scorer.name].float().cpu()
+                top = self._top(scores, top_k, self.classes)
+                yield from (Prediction(s, p) for s, p in zip(item.sources, top, strict=True))
+                bar.update(len(item))
+        finally:
+            bar.close()
 
 
 def _as_list(images) -> list:
     return list(images) if isinstance(images, list | tuple) else [images]
 
 
-def progress_bar(total: int | None, enabled: bool):
-    """A tqdm bar over images on stderr; when enabled, drawn only on a terminal."""
-    from tqdm.auto import tqdm
+def load_model(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    *,
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+):
+    """The model behind the interface: zero-shot CLIP from (model, pretrained)."""
+    from awt_engine.backbone import load_backbone
+    from awt_engine.models.clip import ClipEmbedder
 
-    # disable=None: silent when stderr is a pipe or a log file
-    return tqdm(
-        total=total,
-        unit="img",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        disable=None if enabled else True,
-    )
+    if checkpoint is not None:
+        raise ValueError("checkpoints need the training package (awt_engine.methods)")
+    if pretrained == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
+        pretrained = None  # those ids carry their own weights
+    return ClipEmbedder(load_backbone(model, pretrained, device=device, precision=precision))
 
 
 def create_classifier(
@@ -341,9 +313,9 @@ def create_classifier(
     classes: Sequence[str] | str | None = None,
     template: str | None = None,
     descriptions: int | None = None,
-    views: int = 51,
-    seed: int = 0,
-    method: str = "awt",
+    views: int | None = None,
+    seed: int | None = None,
+    scorer: str = "awt",
     device: str = "auto",
     cache_dir: str | Path | None = None,
     batch_size: int = 4,
@@ -351,7 +323,11 @@ def create_classifier(
     precision: str | None = None,
     memory_budget: int | None = None,
     shortlist: int | None = None,
-    embedder: Embedder | LogitModel | None = None,
+    embedder=None,
+    awt_config: AWTConfig | None = None,
+    view_config: ViewConfig | None = None,
+    progress: bool = False,
+    method: str | None = None,
 ) -> Classifier:
     """A ready classifier. Keyword names mirror ``awt-engine classify``'s options.
 
@@ -360,43 +336,49 @@ def create_classifier(
     dataset: a registry name (``awt-engine datasets``) or a description-cache name.
     classes / template: an explicit label set (list, comma list or file) and prompt.
     descriptions: descriptions per class (default 50 with a data set, else 0).
-    views: the image plus ``views - 1`` random crops. method: one of
-    :func:`awt_engine.scoring.list_methods`. embedder: use this model instead of
-    loading ``model`` (any :class:`Embedder` or :class:`LogitModel`). shortlist: score
-    only each image's K nearest classes (large label sets; changes results).
-    memory_budget: bytes the scorer's blocks may use (results do not depend on it).
+    views: the image plus ``views - 1`` random crops (default 51, or ``view_config``'s);
+    seed: the crops' seed (default 0, or ``view_config``'s).
+    scorer: one of :func:`awt_engine.list_scorers`. embedder: use this model instead of
+    loading ``model`` (any :class:`~awt_engine.models.base.Embedder` or ``LogitModel``).
+    awt_config / view_config: the AWT hyper-parameters and the view settings, for the
+    paper's ablations. shortlist: score only each image's K nearest classes (large label
+    sets; changes results). memory_budget: bytes the scorer's blocks may use (results do
+    not depend on it). ``method`` is the old name of ``scorer`` (deprecated).
     """
-    scoring.check_method(method)
-    if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
+    if method is not None:
+        import warnings
+
+        warnings.warn(
+            "create_classifier(method=...) is now scorer=...; method= will be removed",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        scorer = method
+    get_scorer(scorer)
+    view_config = view_config or ViewConfig()
+    if views is not None:
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be an integer >= 1, got {views!r}")
+        view_config = replace(view_config, n_views=views)
+    if seed is not None:
+        view_config = replace(view_config, seed=seed)
     root = resolve_cache_root(cache_dir)
     labels = resolve_label_set(dataset, classes, template, descriptions, root)
     if embedder is None:
-        from awt_engine.backbone import load_backbone
-
-        if pretrained == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
-            pretrained = None  # those ids carry their own weights
-
-        embedder = ClipEmbedder(
-            load_backbone(model, pretrained, device=device, precision=precision), cache_root=root
-        )
+        embedder = load_model(model, pretrained, device=device, precision=precision)
     return Classifier(
         embedder,
         labels,
-        method=method,
-        view_config=ViewConfig(n_views=views, seed=seed),
+        scorer=scorer,
+        view_config=view_config,
+        awt_config=awt_config,
         batch_size=batch_size,
         workers=workers,
         memory_budget=memory_budget,
         shortlist=shortlist,
+        cache_root=root,
+        progress=progress,
     )
 
 
-__all__ = [
-    "Classifier",
-    "LabelSet",
-    "MissingDescriptionsError",
-    "Prediction",
-    "create_classifier",
-    "resolve_label_set",
-]
+__all__ = ["Classifier", "Prediction", "create_classifier", "load_model"]

@@ -20,7 +20,6 @@ as a dated backup (:func:`backup_descriptions`).
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
 import json
 import logging
@@ -35,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from awt_engine._io import atomic_write, atomic_write_json
+from awt_engine._io import atomic_write, atomic_write_json, utc_now
+from awt_engine.registry import match_key, validate_template
 
 try:
     import fcntl
@@ -74,24 +74,6 @@ def validate_dataset_name(name: str) -> str:
 def fold_key(text: str) -> str:
     """Case- and whitespace-folded form of a text, used to find duplicates."""
     return " ".join(text.casefold().split())
-
-
-def fold_class_name(name: str) -> str:
-    """Folded class name for matching names across sources ('Sea_Lion' == 'sea lion')."""
-    return " ".join(re.sub(r"[_\-]+", " ", name).casefold().split())
-
-
-def _check_template(template: str | None) -> str | None:
-    if template is None:
-        return None
-    if not isinstance(template, str):
-        raise ValueError(f"template must be a string, not {type(template).__name__}")
-    if template.count("{}") != 1:
-        raise ValueError(
-            f"template {template!r} must contain the class placeholder '{{}}' exactly once "
-            "(e.g. 'a photo of a {}')"
-        )
-    return template
 
 
 @dataclass(frozen=True)
@@ -157,7 +139,8 @@ class DescriptionSet:
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "descriptions", descriptions)
         object.__setattr__(self, "questions", questions)
-        object.__setattr__(self, "template", _check_template(self.template))
+        if self.template is not None:
+            validate_template(self.template)
         object.__setattr__(self, "provenance", dict(self.provenance))
 
     # -- queries -----------------------------------------------------------------------------
@@ -248,7 +231,7 @@ def dated_backup_path(path: str | os.PathLike) -> Path:
     """A free name ``<name>.json.<UTC time>.bak`` beside ``path`` (microseconds, then a counter,
     keep names unique even within one second)."""
     path = Path(path)
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = utc_now(compact=True)
     for k in range(10_000):
         target = path.with_name(f"{path.name}.{stamp}{f'-{k}' if k else ''}.bak")
         if not target.exists():
@@ -395,14 +378,14 @@ def from_plain(
         label_order = tuple(classes)
         by_fold: dict[str, str] = {}
         for c in label_order:
-            key = fold_class_name(c)
+            key = match_key(c)
             if key in by_fold and by_fold[key] != c:
                 raise ValueError(f"classes {by_fold[key]!r} and {c!r} cannot be told apart")
             by_fold[key] = c
         descriptions = {}
         unmatched = []
         for name, items in cleaned.items():
-            target = name if name in label_order else by_fold.get(fold_class_name(name))
+            target = name if name in label_order else by_fold.get(match_key(name))
             if target is None:
                 unmatched.append(name)
                 continue
@@ -442,7 +425,6 @@ __all__ = [
     "dated_backup_path",
     "descriptions_path",
     "export_cupl",
-    "fold_class_name",
     "fold_key",
     "from_plain",
     "load_descriptions",

@@ -1,15 +1,17 @@
-"""Evaluation on labelled data: top-1, top-5 and mean per-class recall per method.
+"""Evaluation on labelled data: top-1, top-5 and mean per-class recall per scorer.
 
-Every image's views are embedded once and every requested method is scored from the
-same embeddings. Image embeddings are cached per (model, weights, views, seed, image
-content), so an interrupted evaluation resumes where it stopped. Results are written
-one JSON per (data set, model, weights, method) in CLIP_benchmark's shape plus the
-engine's own fields.
+Every image goes through the model once and every requested scorer is scored from the
+same output (view embeddings, or logits for a generative model), through the same batch
+path as ``classify`` (:mod:`awt_engine.batches`). View embeddings can be cached per
+(model identity, views, seed, image content) (:mod:`awt_engine.image_cache`), so an
+interrupted evaluation resumes where it stopped. Results are written one JSON per run and
+scorer in CLIP_benchmark's shape, plus everything that defines the run.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +21,14 @@ import torch
 from torch import Tensor
 
 from awt_engine import __version__
-from awt_engine._io import atomic_write_json
-from awt_engine.classifier import Classifier, progress_bar
+from awt_engine._io import atomic_write_json, sha256_hex, utc_now
+from awt_engine._progress import progress_bar
+from awt_engine.batches import Failure, view_batches
+from awt_engine.classifier import Classifier
 from awt_engine.image_cache import ImageEmbeddingCache
-from awt_engine.images import decode_images
 from awt_engine.labelled import LabelledData
+from awt_engine.models.base import is_embedder
+from awt_engine.scorers import get_scorer
 
 
 @dataclass(frozen=True)
@@ -86,33 +91,110 @@ class ResultsWriteError(OSError):
 @dataclass
 class EvalResult:
     dataset: str
-    metrics: dict[str, Metrics]  # method -> metrics
+    metrics: dict[str, Metrics]  # scorer -> metrics
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    classes: tuple[str, ...] = ()
+
+
+class _Tally:
+    """Top-5 class indices per scorer and image (never [N, C] scores)."""
+
+    def __init__(self, clf: Classifier, scorers, bar):
+        self.clf, self.scorers, self.bar = clf, scorers, bar
+        self.tops: dict[str, list[Tensor]] = {s.name: [] for s in scorers}
+        self.order: list[int] = []
+
+    def add(self, idx: list[int], scores: dict[str, Tensor]) -> None:
+        for name, sc in scores.items():
+            self.tops[name].append(top_classes(sc).cpu())
+        self.order.extend(idx)
+        self.bar.update(len(idx))
+
+    def metrics(self, labels_all: Tensor, n_failed: int) -> dict[str, Metrics]:
+        labels = labels_all[torch.tensor(self.order, dtype=torch.long)]
+        out = {}
+        for name, tops in self.tops.items():
+            top = torch.cat(tops) if tops else torch.empty(0, 5, dtype=torch.long)
+            out[name] = metrics_from_topk(top, labels, n_failed=n_failed)
+        return out
 
 
 def evaluate(
     clf: Classifier,
     data: LabelledData,
-    methods: Sequence[str],
+    scorers: Sequence[str],
     *,
     cache_root: Path | None,
+    image_cache: bool = True,
     progress: bool = False,
 ) -> EvalResult:
-    """Embed every image once (cached), score each method from the same embeddings."""
+    """Run the model once per image; score every scorer from the same output.
+
+    ``image_cache`` (with a ``cache_root``, for embedding models) keeps view embeddings
+    on disk so a rerun or a resumed run skips the encoder.
+    """
+    scorers = [get_scorer(s) for s in scorers]
     items = list(data.items)
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
-    cache = None
-    if cache_root is not None:
-        cache = ImageEmbeddingCache(
-            cache_root,
-            clf.model.identity,
-            clf.view_config.n_views,
-            clf.view_config.seed,
-            dim=clf.class_embeds.shape[-1],
-        )
-    bar = progress_bar(len(items), progress)
-    keys: list[str | None] = [None] * len(items)
+    view_config = clf.view_config_for(scorers)
+    labels = clf.labels_for(scorers)
     failed: dict[int, str] = {}
+    bar = progress_bar(len(items), progress)
+    tally = _Tally(clf, scorers, bar)
+
+    def batches(idx: list[int]):
+        stream = view_batches(
+            (items[i].path for i in idx),
+            clf.model.preprocess,
+            view_config,
+            batch_size=clf.batch_size,
+            workers=clf.workers,
+            device=clf.model.device,
+        )
+        for b in stream:
+            if isinstance(b, Failure):
+                failed[idx[b.index]] = b.reason
+                bar.update(1)
+            else:
+                yield [idx[j] for j in b.indices], b.views
+
+    def score_embeds(img: Tensor, txt: Tensor) -> dict[str, Tensor]:
+        return {s.name: clf.scores_from_embeddings(img, s, class_embeds=txt) for s in scorers}
+
+    try:
+        if not is_embedder(clf.model):  # a generative model: logits straight from the views
+            for idx, views in batches(list(range(len(items)))):
+                logits = clf.logits(views, labels)
+                tally.add(idx, {s.name: clf.scores_from_logits(logits, s) for s in scorers})
+        else:
+            txt = clf.class_embeddings(labels)
+            cache = None
+            if image_cache and cache_root is not None:
+                cache = ImageEmbeddingCache(
+                    cache_root,
+                    clf.model.identity,
+                    view_config.n_views,
+                    view_config.seed,
+                    dim=txt.shape[-1],
+                )
+            try:
+                _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embeds, txt)
+            finally:
+                if cache is not None:
+                    cache.close()
+    finally:
+        bar.close()
+    return EvalResult(
+        data.name,
+        tally.metrics(labels_all, len(failed)),
+        [(str(items[i].path), r) for i, r in sorted(failed.items())],
+        data.classes,
+    )
+
+
+def _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embeds, txt):
+    """Cached images first (shard by shard, no encoding), then the rest as they embed."""
+    keys: list[str | None] = [None] * len(items)
     hits, misses = [], []
     for i, it in enumerate(items):
         if cache is None:
@@ -126,77 +208,27 @@ def evaluate(
             continue
         (hits if cache.shard_of(keys[i]) is not None else misses).append(i)
 
-    tops: dict[str, list[Tensor]] = {m: [] for m in methods}  # top-5 indices, not [N, C]
-    scored_idx: list[int] = []
+    hits.sort(key=lambda i: str(cache.shard_of(keys[i])))
+    for s in range(0, len(hits), 64):
+        idx, rows = [], []
+        for i in hits[s : s + 64]:
+            row = cache.get(keys[i])
+            if row is None:  # its shard turned out damaged: recompute
+                misses.append(i)
+            else:
+                idx.append(i)
+                rows.append(row)
+        if idx:
+            tally.add(idx, score_embeds(torch.stack(rows), txt))
+    misses.sort()
 
-    def score_batch(idx: list[int], img: Tensor):
-        img = img.to(clf.model.device)  # [b,V,D]
-        for m in methods:
-            tops[m].append(top_classes(clf.scores_from_embeddings(img, method=m)).cpu())
-        scored_idx.extend(idx)
-        bar.update(len(idx))
-
-    try:
-        # cached images first (no encoding), shard by shard, then the misses as embedded
-        hits.sort(key=lambda i: str(cache.shard_of(keys[i])))
-        for s in range(0, len(hits), 64):
-            idx, rows = [], []
-            for i in hits[s : s + 64]:
-                row = cache.get(keys[i])
-                if row is None:  # its shard turned out damaged: recompute
-                    misses.append(i)
-                else:
-                    idx.append(i)
-                    rows.append(row)
-            if idx:
-                score_batch(idx, torch.stack(rows))
-        misses.sort()
-
-        batch: list[int] = []
-        views: list[Tensor] = []
-
-        def flush():
-            if not batch:
-                return
-            out = clf.embed_views(torch.stack(views)).float().cpu()  # [b,V,D]
-            if cache is not None:
-                out = cache.stored(out)  # score what a resumed run will read back
-                for j, i in enumerate(batch):
-                    if keys[i] is not None:
-                        cache.put(keys[i], out[j])
-            score_batch(list(batch), out)
-            batch.clear()
-            views.clear()
-
-        decoded = decode_images(
-            (items[i].path for i in misses),
-            workers=clf.workers,
-            target_size=clf.model.preprocess.size,
-        )
-        for i, dec in zip(misses, decoded, strict=True):
-            if not dec.ok:
-                failed[i] = dec.error
-                bar.update(1)
-                continue
-            batch.append(i)
-            views.append(clf.make_views(dec.image))
-            if len(batch) == clf.batch_size:
-                flush()
-        flush()
-    finally:
+    for idx, views in batches(misses):
+        out = clf.embed_views(views).float().cpu()  # [b,V,D]
         if cache is not None:
-            cache.close()
-        bar.close()
-
-    order = torch.tensor(scored_idx, dtype=torch.long)
-    labels = labels_all[order]
-    metrics = {}
-    for m in methods:
-        top = torch.cat(tops[m]) if tops[m] else torch.empty(0, 5, dtype=torch.long)
-        metrics[m] = metrics_from_topk(top, labels, n_failed=len(failed))
-    return EvalResult(
-        data.name, metrics, [(str(items[i].path), r) for i, r in sorted(failed.items())]
-    )
+            out = cache.stored(out)  # score what a resumed run will read back
+            for j, i in enumerate(idx):
+                cache.put(keys[i], out[j])
+        tally.add(idx, score_embeds(out, txt))
 
 
 def _slug(text: str) -> str:
@@ -205,37 +237,55 @@ def _slug(text: str) -> str:
 
 def result_records(
     result: EvalResult,
+    clf: Classifier,
     *,
     model: str,
-    pretrained: str | None,
-    views: int,
-    descriptions: int,
-    seed: int,
-    limit: int | None,
-    shortlist: int | None,
+    data_root: str | Path,
     split: str,
+    limit: int | None,
 ) -> dict[str, dict]:
-    """One CLIP_benchmark-shaped record per method, keyed by method."""
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """One CLIP_benchmark-shaped record per scorer (``dataset``, ``model``, ``pretrained``,
+    ``task``, ``metrics``, ``language``), plus every setting that defines the run."""
+    now = utc_now()
+    labels, m0 = clf.labels, clf.model
+    weights = getattr(m0, "weights", None)
+    base = {
+        "model_identity": m0.identity,
+        "precision": getattr(m0, "precision", None),
+        "device": str(m0.device),
+        "template": labels.template,
+        "classes": list(result.classes),
+        "descriptions_name": labels.name,
+        "descriptions_sha256": labels.descriptions_sha256,
+        "seed": clf.base_view_config.seed,
+        "split": split,
+        "limit": limit,
+        "shortlist": clf.shortlist,
+        "awt_config": dataclasses.asdict(clf.awt_config),
+        "data_root": str(data_root),
+    }
+    run_id = sha256_hex(json.dumps({**base, "model": model}, sort_keys=True, default=str))[:10]
     out = {}
-    for method, m in result.metrics.items():
-        out[method] = {
+    for name, m in result.metrics.items():
+        s = get_scorer(name)
+        out[name] = {
             "dataset": result.dataset,
             "model": model,
-            "pretrained": pretrained,
+            "pretrained": str(weights) if weights else "none",  # CLIP_benchmark needs a string
             "task": "zeroshot_classification",
             "metrics": m.as_dict(),
             "language": "en",
             # awt-engine's own fields
-            "method": method,
-            "views": views if method not in ("clip", "clip-descriptions") else 1,
-            "descriptions": descriptions,
-            "seed": seed,
-            "split": split,
-            "limit": limit,
-            "shortlist": shortlist,
+            "scorer": name,
+            "views": clf.base_view_config.n_views if s.uses_views else 1,
+            "descriptions": labels.n_descriptions if s.uses_descriptions else 0,
+            "per_class_recall": {
+                result.classes[c]: r for c, r in sorted(m.per_class_recall.items())
+            },
             "n_images": m.n_images,
             "n_failed": m.n_failed,
+            **base,
+            "run_id": run_id,
             "engine_version": __version__,
             "created": now,
         }
@@ -243,15 +293,12 @@ def result_records(
 
 
 def write_results(records: dict[str, dict], output: Path) -> list[Path]:
+    """One JSON per scorer: ``<dataset>__<model>__<weights>__<scorer>__<run id>.json``
+    (the run id hashes every setting, so runs that differ in any never overwrite)."""
     paths = []
-    for method, rec in records.items():
-        name = (
-            "__".join(
-                _slug(x) for x in (rec["dataset"], rec["model"], str(rec["pretrained"]), method)
-            )
-            + ".json"
-        )
-        path = Path(output) / name
+    for scorer, rec in records.items():
+        parts = (rec["dataset"], rec["model"], rec["pretrained"], scorer, rec["run_id"])
+        path = Path(output) / ("__".join(_slug(x) for x in parts) + ".json")
         try:
             atomic_write_json(path, rec)
         except OSError as exc:  # a full disk, a read-only folder: say which file
@@ -267,11 +314,11 @@ def _percent(x: float | None) -> str:
 
 
 def format_table(result: EvalResult) -> str:
-    rows = [("method", "top-1", "top-5", "mean recall", "images")]
-    for method, m in result.metrics.items():
+    rows = [("scorer", "top-1", "top-5", "mean recall", "images")]
+    for name, m in result.metrics.items():
         rows.append(
             (
-                method,
+                name,
                 _percent(m.acc1),
                 _percent(m.acc5),
                 _percent(m.mean_per_class_recall),

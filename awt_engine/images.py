@@ -54,6 +54,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 import threading
 import warnings
 from collections import deque
@@ -556,7 +557,9 @@ def as_rgb_image(
     * ``PIL.Image.Image``: loaded and converted like a file (orientation, transparency,
       16-bit) and returned as a new image;
     * ``numpy.ndarray`` of shape HxW, HxWx1, HxWx3 or HxWx4 (RGBA, composited on white):
-      uint8 as is, uint16 scaled from 0..65535, bool as 0/255, float in [0, 1] scaled by 255.
+      uint8 as is, uint16 scaled from 0..65535, bool as 0/255, float in [0, 1] scaled by 255;
+    * ``torch.Tensor`` in torch's channel-first layout, 3xHxW (or 1xHxW, 4xHxW, HxW), with
+      the same dtype rules (uint8, or float in [0, 1] as torchvision's ``ToTensor`` gives).
 
     ``target_size``: the views' size R; a huge image comes back reduced (module docstring).
 
@@ -572,14 +575,35 @@ def as_rgb_image(
             return _finish(obj, target_size)
         except Exception as exc:
             raise ImageDecodeError(label, f"cannot read image ({_detail(exc)})") from None
+    if _is_torch_tensor(obj):
+        obj = _tensor_to_array(obj)
     if isinstance(obj, np.ndarray):
         image = _array_to_rgb(obj)
         factor = _reduction_factor(image.size, target_size)
         return image.reduce(factor) if factor > 1 else image
     raise TypeError(
         f"unsupported image input of type {type(obj).__module__}.{type(obj).__qualname__}: "
-        "expected a file path, a PIL.Image.Image or a numpy array (HxW or HxWx3)"
+        "expected a file path, a PIL.Image.Image, a numpy array (HxW or HxWx3) or a torch "
+        "tensor (3xHxW)"
     )
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _tensor_to_array(t) -> np.ndarray:
+    """A channel-first tensor (3xHxW, 1xHxW, 4xHxW or HxW) as an HxWxC numpy array."""
+    t = t.detach().to("cpu")
+    if t.dim() == 3 and t.shape[0] in (1, 3, 4):
+        t = t.permute(1, 2, 0)
+    elif t.dim() != 2:
+        raise ValueError(
+            f"image tensor must be 3xHxW (channels first, as torchvision uses), 1xHxW, 4xHxW "
+            f"or HxW, got shape {tuple(t.shape)}"
+        )
+    return t.contiguous().numpy()
 
 
 def _array_to_rgb(array: np.ndarray) -> Image.Image:

@@ -82,8 +82,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from awt_engine.datasets import get_dataset, validate_class_names
 from awt_engine.images import IMAGE_EXTENSIONS
+from awt_engine.registry import get_dataset, loose_key, match_key, validate_class_names
 
 __all__ = [
     "DatasetLayoutError",
@@ -639,15 +639,7 @@ def _listing(names: Sequence[str], limit: int = _MAX_LISTED) -> str:
 # --------------------------------------------------------------------------- name matching
 
 
-def _fold_spacing(name: str) -> str:
-    return " ".join(re.sub(r"[\s_\-]+", " ", name).split()).casefold()
-
-
-def _fold_alnum(name: str) -> str:
-    return re.sub(r"[\W_]+", "", name.casefold())
-
-
-_FOLDS = (str.strip, _fold_spacing, _fold_alnum)
+_FOLDS = (str.strip, match_key, loose_key)  # ever more lenient (awt_engine.registry)
 
 
 @dataclass
@@ -665,7 +657,7 @@ class _Matcher:
             for i, c in enumerate(self.classes):
                 table.setdefault(fold(c), set()).add(i)
             self._tables.append(table)
-        self._synonyms = {_fold_alnum(a): b for a, b in self.synonyms}
+        self._synonyms = {loose_key(a): b for a, b in self.synonyms}
 
     def _direct(self, name: str) -> int | None:
         for fold, table in zip(_FOLDS, self._tables, strict=True):
@@ -683,7 +675,7 @@ class _Matcher:
             index = self._direct(candidate)
             if index is not None:
                 return index
-            alias = self._synonyms.get(_fold_alnum(candidate))
+            alias = self._synonyms.get(loose_key(candidate))
             if alias is not None:
                 index = self._direct(alias)
                 if index is not None:
@@ -693,8 +685,8 @@ class _Matcher:
     def closest(self, name: str, n: int = 2) -> list[str]:
         folded = {}
         for c in self.classes:
-            folded.setdefault(_fold_spacing(c), c)
-        key = _fold_spacing(_NUMERIC_PREFIX.sub(r"\1", name))
+            folded.setdefault(match_key(c), c)
+        key = match_key(_NUMERIC_PREFIX.sub(r"\1", name))
         return [folded[k] for k in difflib.get_close_matches(key, list(folded), n=n, cutoff=0.5)]
 
 

@@ -20,42 +20,27 @@ weights [B, C, P]) and the allocator's slack come on top.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from awt_engine.scorers import AWTConfig
 from awt_engine.transport import (
-    _log_abs_diff_sum,
-    _step,
     kernel_form_is_safe,
+    plan_from_scalings,
+    run_steps,
     solve_scalings,
+    transport_plan,
 )
+from awt_engine.weights import prompt_weights_from_logits, view_weights_from_logits
+
+log = logging.getLogger(__name__)
 
 # Cost is 1 - cosine, so it spans at most 2: the bound that picks the transport domain.
 _COSINE_COST_RANGE = 2.0
-
-
-@dataclass(frozen=True)
-class AWTConfig:
-    """Hyper-parameters of the AWT computation; defaults are the AWT paper's."""
-
-    eps: float = 0.1  # entropic regularisation; 0.1 keeps the kernel exp(-M/eps) in float32 range
-    view_temperature: float = 0.5  # softmax temperature over -entropy of each view
-    prompt_temperature: float = 0.5  # softmax temperature over -entropy of each prompt
-    tol: float = 1e-2  # stop once mean |r - r_prev| over an image's classes and views < tol
-    max_iter: int = 100  # hard cap on Sinkhorn iterations per image
-
-    def __post_init__(self):
-        for name in ("eps", "view_temperature", "prompt_temperature", "tol"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
 
 
 @dataclass(frozen=True)
@@ -67,62 +52,6 @@ class AWTOutput:
     prompt_weights: Tensor  # [B, C, P]
     iterations: Tensor  # [B] Sinkhorn iterations (0 where no transport ran)
     converged: Tensor  # [B] stopped by tolerance
-
-
-# ---------------------------------------------------------------------------------------
-# Weights
-
-
-def view_weights_from_logits(mean_logits: Tensor, temperature: float = 0.5) -> Tensor:
-    """``u[b] = softmax_v(-H(softmax_c mean_logits[b, v]) / T)``.
-
-    mean_logits: [B, V, C], the prompt-averaged logits of each view. Returns [B, V].
-    """
-    logq = torch.log_softmax(mean_logits, dim=-1)  # [B,V,C], max-shifted internally
-    entropy = -(logq.exp() * logq).sum(dim=-1)  # [B,V]
-    return torch.softmax(-entropy / temperature, dim=-1)
-
-
-def prompt_weights_from_logits(raw_logits: Tensor, temperature: float = 0.5) -> Tensor:
-    """Prompt weights from the raw view's logits, in O(C*P) per image.
-
-    raw_logits: [B, C, P] = logits of view 0. With ``a = mean_p raw_logits`` ([B, C]),
-    ``H'[b,c,p]`` is the entropy of softmax(a with entry c replaced by raw_logits[b,c,p])
-    and ``w[b,c] = softmax_p(-H'[b,c] / T)``. Returns [B, C, P].
-
-    The entropy of a vector whose entry c is replaced by x follows from the sums
-    ``E_c = sum_{j!=c} exp(a_j - M_c)`` and ``F_c = sum_{j!=c} exp(a_j - M_c)(a_j - M_c)``
-    (M_c = max_{j!=c} a_j) and x alone; E_c >= 1 by construction, so nothing cancels.
-    """
-    _, C, P = raw_logits.shape
-    if C == 1:  # a one-class softmax has zero entropy for every prompt
-        return torch.full_like(raw_logits, 1.0 / P)
-    a = raw_logits.mean(dim=-1)  # [B,C]
-    top = a.topk(2, dim=-1)
-    m0, m1 = top.values[:, :1], top.values[:, 1:2]  # [B,1] best and runner-up
-    is_top = F.one_hot(top.indices[:, 0], C).bool()  # [B,C]
-
-    # Classes other than the argmax: the excluded sum keeps the max, shift by m0.
-    e0 = torch.exp(a - m0)  # [B,C] in (0, 1]
-    t0 = e0 * (a - m0)  # [B,C] <= 0
-    E = e0.sum(-1, keepdim=True) - e0  # >= 1: still holds the argmax term
-    Fs = t0.sum(-1, keepdim=True) - t0
-    # The argmax class: sum the others directly, shifted by the runner-up.
-    e1 = torch.exp(a - m1).masked_fill(is_top, 0.0)
-    t1 = e1 * (a - m1).masked_fill(is_top, 0.0)
-    E = torch.where(is_top, e1.sum(-1, keepdim=True), E)  # [B,C]
-    Fs = torch.where(is_top, t1.sum(-1, keepdim=True), Fs)  # [B,C]
-    M = torch.where(is_top, m1, m0)  # [B,C] max of the entries kept
-
-    x = raw_logits  # [B,C,P], the replacing entry
-    m = torch.maximum(M.unsqueeze(-1), x)  # [B,C,P] shift for the whole vector
-    dM, dx = M.unsqueeze(-1) - m, x - m  # both <= 0
-    eM, ex = dM.exp(), dx.exp()
-    E3, F3 = E.unsqueeze(-1), Fs.unsqueeze(-1)
-    Z = E3 * eM + ex  # [B,C,P] >= 1
-    weighted = (F3 + E3 * dM) * eM + ex * dx  # sum_j exp(z_j - m)(z_j - m)
-    entropy = Z.log() - weighted / Z  # [B,C,P]
-    return torch.softmax(-entropy / temperature, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -141,6 +70,9 @@ class _EmbeddingSims:
     def block(self, bs: slice, cs: slice) -> Tensor:
         """sim for images bs and classes cs: [G, Cc, P, V], a permuted view of one GEMM.
 
+        Each block is logged at DEBUG level (``awt_engine.scoring``) with its shape, so
+        the memory budget's effect can be checked from outside.
+
         One GEMM for the whole block (text rows x all views), which BLAS runs faster
         than one per image; the permutation is absorbed by the kernel's strided write.
         """
@@ -149,6 +81,8 @@ class _EmbeddingSims:
         img = self.img[bs]  # [G,V,D]
         G = img.shape[0]
         flat = txt.reshape(Cc * self.P, self.D) @ img.reshape(G * self.V, self.D).T  # [Cc*P,G*V]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("similarity block %s", [G, Cc, self.P, self.V])
         return flat.view(Cc, self.P, G, self.V).permute(2, 0, 1, 3)  # [G,Cc,P,V] view
 
     def prompt_mean(self, bs: slice) -> Tensor:
@@ -215,7 +149,7 @@ def _tensors_per_element(log_domain: bool) -> int:
 # The AWT engine
 
 
-def _check_inputs(image_embeds: Tensor, class_embeds: Tensor) -> None:
+def check_embeddings(image_embeds: Tensor, class_embeds: Tensor) -> None:
     if not isinstance(image_embeds, Tensor) or not isinstance(class_embeds, Tensor):
         raise TypeError("image_embeds and class_embeds must be torch.Tensors")
     if image_embeds.dim() != 3:
@@ -360,10 +294,8 @@ def _solve_block(sim_t, u, w, cfg, log_domain, sync_every):
 
 
 def _plan_t(K_t: Tensor, s) -> Tensor:
-    """The plan in the block's [G, C, P, V] layout."""
-    if s.log_domain:
-        return torch.exp(s.r.unsqueeze(-2) + K_t + s.g.unsqueeze(-1))
-    return s.r.unsqueeze(-2) * K_t * s.g.unsqueeze(-1)
+    """The plan, [G, C, P, V] like the block (transport's formula on the transposed view)."""
+    return plan_from_scalings(K_t.transpose(-1, -2), s).transpose(-1, -2)
 
 
 def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every):
@@ -373,7 +305,7 @@ def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every):
         score = (_plan_t(K_t, s) * sim_t).sum(dim=(-1, -2))
     else:
         ks_t = K_t.mul_(sim_t)  # [G,C,P,V] sim*K, in K's buffer (K is done with)
-        # r^T (K.sim) g, with the product in row-vector form (see transport._step)
+        # r^T (K.sim) g, with the product in row-vector form (see transport.sinkhorn_step)
         score = (torch.matmul(s.r.unsqueeze(-2), ks_t.mT).squeeze(-2) * s.g).sum(-1)
     return scale * score, s.iterations, s.converged
 
@@ -411,23 +343,23 @@ def _transport_class_chunked(src, bs, u, w, scale, cfg, log_domain, cc):
             K = K_t.transpose(-1, -2)  # [G,Cc,V,P] view
             if not log_domain:
                 sim_t = torch.mul(sim_t, K_t, out=torch.empty_like(K_t))  # sim*K, contiguous
-            r, g = r_state[:, cs], g_state[:, cs]
             a, b = a_full[:, cs], b_full[:, cs]
-            for j in range(n):
-                r_new, g = _step(K, a, b, r, g, log_domain)
-                log_err[:, j] = torch.logaddexp(
-                    log_err[:, j], _log_abs_diff_sum(r_new, r, log_domain)
-                )
-                r = r_new
+
+            def record(j, r, g, cs=cs, K=K, sim_t=sim_t, hist=score_hist):
                 if log_domain:
-                    plan_t = torch.exp(r.unsqueeze(-2) + K_t + g.unsqueeze(-1))
-                    score_hist[:, j, cs] = (plan_t * sim_t).sum(dim=(-1, -2))
-                else:
-                    score_hist[:, j, cs] = (
-                        torch.matmul(r.unsqueeze(-2), sim_t.mT).squeeze(-2) * g
-                    ).sum(-1)
+                    plan = transport_plan(K, r, g, log_domain)  # [G,Cc,V,P]
+                    hist[:, j, cs] = (plan * sim_t.mT).sum(dim=(-1, -2))
+                else:  # r^T (K.sim) g: sim_t holds K * sim here
+                    hist[:, j, cs] = (torch.matmul(r.unsqueeze(-2), sim_t.mT).squeeze(-2) * g).sum(
+                        -1
+                    )
+
+            r, g, changes = run_steps(
+                K, a, b, r_state[:, cs], g_state[:, cs], n, log_domain=log_domain, after_step=record
+            )
+            log_err = torch.logaddexp(log_err, changes)
             r_state[:, cs], g_state[:, cs] = r, g
-            del sim_t, K_t, K
+            del sim_t, K_t, K, record
         below = (log_err < log_count_tol)[0]  # [n]
         hit = below.nonzero()
         if hit.numel():
@@ -542,7 +474,7 @@ def awt_solve(
 
     ``weighting="uniform"`` and ``transport=False`` give the paper's ablations.
     """
-    _check_inputs(image_embeds, class_embeds)
+    check_embeddings(image_embeds, class_embeds)
     if weighting not in ("entropy", "uniform"):
         raise ValueError(f"weighting must be 'entropy' or 'uniform', got {weighting!r}")
     return _run(
@@ -627,7 +559,7 @@ def awt_scores_from_logits(
 
 def similarities(image_embeds: Tensor, class_embeds: Tensor) -> Tensor:
     """The full ``sim[b, v, c, p]`` tensor (small inputs only): [B, V, C, P]."""
-    _check_inputs(image_embeds, class_embeds)
+    check_embeddings(image_embeds, class_embeds)
     return torch.einsum("bvd,cpd->bvcp", image_embeds, class_embeds)
 
 
@@ -635,7 +567,7 @@ def view_weights(
     image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0, temperature: float = 0.5
 ) -> Tensor:
     """Entropy-based view weights ``u``: [B, V]."""
-    _check_inputs(image_embeds, class_embeds)
+    check_embeddings(image_embeds, class_embeds)
     return view_weights_from_logits(
         scale * _EmbeddingSims(image_embeds, class_embeds).prompt_mean(slice(None)), temperature
     )
@@ -645,78 +577,7 @@ def prompt_weights(
     image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0, temperature: float = 0.5
 ) -> Tensor:
     """Entropy-based prompt weights ``w``: [B, C, P] (from view 0)."""
-    _check_inputs(image_embeds, class_embeds)
+    check_embeddings(image_embeds, class_embeds)
     return prompt_weights_from_logits(
         scale * _EmbeddingSims(image_embeds, class_embeds).raw_view(slice(None)), temperature
     )
-
-
-def clip_scores(image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0) -> Tensor:
-    """Zero-shot CLIP: raw view against the bare prompt. [B, C]."""
-    _check_inputs(image_embeds, class_embeds)
-    return scale * image_embeds[:, 0] @ class_embeds[:, 0].T
-
-
-def clip_descriptions_scores(
-    image_embeds: Tensor, class_embeds: Tensor, scale: float = 100.0
-) -> Tensor:
-    """Raw view against the normalised mean of each class's prompt embeddings. [B, C]."""
-    _check_inputs(image_embeds, class_embeds)
-    proto = F.normalize(class_embeds.mean(dim=1), dim=-1)  # [C,D]
-    return scale * image_embeds[:, 0] @ proto.T
-
-
-# AWT and its ablations: method -> (weighting, transport)
-AWT_VARIANTS: dict[str, tuple[str, bool]] = {
-    "awt": ("entropy", True),
-    "awt-uniform": ("uniform", True),
-    "awt-no-transport": ("entropy", False),
-}
-_BASELINES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
-    "clip": clip_scores,
-    "clip-descriptions": clip_descriptions_scores,
-}
-METHODS: dict[str, str] = {
-    "awt": "entropy weights + optimal transport (AWT)",
-    "clip": "raw view vs bare prompt (zero-shot CLIP)",
-    "clip-descriptions": "raw view vs mean prompt embedding",
-    "awt-uniform": "ablation: uniform weights + transport",
-    "awt-no-transport": "ablation: entropy-weighted mean, no transport",
-}
-
-
-def list_methods() -> list[str]:
-    return list(METHODS)
-
-
-def check_method(name: str) -> str:
-    """``name`` if it is a method, else ValueError listing the methods."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    return name
-
-
-def score(
-    method: str,
-    image_embeds: Tensor,
-    class_embeds: Tensor,
-    scale: float = 100.0,
-    *,
-    config: AWTConfig | None = None,
-    memory_budget: int | None = None,
-    sync_every: int | None = None,
-) -> Tensor:
-    """Scores [B, C] by a method name from :data:`METHODS`."""
-    if check_method(method) in _BASELINES:
-        return _BASELINES[method](image_embeds, class_embeds, scale)
-    weighting, transport = AWT_VARIANTS[method]
-    return awt_solve(
-        image_embeds,
-        class_embeds,
-        scale,
-        config=config,
-        weighting=weighting,
-        transport=transport,
-        memory_budget=memory_budget,
-        sync_every=sync_every,
-    ).scores

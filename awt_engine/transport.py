@@ -27,6 +27,7 @@ and lets gradients flow through the logits only).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,11 @@ class SinkhornResult:
 # be a transposed view of a [B, C, P, V] tensor (matmul reads either layout without a copy).
 
 
-def _step(K: Tensor, a: Tensor, b: Tensor, r: Tensor, g: Tensor, log_domain: bool):
-    """One iteration: returns (r_new [B,C,V], g_new [B,C,P])."""
+def sinkhorn_step(K: Tensor, a: Tensor, b: Tensor, r: Tensor, g: Tensor, log_domain: bool):
+    """One iteration from (r, g): returns (r_new [B,C,V], g_new [B,C,P]).
+
+    In the log domain every argument and result is a logarithm (log K, log a, ...).
+    """
     if log_domain:
         r_new = a - torch.logsumexp(K + g.unsqueeze(-2), dim=-1)  # log a - log(K g)
         g_new = b - torch.logsumexp(K + r_new.unsqueeze(-1), dim=-2)  # log b - log(K^T r)
@@ -90,8 +94,12 @@ def _step(K: Tensor, a: Tensor, b: Tensor, r: Tensor, g: Tensor, log_domain: boo
     return r_new, g_new
 
 
-def _log_abs_diff_sum(r_new: Tensor, r: Tensor, log_domain: bool) -> Tensor:
-    """log of sum_{c,v} |r_new - r| for each batch element: [B]. -inf when equal."""
+def log_change_sum(r_new: Tensor, r: Tensor, log_domain: bool) -> Tensor:
+    """log of sum_{c,v} |r_new - r| for each batch element: [B]. -inf when equal.
+
+    The stopping rule compares ``exp(log_change_sum) / (C * V)`` with the tolerance; a
+    caller that splits C into chunks adds the chunks' sums (``logaddexp``).
+    """
     if log_domain:
         hi = torch.maximum(r_new, r)
         gap = (r_new - r).abs()
@@ -104,6 +112,34 @@ def _log_abs_diff_sum(r_new: Tensor, r: Tensor, log_domain: bool) -> Tensor:
 
 def _error_from_log_sum(log_sum: Tensor, count: int) -> Tensor:
     return torch.exp(log_sum - math.log(count))
+
+
+def run_steps(
+    K: Tensor,
+    a: Tensor,
+    b: Tensor,
+    r: Tensor,
+    g: Tensor,
+    n: int,
+    *,
+    log_domain: bool,
+    after_step: Callable[[int, Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``n`` unconditional iterations: returns (r, g, log change sums [B, n]).
+
+    For callers that decide when to stop themselves (one image's classes solved chunk by
+    chunk, whose stopping rule needs every chunk's change). ``after_step(j, r, g)`` sees
+    the scalings after step j.
+    """
+    B = K.shape[0]
+    log_changes = torch.empty(B, n, dtype=K.dtype, device=K.device)
+    for j in range(n):
+        r_new, g = sinkhorn_step(K, a, b, r, g, log_domain)
+        log_changes[:, j] = log_change_sum(r_new, r, log_domain)
+        r = r_new
+        if after_step is not None:
+            after_step(j, r, g)
+    return r, g, log_changes
 
 
 def solve_scalings(
@@ -148,8 +184,8 @@ def solve_scalings(
         conv_out[live] = log_err - math.log(C * V) < log_tol
 
     for it in range(max_iter):
-        r_new, g_new = _step(Kl, al, bl, r, g, log_domain)
-        step_err = _log_abs_diff_sum(r_new, r, log_domain)  # [live]
+        r_new, g_new = sinkhorn_step(Kl, al, bl, r, g, log_domain)
+        step_err = log_change_sum(r_new, r, log_domain)  # [live]
         mask = active.view(-1, 1, 1)
         r = torch.where(mask, r_new, r)
         g = torch.where(mask, g_new, g)
@@ -170,11 +206,16 @@ def solve_scalings(
     return Scalings(r_out, g_out, log_domain, iters_out, conv_out, err_out)
 
 
+def transport_plan(K: Tensor, r: Tensor, g: Tensor, log_domain: bool) -> Tensor:
+    """T = diag(r) K diag(g): [B, C, V, P]; K, r, g are logarithms when ``log_domain``."""
+    if log_domain:
+        return torch.exp(r.unsqueeze(-1) + K + g.unsqueeze(-2))
+    return r.unsqueeze(-1) * K * g.unsqueeze(-2)
+
+
 def plan_from_scalings(K: Tensor, s: Scalings) -> Tensor:
-    """T = diag(r) K diag(g): [B, C, V, P]."""
-    if s.log_domain:
-        return torch.exp(s.r.unsqueeze(-1) + K + s.g.unsqueeze(-2))
-    return s.r.unsqueeze(-1) * K * s.g.unsqueeze(-2)
+    """The plan of solved scalings ``s`` (K, or log K in the log domain, as solved)."""
+    return transport_plan(K, s.r, s.g, s.log_domain)
 
 
 def _as_bcv(x: Tensor, B: int, C: int, n: int, name: str) -> Tensor:

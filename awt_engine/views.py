@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,9 @@ class ViewConfig:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop width / height, log-uniform: same source
     flip_p: float = 0.5  # horizontal flip probability: the usual CLIP/AWT augmentation
     seed: int = 0  # with the image content, fixes every crop
+    # View 0 is the un-augmented image (AWT at test time). Few-shot training (the AWT
+    # adapter's K_TRANSFORMS views, CoOp's one view) augments every view: False.
+    raw_view: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.n_views, bool) or not isinstance(self.n_views, int | np.integer):
@@ -73,6 +77,7 @@ class ViewConfig:
         object.__setattr__(self, "ratio", ratio)
         object.__setattr__(self, "flip_p", float(self.flip_p))
         object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "raw_view", bool(self.raw_view))
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -86,11 +91,19 @@ def _pair(name: str, value) -> tuple[float, float]:
 
 
 def image_to_tensor(img: PIL.Image.Image) -> torch.Tensor:
-    """A PIL image as a uint8 RGB tensor [3, H, W] (any mode is converted to RGB first)."""
+    """A PIL image as a uint8 RGB tensor [3, H, W] (any mode is converted to RGB first).
+
+    The tensor is a channels-last view of the decoded bytes (HWC in memory, as PIL holds
+    them): no layout copy is made, and torch's uint8 resize kernels run fastest on it.
+    It is read-only: the view code never writes into its input.
+    """
     if img.mode != "RGB":
         img = img.convert("RGB")  # as CLIP's own preprocessing does: alpha is dropped
-    arr = np.array(img, dtype=np.uint8)  # [H, W, 3], a writable copy
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # [3, H, W]
+    arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3], a read-only view of PIL's bytes
+    with warnings.catch_warnings():  # torch warns that the array is not writable: by design
+        warnings.simplefilter("ignore", UserWarning)
+        hwc = torch.from_numpy(arr)
+    return hwc.permute(2, 0, 1)  # [3, H, W] logically, HWC in memory
 
 
 def _check_pixels(image: torch.Tensor) -> torch.Tensor:
@@ -105,11 +118,16 @@ def _check_pixels(image: torch.Tensor) -> torch.Tensor:
 
 
 def view_seed(image_uint8: torch.Tensor, seed: int) -> int:
-    """A 63-bit generator seed from ``seed`` and the image's shape and pixel bytes."""
-    pixels = _check_pixels(image_uint8).detach().to("cpu").contiguous()
-    h = hashlib.sha256(b"awt-engine/views/v1\0")
+    """A 63-bit generator seed from ``seed`` and the image's shape and pixel bytes.
+
+    The bytes are hashed in HWC order (RGB per pixel, as decoded), which is the memory
+    order of :func:`image_to_tensor`'s tensors, so no copy is needed for them.
+    """
+    pixels = _check_pixels(image_uint8).detach().to("cpu")
+    hwc = pixels.permute(1, 2, 0).contiguous()  # a no-op for channels-last pixels
+    h = hashlib.sha256(b"awt-engine/views/v2\0")
     h.update(f"{int(seed)}\0{'x'.join(map(str, pixels.shape))}\0".encode())
-    h.update(pixels.numpy().data)  # zero-copy view of the bytes
+    h.update(hwc.numpy().data)  # zero-copy view of the bytes
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
@@ -168,11 +186,14 @@ def make_views(
     config: ViewConfig = ViewConfig(),
     *,
     device: torch.device | str | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """The V views of one image, float32 [V, 3, R, R], normalised with the model's mean/std.
 
     ``image`` is a PIL image or a uint8 RGB tensor [3, H, W]. The pixel work runs on
-    ``device`` (default: the tensor's device, the CPU for PIL images).
+    ``device`` (default: the tensor's device, the CPU for PIL images). ``seed`` seeds
+    the crop draws directly; None derives it from the pixels and ``config.seed``
+    (:func:`view_seed`). Training passes one made from (seed, epoch, index).
     """
     pixels = _check_pixels(image_to_tensor(image) if isinstance(image, PIL.Image.Image) else image)
     if preprocess.interpolation not in _INTERPOLATIONS:
@@ -184,8 +205,11 @@ def make_views(
         raise ValueError(f"preprocess.size must be >= 1, got {r}")
     _, height, width = pixels.shape
 
-    generator = torch.Generator(device="cpu").manual_seed(view_seed(pixels, config.seed))
-    boxes = crop_boxes(height, width, config.n_views - 1, config, generator).tolist()
+    if seed is None:
+        seed = view_seed(pixels, config.seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    n_crops = config.n_views - 1 if config.raw_view else config.n_views
+    boxes = crop_boxes(height, width, n_crops, config, generator).tolist()
 
     target = pixels.device if device is None else torch.device(device)
     # Channels-last (HWC in memory, as decoded): torch's CPU uint8 resize kernels run ~1.5x
@@ -194,11 +218,12 @@ def make_views(
     pixels = pixels.contiguous(memory_format=torch.channels_last)
     views = torch.empty(config.n_views, 3, r, r, dtype=torch.uint8, device=target)  # [V, 3, R, R]
 
-    # View 0: shorter side -> R (aspect kept, longer side truncated as torchvision does),
-    # then the centre R x R.
-    resized = TF.resize(pixels, [r], interpolation=_INTERPOLATIONS[preprocess.interpolation])
-    views[0] = TF.center_crop(resized, [r, r])[0]
-    for k, (top, left, h, w, flip) in enumerate(boxes, start=1):
+    if config.raw_view:
+        # View 0: shorter side -> R (aspect kept, longer side truncated as torchvision
+        # does), then the centre R x R.
+        resized = TF.resize(pixels, [r], interpolation=_INTERPOLATIONS[preprocess.interpolation])
+        views[0] = TF.center_crop(resized, [r, r])[0]
+    for k, (top, left, h, w, flip) in enumerate(boxes, start=config.n_views - n_crops):
         crop = pixels[:, :, top : top + h, left : left + w]  # [1, 3, h, w]
         view = TF.resize(crop, [r, r], interpolation=InterpolationMode.BILINEAR)[0]  # [3, R, R]
         views[k] = view.flip(-1) if flip else view

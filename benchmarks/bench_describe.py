@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.fixtures_llm
 from _common import hardware, print_table, today
 
-from awt_engine.describe import DescribeConfig, DescribeTask, PromptSet, describe_classes
+from awt_engine.describe import DescribeConfig, DescribeTask, InstructionSet, describe_classes
 from awt_engine.describe.backends import (
     ChatRequest,
     OpenAIBackend,
@@ -87,7 +87,7 @@ class ServerProcess:
 def bench_openai(n_classes, n_questions, concurrency, latency_s):
     classes = [f"class_{i:03d}" for i in range(n_classes)]
     questions = [f"What does detail {i} of {{}} look like?" for i in range(n_questions)]
-    prompts = PromptSet.load()
+    prompts = InstructionSet.load()
     rows = []
     with ServerProcess(classes, questions, latency_s) as server:
         # raw backend: every (class, question) request of a step in one call
@@ -124,7 +124,7 @@ def bench_openai(n_classes, n_questions, concurrency, latency_s):
 
 
 def bench_transformers(hidden, layers, n_requests, max_new, batch_sizes):
-    prompts = PromptSet.load()
+    prompts = InstructionSet.load()
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_chat_model(Path(tmp) / "m", hidden=hidden, layers=layers)
         reqs = [

@@ -1,4 +1,4 @@
-"""Shared fixtures. Module-specific fixtures live in tests/fixtures_*.py and are imported here."""
+"""Shared set-up. Fixtures live in tests/fixtures_*.py and reach every module as plugins."""
 
 import os
 
@@ -8,12 +8,15 @@ import torch
 # Keep the suite fast and deterministic on 2 cores.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+pytest_plugins = [
+    "tests.fixtures_clip",
+    "tests.fixtures_embedders",
+    "tests.fixtures_images",
+    "tests.fixtures_llm",
+]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never let a test read or write the user's ./cache."""
     monkeypatch.setenv("AWT_ENGINE_CACHE", str(tmp_path / "awt-cache"))
-
-
-# Session fixtures shared by several test modules: the tiny random open_clip model.
-from tests.fixtures_clip import tiny_clip, tiny_clip_dir  # noqa: E402, F401

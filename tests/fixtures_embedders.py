@@ -8,7 +8,7 @@ checkably right without any trained model.
 import torch
 import torch.nn.functional as F
 
-from awt_engine.backbone import PreprocessConfig
+from awt_engine.models.base import PreprocessConfig
 
 COLOURS = {
     "red": (1.0, 0.0, 0.0),
@@ -43,17 +43,23 @@ class ColourEmbedder:
                 return torch.tensor(rgb)
         return torch.full((3,), 0.5)
 
-    def embed_prompts(self, prompts):
-        self.text_calls += 1
-        self.texts_encoded += sum(len(p) for p in prompts)
+    def embed_texts(self, prompts):
+        """[C][P] strings -> [C, P, 3]."""
         emb = torch.stack([torch.stack([self._text(t) for t in row]) for row in prompts])
         return F.normalize(emb + _BIAS, dim=-1)
+
+    def class_embeddings(self, labels):
+        prompts = labels.prompt_texts()
+        self.text_calls += 1
+        self.texts_encoded += sum(len(p) for p in prompts)
+        return self.embed_texts(prompts)
 
 
 class ColourBackbone:
     """The same known answers behind the ClipBackbone surface (for the CLI path)."""
 
     identity = "test-colour-backbone|v1"
+    weights = "openai"  # stands in for load_backbone(..., "openai")
     logit_scale = 100.0
     preprocess = ColourEmbedder.preprocess
     device = torch.device("cpu")
@@ -65,13 +71,13 @@ class ColourBackbone:
         self.text_calls = 0
         self.image_batches = []
 
-    def encode_images(self, pixels, *, batch_size=None):  # [N, 3, R, R]
+    def encode_images(self, pixels, *, batch_size=None, grad=False):  # [N, 3, R, R]
         self.image_batches.append(pixels.shape[0])
         return self._inner.embed_views(pixels[None])[0]
 
-    def encode_text(self, texts, batch_size=256):
+    def encode_text(self, texts, batch_size=256, *, progress=False, grad=False):
         self.text_calls += 1
-        return self._inner.embed_prompts([list(texts)])[0]
+        return self._inner.embed_texts([list(texts)])[0]
 
 
 def solid(colour, size=(24, 18)):

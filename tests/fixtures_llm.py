@@ -4,19 +4,18 @@
   chat-completions protocol, answering from a Python function.
 - :func:`build_tiny_chat_model`: a randomly initialised 2-layer Qwen2 causal LM and a
   byte-level BPE tokenizer trained in memory, saved to a folder with a chat template.
-- :func:`fake_registry`: a stand-in for ``awt_engine.datasets`` (get_dataset,
-  read_class_list, list_datasets).
+- :func:`toy_registry`: two toy data sets registered in ``awt_engine.registry`` for one test
+  (``register_dataset``, the registry's public seam).
 
-Import what a test module needs from here directly (``from tests.fixtures_llm import ...``).
+Fixtures reach every test module through ``pytest_plugins`` in conftest.py; helpers are
+imported by name (``from tests.fixtures_llm import ScriptedServer``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 import threading
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from awt_engine.describe.prompts import PromptSet, fill_question
+from awt_engine.describe.instructions import InstructionSet, fill_question
 
 # ----------------------------------------------------------------------------------------------
 # loopback OpenAI-compatible server
@@ -190,7 +189,7 @@ def build_tiny_chat_model(
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     corpus = [
-        *PromptSet.load().texts.values(),
+        *InstructionSet.load().texts.values(),
         "A banded texture shows parallel stripes of alternating colour.",
         "- What colour is {}?",
         "The quick brown fox jumps over the lazy dog.",
@@ -253,49 +252,35 @@ def tiny_chat_model(tmp_path_factory) -> Path:
 
 
 @dataclass(frozen=True)
-class FakeDatasetInfo:
+class ToyDataset:
     name: str
     template: str
     description: str
     classes: tuple[str, ...] | None
 
 
-FAKE_DATASETS = {
-    "toytex": FakeDatasetInfo(
+TOY_DATASETS = {
+    "toytex": ToyDataset(
         "toytex",
         "a photo of a {}, which is a type of texture",
         "close-up photos of surface textures",
         ("banded", "blotchy", "sea_lion"),
     ),
-    "folderset": FakeDatasetInfo("folderset", "a photo of a {}", "photos of things", None),
+    "folderset": ToyDataset("folderset", "a photo of a {}", "photos of things", None),
 }
 
 
-def _read_class_list(spec: str) -> list[str]:
-    p = Path(spec)
-    if p.is_file():
-        return [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    if "," in spec:
-        return [s.strip() for s in spec.split(",") if s.strip()]
-    raise ValueError(f"{spec!r} is neither a file nor a comma-separated list")
-
-
-def _get_dataset(name: str) -> FakeDatasetInfo:
-    if name not in FAKE_DATASETS:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(sorted(FAKE_DATASETS))}")
-    return FAKE_DATASETS[name]
-
-
 @pytest.fixture
-def fake_registry(monkeypatch):
-    """Install a stand-in ``awt_engine.datasets`` for the test's duration."""
-    import awt_engine
+def toy_registry():
+    """Two toy data sets registered through the registry's public seam for one test."""
+    from awt_engine import registry
 
-    mod = types.ModuleType("awt_engine.datasets")
-    mod.get_dataset = _get_dataset
-    mod.list_datasets = lambda: sorted(FAKE_DATASETS)
-    mod.read_class_list = _read_class_list
-    mod.DatasetInfo = FakeDatasetInfo
-    monkeypatch.setitem(sys.modules, "awt_engine.datasets", mod)
-    monkeypatch.setattr(awt_engine, "datasets", mod, raising=False)
-    return mod
+    infos = [
+        registry.DatasetInfo(t.name, t.template, t.description, t.classes)
+        for t in TOY_DATASETS.values()
+    ]
+    for info in infos:
+        registry.register_dataset(info, replace=True)
+    yield {info.name: info for info in infos}
+    for info in infos:
+        registry.unregister_dataset(info.name)

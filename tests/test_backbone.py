@@ -19,17 +19,12 @@ from awt_engine.backbone import (
     load_backbone,
     resolve_device,
 )
-from tests import fixtures_clip
 from tests.fixtures_clip import (
     TINY_MODEL_CFG,
     build_tiny_state_dict,
     make_tiny_clip,
     write_local_dir,
 )
-
-# Session fixtures (bound by assignment so a conftest import of the same ones is harmless).
-tiny_clip = fixtures_clip.tiny_clip
-tiny_clip_dir = fixtures_clip.tiny_clip_dir
 
 TEXTS = ["a photo of a cat.", "a photo of a dog.", "", "a very " * 40 + "long prompt"]
 

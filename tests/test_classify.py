@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 import awt_engine
 from awt_engine import backbone as backbone_mod
-from awt_engine.classifier import MissingDescriptionsError, resolve_label_set
 from awt_engine.cli import app
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from awt_engine.text_cache import text_cache_key, text_cache_path
@@ -80,16 +79,16 @@ def test_results_do_not_depend_on_batching_or_order():
 
 
 @pytest.mark.parametrize(
-    "method", ["awt", "clip", "clip-descriptions", "awt-uniform", "awt-no-transport"]
+    "scorer", ["awt", "clip", "clip-descriptions", "awt-uniform", "awt-no-transport"]
 )
-def test_every_method_gets_the_known_answers(method):
+def test_every_scorer_gets_the_known_answers(scorer):
     clf = awt_engine.create_classifier(
-        classes=NAMES, embedder=ColourEmbedder(), views=4, method=method
+        classes=NAMES, embedder=ColourEmbedder(), views=4, scorer=scorer
     )
     assert [p[0]["label"] for p in clf.predict([solid("green"), solid("red")])] == ["green", "red"]
 
 
-def test_clip_method_encodes_bare_prompts_and_one_view(tmp_path):
+def test_clip_scorer_encodes_bare_prompts_and_one_view(tmp_path):
     emb = ColourEmbedder()
     save_descriptions(
         from_plain(
@@ -100,45 +99,11 @@ def test_clip_method_encodes_bare_prompts_and_one_view(tmp_path):
         descriptions_path("colours", tmp_path),
     )
     clf = awt_engine.create_classifier(
-        dataset="colours", embedder=emb, views=9, method="clip", cache_dir=tmp_path, descriptions=3
+        dataset="colours", embedder=emb, views=9, scorer="clip", cache_dir=tmp_path, descriptions=3
     )
     clf.predict([solid("red")])
     assert emb.texts_encoded == len(NAMES)  # prompt 0 only
     assert clf.view_config.n_views == 1
-
-
-def test_prompts_follow_the_design():
-    labels = resolve_label_set("dtd", descriptions=0)
-    assert labels.prompts[0] == [
-        "a photo of a banded, which is a type of texture, or a type of pattern."
-    ]
-    assert len(labels.classes) == 47
-
-
-def test_prompts_with_descriptions(tmp_path):
-    save_descriptions(
-        from_plain(
-            {"sea_lion": ["It is brown.", "It swims."], "cat": ["Fur.", "Whiskers."]},
-            "animals",
-            template="a photo of a {}",
-        ),
-        descriptions_path("animals", tmp_path),
-    )
-    labels = resolve_label_set("animals", cache_dir=tmp_path, descriptions=2)
-    assert labels.prompts[0] == [
-        "a photo of a sea lion.",
-        "a photo of a sea lion. It is brown.",
-        "a photo of a sea lion. It swims.",
-    ]
-    assert labels.classes == ("sea_lion", "cat")
-
-
-def test_missing_descriptions_message_names_file_and_ways_forward(tmp_path):
-    with pytest.raises(MissingDescriptionsError) as info:
-        resolve_label_set("dtd", cache_dir=tmp_path)
-    msg = str(info.value)
-    assert str(descriptions_path("dtd", tmp_path)) in msg
-    assert "awt-engine describe --dataset dtd" in msg and "--descriptions 0" in msg
 
 
 def test_text_cache_hit_and_recompute_on_damage(tmp_path, colour_backbone):
@@ -147,7 +112,7 @@ def test_text_cache_hit_and_recompute_on_damage(tmp_path, colour_backbone):
     clf.predict([solid("red")])
     first = colour_backbone[-1][3]
     assert first.text_calls == 1
-    key = text_cache_key(clf.model.identity, clf.labels.prompts)
+    key = text_cache_key(clf.model.identity, clf.labels)
     assert clf.model.identity == f"{first.identity}|float32"
     path = text_cache_path(tmp_path, key)
     assert path.exists()
@@ -264,7 +229,7 @@ def test_cli_bad_input_folder(tmp_path, colour_backbone):
     "args, needle",
     [
         (["--dataset", "dtdd"], "dtd"),  # unknown data set lists choices
-        (["--classes", "a,b", "--method", "sinkhorn"], "awt, clip"),
+        (["--classes", "a,b", "--scorer", "sinkhorn"], "awt, clip"),
         (["--classes", "a,b", "--views", "0"], "views"),
         (["--classes", "a,b", "-o", "x.txt"], ".jsonl or .csv"),
         (["--classes", "a,a"], "duplicate"),

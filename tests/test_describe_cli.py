@@ -9,14 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from awt_engine.cli import app
-from awt_engine.describe.prompts import display_name
 from awt_engine.descriptions import load_descriptions
+from awt_engine.registry import display_name
 from tests.fixtures_llm import (
-    FAKE_DATASETS,
+    TOY_DATASETS,
     Router,
     ScriptedServer,
     chat_reply,
-    fake_registry,  # noqa: F401  (fixture)
     last_user,
 )
 
@@ -59,8 +58,8 @@ def cache_file(tmp_path, name):
     return tmp_path / "awt-cache" / "descriptions" / f"{name}.json"
 
 
-def test_describe_registered_dataset(tmp_path, fake_registry):  # noqa: F811
-    info = FAKE_DATASETS["toytex"]
+def test_describe_registered_dataset(tmp_path, toy_registry):
+    info = TOY_DATASETS["toytex"]
     with ScriptedServer(responder(info.classes)) as server:
         result = runner.invoke(app, ["describe", "--dataset", "toytex", *openai_args(server)])
     assert result.exit_code == 0, result.output
@@ -83,7 +82,7 @@ def test_describe_registered_dataset(tmp_path, fake_registry):  # noqa: F811
     assert again.exit_code == 0 and "nothing to do" in again.stdout
 
 
-def test_describe_custom_class_file(tmp_path, fake_registry):  # noqa: F811
+def test_describe_custom_class_file(tmp_path, toy_registry):
     labels = tmp_path / "labels.txt"
     labels.write_text("gear\nbolt_nut\nspring\n", encoding="utf-8")
     with ScriptedServer(responder(["gear", "bolt_nut", "spring"])) as server:
@@ -117,25 +116,27 @@ def free_port():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--dataset", "nope"], "unknown data set 'nope'; known: folderset, toytex"),
+        (["--dataset", "nope"], "unknown data set 'nope'"),
         (["--dataset", "folderset"], "no built-in class list; give --classes"),
         (["--classes", "a,b"], "needs --name"),
         (["--classes", "a,b,a", "--name", "x", "--dataset-description", "d"], "duplicate"),
         (["--classes", "a,b", "--name", "x"], "has no description"),
-        (["--dataset", "toytex", "--template", "a photo"], "exactly once"),
+        (["--dataset", "toytex", "--template", "a photo"], "exactly one '{}'"),
         (["--dataset", "toytex", "--name", "../up"], "path separator"),
         (["--dataset", "toytex", "--backend", "openai"], "needs --base-url"),
         ([], "give --dataset NAME"),
     ],
 )
-def test_describe_usage_errors_exit_2_with_a_message(args, message, fake_registry):  # noqa: F811
+def test_describe_usage_errors_exit_2_with_a_message(args, message, toy_registry):
     result = runner.invoke(app, ["describe", *args, "--no-progress"])
     assert result.exit_code == 2
     assert message in result.stderr
+    if "unknown data set" in message:  # registered data sets are listed with the built-in
+        assert "toytex" in result.stderr and "dtd" in result.stderr
     assert "Traceback" not in result.output
 
 
-def test_empty_class_file_is_refused(tmp_path, fake_registry):  # noqa: F811
+def test_empty_class_file_is_refused(tmp_path, toy_registry):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n", encoding="utf-8")
     result = runner.invoke(
@@ -143,10 +144,10 @@ def test_empty_class_file_is_refused(tmp_path, fake_registry):  # noqa: F811
         ["describe", "--classes", str(empty), "--name", "x", "--dataset-description", "d"],
     )
     assert result.exit_code == 2
-    assert "class list is empty" in result.stderr
+    assert "has no class names" in result.stderr and str(empty) in result.stderr
 
 
-def test_unreachable_endpoint_exits_2_naming_it(fake_registry):  # noqa: F811
+def test_unreachable_endpoint_exits_2_naming_it(toy_registry):
     url = f"http://127.0.0.1:{free_port()}/v1"
     result = runner.invoke(
         app,
@@ -169,11 +170,11 @@ def test_unreachable_endpoint_exits_2_naming_it(fake_registry):  # noqa: F811
     assert url in result.stderr and "cannot connect" in result.stderr
 
 
-def test_damaged_cache_exits_2_naming_the_file(tmp_path, fake_registry):  # noqa: F811
+def test_damaged_cache_exits_2_naming_the_file(tmp_path, toy_registry):
     path = cache_file(tmp_path, "toytex")
     path.parent.mkdir(parents=True)
     path.write_text("{ not json", encoding="utf-8")
-    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+    with ScriptedServer(responder(TOY_DATASETS["toytex"].classes)) as server:
         result = runner.invoke(app, ["describe", "--dataset", "toytex", *openai_args(server)])
     assert result.exit_code == 2
     assert str(path) in result.stderr and "not valid JSON" in result.stderr
@@ -182,9 +183,9 @@ def test_damaged_cache_exits_2_naming_the_file(tmp_path, fake_registry):  # noqa
     assert shown.exit_code == 2 and str(path) in shown.stderr
 
 
-def test_api_key_comes_from_the_named_variable(tmp_path, fake_registry, monkeypatch):  # noqa: F811
+def test_api_key_comes_from_the_named_variable(tmp_path, toy_registry, monkeypatch):
     monkeypatch.setenv("MY_LLM_KEY", "k-very-secret")
-    info = FAKE_DATASETS["toytex"]
+    info = TOY_DATASETS["toytex"]
     with ScriptedServer(responder(info.classes)) as server:
         result = runner.invoke(
             app,
@@ -214,7 +215,7 @@ def write_plain(tmp_path, mapping):
     return path
 
 
-def test_import_plain_export_cupl_and_show(tmp_path, fake_registry):  # noqa: F811
+def test_import_plain_export_cupl_and_show(tmp_path, toy_registry):
     published = write_plain(
         tmp_path,
         {"Banded": ["Banded is striped.", "Banded has bands."], "sea lion": ["A sea lion swims."]},
@@ -229,7 +230,7 @@ def test_import_plain_export_cupl_and_show(tmp_path, fake_registry):  # noqa: F8
         "banded": ["Banded is striped.", "Banded has bands."],
         "sea_lion": ["A sea lion swims."],
     }
-    assert ds.template == FAKE_DATASETS["toytex"].template
+    assert ds.template == TOY_DATASETS["toytex"].template
     assert ds.provenance["source"] == "import"
 
     exported = runner.invoke(app, ["cache", "export", "toytex", "--format", "cupl"])
@@ -277,7 +278,7 @@ def test_import_plain_export_cupl_and_show(tmp_path, fake_registry):  # noqa: F8
     assert sorted(b.read_bytes() for b in backups) == sorted(befores)
 
 
-def test_import_then_describe_fills_only_the_missing_class(tmp_path, fake_registry):  # noqa: F811
+def test_import_then_describe_fills_only_the_missing_class(tmp_path, toy_registry):
     published = write_plain(
         tmp_path,
         {
@@ -289,9 +290,9 @@ def test_import_then_describe_fills_only_the_missing_class(tmp_path, fake_regist
         runner.invoke(app, ["cache", "import", str(published), "--dataset", "toytex"]).exit_code
         == 0
     )
-    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+    with ScriptedServer(responder(TOY_DATASETS["toytex"].classes)) as server:
         result = runner.invoke(app, ["describe", "--dataset", "toytex", *openai_args(server)])
-        routed = {Router(FAKE_DATASETS["toytex"].classes, QUESTIONS)(b) for b in server.requests}
+        routed = {Router(TOY_DATASETS["toytex"].classes, QUESTIONS)(b) for b in server.requests}
     assert result.exit_code == 0, result.output
     assert routed == {None, ("blotchy", 0), ("blotchy", 1)}  # questions + the missing class
     ds = load_descriptions(cache_file(tmp_path, "toytex"))
@@ -301,7 +302,7 @@ def test_import_then_describe_fills_only_the_missing_class(tmp_path, fake_regist
     assert ds.provenance["history"][0]["source"] == "import"
 
 
-def test_import_refuses_names_outside_the_registry_and_bad_files(tmp_path, fake_registry):  # noqa: F811
+def test_import_refuses_names_outside_the_registry_and_bad_files(tmp_path, toy_registry):
     published = write_plain(tmp_path, {"unicorn": ["A unicorn."]})
     result = runner.invoke(app, ["cache", "import", str(published), "--dataset", "toytex"])
     assert result.exit_code == 2 and "'unicorn'" in result.stderr
@@ -311,7 +312,7 @@ def test_import_refuses_names_outside_the_registry_and_bad_files(tmp_path, fake_
     assert result.exit_code == 2 and str(bad) in result.stderr
 
 
-def test_show_unknown_cache_lists_what_is_cached(fake_registry):  # noqa: F811
+def test_show_unknown_cache_lists_what_is_cached(toy_registry):
     result = runner.invoke(app, ["cache", "show", "nothing-here"])
     assert result.exit_code == 2 and "no descriptions cached for 'nothing-here'" in result.stderr
 
@@ -327,7 +328,7 @@ def test_cache_without_arguments_shows_help():
 
 def _real_dtd():
     try:
-        from awt_engine.datasets import get_dataset
+        from awt_engine.registry import get_dataset
 
         return get_dataset("dtd")
     except Exception:
@@ -364,14 +365,14 @@ def test_import_published_dtd_into_registry_order(tmp_path):
     assert ds.descriptions["banded"] == [d.strip() for d in raw["banded"] if d.strip()]
 
 
-def test_llm_without_usable_output_exits_2(fake_registry):  # noqa: F811
+def test_llm_without_usable_output_exits_2(toy_registry):
     with ScriptedServer(lambda body: chat_reply("As an AI model I cannot do that.")) as server:
         result = runner.invoke(app, ["describe", "--dataset", "toytex", *openai_args(server)])
     assert result.exit_code == 2
     assert "no usable question" in result.stderr and "cannot do that" in result.stderr
 
 
-def test_ctrl_c_exits_130_and_says_how_to_resume(fake_registry, monkeypatch):  # noqa: F811
+def test_ctrl_c_exits_130_and_says_how_to_resume(toy_registry, monkeypatch):
     import awt_engine.describe
 
     def interrupted(*args, **kwargs):
@@ -384,8 +385,8 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(fake_registry, monkeypatch):  #
     assert "toytex.json" in result.stderr and "run the same command again" in result.stderr
 
 
-def test_short_classes_are_named_and_exit_1(tmp_path, fake_registry):  # noqa: F811
-    info = FAKE_DATASETS["toytex"]
+def test_short_classes_are_named_and_exit_1(tmp_path, toy_registry):
+    info = TOY_DATASETS["toytex"]
     full = responder(info.classes)
 
     def respond(body):
@@ -415,8 +416,8 @@ def test_short_classes_are_named_and_exit_1(tmp_path, fake_registry):  # noqa: F
         ("--timeout", "nan"),
     ],
 )
-def test_non_finite_numbers_are_usage_errors(option, value, fake_registry):  # noqa: F811
-    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+def test_non_finite_numbers_are_usage_errors(option, value, toy_registry):
+    with ScriptedServer(responder(TOY_DATASETS["toytex"].classes)) as server:
         result = runner.invoke(
             app, ["describe", "--dataset", "toytex", *openai_args(server), option, value]
         )
@@ -428,9 +429,9 @@ def test_non_finite_numbers_are_usage_errors(option, value, fake_registry):  # n
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
-def test_api_key_given_as_the_variable_name_is_not_printed(fake_registry):  # noqa: F811
+def test_api_key_given_as_the_variable_name_is_not_printed(toy_registry):
     key = "sk-live-0123456789abcdefXYZ"
-    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+    with ScriptedServer(responder(TOY_DATASETS["toytex"].classes)) as server:
         result = runner.invoke(
             app, ["describe", "--dataset", "toytex", "--api-key-env", key, *openai_args(server)]
         )
@@ -440,8 +441,8 @@ def test_api_key_given_as_the_variable_name_is_not_printed(fake_registry):  # no
     assert "looks like a key" in result.stderr
 
 
-def test_base_url_with_credentials_exits_2_without_echoing_them(tmp_path, fake_registry):  # noqa: F811
-    with ScriptedServer(responder(FAKE_DATASETS["toytex"].classes)) as server:
+def test_base_url_with_credentials_exits_2_without_echoing_them(tmp_path, toy_registry):
+    with ScriptedServer(responder(TOY_DATASETS["toytex"].classes)) as server:
         url = server.base_url.replace("http://", "http://me:sk-pass-999@")
         args = openai_args(server)
         args[args.index("--base-url") + 1] = url

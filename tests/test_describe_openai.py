@@ -360,7 +360,7 @@ def test_cache_with_other_classes_is_not_mixed(tmp_path):
         (("a", "b", "a"), "photos", None, "duplicate class names"),
         (("Sea_Lion", "sea lion"), "photos", None, "duplicate class names"),
         (("a",), "  ", None, "no description"),
-        (("a",), "photos", "a photo of a thing", "exactly once"),
+        (("a",), "photos", "a photo of a thing", "exactly one '{}'"),
     ],
 )
 def test_bad_tasks_are_refused(classes, description, template, message):

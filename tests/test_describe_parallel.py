@@ -16,7 +16,6 @@ import awt_engine.descriptions as descriptions_mod
 from awt_engine.cli import app
 from awt_engine.describe import BackendError, DescribeConfig, DescribeTask, describe_classes
 from awt_engine.describe.backends import OpenAIBackend, OpenAIConfig
-from awt_engine.describe.prompts import display_name
 from awt_engine.descriptions import (
     CacheLockTimeout,
     from_plain,
@@ -25,6 +24,7 @@ from awt_engine.descriptions import (
     locked,
     save_descriptions,
 )
+from awt_engine.registry import display_name
 from tests.fixtures_llm import Reply, Router, ScriptedServer, chat_reply, last_user
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,16 +1,22 @@
 """Answer parsing and prompt files of the description stage."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
+from awt_engine.describe.instructions import (
+    ALL_FILES,
+    InstructionSet,
+    default_instructions_dir,
+    load_instruction,
+)
 from awt_engine.describe.parsing import (
     dedupe,
     interleave,
     parse_descriptions,
     parse_questions,
 )
-from awt_engine.describe.prompts import ALL_FILES, PromptSet, default_prompts_dir, load_prompt
 
 
 def test_questions_keep_exactly_one_placeholder_and_fold_duplicates():
@@ -68,12 +74,12 @@ def test_dedupe_and_interleave():
     assert interleave([["a1", "a2", "a3"], [], ["c1"]]) == ["a1", "c1", "a2", "a3"]
 
 
-def test_prompts_load_from_repo_folder_and_render():
-    folder = default_prompts_dir()
-    assert folder.name == "prompts"
+def test_instructions_load_from_the_package_and_render():
+    folder = default_instructions_dir()
+    assert folder.name == "instruction_texts"
     for name in ALL_FILES:
-        assert load_prompt(name)  # every file exists and is non-empty
-    ps = PromptSet.load()
+        assert load_instruction(name)  # every file exists and is non-empty
+    ps = InstructionSet.load()
     q = ps.question_conversation("close-up photos of machine parts", 9)
     assert [m["role"] for m in q] == ["system", "user", "assistant", "user"]
     assert "close-up photos of machine parts" in q[-1]["content"]
@@ -90,16 +96,16 @@ def test_prompts_load_from_repo_folder_and_render():
 
 def test_unknown_prompt_names_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nonexistent"):
-        load_prompt("nonexistent")
+        load_instruction("nonexistent")
 
 
 def test_prompt_hash_changes_when_a_prompt_changes(tmp_path):
     copy = tmp_path / "prompts"
-    shutil.copytree(default_prompts_dir(), copy)
-    same = PromptSet.load(copy)
-    assert same.sha256 == PromptSet.load().sha256
+    shutil.copytree(default_instructions_dir(), copy)
+    same = InstructionSet.load(copy)
+    assert same.sha256 == InstructionSet.load().sha256
     (copy / "descriptions_system.txt").write_text("Something else.", encoding="utf-8")
-    changed = PromptSet.load(copy)
+    changed = InstructionSet.load(copy)
     assert changed.sha256 != same.sha256
     diff = {k for k in ALL_FILES if changed.files_sha256[k] != same.files_sha256[k]}
     assert diff == {"descriptions_system"}
@@ -107,17 +113,15 @@ def test_prompt_hash_changes_when_a_prompt_changes(tmp_path):
 
 def test_broken_placeholder_in_a_prompt_file_fails_at_load(tmp_path):
     copy = tmp_path / "prompts"
-    shutil.copytree(default_prompts_dir(), copy)
+    shutil.copytree(default_instructions_dir(), copy)
     (copy / "descriptions_user.txt").write_text("Tell me about ${klass}.", encoding="utf-8")
     with pytest.raises(ValueError, match="placeholder"):
-        PromptSet.load(copy)
+        InstructionSet.load(copy)
 
 
-def test_packaged_prompt_copy_is_used_outside_a_checkout(tmp_path, monkeypatch):
+def test_instruction_texts_ship_inside_the_package():
     import awt_engine
 
-    package = tmp_path / "site-packages" / "awt_engine"
-    shutil.copytree(default_prompts_dir(), package / "_prompts")
-    monkeypatch.setattr(awt_engine, "__file__", str(package / "__init__.py"))
-    assert default_prompts_dir() == package / "_prompts"
-    assert PromptSet.load().sha256 == PromptSet.load(package / "_prompts").sha256
+    folder = default_instructions_dir()
+    assert folder.is_relative_to(Path(awt_engine.__file__).resolve().parent)  # package data
+    assert sorted(p.stem for p in folder.glob("*.txt")) == sorted(ALL_FILES)

@@ -15,8 +15,8 @@ from awt_engine.describe import (
     describe_classes,
 )
 from awt_engine.describe.backends import Completion, OpenAIBackend, OpenAIConfig
-from awt_engine.describe.prompts import display_name
 from awt_engine.descriptions import load_descriptions
+from awt_engine.registry import display_name
 from tests.fixtures_llm import Reply, Router, ScriptedServer, chat_reply, last_user
 
 CLASSES = ("ant", "bee", "cat", "dog", "eel", "fox")

@@ -16,8 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from awt_engine.cli import app
-from awt_engine.describe.prompts import display_name
 from awt_engine.descriptions import load_descriptions
+from awt_engine.registry import display_name
 from tests.fixtures_llm import Router, ScriptedServer, chat_reply, last_user
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,21 +8,20 @@ from awt_engine.describe import (
     BackendError,
     DescribeConfig,
     DescribeTask,
+    InstructionSet,
     NoUsableOutputError,
-    PromptSet,
     SamplingConfig,
     describe_classes,
 )
 from awt_engine.describe.backends import ChatRequest, TransformersBackend, TransformersConfig
 from awt_engine.descriptions import DescriptionSet, save_descriptions
-from tests.fixtures_llm import tiny_chat_model  # noqa: F401  (fixture)
 
 MAX_NEW = 6
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    return PromptSet.load()
+    return InstructionSet.load()
 
 
 def requests_for(prompts):
@@ -38,7 +37,7 @@ def requests_for(prompts):
     return [ChatRequest(c, seed=i) for i, c in enumerate(convs)]
 
 
-def test_batched_left_padded_generation_matches_one_by_one(tiny_chat_model, prompts):  # noqa: F811
+def test_batched_left_padded_generation_matches_one_by_one(tiny_chat_model, prompts):
     reqs = requests_for(prompts)
     greedy = SamplingConfig(max_tokens=MAX_NEW, temperature=0.0)
     batched = TransformersBackend(TransformersConfig(str(tiny_chat_model), batch_size=8))
@@ -58,7 +57,7 @@ def test_batched_left_padded_generation_matches_one_by_one(tiny_chat_model, prom
     assert batched.settings()["device"] == "cpu"
 
 
-def test_sampling_returns_n_completions_per_request(tiny_chat_model, prompts):  # noqa: F811
+def test_sampling_returns_n_completions_per_request(tiny_chat_model, prompts):
     backend = TransformersBackend(TransformersConfig(str(tiny_chat_model), batch_size=2))
     reqs = requests_for(prompts)[:3]
     out = backend.chat(reqs, SamplingConfig(max_tokens=MAX_NEW, temperature=1.0, n=2, seed=1))
@@ -67,13 +66,13 @@ def test_sampling_returns_n_completions_per_request(tiny_chat_model, prompts):  
     assert [[c.text for c in o] for o in out] == [[c.text for c in o] for o in again]  # seeded
 
 
-def test_chat_template_is_rendered_as_text(tiny_chat_model):  # noqa: F811
+def test_chat_template_is_rendered_as_text(tiny_chat_model):
     backend = TransformersBackend(TransformersConfig(str(tiny_chat_model)))
     text = backend.render([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
     assert text == "<|bos|><|system|>S<|end|><|user|>U<|end|><|assistant|>"
 
 
-def test_describe_runs_end_to_end_through_the_real_backend(tiny_chat_model, tmp_path):  # noqa: F811
+def test_describe_runs_end_to_end_through_the_real_backend(tiny_chat_model, tmp_path):
     # Questions are stored (a resumed run), so the noise model only has to answer step 2.
     classes = ("banded", "sea_lion")
     path = tmp_path / "descriptions" / "tiny.json"
@@ -114,7 +113,7 @@ def test_describe_runs_end_to_end_through_the_real_backend(tiny_chat_model, tmp_
         assert all(d.strip() == d and "{" not in d and "\n" not in d for d in items)
 
 
-def test_noise_model_gives_a_clean_error_for_questions(tiny_chat_model, tmp_path):  # noqa: F811
+def test_noise_model_gives_a_clean_error_for_questions(tiny_chat_model, tmp_path):
     task = DescribeTask("tiny", ("a", "b"), "toy photos")
     config = DescribeConfig(
         question_rounds=1, sampling=SamplingConfig(max_tokens=MAX_NEW, temperature=0.0)

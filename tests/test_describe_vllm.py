@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import pytest
 
-from awt_engine.describe import BackendError, PromptSet, SamplingConfig
+from awt_engine.describe import BackendError, InstructionSet, SamplingConfig
 from awt_engine.describe.backends import (
     ChatRequest,
     VLLMBackend,
@@ -86,7 +86,7 @@ def fake_vllm(monkeypatch):
 
 
 def test_all_conversations_go_to_one_chat_call_with_per_request_seeds(fake_vllm):
-    prompts = PromptSet.load()
+    prompts = InstructionSet.load()
     reqs = [
         ChatRequest(prompts.description_conversation("toy", c, "What is {}?", 4), seed=100 + i)
         for i, c in enumerate(["ant", "bee", "cat"])
@@ -166,7 +166,7 @@ def test_real_vllm_engine_with_a_tiny_model(tmp_path):  # pragma: no cover - GPU
     backend = VLLMBackend(
         VLLMConfig(str(folder), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.3)
     )
-    prompts = PromptSet.load()
+    prompts = InstructionSet.load()
     reqs = [
         ChatRequest(prompts.description_conversation("toy", c, "What is {}?", 3), seed=i)
         for i, c in enumerate(["ant", "bee"])

@@ -61,7 +61,7 @@ def test_partial_set_reports_missing_classes():
         ({"classes": ()}, "empty"),
         ({"classes": ("a", "a")}, "duplicate class names: 'a'"),
         ({"descriptions": {"zzz": ["x"]}}, "not in 'classes': 'zzz'"),
-        ({"template": "a photo"}, "exactly once"),
+        ({"template": "a photo"}, "exactly one '{}'"),
         ({"descriptions": {"a": "not a list"}}, "must be a list"),
     ],
 )
@@ -160,19 +160,10 @@ def test_deeply_nested_file_is_a_clear_error_naming_it(tmp_path, text):
 
 
 def test_dated_backups_never_overwrite_each_other_within_one_second(tmp_path, monkeypatch):
-    import datetime as dt
-
     import awt_engine.descriptions as mod
 
-    class FrozenClock:  # every backup in the same microsecond
-        UTC = dt.UTC
-
-        class datetime:
-            @staticmethod
-            def now(tz):
-                return dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=tz)
-
-    monkeypatch.setattr(mod, "_dt", FrozenClock)
+    # every backup in the same microsecond
+    monkeypatch.setattr(mod, "utc_now", lambda compact=False: "20260102T030405.678901Z")
     path = tmp_path / "toy.json"
     made = []
     for i in range(3):

@@ -1,4 +1,4 @@
-"""Evaluation: metrics with known answers, one embedding pass for all methods, resume."""
+"""Evaluation: metrics with known answers, one embedding pass for all scorers, resume."""
 
 import json
 
@@ -93,12 +93,12 @@ def test_evaluate_right_and_wrong_embedders(colour_set, tmp_path):
         assert m.acc5 is None  # three classes: top-5 is not defined
 
 
-def test_all_methods_share_one_embedding_pass(colour_set, tmp_path):
+def test_all_scorers_share_one_embedding_pass(colour_set, tmp_path):
     _, data = colour_set
     emb = CountingEmbedder()
     clf = awt_engine.create_classifier(classes=list(CLASSES), embedder=emb, views=3)
     evaluate(clf, data, ["awt", "clip", "clip-descriptions", "awt-uniform"], cache_root=None)
-    assert emb.images == 6  # each image embedded once for four methods
+    assert emb.images == 6  # each image embedded once for four scorers
     assert emb.text_calls == 1
 
 
@@ -128,55 +128,83 @@ def test_resume_after_interruption_embeds_only_the_rest(colour_set, tmp_path):
     assert fourth.images == 6
 
 
+def _eval_args(root, tmp_path, *extra):
+    return [
+        "eval",
+        "--data-root",
+        str(root),
+        "--template",
+        "a photo of a {}",
+        "--views",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        *extra,
+    ]
+
+
 def test_cli_eval_writes_clip_benchmark_json(colour_set, tmp_path, monkeypatch):
     root, _ = colour_set
     monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
     out = tmp_path / "results"
-    res = runner.invoke(
-        app,
-        [
-            "eval",
-            "--data-root",
-            str(root),
-            "--method",
-            "awt",
-            "--method",
-            "clip",
-            "--template",
-            "a photo of a {}",
-            "--views",
-            "3",
-            "--output",
-            str(out),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
-    )
+    args = _eval_args(root, tmp_path, "--scorer", "awt", "--scorer", "clip", "-o", str(out))
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     files = sorted(p.name for p in out.iterdir())
-    assert files == [
-        "colours__ViT-B-16-quickgelu__openai__awt.json",
-        "colours__ViT-B-16-quickgelu__openai__clip.json",
-    ]
+    assert len(files) == 2
+    assert files[0].startswith("colours__ViT-B-16-quickgelu__openai__awt__")
+    assert files[1].startswith("colours__ViT-B-16-quickgelu__openai__clip__")
     rec = json.loads((out / files[0]).read_text())
+    # CLIP_benchmark's fields
     assert rec["task"] == "zeroshot_classification" and rec["dataset"] == "colours"
     assert rec["model"] == "ViT-B-16-quickgelu" and rec["pretrained"] == "openai"
     assert rec["metrics"] == {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0}
-    assert rec["method"] == "awt" and rec["views"] == 3 and rec["seed"] == 0
+    # and everything that defines the run
+    assert rec["scorer"] == "awt" and rec["views"] == 3 and rec["seed"] == 0
     assert rec["descriptions"] == 0 and "engine_version" in rec
+    assert rec["template"] == "a photo of a {}" and rec["classes"] == sorted(CLASSES)
+    assert rec["per_class_recall"] == {"red": 1.0, "green": 1.0, "blue": 1.0}
+    assert rec["precision"] == "float32" and rec["device"] == "cpu"
+    assert rec["awt_config"]["eps"] == 0.1 and rec["data_root"] == str(root)
     clip = json.loads((out / files[1]).read_text())
-    assert clip["views"] == 1
-    assert "awt" in res.stdout and "100.00" in res.stdout
+    assert clip["views"] == 1 and clip["scorer"] == "clip"
+    assert "awt" in res.stdout and "100.00%" in res.stdout
 
 
-def test_cli_eval_limit_and_bad_method(colour_set, tmp_path, monkeypatch):
+def test_runs_that_differ_in_a_setting_never_overwrite_each_other(
+    colour_set, tmp_path, monkeypatch
+):
+    root, _ = colour_set
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    out = tmp_path / "results"
+    runner.invoke(app, _eval_args(root, tmp_path, "-o", str(out)))
+    res = runner.invoke(app, _eval_args(root, tmp_path, "-o", str(out), "--eps", "0.2"))
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(p.read_text()) for p in out.iterdir()]
+    assert sorted(r["awt_config"]["eps"] for r in recs) == [0.1, 0.2]
+    res = runner.invoke(app, _eval_args(root, tmp_path, "-o", str(out), "--eps", "0.2"))
+    assert len(list(out.iterdir())) == 2  # the same run again replaces its own file
+
+
+def test_old_method_option_still_works_and_warns(colour_set, tmp_path, monkeypatch):
+    root, _ = colour_set
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    res = runner.invoke(app, _eval_args(root, tmp_path, "--method", "clip"))
+    assert res.exit_code == 0, res.output
+    assert "--method is now --scorer" in res.stderr
+    assert res.stdout.splitlines()[1].split()[0] == "clip"
+
+
+def test_cli_eval_limit_and_bad_scorer(colour_set, tmp_path, monkeypatch):
     root, _ = colour_set
     monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
     res = runner.invoke(app, ["eval", "--data-root", str(root), "--views", "2", "--limit", "4"])
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[1].split()[-1] == "4"
-    res = runner.invoke(app, ["eval", "--data-root", str(root), "--method", "best"])
-    assert res.exit_code == 2 and "awt, clip" in res.output
+    res = runner.invoke(app, ["eval", "--data-root", str(root), "--scorer", "best"])
+    assert (
+        res.exit_code == 2 and "unknown scorer 'best'" in res.output and "awt, clip" in res.output
+    )
 
 
 def test_eval_with_no_readable_image_writes_null_and_exits_1(tmp_path, monkeypatch):
@@ -210,15 +238,19 @@ def test_eval_records_local_dir_weights_not_the_default_tag(tmp_path, tiny_clip_
     rec = json.loads(path.read_text())
     assert rec["pretrained"] == tiny_clip_dir  # the folder that was loaded, not "openai"
     assert "openai" not in path.name
+    assert rec["precision"] == "float32" and rec["model_identity"].startswith(tiny_clip_dir)
 
 
 def test_results_that_cannot_be_written_are_a_clear_error(colour_set, tmp_path, monkeypatch):
     root, _ = colour_set
     monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
     out = tmp_path / "results"
-    blocked = out / "colours__ViT-B-16-quickgelu__openai__awt.json"
-    blocked.mkdir(parents=True)  # a folder where the results file must go
-    res = runner.invoke(app, ["eval", "--data-root", str(root), "--views", "2", "-o", str(out)])
+    args = ["eval", "--data-root", str(root), "--views", "2", "-o", str(out)]
+    assert runner.invoke(app, args).exit_code == 0
+    (blocked,) = out.iterdir()
+    blocked.unlink()
+    blocked.mkdir()  # a folder where the results file must go
+    res = runner.invoke(app, args)
     assert res.exit_code == 2, res.output
     assert f"cannot write results file {blocked}" in res.output
     assert "Traceback" not in res.output

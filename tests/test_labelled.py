@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from awt_engine.datasets import get_dataset
 from awt_engine.labelled import (
     DatasetLayoutError,
     LabelledData,
@@ -18,6 +17,7 @@ from awt_engine.labelled import (
     load_labelled,
     subset,
 )
+from awt_engine.registry import get_dataset
 from tests.fixtures_images import chmod_000, deny_listing, run_with_permissions
 
 

@@ -2,6 +2,8 @@
 with every scorer block inside the memory budget."""
 
 import json
+import logging
+import math
 import re
 
 import numpy as np
@@ -11,7 +13,6 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from awt_engine import backbone as backbone_mod
-from awt_engine import scoring
 from awt_engine.cli import app
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from tests.fixtures_embedders import ColourBackbone, solid
@@ -32,11 +33,11 @@ class BigBackbone(ColourBackbone):
         self.table = torch.from_numpy(rng.normal(size=(N_CLASSES, D - 3))).float()
         self.desc_noise = 0.3 * torch.from_numpy(rng.normal(size=(N_DESC + 1, D))).float()
 
-    def encode_images(self, pixels, *, batch_size=None):
+    def encode_images(self, pixels, *, batch_size=None, grad=False):
         rgb = pixels.float().mean(dim=(-1, -2))  # [N,3]
         return F.normalize(torch.cat([rgb + 0.1, torch.zeros(len(rgb), D - 3)], 1), dim=-1)
 
-    def encode_text(self, texts, batch_size=256):
+    def encode_text(self, texts, batch_size=256, *, progress=False, grad=False):
         self.text_calls += 1
         cls = [re.search(r"class (\d+)", t) for t in texts]
         desc = [re.search(r" d(\d+)$", t) for t in texts]
@@ -51,7 +52,7 @@ class BigBackbone(ColourBackbone):
 
 
 @pytest.mark.slow
-def test_21843_classes_classify_through_cli_within_budget(tmp_path, monkeypatch):
+def test_21843_classes_classify_through_cli_within_budget(tmp_path, monkeypatch, caplog):
     names = [f"class {i}" for i in range(N_CLASSES - 3)] + list(COLOURS)
     plain = {n: [f"{n} d{j}" for j in range(1, N_DESC + 1)] for n in names}
     save_descriptions(
@@ -63,15 +64,7 @@ def test_21843_classes_classify_through_cli_within_budget(tmp_path, monkeypatch)
     monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: BigBackbone())
 
     budget = 64 << 20
-    blocks = []
-    original = scoring._EmbeddingSims.block
-
-    def recording_block(self, bs, cs):
-        out = original(self, bs, cs)
-        blocks.append(out.numel())
-        return out
-
-    monkeypatch.setattr(scoring._EmbeddingSims, "block", recording_block)
+    caplog.set_level(logging.DEBUG, logger="awt_engine.scoring")  # the scorer logs each block
     out = tmp_path / "preds.jsonl"
     res = CliRunner().invoke(
         app,
@@ -94,6 +87,11 @@ def test_21843_classes_classify_through_cli_within_budget(tmp_path, monkeypatch)
     assert res.exit_code == 0, res.output
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["predictions"][0]["label"] for r in rows] == ["blue", "red"]
+    blocks = [
+        math.prod(json.loads(r.getMessage().removeprefix("similarity block ")))
+        for r in caplog.records
+        if r.getMessage().startswith("similarity block")
+    ]
     full_image = N_CLASSES * 51 * 51
     assert blocks and max(blocks) * 4 * 3 <= budget  # sim, K and sim*K of one block fit
     assert max(blocks) < full_image / 10  # the classes really were cut into chunks

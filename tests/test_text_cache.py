@@ -141,7 +141,7 @@ def test_classify_after_rows_swapped_in_the_cache_file(tmp_path, monkeypatch):
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     (entry,) = (cache / "text_embeddings").iterdir()
-    rows = ColourEmbedder().embed_prompts([["a photo of a red."], ["a photo of a blue."]])
+    rows = ColourEmbedder().embed_texts([["a photo of a red."], ["a photo of a blue."]])
     _swap_bytes(entry, rows[0, 0].numpy().tobytes(), rows[1, 0].numpy().tobytes())
     with pytest.warns(UserWarning, match="checksum") as caught:
         second = runner.invoke(app, args)

@@ -8,10 +8,12 @@ from awt_engine.cli import cache as _cache  # noqa: F401
 from awt_engine.cli import classify as _classify  # noqa: F401
 from awt_engine.cli import describe as _describe  # noqa: F401
 from awt_engine.cli import evaluate as _evaluate  # noqa: F401
-from awt_engine.cli._app import app
+from awt_engine.cli import listing as _listing  # noqa: F401
+from awt_engine.cli._app import app, show_warnings_plainly
 
 
 def main() -> None:
+    show_warnings_plainly()
     app()
 
 

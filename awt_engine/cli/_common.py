@@ -1,4 +1,8 @@
-"""Helpers shared by the command modules: error reporting and exit codes."""
+"""Helpers shared by the command modules: error reporting, exit codes, shared options.
+
+Validation that needs no model happens here, before the heavy imports (torch, open_clip),
+so a mistyped option is answered at once.
+"""
 
 from __future__ import annotations
 
@@ -122,3 +126,78 @@ MemoryBudget = Annotated[
 def weights_arg(pretrained: str) -> str | None:
     """The CLI spells random weights "none"."""
     return None if pretrained.lower() == "none" else pretrained
+
+
+# --------------------------------------------------------------------------------------
+# Scorers and their hyper-parameters (classify, eval, explain)
+
+Eps = Annotated[
+    float | None,
+    typer.Option(help="Sinkhorn entropic regularisation eps [default: 0.1, the AWT paper's]."),
+]
+ViewTemperature = Annotated[
+    float | None,
+    typer.Option(help="Softmax temperature of the view weights [default: 0.5, the paper's]."),
+]
+PromptTemperature = Annotated[
+    float | None,
+    typer.Option(help="Softmax temperature of the prompt weights [default: 0.5, the paper's]."),
+]
+SinkhornTol = Annotated[
+    float | None,
+    typer.Option(help="Sinkhorn stops once mean |r - r_prev| < TOL [default: 0.01]."),
+]
+SinkhornIters = Annotated[
+    int | None, typer.Option(help="Sinkhorn iterations at most [default: 100].")
+]
+Progress = Annotated[
+    bool,
+    typer.Option("--progress/--no-progress", help="Progress bars on stderr (on a terminal only)."),
+]
+MethodAlias = Annotated[
+    list[str] | None,
+    typer.Option("--method", "-m", hidden=True, help="Old name of --scorer (deprecated)."),
+]
+
+
+def awt_config(
+    eps: float | None = None,
+    view_temperature: float | None = None,
+    prompt_temperature: float | None = None,
+    tol: float | None = None,
+    max_iter: int | None = None,
+):
+    """The AWTConfig of the command-line options (defaults where not given); ValueError
+    naming the bad value otherwise."""
+    from awt_engine.scorers import AWTConfig
+
+    given = {
+        "eps": eps,
+        "view_temperature": view_temperature,
+        "prompt_temperature": prompt_temperature,
+        "tol": tol,
+        "max_iter": max_iter,
+    }
+    names = {"tol": "--sinkhorn-tol", "max_iter": "--sinkhorn-iters"}
+    try:
+        return AWTConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as exc:
+        bad = next((k for k in given if k in str(exc)), None)
+        flag = names.get(bad, f"--{bad.replace('_', '-')}") if bad else "option"
+        raise ValueError(f"{flag}: {exc}") from None
+
+
+def scorer_names(scorers: list[str] | None, methods: list[str] | None, default: str = "awt"):
+    """The scorers asked for, with the old ``--method`` spelling accepted (and warned of)."""
+    from awt_engine.scorers import get_scorer
+
+    if methods:
+        typer.echo(
+            "warning: --method is now --scorer ('method' names the trainable methods); "
+            "--method will be removed in the next release",
+            err=True,
+        )
+    names = list(dict.fromkeys([*(scorers or []), *(methods or [])] or [default]))
+    for n in names:
+        get_scorer(n)  # ValueError listing the choices
+    return names

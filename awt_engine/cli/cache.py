@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import enum
 import json
 import statistics
@@ -12,10 +11,9 @@ from typing import Annotated
 
 import typer
 
-from awt_engine._io import atomic_write_json, resolve_cache_root, sha256_hex
+from awt_engine._io import atomic_write_json, resolve_cache_root, sha256_hex, utc_now
 from awt_engine.cli._app import app
 from awt_engine.cli._common import fail
-from awt_engine.cli.describe import datasets_module
 from awt_engine.descriptions import (
     CacheLockTimeout,
     DescriptionSet,
@@ -27,6 +25,7 @@ from awt_engine.descriptions import (
     locked,
     save_descriptions,
 )
+from awt_engine.registry import get_dataset
 
 cache_app = typer.Typer(
     help="Inspect, import and export cached class descriptions.", no_args_is_help=True
@@ -221,7 +220,7 @@ def import_(
         source = load_descriptions(file)
         info = None
         try:
-            info = datasets_module().get_dataset(dataset)
+            info = get_dataset(dataset)
         except (ValueError, ImportError, KeyError):
             info = None  # not a registered data set: the file's own class order is used
         classes = info.classes if info is not None and info.classes else None
@@ -243,7 +242,7 @@ def import_(
                 "source": "import",
                 "file": str(file),
                 "sha256": sha256_hex(file.read_bytes()),
-                "imported": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "imported": utc_now(),
             }
         )
         ds = DescriptionSet(

@@ -1,10 +1,11 @@
-"""`awt-engine classify` and `awt-engine datasets`."""
+"""`awt-engine classify`: images in, one line per image out (and an optional file)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -20,17 +21,26 @@ from awt_engine.cli._common import (
     Dataset,
     Descriptions,
     Device,
+    Eps,
     MemoryBudget,
+    MethodAlias,
     Model,
     Precision,
     Pretrained,
+    Progress,
+    PromptTemperature,
     Seed,
     Shortlist,
+    SinkhornIters,
+    SinkhornTol,
     Template,
     Views,
+    ViewTemperature,
     Workers,
+    awt_config,
     fail,
     parse_size,
+    scorer_names,
     usage_errors,
     weights_arg,
 )
@@ -55,9 +65,15 @@ def classify(
     descriptions: Descriptions = None,
     views: Views = 51,
     seed: Seed = 0,
-    method: Annotated[
-        str, typer.Option(help="awt, clip, clip-descriptions, awt-uniform, awt-no-transport.")
-    ] = "awt",
+    scorer: Annotated[
+        str | None,
+        typer.Option(
+            "--scorer",
+            "-s",
+            help="awt, clip, clip-descriptions, awt-uniform, awt-no-transport [default: awt].",
+        ),
+    ] = None,
+    method: MethodAlias = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     batch_size: BatchSize = 4,
@@ -65,30 +81,47 @@ def classify(
     output: Annotated[
         Path | None,
         typer.Option(
-            "--output", "-o", help="Write predictions to a .jsonl or .csv file.", dir_okay=False
+            "--output",
+            "-o",
+            help="Write the top-k predictions to a .jsonl or .csv file ('-': JSONL on stdout).",
+            dir_okay=False,
         ),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Predictions kept per image in --output.")] = 5,
     shortlist: Shortlist = None,
     memory_budget: MemoryBudget = None,
     precision: Precision = None,
+    eps: Eps = None,
+    view_temperature: ViewTemperature = None,
+    prompt_temperature: PromptTemperature = None,
+    sinkhorn_tol: SinkhornTol = None,
+    sinkhorn_iters: SinkhornIters = None,
+    progress: Progress = True,
 ) -> None:
-    """Classify images zero-shot; one line per image on stdout (path, label, score)."""
-    from awt_engine.classifier import Prediction, create_classifier
-    from awt_engine.images import find_images
-    from awt_engine.scoring import list_methods
+    """Classify images; one line per image on stdout: path, label, probability.
 
-    if method not in list_methods():
-        raise fail(f"unknown method {method!r}; choose one of: {', '.join(list_methods())}")
-    if output is not None and output.suffix.lower() not in OUTPUT_FORMATS:
+    Exit 0: every image was classified; 1: some could not be read (each named on stderr
+    and as an error row); 2: a usage error or an output that cannot be written.
+    """
+    from awt_engine.images import find_images
+
+    # Everything that needs no model is checked first: a typo is answered at once.
+    (scorer_name,) = _one_scorer(scorer, method)
+    config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
+    to_stdout = output is not None and str(output) == "-"
+    if output is not None and not to_stdout and output.suffix.lower() not in OUTPUT_FORMATS:
         raise fail(
             f"--output {output}: unknown format {output.suffix or '(none)'!r}; use a "
-            f"file ending in {' or '.join(OUTPUT_FORMATS)}"
+            f"file ending in {' or '.join(OUTPUT_FORMATS)}, or - for JSONL on stdout"
         )
     if classes is None and dataset is None:
         raise fail("say what the classes are: --dataset NAME or --classes LIST")
+    budget = parse_size(memory_budget) if memory_budget else None
     found = find_images(inputs)
     paths = found.images
+
+    from awt_engine.classifier import Prediction, create_classifier
+
     clf = create_classifier(
         model,
         weights_arg(pretrained),
@@ -98,14 +131,16 @@ def classify(
         descriptions=descriptions,
         views=views,
         seed=seed,
-        method=method,
+        scorer=scorer_name,
         device=device,
         cache_dir=cache_dir,
         batch_size=batch_size,
         workers=workers,
         precision=precision,
         shortlist=shortlist,
-        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        memory_budget=budget,
+        awt_config=config,
+        progress=progress,
     )
     n_failed = 0
     with _Writer(output) as writer:
@@ -113,12 +148,13 @@ def classify(
             pred = Prediction(folder.path, None, folder.reason)
             writer.write(pred)
             typer.echo(f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True)
-        for pred in clf.classify(paths, top_k=top_k, progress=True, total=len(paths)):
+        for pred in clf.classify(paths, top_k=top_k, progress=progress, total=len(paths)):
             writer.write(pred)
             if pred.ok:
-                best = pred.predictions[0]
-                fields = (escape_field(pred.path), escape_field(best["label"]))
-                typer.echo(f"{fields[0]}\t{fields[1]}\t{best['score']:.4f}")
+                if not to_stdout:
+                    best = pred.predictions[0]
+                    fields = (escape_field(pred.path), escape_field(best["label"]))
+                    typer.echo(f"{fields[0]}\t{fields[1]}\t{best['score']:.4f}")
             else:
                 n_failed += 1
                 typer.echo(
@@ -131,6 +167,13 @@ def classify(
     if n_failed or found.unreadable:
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
+
+
+def _one_scorer(scorer: str | None, method: list[str] | None) -> list[str]:
+    names = scorer_names([scorer] if scorer else None, method)
+    if len(names) != 1:
+        raise ValueError(f"classify takes one scorer, got {', '.join(names)} (eval takes many)")
+    return names
 
 
 # stdout/stderr: one image per line, tab-separated, whatever its name holds (README
@@ -182,10 +225,13 @@ class _Writer:
         self.f = None
 
     def __enter__(self):
-        if self.path is not None:
+        if self.path is not None and str(self.path) == "-":  # JSONL rows on stdout
+            self.path, self.f, self._close = Path("<stdout>.jsonl"), sys.stdout, False
+        elif self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Undecodable bytes of a file name are written as those bytes (CSV; see README)
             self.f = open(self.path, "w", encoding="utf-8", errors="surrogateescape", newline="")
+            self._close = True
             if self.path.suffix.lower() == ".csv":
                 self.csv = csv.writer(self.f)
                 self.csv.writerow(["path", "rank", "label", "score", "error"])
@@ -218,7 +264,7 @@ class _Writer:
             self.csv.writerow([_csv_text(pred.path), "", "", "", _csv_text(pred.error)])
 
     def __exit__(self, *exc):
-        if self.f is not None:
+        if self.f is not None and self._close:
             try:
                 self.f.close()
             except OSError:
@@ -226,30 +272,4 @@ class _Writer:
                     raise
 
 
-@app.command()
-def datasets(
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Cache root, to show which data sets have descriptions.", file_okay=False
-        ),
-    ] = None,
-) -> None:
-    """List the data sets the registry knows: classes, template, cached descriptions."""
-    from awt_engine._io import resolve_cache_root
-    from awt_engine.datasets import get_dataset, list_datasets
-    from awt_engine.descriptions import descriptions_path
-
-    root = resolve_cache_root(cache_dir)
-    rows = [("name", "classes", "descriptions", "template")]
-    for name in list_datasets():
-        info = get_dataset(name)
-        n = str(len(info.classes)) if info.classes is not None else "from data"
-        cached = "cached" if descriptions_path(name, root).exists() else "-"
-        rows.append((name, n, cached, info.template))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        typer.echo("  ".join(x.ljust(w) for x, w in zip(r[:3], widths, strict=True)) + "  " + r[3])
-
-
-__all__ = ["classify", "datasets"]
+__all__ = ["classify"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import importlib
 import math
 import signal
 import sys
@@ -54,11 +53,6 @@ class BackendName(enum.StrEnum):
     openai = "openai"
 
 
-def datasets_module():
-    """The data set registry (imported late: it is optional for the other commands)."""
-    return importlib.import_module("awt_engine.datasets")
-
-
 def resolve_task(
     dataset: str | None,
     classes: str | None,
@@ -74,7 +68,8 @@ def resolve_task(
             "give --dataset NAME (a registered data set) or --classes FILE_OR_LIST with --name "
             "and --dataset-description"
         )
-    registry = datasets_module()
+    from awt_engine import registry
+
     info = registry.get_dataset(dataset) if dataset is not None else None
     if classes is not None:
         class_list = list(registry.read_class_list(classes))
@@ -161,9 +156,13 @@ def describe(
     ] = 0.95,
     seed: Annotated[int, typer.Option(help="Base seed; each request derives its own.")] = 0,
     samples: Annotated[int, typer.Option(min=1, help="Samples per request (n).")] = 1,
-    prompts_dir: Annotated[
+    instructions_dir: Annotated[
         Path | None,
-        typer.Option(exists=True, file_okay=False, help="Use the prompt files of this folder."),
+        typer.Option(
+            exists=True,
+            file_okay=False,
+            help="Read the LLM instruction texts from this folder (edited copies).",
+        ),
     ] = None,
     save_every: Annotated[
         float,
@@ -197,7 +196,7 @@ def describe(
         BackendSpec,
         DescribeConfig,
         DescribeError,
-        PromptSet,
+        InstructionSet,
         SamplingConfig,
         describe_classes,
         make_backend,
@@ -233,7 +232,7 @@ def describe(
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
         )
-        prompts = PromptSet.load(prompts_dir)
+        prompts = InstructionSet.load(instructions_dir)
         llm = make_backend(spec, seed=seed)
         from awt_engine._io import resolve_cache_root
         from awt_engine.descriptions import descriptions_path

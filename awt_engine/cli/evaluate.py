@@ -1,4 +1,4 @@
-"""`awt-engine eval`: accuracy on a labelled data set, for one or more methods."""
+"""`awt-engine eval`: accuracy on a labelled data set, for one or more scorers."""
 
 from __future__ import annotations
 
@@ -15,17 +15,25 @@ from awt_engine.cli._common import (
     Dataset,
     Descriptions,
     Device,
+    Eps,
     MemoryBudget,
+    MethodAlias,
     Model,
     Precision,
     Pretrained,
+    Progress,
+    PromptTemperature,
     Seed,
     Shortlist,
+    SinkhornIters,
+    SinkhornTol,
     Template,
     Views,
+    ViewTemperature,
     Workers,
-    fail,
+    awt_config,
     parse_size,
+    scorer_names,
     usage_errors,
     weights_arg,
 )
@@ -43,20 +51,22 @@ def eval_command(
         ),
     ],
     dataset: Dataset = None,
-    method: Annotated[
+    scorer: Annotated[
         list[str] | None,
         typer.Option(
-            "--method",
-            "-m",
-            help="Repeatable: awt, clip, clip-descriptions, awt-uniform, awt-no-transport [default: awt].",
+            "--scorer",
+            "-s",
+            help="Repeatable: awt, clip, clip-descriptions, awt-uniform, awt-no-transport "
+            "[default: awt].",
         ),
     ] = None,
+    method: MethodAlias = None,
     output: Annotated[
         Path | None,
         typer.Option(
             "--output",
             "-o",
-            help="Folder for one JSON per (data set, model, weights, method).",
+            help="Folder for one JSON per run and scorer (CLIP_benchmark's shape).",
             file_okay=False,
         ),
     ] = None,
@@ -78,23 +88,34 @@ def eval_command(
     device: Device = "auto",
     precision: Precision = None,
     cache_dir: CacheDir = None,
+    image_cache: Annotated[
+        bool,
+        typer.Option(
+            "--image-cache/--no-image-cache",
+            help="Keep view embeddings on disk (float16) so a rerun skips the encoder.",
+        ),
+    ] = True,
     batch_size: BatchSize = 4,
     workers: Workers = 2,
+    eps: Eps = None,
+    view_temperature: ViewTemperature = None,
+    prompt_temperature: PromptTemperature = None,
+    sinkhorn_tol: SinkhornTol = None,
+    sinkhorn_iters: SinkhornIters = None,
+    progress: Progress = True,
 ) -> None:
-    """Top-1, top-5 and mean per-class recall; every method from the same embeddings."""
-    from awt_engine._io import resolve_cache_root
-    from awt_engine.classifier import create_classifier
-    from awt_engine.datasets import read_class_list
-    from awt_engine.evaluate import evaluate, format_table, result_records, write_results
-    from awt_engine.labelled import load_labelled, subset
-    from awt_engine.scoring import list_methods
+    """Top-1, top-5 and mean per-class recall; every scorer from one pass of the model.
 
-    methods = list(dict.fromkeys(method or ["awt"]))
-    bad = [m for m in methods if m not in list_methods()]
-    if bad:
-        raise fail(
-            f"unknown method(s) {', '.join(map(repr, bad))}; choose from: {', '.join(list_methods())}"
-        )
+    Exit 0: every image was scored; 1: some images could not be read (named on stderr;
+    the metrics cover the rest); 2: a usage error or results that cannot be written.
+    """
+    from awt_engine._io import resolve_cache_root
+    from awt_engine.labelled import load_labelled, subset
+    from awt_engine.registry import read_class_list
+
+    scorers = scorer_names(scorer, method)  # checked before anything heavy is imported
+    config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
+    budget = parse_size(memory_budget) if memory_budget else None
     class_list = read_class_list(classes) if classes else None
     data = subset(
         load_labelled(data_root, dataset=dataset, classes=class_list, split=split), limit, seed
@@ -103,11 +124,10 @@ def eval_command(
         f"{data.name}: {len(data.items)} images, {len(data.classes)} classes ({data.source})",
         err=True,
     )
-    widest = (
-        "awt"
-        if any(m not in ("clip", "clip-descriptions") for m in methods)
-        else "clip-descriptions"
-    )
+
+    from awt_engine.classifier import create_classifier
+    from awt_engine.evaluate import evaluate, format_table, result_records, write_results
+
     root = resolve_cache_root(cache_dir)
     clf = create_classifier(
         model,
@@ -118,31 +138,26 @@ def eval_command(
         descriptions=descriptions,
         views=views,
         seed=seed,
-        method=widest,
+        scorer=scorers[0],
         device=device,
         cache_dir=root,
         batch_size=batch_size,
         workers=workers,
         precision=precision,
         shortlist=shortlist,
-        memory_budget=parse_size(memory_budget) if memory_budget else None,
+        memory_budget=budget,
+        awt_config=config,
+        progress=progress,
     )
-    result = evaluate(clf, data, methods, cache_root=root, progress=True)
+    result = evaluate(
+        clf, data, scorers, cache_root=root, image_cache=image_cache, progress=progress
+    )
     for path, reason in result.failed:
         typer.echo(f"error: {path}: {reason}", err=True)
     typer.echo(format_table(result))
     if output is not None:
-        n_desc = len(clf.labels.prompts[0]) - 1
         records = result_records(
-            result,
-            model=model,
-            pretrained=str(getattr(clf.model, "weights", None) or pretrained),
-            views=clf.view_config.n_views,
-            descriptions=n_desc,
-            seed=seed,
-            limit=limit,
-            shortlist=shortlist,
-            split=split,
+            result, clf, model=model, data_root=data_root, split=split, limit=limit
         )
         for p in write_results(records, output):
             typer.echo(f"wrote {p}", err=True)

@@ -14,6 +14,7 @@ from awt_engine.describe.backends import (
     make_backend,
 )
 from awt_engine.describe.errors import BackendError, DescribeError, NoUsableOutputError
+from awt_engine.describe.instructions import InstructionSet, load_instruction
 from awt_engine.describe.pipeline import (
     DescribeConfig,
     DescribeResult,
@@ -22,7 +23,6 @@ from awt_engine.describe.pipeline import (
     generate_descriptions,
     generate_questions,
 )
-from awt_engine.describe.prompts import PromptSet, load_prompt
 
 __all__ = [
     "BACKENDS",
@@ -33,13 +33,13 @@ __all__ = [
     "DescribeError",
     "DescribeResult",
     "DescribeTask",
+    "InstructionSet",
     "NoUsableOutputError",
-    "PromptSet",
     "SamplingConfig",
     "default_backend_name",
     "describe_classes",
     "generate_descriptions",
     "generate_questions",
-    "load_prompt",
+    "load_instruction",
     "make_backend",
 ]

@@ -18,7 +18,6 @@ under its lock, so parallel runs on one cache keep each other's classes and skip
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import os
@@ -31,23 +30,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import awt_engine
-from awt_engine._io import resolve_cache_root, sha256_hex
+from awt_engine._io import resolve_cache_root, sha256_hex, utc_now
 from awt_engine.describe.backends.base import ChatBackend, ChatRequest, SamplingConfig
 from awt_engine.describe.errors import DescribeError, NoUsableOutputError
+from awt_engine.describe.instructions import InstructionSet
 from awt_engine.describe.parsing import dedupe, interleave, parse_descriptions, parse_questions
-from awt_engine.describe.prompts import PromptSet
 from awt_engine.descriptions import (
     DescriptionSet,
     backup_descriptions,
     dated_backup_path,
     descriptions_path,
-    fold_class_name,
     fold_key,
     load_descriptions,
     locked,
     save_descriptions,
     validate_dataset_name,
 )
+from awt_engine.registry import validate_class_names, validate_template
 
 log = logging.getLogger("awt_engine.describe")
 
@@ -71,31 +70,14 @@ class DescribeTask:
         object.__setattr__(self, "classes", classes)
         if not classes:
             raise ValueError(f"data set {self.dataset!r}: the class list is empty")
-        blank = [i for i, c in enumerate(classes) if not isinstance(c, str) or not c.strip()]
-        if blank:
-            raise ValueError(f"data set {self.dataset!r}: class #{blank[0] + 1} has an empty name")
-        seen: dict[str, str] = {}
-        dupes = []
-        for c in classes:
-            key = fold_class_name(c)
-            if key in seen:
-                dupes.append(c if seen[key] == c else f"{seen[key]!r}/{c!r}")
-            seen[key] = c
-        if dupes:
-            raise ValueError(
-                f"data set {self.dataset!r}: duplicate class names (case, '_' and '-' folded): "
-                + ", ".join(dupes[:10])
-            )
+        validate_class_names(classes, source=f"data set {self.dataset!r}")
         if not isinstance(self.dataset_description, str) or not self.dataset_description.strip():
             raise ValueError(
                 f"data set {self.dataset!r} has no description; the questions are written for "
                 "it (give --dataset-description, e.g. 'close-up photos of machine parts')"
             )
-        if self.template is not None and self.template.count("{}") != 1:
-            raise ValueError(
-                f"template {self.template!r} must contain the class placeholder '{{}}' exactly "
-                "once (e.g. 'a photo of a {}')"
-            )
+        if self.template is not None:
+            validate_template(self.template)
 
 
 @dataclass(frozen=True)
@@ -187,7 +169,7 @@ def request_seed(base: int, *parts: object) -> int:
 
 def generate_questions(
     backend: ChatBackend,
-    prompts: PromptSet,
+    prompts: InstructionSet,
     dataset_description: str,
     config: DescribeConfig = DescribeConfig(),
     notes: list[str] | None = None,
@@ -226,7 +208,7 @@ def generate_questions(
 
 def generate_descriptions(
     backend: ChatBackend,
-    prompts: PromptSet,
+    prompts: InstructionSet,
     task: DescribeTask,
     questions: Sequence[str],
     config: DescribeConfig = DescribeConfig(),
@@ -327,10 +309,6 @@ def generate_descriptions(
 # ----------------------------------------------------------------------------------------------
 # the cache-aware driver
 # ----------------------------------------------------------------------------------------------
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _snippet(text: str | None, limit: int = 160) -> str:
     text = " ".join((text or "").split())
     return text[:limit] + ("..." if len(text) > limit else "")
@@ -517,7 +495,7 @@ class _Saver:
 
 
 def _provenance(
-    backend: ChatBackend, prompts: PromptSet, config: DescribeConfig, previous: dict | None
+    backend: ChatBackend, prompts: InstructionSet, config: DescribeConfig, previous: dict | None
 ) -> dict:
     prov = {
         "backend": backend.name,
@@ -527,7 +505,7 @@ def _provenance(
         "describe": config.to_json(),
         "prompts_sha256": prompts.sha256,
         "prompt_files_sha256": prompts.files_sha256,
-        "created": _utc_now(),
+        "created": utc_now(),
         "engine_version": awt_engine.__version__,
     }
     if previous:
@@ -538,7 +516,7 @@ def _provenance(
         )
         if same:  # a resumed run of the same recipe: keep its creation time
             prov["created"] = prev.get("created", prov["created"])
-            prov["updated"] = _utc_now()
+            prov["updated"] = utc_now()
         else:
             history.append(prev)
         if history:
@@ -583,7 +561,7 @@ def describe_classes(
     cache_root: str | Path | None = None,
     force: bool = False,
     progress: bool = False,
-    prompts: PromptSet | None = None,
+    prompts: InstructionSet | None = None,
 ) -> DescribeResult:
     """Describe ``task``'s classes into the cache, resuming whatever an earlier run finished.
 
@@ -596,7 +574,7 @@ def describe_classes(
     the classes another run has saved in full.
     """
     start = time.perf_counter()
-    prompts = prompts or PromptSet.load()
+    prompts = prompts or InstructionSet.load()
     path = (
         Path(cache_path)
         if cache_path is not None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from awt_engine import datasets as ds
-from awt_engine.datasets import (
+from awt_engine import registry as ds
+from awt_engine.registry import (
     DatasetInfo,
     display_name,
     fill_template,
@@ -246,9 +246,9 @@ def test_imagenet_names_do_not_import_open_clip(monkeypatch):
     (whose __init__ pulls in torch and timm: seconds)."""
     for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
         monkeypatch.delitem(sys.modules, name)
-    from awt_engine import backbone
+    from awt_engine.backbone import sources
 
-    module = backbone._open_clip_metadata()
+    module = sources.open_clip_metadata()
     assert "open_clip" not in sys.modules
     assert module.__name__ == "_awt_engine_open_clip_zero_shot_metadata"
     assert tuple(module.IMAGENET_CLASSNAMES) == ds.imagenet_classnames()

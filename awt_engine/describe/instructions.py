@@ -1,8 +1,11 @@
-"""Prompt texts for the description stage: plain files in ``prompts/``, loaded by name.
+"""The LLM instructions of the description stage: plain text files, loaded by name.
 
-The repository's top-level ``prompts/`` folder wins when present (a source checkout); an
-installed wheel carries the same files as ``awt_engine/_prompts``. Every file used goes into
-a SHA-256 recorded in the cache's provenance, so a changed prompt is visible.
+These are what the description stage says to the LLM (system texts, requests and worked
+examples), not the CLIP text prompts of :mod:`awt_engine.labels`. The files live in
+``awt_engine/describe/instruction_texts/`` (package data, so an installed wheel has them);
+``--instructions-dir`` reads a folder of edited copies instead. Every file used goes into a
+SHA-256 recorded in the cache's provenance (``prompts_sha256``), so a changed text is
+visible.
 
 Placeholders use ``${name}`` (``string.Template``) because the texts themselves contain the
 literal class placeholder ``{}``. Worked examples are files of ``key: value`` header lines, a
@@ -17,8 +20,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-import awt_engine
 from awt_engine._io import sha256_hex
+from awt_engine.registry import display_name
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -33,31 +36,22 @@ DESCRIPTION_FILES = (
 ALL_FILES = QUESTION_FILES + DESCRIPTION_FILES
 
 
-def default_prompts_dir() -> Path:
-    """The repository's ``prompts/`` when running from a checkout, else the packaged copy."""
-    package = Path(awt_engine.__file__).resolve().parent
-    repo = package.parent / "prompts"
-    if repo.is_dir():
-        return repo
-    return package / "_prompts"
+def default_instructions_dir() -> Path:
+    """The packaged instruction texts."""
+    return Path(__file__).resolve().parent / "instruction_texts"
 
 
-def load_prompt(name: str, directory: str | os.PathLike | None = None) -> str:
-    """The text of prompt ``name`` (file ``<name>.txt``), trailing whitespace removed."""
-    folder = Path(directory) if directory is not None else default_prompts_dir()
+def load_instruction(name: str, directory: str | os.PathLike | None = None) -> str:
+    """The text of instruction ``name`` (file ``<name>.txt``), trailing whitespace removed."""
+    folder = Path(directory) if directory is not None else default_instructions_dir()
     path = folder / f"{name}.txt"
     try:
         return path.read_text(encoding="utf-8").rstrip()
     except FileNotFoundError:
         have = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
         raise FileNotFoundError(
-            f"prompt file {path} not found (prompts in {folder}: {', '.join(have) or 'none'})"
+            f"instruction file {path} not found (instructions in {folder}: {', '.join(have) or 'none'})"
         ) from None
-
-
-def display_name(class_name: str) -> str:
-    """How a class is named in prompts: underscores read as spaces."""
-    return " ".join(class_name.replace("_", " ").split())
 
 
 def fill_question(question: str, class_name: str) -> str:
@@ -74,14 +68,16 @@ class Example:
 def parse_example(text: str, name: str = "example") -> Example:
     head, sep, answer = text.partition("\n---\n")
     if not sep:
-        raise ValueError(f"prompt {name}: expected 'key: value' lines, a '---' line, an answer")
+        raise ValueError(
+            f"instruction {name}: expected 'key: value' lines, a '---' line, an answer"
+        )
     fields = {}
     for line in head.splitlines():
         if not line.strip():
             continue
         key, colon, value = line.partition(":")
         if not colon:
-            raise ValueError(f"prompt {name}: header line {line!r} is not 'key: value'")
+            raise ValueError(f"instruction {name}: header line {line!r} is not 'key: value'")
         fields[key.strip()] = value.strip()
     return Example(fields, answer.strip())
 
@@ -90,22 +86,22 @@ def _render(template: str, name: str, **values: object) -> str:
     try:
         return string.Template(template).substitute(**values)
     except (KeyError, ValueError) as e:
-        raise ValueError(f"prompt {name}: bad or unknown placeholder ({e})") from None
+        raise ValueError(f"instruction {name}: bad or unknown placeholder ({e})") from None
 
 
 @dataclass(frozen=True)
-class PromptSet:
-    """All prompt texts of the stage, with their hashes."""
+class InstructionSet:
+    """All instruction texts of the stage, with their hashes."""
 
     texts: dict[str, str]
     directory: str
 
     @classmethod
-    def load(cls, directory: str | os.PathLike | None = None) -> PromptSet:
-        folder = Path(directory) if directory is not None else default_prompts_dir()
-        texts = {name: load_prompt(name, folder) for name in ALL_FILES}
+    def load(cls, directory: str | os.PathLike | None = None) -> InstructionSet:
+        folder = Path(directory) if directory is not None else default_instructions_dir()
+        texts = {name: load_instruction(name, folder) for name in ALL_FILES}
         ps = cls(texts, str(folder))
-        # Render once so a broken prompt file fails now, not after the model has loaded.
+        # Render once so a broken instruction file fails now, not after the model has loaded.
         ps.question_conversation("a check", 3)
         ps.description_conversation("a check", "thing", "What is {}?", 3)
         return ps
@@ -116,7 +112,7 @@ class PromptSet:
 
     @property
     def sha256(self) -> str:
-        """One hash over every prompt file (name and text)."""
+        """One hash over every instruction file (name and text)."""
         return sha256_hex(*(part for n in ALL_FILES for part in (n, self.texts[n])))
 
     def question_conversation(self, dataset_description: str, count: int) -> Conversation:

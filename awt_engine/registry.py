@@ -22,12 +22,17 @@ from pathlib import Path
 
 __all__ = [
     "DatasetInfo",
+    "class_key",
     "display_name",
     "fill_template",
     "get_dataset",
     "imagenet_classnames",
     "list_datasets",
+    "loose_key",
+    "match_key",
     "read_class_list",
+    "register_dataset",
+    "unregister_dataset",
     "validate_class_names",
     "validate_template",
 ]
@@ -209,11 +214,48 @@ def _build_index() -> dict[str, str]:
 
 _INDEX = _build_index()
 _BY_NAME = {entry[0]: entry for entry in _ENTRIES}
+_REGISTERED: dict[str, DatasetInfo] = {}  # data sets added with register_dataset
 
 
 def list_datasets() -> list[str]:
-    """Registry names, sorted."""
-    return sorted(_BY_NAME)
+    """Registry names, sorted (built-in and registered)."""
+    return sorted({*_BY_NAME, *_REGISTERED})
+
+
+def register_dataset(info: DatasetInfo, *, replace: bool = False) -> DatasetInfo:
+    """Add a data set (template, description, classes) so every command knows it by name.
+
+    Its name and aliases must not collide with a built-in entry, nor with a registered
+    one unless ``replace``. Returns ``info``; :func:`unregister_dataset` removes it.
+    """
+    if not isinstance(info, DatasetInfo):
+        raise TypeError(f"register_dataset takes a DatasetInfo, got {type(info).__name__}")
+    for alias in (info.name, *info.aliases):
+        taken = _INDEX.get(_key(alias))
+        if taken is not None:
+            raise ValueError(f"{alias!r} already names the built-in data set {taken!r}")
+        other = _registered_key(alias)
+        if other is not None and other != info.name and not replace:
+            raise ValueError(f"{alias!r} already names the registered data set {other!r}")
+    if info.name in _REGISTERED and not replace:
+        raise ValueError(f"data set {info.name!r} is already registered (pass replace=True)")
+    if info.classes is not None:
+        validate_class_names(info.classes, source=f"data set {info.name!r}")
+    _REGISTERED[info.name] = info
+    return info
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a data set added with :func:`register_dataset` (no error if absent)."""
+    _REGISTERED.pop(name, None)
+
+
+def _registered_key(name: str) -> str | None:
+    key = _key(name)
+    for reg in _REGISTERED.values():
+        if any(_key(a) == key for a in (reg.name, *reg.aliases)):
+            return reg.name
+    return None
 
 
 def get_dataset(name: str) -> DatasetInfo:
@@ -225,6 +267,9 @@ def get_dataset(name: str) -> DatasetInfo:
         raise TypeError(f"data set name must be a string, got {type(name).__name__}")
     canonical = _INDEX.get(_key(name))
     if canonical is None:
+        registered = _registered_key(name)
+        if registered is not None:
+            return _REGISTERED[registered]
         raise ValueError(_unknown_message(name))
     return _dataset_info(canonical)
 
@@ -233,8 +278,12 @@ def _unknown_message(name: str) -> str:
     close = difflib.get_close_matches(_key(name), list(_INDEX), n=3, cutoff=0.6)
     suggestions = list(dict.fromkeys(_INDEX[k] for k in close))
     hint = f" Did you mean {' or '.join(repr(s) for s in suggestions)}?" if suggestions else ""
+
+    def aliases(n):
+        return _BY_NAME[n][3] if n in _BY_NAME else _REGISTERED[n].aliases
+
     choices = ", ".join(
-        f"{n} (or {', '.join(_BY_NAME[n][3])})" if _BY_NAME[n][3] else n for n in list_datasets()
+        f"{n} (or {', '.join(aliases(n))})" if aliases(n) else n for n in list_datasets()
     )
     return (
         f"unknown data set {name!r}.{hint} Valid names: {choices}. For another data set, "
@@ -377,7 +426,7 @@ def _validated(pairs: Sequence[tuple[int, str]], *, source: str, unit: str) -> l
     for pos, name in pairs:
         if not display_name(name):
             raise ValueError(f"{source}, {unit} {pos}: class name {name!r} is blank")
-        seen.setdefault(_dup_key(name), []).append((pos, name))
+        seen.setdefault(class_key(name), []).append((pos, name))
     dups = [group for group in seen.values() if len(group) > 1]
     if dups:
         parts = []
@@ -389,18 +438,33 @@ def _validated(pairs: Sequence[tuple[int, str]], *, source: str, unit: str) -> l
     return [name for _, name in pairs]
 
 
-def _dup_key(name: str) -> str:
-    # CLIP's tokenizer lower-cases, so names differing only in case or underscores give
-    # the same prompt and the same text embedding: treat them as duplicates.
-    return display_name(name).casefold()
-
-
 # --------------------------------------------------------------------------- prompts
 
 
 def display_name(class_name: str) -> str:
     """The class name as it goes into prompts: underscores read as spaces, spaces collapsed."""
     return " ".join(class_name.replace("_", " ").split())
+
+
+# Class names are compared at three strengths, each the one place that defines it:
+# class_key (same prompt), match_key (same name, spelled differently) and loose_key.
+
+
+def class_key(name: str) -> str:
+    """Names with the same key give the same CLIP prompt (the tokenizer lower-cases, and
+    underscores read as spaces): such names are duplicates in one label set."""
+    return display_name(name).casefold()
+
+
+def match_key(name: str) -> str:
+    """Lenient key for matching one source's names to another's: case, whitespace,
+    underscores and hyphens folded ('Sea_Lion' = 'sea-lion' = 'sea lion')."""
+    return " ".join(re.sub(r"[\s_\-]+", " ", name).split()).casefold()
+
+
+def loose_key(name: str) -> str:
+    """The most lenient key: letters and digits only ('Yorkshire Terrier.' = 'yorkshire_terrier')."""
+    return re.sub(r"[\W_]+", "", name.casefold())
 
 
 def validate_template(template: str) -> str:

@@ -1,0 +1,93 @@
+"""The embedding interface every model sits behind, so one scorer serves all of them.
+
+Two kinds of model feed the scorers (:mod:`awt_engine.scorers`):
+
+* an :class:`Embedder` turns views ``[B, V, 3, R, R]`` into view embeddings
+  ``[B, V, D]`` and a :class:`~awt_engine.labels.LabelSet` into class-prompt embeddings
+  ``[C, P, D]`` (zero-shot CLIP, CoOp, LAMM, the AWT adapter, LLaMP, CLAMP);
+* a :class:`LogitModel` gives view-class-prompt logits ``[B, V, C, P]`` directly, for
+  models without a joint embedding space (eP-ALM, which scores texts generatively).
+
+Rules every model follows:
+
+* Prompts are the model's own business: it gets the label set (classes, template,
+  descriptions), not prompt strings, because CoOp, LAMM, LLaMP and CLAMP each assemble
+  prompts their own way. Prompt 0 of every class is the bare template (so AWT's prompt
+  weights stay defined); prompt p >= 1 adds description p.
+* Embeddings are L2-normalised; logits are ``logit_scale * similarity`` with similarity
+  in about [-1, 1] (the transport cost is ``1 - similarity``).
+* Gradients: a model computes with autograd when ``torch.is_grad_enabled()``, so the
+  same calls serve training; inference wraps them in ``torch.inference_mode()``.
+* ``identity`` names the base model and weights plus a hash of any learned tensors.
+  It keys every cache, so a cache never serves an entry computed before training moved
+  the weights.
+
+Axes: B images, V views (view 0 the un-augmented image), C classes, P prompts, D width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from awt_engine.labels import LabelSet
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How pixels must be prepared for the model, as read from the model itself."""
+
+    size: int  # R: the square input size, pixels
+    mean: tuple[float, float, float]  # per-channel mean of [0, 1] RGB values
+    std: tuple[float, float, float]  # per-channel std of [0, 1] RGB values
+    interpolation: str  # "bicubic" | "bilinear": the model's resize interpolation
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    identity: str  # base model + weights + hash of learned tensors: keys every cache
+    logit_scale: float  # multiplier on cosine similarity (CLIP's logit_scale.exp())
+    preprocess: PreprocessConfig
+    device: torch.device
+
+    def embed_views(self, views: Tensor) -> Tensor:
+        """[B, V, 3, R, R] normalised pixels -> [B, V, D] L2-normalised."""
+        ...
+
+    def class_embeddings(self, labels: LabelSet) -> Tensor:
+        """A label set -> [C, P, D] L2-normalised; P = labels.n_prompts, prompt 0 bare."""
+        ...
+
+
+@runtime_checkable
+class LogitModel(Protocol):
+    identity: str
+    logit_scale: float  # logits = logit_scale * similarity
+    preprocess: PreprocessConfig
+    device: torch.device
+
+    def logits(self, views: Tensor, labels: LabelSet) -> Tensor:
+        """[B, V, 3, R, R] and a label set -> logits [B, V, C, P]."""
+        ...
+
+
+def is_embedder(model) -> bool:
+    """Whether ``model`` gives embeddings (else it is a :class:`LogitModel`)."""
+    return isinstance(model, Embedder)
+
+
+def check_model(model) -> None:
+    """TypeError unless ``model`` implements one of the two interfaces."""
+    if not isinstance(model, Embedder | LogitModel):
+        missing = [
+            a for a in ("identity", "logit_scale", "preprocess", "device") if not hasattr(model, a)
+        ]
+        raise TypeError(
+            f"{type(model).__name__} is neither an Embedder (embed_views, class_embeddings) "
+            f"nor a LogitModel (logits)"
+            + (f"; it also lacks {', '.join(missing)}" if missing else "")
+        )
