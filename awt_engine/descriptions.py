@@ -259,8 +259,17 @@ def _is_plain(obj: Mapping) -> bool:
     return "format" not in obj or isinstance(obj.get("format"), list)
 
 
+def _is_cupl(obj: Mapping) -> bool:
+    """CuPL's layout, ``{dataset: {class: [prompts]}}`` (what ``cache export`` writes)."""
+    if len(obj) != 1:
+        return False
+    (inner,) = obj.values()
+    return isinstance(inner, Mapping) and all(isinstance(v, list) for v in inner.values())
+
+
 def load_descriptions(path: str | os.PathLike) -> DescriptionSet:
-    """Read a format-1 file or a plain ``{class: [descriptions]}`` file.
+    """Read a format-1 file, a plain ``{class: [descriptions]}`` file, or CuPL's
+    ``{dataset: {class: [descriptions]}}`` (so ``cache export -f cupl`` imports back).
 
     Raises FileNotFoundError when there is no file, and ValueError naming the file and what is
     wrong with it when it is damaged or has the wrong shape.
@@ -294,6 +303,9 @@ def load_descriptions(path: str | os.PathLike) -> DescriptionSet:
             f"{{class: [descriptions]}}), found a {type(obj).__name__}"
         )
     try:
+        if _is_cupl(obj):
+            ((name, inner),) = obj.items()
+            return from_plain(inner, dataset=name if _DATASET_NAME.fullmatch(name) else path.stem)
         if _is_plain(obj):
             return from_plain(obj, dataset=path.stem)
         return _from_format(obj)

@@ -94,6 +94,8 @@ class EvalResult:
     metrics: dict[str, Metrics]  # scorer -> metrics
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     classes: tuple[str, ...] = ()
+    top5: dict[str, Tensor] = field(default_factory=dict)  # scorer -> [N, <=5] in item order
+    scored: Tensor | None = None  # [N] item indices of the rows of top5
 
 
 class _Tally:
@@ -110,13 +112,22 @@ class _Tally:
         self.order.extend(idx)
         self.bar.update(len(idx))
 
+    def top5(self) -> tuple[dict[str, Tensor], Tensor]:
+        """Per scorer the [N, <=5] top classes of the scored items, in item order."""
+        order = torch.tensor(self.order, dtype=torch.long)
+        sort = order.argsort()
+        tops = {
+            name: (torch.cat(t) if t else torch.empty(0, 5, dtype=torch.long))[sort]
+            for name, t in self.tops.items()
+        }
+        return tops, order[sort]
+
     def metrics(self, labels_all: Tensor, n_failed: int) -> dict[str, Metrics]:
-        labels = labels_all[torch.tensor(self.order, dtype=torch.long)]
-        out = {}
-        for name, tops in self.tops.items():
-            top = torch.cat(tops) if tops else torch.empty(0, 5, dtype=torch.long)
-            out[name] = metrics_from_topk(top, labels, n_failed=n_failed)
-        return out
+        tops, order = self.top5()
+        labels = labels_all[order]
+        return {
+            name: metrics_from_topk(top, labels, n_failed=n_failed) for name, top in tops.items()
+        }
 
 
 def evaluate(
@@ -184,11 +195,14 @@ def evaluate(
                     cache.close()
     finally:
         bar.close()
+    top5, scored = tally.top5()
     return EvalResult(
         data.name,
         tally.metrics(labels_all, len(failed)),
         [(str(items[i].path), r) for i, r in sorted(failed.items())],
         data.classes,
+        top5,
+        scored,
     )
 
 

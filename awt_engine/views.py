@@ -205,11 +205,13 @@ def make_views(
         raise ValueError(f"preprocess.size must be >= 1, got {r}")
     _, height, width = pixels.shape
 
-    if seed is None:
-        seed = view_seed(pixels, config.seed)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
     n_crops = config.n_views - 1 if config.raw_view else config.n_views
-    boxes = crop_boxes(height, width, n_crops, config, generator).tolist()
+    boxes = []
+    if n_crops:  # the raw view alone needs no random draws (nor the hash that seeds them)
+        if seed is None:
+            seed = view_seed(pixels, config.seed)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        boxes = crop_boxes(height, width, n_crops, config, generator).tolist()
 
     target = pixels.device if device is None else torch.device(device)
     # Channels-last (HWC in memory, as decoded): torch's CPU uint8 resize kernels run ~1.5x

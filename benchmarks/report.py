@@ -9,6 +9,7 @@ The README is generated: edit this script or the benchmarks, never the README by
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 CPU_RUNS = [
     ("AWT scorer against the paper's per-image loop", "bench_scorer.py", []),
     ("End-to-end classify, by stage (ViT-B-32, CPU)", "bench_e2e.py", ["--model", "ViT-B-32"]),
+    ("Eval overhead with a tiny model vs CLIP_benchmark", "bench_eval_overhead.py", []),
     ("Label-set scaling: full vs shortlist", "bench_labels.py", []),
     ("Views: decode-free view construction", "bench_views.py", []),
     ("Description stage throughput", "bench_describe.py", []),
@@ -36,10 +38,17 @@ GPU_RUNS = [
 ]
 
 
+# Scripts that compare against another package run with it layered on the environment.
+WITH = {"bench_eval_overhead.py": "clip-benchmark"}
+
+
 def run(script: str, args: list[str]) -> tuple[str, float]:
     t0 = time.perf_counter()
+    python = [sys.executable]
+    if script in WITH and shutil.which("uv"):
+        python = ["uv", "run", "--with", WITH[script], "python"]
     proc = subprocess.run(
-        [sys.executable, str(HERE / script), *args], capture_output=True, text=True, check=False
+        [*python, str(HERE / script), *args], capture_output=True, text=True, check=False
     )
     dt = time.perf_counter() - t0
     if proc.returncode != 0:

@@ -55,6 +55,25 @@ class ColourEmbedder:
         return self.embed_texts(prompts)
 
 
+class ColourLogitModel:
+    """The same known answers behind the LogitModel interface: logits [B, V, C, P]."""
+
+    identity = "test-colour-logits|v1"
+    logit_scale = 100.0
+    preprocess = ColourEmbedder.preprocess
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self._inner = ColourEmbedder()
+        self.images = 0
+
+    def logits(self, views, labels):
+        self.images += views.shape[0]
+        img = self._inner.embed_views(views)  # [B,V,3]
+        txt = self._inner.embed_texts(labels.prompt_texts())  # [C,P,3]
+        return self.logit_scale * torch.einsum("bvd,cpd->bvcp", img, txt)
+
+
 class ColourBackbone:
     """The same known answers behind the ClipBackbone surface (for the CLI path)."""
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import math
 import os
 
 import pytest
@@ -444,3 +445,83 @@ def test_full_disk_while_writing_predictions_is_a_clear_error(tmp_path, colour_b
     assert res.exit_code == 2, res.output
     assert f"cannot write predictions to {out}" in res.output
     assert "No space left" in res.output and "Traceback" not in res.output
+
+
+def test_awt_options_on_the_command_line_reach_the_scorer(tmp_path, colour_backbone):
+    from awt_engine.scorers import AWTConfig
+
+    images = []
+    for i, (a, b) in enumerate([("red", "blue"), ("green", "red"), ("blue", "green")]):
+        im = solid(a, (24 + i, 16))  # left half one class, right half another:
+        im.paste(solid(b, (12, 16)), (12 + i, 0))  # the crops disagree, the weights matter
+        images.append(tmp_path / f"{a}-{b}.png")
+        im.save(images[-1])
+    options = {
+        "--eps": "0.3",
+        "--view-temperature": "2.0",
+        "--prompt-temperature": "0.1",
+        "--sinkhorn-tol": "1e-4",
+        "--sinkhorn-iters": "7",
+    }
+    out = tmp_path / "p.jsonl"
+    args = ["classify", *map(str, images), "--classes", "red,green,blue", "--views", "6"]
+    res = runner.invoke(app, [*args, *sum(options.items(), ()), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    cli = [json.loads(x)["predictions"] for x in out.read_text().splitlines()]
+    cfg = AWTConfig(eps=0.3, view_temperature=2.0, prompt_temperature=0.1, tol=1e-4, max_iter=7)
+    kw = dict(classes=["red", "green", "blue"], embedder=ColourEmbedder(), views=6)
+    api = awt_engine.create_classifier(**kw, awt_config=cfg).predict(
+        [str(p) for p in images], top_k=5
+    )
+    default = awt_engine.create_classifier(**kw).predict([str(p) for p in images], top_k=5)
+    for got, want in zip(cli, api, strict=True):
+        assert [p["label"] for p in got] == [p["label"] for p in want]
+        for g, w in zip(got, want, strict=True):
+            assert g["score"] == pytest.approx(w["score"], rel=1e-6)
+    # and the options did change something (the runner-up's probability, by 10% or more)
+    assert any(
+        abs(math.log(got[1]["score"]) - math.log(plain[1]["score"])) > 0.1
+        for got, plain in zip(cli, default, strict=True)
+    )
+    bad = runner.invoke(app, [*args, "--eps", "-1"])
+    assert bad.exit_code == 2 and "--eps" in bad.output
+
+
+def test_old_method_option_warns_and_still_works(tmp_path, colour_backbone):
+    solid("red").save(tmp_path / "r.png")
+    res = runner.invoke(
+        app, ["classify", str(tmp_path / "r.png"), "--classes", "red,blue", "--method", "clip"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "--method is now --scorer" in res.stderr and "\tred\t" in res.stdout
+
+
+def test_usage_errors_come_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    solid("red").save(tmp_path / "r.png")
+    code = (
+        "import sys; from awt_engine.cli import app\n"
+        "try:\n    app(['classify', sys.argv[1], '--classes', 'a,b', '--scorer', 'nope'])\n"
+        "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "r.png")], capture_output=True, text=True
+    )
+    assert done.stdout.split() == ["2", "False"], done.stdout + done.stderr
+    assert "unknown scorer 'nope'" in done.stderr
+
+
+def test_version_and_jsonl_on_stdout(tmp_path, colour_backbone):
+    import awt_engine as pkg
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"awt-engine {pkg.__version__}"
+    solid("red").save(tmp_path / "r.png")
+    res = runner.invoke(
+        app, ["classify", str(tmp_path / "r.png"), "--classes", "red,blue", "-o", "-"]
+    )
+    assert res.exit_code == 0, res.output
+    (row,) = [json.loads(x) for x in res.stdout.splitlines()]
+    assert row["path"] == str(tmp_path / "r.png") and row["predictions"][0]["label"] == "red"

@@ -247,6 +247,14 @@ def test_import_plain_export_cupl_and_show(tmp_path, toy_registry):
         == 0
     )
     assert json.loads(out.read_text()) == ds.descriptions
+    # the CuPL export imports back as it was (round trip)
+    cupl = tmp_path / "cupl.json"
+    cupl.write_text(exported.stdout, encoding="utf-8")
+    back = runner.invoke(
+        app, ["cache", "import", str(cupl), "--dataset", "toytex2", "--template", "a {}"]
+    )
+    assert back.exit_code == 0, back.output
+    assert load_descriptions(cache_file(tmp_path, "toytex2")).descriptions == ds.descriptions
 
     shown = runner.invoke(app, ["cache", "show", "toytex", "--samples", "1"])
     assert shown.exit_code == 0

@@ -254,3 +254,46 @@ def test_results_that_cannot_be_written_are_a_clear_error(colour_set, tmp_path, 
     assert res.exit_code == 2, res.output
     assert f"cannot write results file {blocked}" in res.output
     assert "Traceback" not in res.output
+
+
+SIX = ("red", "green", "blue", "yellow", "cyan", "magenta")
+
+
+@pytest.fixture
+def six_colours(tmp_path):
+    """Mixed colours (so scores are not one-hot): each image a blend, labelled by its base."""
+    from PIL import Image
+
+    items = []
+    rng = __import__("random").Random(0)
+    for label, name in enumerate(SIX):
+        for i in range(2):
+            base = solid(name, (14 + i, 11 + label))
+            noise = Image.new("RGB", base.size, tuple(rng.randrange(256) for _ in range(3)))
+            path = tmp_path / "six" / f"{name}{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.blend(base, noise, 0.35).save(path)
+            items.append(LabelledItem(path, label))
+    return LabelledData("six", SIX, tuple(items), "test")
+
+
+@pytest.mark.parametrize("kind", ["embedder", "logit-model"])
+def test_classify_and_eval_give_the_same_rankings_for_both_model_kinds(six_colours, kind):
+    from tests.fixtures_embedders import ColourLogitModel
+
+    model = ColourEmbedder() if kind == "embedder" else ColourLogitModel()
+    scorers = ["awt", "clip"]
+    clf = awt_engine.create_classifier(classes=list(SIX), embedder=model, views=5, batch_size=3)
+    res = evaluate(clf, six_colours, scorers, cache_root=None)
+    paths = [str(it.path) for it in six_colours.items]
+    assert res.scored.tolist() == list(range(len(paths)))
+    for name in scorers:
+        one = awt_engine.create_classifier(
+            classes=list(SIX), embedder=model, views=5, batch_size=1, scorer=name
+        )
+        direct = one.scores(paths)  # the classify path, one image per batch
+        assert torch.equal(direct.topk(5, dim=-1).indices, res.top5[name]), name
+        assert res.metrics[name].n_images == len(paths)
+    if kind == "logit-model":
+        with pytest.raises(ValueError, match="needs class embeddings"):
+            evaluate(clf, six_colours, ["clip-descriptions"], cache_root=None)

@@ -477,3 +477,14 @@ def test_folders_that_name_the_same_class_are_refused(tmp_path):
     with pytest.raises(ValueError, match="duplicate class names") as info:
         load_labelled(tmp_path)
     assert "'sea_lion'" in str(info.value) and "'Sea Lion'" in str(info.value)
+
+
+def test_a_split_folder_as_data_root_is_named_after_its_data_set(tmp_path):
+    from PIL import Image
+
+    for split in ("val", "train"):
+        for c in ("cat", "dog"):
+            (tmp_path / "pets" / split / c).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / "pets" / split / c / "a.png")
+    assert load_labelled(tmp_path / "pets").name == "pets"
+    assert load_labelled(tmp_path / "pets" / "val").name == "pets"  # not "val"

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from awt_engine.cli._app import app
-from awt_engine.cli._common import EXIT_PARTIAL, fail
+from awt_engine.cli._common import EXIT_PARTIAL, Progress, fail
 
 # CLIP's generic prompt, for a custom class list given without --template.
 DEFAULT_TEMPLATE = "a photo of a {}"
@@ -182,7 +182,7 @@ def describe(
         Path | None,
         typer.Option(file_okay=False, help="Cache root [default: $AWT_ENGINE_CACHE or ./cache]."),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Progress bar on stderr.")] = True,
+    progress: Progress = True,
 ) -> None:
     """Ask an LLM for dataset-aware descriptions of every class and cache them.
 

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import awt_engine
 from awt_engine._io import resolve_cache_root, sha256_hex, utc_now
+from awt_engine._progress import progress_bar
 from awt_engine.describe.backends.base import ChatBackend, ChatRequest, SamplingConfig
 from awt_engine.describe.errors import DescribeError, NoUsableOutputError
 from awt_engine.describe.instructions import InstructionSet
@@ -704,8 +704,4 @@ def describe_classes(
 
 
 def _progress_bar(total: int, name: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, desc=f"describe {name}", unit="class", file=sys.stderr, disable=not enabled
-    )
+    return progress_bar(total, enabled, desc=f"describe {name}", unit="class")

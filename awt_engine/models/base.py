@@ -27,6 +27,8 @@ Axes: B images, V views (view 0 the un-augmented image), C classes, P prompts, D
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -91,3 +93,19 @@ def check_model(model) -> None:
             f"nor a LogitModel (logits)"
             + (f"; it also lacks {', '.join(missing)}" if missing else "")
         )
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over named tensors (names, dtypes, shapes and bytes), order-independent."""
+    h = hashlib.sha256(b"awt-engine/tensors/v1\0")
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def learned_identity(base_identity: str, method: str, tensors: Mapping[str, Tensor]) -> str:
+    """The identity of a model with learned tensors: the frozen base's identity, the
+    method, and a hash of the tensors, so any change of a learned value changes it."""
+    return f"{base_identity}|{method}:sha256:{tensors_sha256(tensors)[:24]}"
