@@ -82,31 +82,18 @@ def _clip_descriptions(img: Tensor, txt: Tensor, scale: float, config, budget) -
 
 
 def _awt(weighting: str, transport: bool):
+    """AWT or one of its ablations, from embeddings and from logits."""
+    kw = {"weighting": weighting, "transport": transport}
+
     def from_embeddings(img, txt, scale, config, budget):
         from awt_engine.scoring import awt_solve
 
-        out = awt_solve(
-            img,
-            txt,
-            scale,
-            config=config,
-            weighting=weighting,
-            transport=transport,
-            memory_budget=budget,
-        )
-        return out.scores
+        return awt_solve(img, txt, scale, config=config, memory_budget=budget, **kw).scores
 
     def from_logits(logits, scale, config, budget):
         from awt_engine.scoring import awt_scores_from_logits
 
-        out = awt_scores_from_logits(
-            logits,
-            scale,
-            config=config,
-            weighting=weighting,
-            transport=transport,
-            memory_budget=budget,
-        )
+        out = awt_scores_from_logits(logits, scale, config=config, memory_budget=budget, **kw)
         return out.scores
 
     return from_embeddings, from_logits

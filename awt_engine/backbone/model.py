@@ -160,6 +160,24 @@ class ClipBackbone:
             return _batched(encode, len(texts), batch_size, self.embed_dim, self.device, grad)
 
 
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init_log() -> Iterator[None]:
+    """open_clip logs its own random-init notice on the root logger; the engine's warning
+    already says so, once."""
+    drop = _DropRandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 @contextmanager
 def _seeded_init(seed: int) -> Iterator[None]:
     """Deterministic random init without touching the caller's global RNG state."""
@@ -240,7 +258,8 @@ def load_backbone(
     oc = open_clip_module()
     described = f"model {model!r}" + (f" with pretrained={pretrained!r}" if pretrained else "")
     try:
-        with _seeded_init(RANDOM_INIT_SEED) if source.random_init else nullcontext():
+        seeded = _seeded_init(RANDOM_INIT_SEED) if source.random_init else nullcontext()
+        with seeded, _quiet_random_init_log():
             clip = oc.create_model(
                 source.create_name,
                 pretrained=source.pretrained,
