@@ -30,7 +30,13 @@ from awt_engine._progress import progress_bar
 from awt_engine.batches import Failure, view_batches
 from awt_engine.labels import LabelSet, resolve_label_set
 from awt_engine.models.base import check_model, is_embedder
-from awt_engine.scorers import AWTConfig, Scorer, get_scorer, score
+from awt_engine.scorers import (
+    AWTConfig,
+    Scorer,
+    get_scorer,
+    needs_embeddings_message,
+    score,
+)
 from awt_engine.shortlist import shortlisted_scores
 from awt_engine.text_cache import cached_class_embeddings
 from awt_engine.views import ViewConfig
@@ -86,8 +92,11 @@ class Classifier:
         self.workers = workers
         self.memory_budget = memory_budget
         self.shortlist = shortlist
-        if shortlist is not None and not is_embedder(model):
-            raise ValueError("--shortlist needs class embeddings; this model gives logits only")
+        if not is_embedder(model):
+            if shortlist is not None:
+                raise ValueError("--shortlist needs class embeddings; this model gives logits only")
+            if self.scorer.needs_embeddings:
+                raise ValueError(needs_embeddings_message(self.scorer))
         self.cache_root = Path(cache_root) if cache_root is not None else None
         self.progress = progress
         self._class_embeds: dict[str, Tensor] = {}  # LabelSet.key() -> [C, P, D]

@@ -1,6 +1,6 @@
 """The descriptions cache: LLM-written class descriptions, one JSON file per data set.
 
-Format 1 (DESIGN.md section 3)::
+Format 1 (docs/design.md section 3)::
 
     {"format": 1, "dataset": "dtd", "dataset_description": "...", "template": "... {} ...",
      "classes": [...], "questions": [...], "descriptions": {class: [...]}, "provenance": {...}}

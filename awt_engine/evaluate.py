@@ -28,7 +28,7 @@ from awt_engine.classifier import Classifier
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.labelled import LabelledData
 from awt_engine.models.base import is_embedder
-from awt_engine.scorers import get_scorer
+from awt_engine.scorers import get_scorer, needs_embeddings_message
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,10 @@ def evaluate(
     on disk so a rerun or a resumed run skips the encoder.
     """
     scorers = [get_scorer(s) for s in scorers]
+    if not is_embedder(clf.model):
+        for s in scorers:
+            if s.needs_embeddings:
+                raise ValueError(needs_embeddings_message(s))
     items = list(data.items)
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
     view_config = clf.view_config_for(scorers)
@@ -182,11 +186,7 @@ def evaluate(
             cache = None
             if image_cache and cache_root is not None:
                 cache = ImageEmbeddingCache(
-                    cache_root,
-                    clf.model.identity,
-                    view_config.n_views,
-                    view_config.seed,
-                    dim=txt.shape[-1],
+                    cache_root, clf.model.identity, view_config, dim=txt.shape[-1]
                 )
             try:
                 _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embeds, txt)
@@ -272,6 +272,8 @@ def result_records(
         "descriptions_name": labels.name,
         "descriptions_sha256": labels.descriptions_sha256,
         "seed": clf.base_view_config.seed,
+        "view_config": dataclasses.asdict(clf.base_view_config),
+        "descriptions_per_class": labels.n_descriptions,
         "split": split,
         "limit": limit,
         "shortlist": clf.shortlist,

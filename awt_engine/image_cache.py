@@ -1,7 +1,7 @@
 """Per-image view-embedding cache, so an interrupted evaluation resumes where it stopped.
 
 Layout: ``<root>/image_embeddings/<config key>/shard-*.safetensors``. The config key
-hashes (model identity, views, seed, stored dtype); within it an image is found by the
+hashes (model identity, every view setting, stored dtype); within it an image is found by the
 SHA-256 of its file's bytes. A shard holds the ``[n, V, D]`` embeddings of ``n`` images
 (float16 by default: half the bytes, and cosine similarities move by ~1e-3 at most)
 and, in its header, their content keys and a checksum (:mod:`awt_engine._tensorfile`).
@@ -17,6 +17,7 @@ the run carries on without it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,7 +31,7 @@ from torch import Tensor
 from awt_engine._io import file_sha256, sha256_hex, warn_unwritable
 from awt_engine._tensorfile import DamagedEntry, check_unit_rows, load_tensors, save_tensors
 
-FORMAT = 2  # 2: checksummed safetensors shards (1 was one torch.save file per image)
+FORMAT = 3  # 3: keyed by every view setting (2: by V and seed only; 1: torch.save files)
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -41,8 +42,7 @@ class ImageEmbeddingCache:
         self,
         root: str | os.PathLike,
         identity: str,
-        n_views: int,
-        seed: int,
+        view_config,
         dim: int,
         *,
         dtype: str = "float16",
@@ -53,11 +53,14 @@ class ImageEmbeddingCache:
             raise ValueError(
                 f"image cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}"
             )
+        from awt_engine.views import VIEW_SEED_VERSION
+
+        views = json.dumps(dataclasses.asdict(view_config), sort_keys=True)
         self.key = sha256_hex(
-            "awt-image-embeddings", str(FORMAT), identity, str(n_views), str(seed), dtype
+            "awt-image-embeddings", str(FORMAT), identity, views, VIEW_SEED_VERSION, dtype
         )[:24]
         self.folder = Path(root) / "image_embeddings" / self.key
-        self.n_views, self.dim = n_views, dim
+        self.n_views, self.dim = view_config.n_views, dim
         self.dtype = _DTYPES[dtype]
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self._index: dict[str, tuple[Path, int]] = {}  # content key -> (shard, row)

@@ -2,7 +2,7 @@
 
 A :class:`LabelSet` is what every model receives (it builds its own prompts from it):
 the classes in label order, the prompt template with one ``{}``, and the same number
-of LLM descriptions for every class. CLIP-style text prompts follow DESIGN section 2
+of LLM descriptions for every class. CLIP-style text prompts follow docs/design.md section 2
 (docs/design.md): prompt 0 of a class is ``template.format(name) + "."``, prompt p >= 1
 is that sentence, a space, and description p.
 

@@ -1,6 +1,6 @@
 """The data set registry: CLIP prompt templates, one-line descriptions and class names.
 
-Templates are the ones the AWT paper evaluates with (DESIGN.md section 4). Class names
+Templates are the ones the AWT paper evaluates with (docs/design.md section 4). Class names
 are public facts of each data set, kept in label order in the packaged file
 ``awt_engine/data/classnames.json``; ImageNet's 1000 names come from open_clip and the
 200-class ImageNet-A / ImageNet-R entries are index subsets of them.
@@ -69,7 +69,7 @@ class DatasetInfo:
 
 # --------------------------------------------------------------------------- registry
 
-# (name, template, description, aliases). Templates verbatim from DESIGN.md section 4.
+# (name, template, description, aliases). Templates verbatim from docs/design.md section 4.
 _ENTRIES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     (
         "imagenet",

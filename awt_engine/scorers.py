@@ -58,9 +58,13 @@ class Scorer:
     summary: str
     uses_views: bool  # the random crops (False: view 0 only)
     uses_descriptions: bool  # prompts past the bare one (False: prompt 0 only)
-    needs_embeddings: bool  # cannot score from [B, V, C, P] logits alone
     from_embeddings: Callable[..., Tensor]  # (img [B,V,D], txt [C,P,D], scale, config, budget)
     from_logits: Callable[..., Tensor] | None  # (logits [B,V,C,P], scale, config, budget)
+
+    @property
+    def needs_embeddings(self) -> bool:
+        """It cannot score from [B, V, C, P] logits alone."""
+        return self.from_logits is None
 
     def views_needed(self, n_views: int) -> int:
         return n_views if self.uses_views else 1
@@ -107,13 +111,11 @@ SCORERS: dict[str, Scorer] = {
             "entropy weights + optimal transport (AWT)",
             True,
             True,
-            False,
             *_awt("entropy", True),
         ),
         Scorer(
             "clip",
             "raw view vs bare prompt (zero-shot CLIP)",
-            False,
             False,
             False,
             _clip,
@@ -124,7 +126,6 @@ SCORERS: dict[str, Scorer] = {
             "raw view vs normalised mean prompt embedding",
             False,
             True,
-            True,
             _clip_descriptions,
             None,
         ),
@@ -133,7 +134,6 @@ SCORERS: dict[str, Scorer] = {
             "ablation: uniform weights + transport",
             True,
             True,
-            False,
             *_awt("uniform", True),
         ),
         Scorer(
@@ -141,7 +141,6 @@ SCORERS: dict[str, Scorer] = {
             "ablation: entropy-weighted mean, no transport",
             True,
             True,
-            False,
             *_awt("entropy", False),
         ),
     )
@@ -160,6 +159,14 @@ def get_scorer(name: str | Scorer) -> Scorer:
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORERS)}")
     return SCORERS[name]
+
+
+def needs_embeddings_message(s: Scorer) -> str:
+    usable = ", ".join(n for n, x in SCORERS.items() if not x.needs_embeddings)
+    return (
+        f"scorer {s.name!r} needs class embeddings, and this model gives logits only; "
+        f"use one of: {usable}"
+    )
 
 
 def check_logits(logits: Tensor, n_classes: int | None = None, n_prompts: int | None = None):
@@ -196,11 +203,8 @@ def score(
     if logits is not None:
         if image_embeds is not None or class_embeds is not None:
             raise ValueError("give either logits or embeddings, not both")
-        if s.from_logits is None:
-            raise ValueError(
-                f"scorer {s.name!r} needs class embeddings, and this model gives logits only; "
-                f"use one of: {', '.join(n for n, x in SCORERS.items() if x.from_logits)}"
-            )
+        if s.needs_embeddings:
+            raise ValueError(needs_embeddings_message(s))
         check_logits(logits)
         return s.from_logits(logits, float(scale), config, memory_budget)
     if image_embeds is None or class_embeds is None:

@@ -2,7 +2,7 @@
 
 From image-view embeddings ``[B, V, D]`` and class-prompt embeddings ``[C, P, D]``
 (or precomputed similarities ``[B, V, C, P]``) to class scores ``[B, C]``, exactly as
-DESIGN.md section 2 defines them. This module knows nothing of CLIP.
+docs/design.md section 2 defines them. This module knows nothing of CLIP.
 
 Axes::
 
@@ -502,7 +502,7 @@ def awt_scores(
     memory_budget: int | None = None,
     sync_every: int | None = None,
 ) -> Tensor:
-    """AWT class scores (DESIGN.md section 2).
+    """AWT class scores (docs/design.md section 2).
 
     image_embeds: [B, V, D] L2-normalised, view 0 the un-augmented image.
     class_embeds: [C, P, D] L2-normalised, prompt 0 the bare template.

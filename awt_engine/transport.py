@@ -241,7 +241,10 @@ def sinkhorn(
 
     cost: [B, C, V, P] (or [B, V, P] for C = 1). row_marginals: [B, V] or [B, C, V];
     col_marginals: [B, P] or [B, C, P]; each row should sum to 1. ``log_domain=None``
-    picks the kernel form when ``exp(-cost/eps)`` stays well inside the dtype's range.
+    picks the kernel form when ``exp(-cost/eps)`` stays well inside the dtype's range for
+    *this* cost's span (so the choice can depend on the batch: pass ``log_domain``
+    explicitly where results must not; the AWT scorer decides from the fixed bound of
+    cosine costs, see :func:`kernel_form_is_safe`).
     """
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")

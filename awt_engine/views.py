@@ -1,4 +1,4 @@
-"""Image -> views: the un-augmented image plus random resized crops (DESIGN.md section 2).
+"""Image -> views: the un-augmented image plus random resized crops (docs/design.md section 2).
 
 View 0 is the image with its shorter side resized to R (the model's interpolation,
 bicubic by default) and centre-cropped to R x R. Views 1..V-1 are random resized crops
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 # Attempts before RandomResizedCrop falls back to a centre crop (torchvision's value).
 _CROP_ATTEMPTS = 10
+# Names how crop seeds are made from the pixels; caches of views key on it.
+VIEW_SEED_VERSION = "awt-engine/views/v2"
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
@@ -49,6 +51,9 @@ class ViewConfig:
     # View 0 is the un-augmented image (AWT at test time). Few-shot training (the AWT
     # adapter's K_TRANSFORMS views, CoOp's one view) augments every view: False.
     raw_view: bool = True
+    # Resize of the crops: bilinear at test time (AWT's views); the few-shot papers' Dassl
+    # configs train with bicubic random resized crops.
+    crop_interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         if isinstance(self.n_views, bool) or not isinstance(self.n_views, int | np.integer):
@@ -78,6 +83,11 @@ class ViewConfig:
         object.__setattr__(self, "flip_p", float(self.flip_p))
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "raw_view", bool(self.raw_view))
+        if self.crop_interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"crop_interpolation must be one of {', '.join(_INTERPOLATIONS)}, "
+                f"got {self.crop_interpolation!r}"
+            )
 
 
 def _pair(name: str, value) -> tuple[float, float]:
@@ -125,7 +135,7 @@ def view_seed(image_uint8: torch.Tensor, seed: int) -> int:
     """
     pixels = _check_pixels(image_uint8).detach().to("cpu")
     hwc = pixels.permute(1, 2, 0).contiguous()  # a no-op for channels-last pixels
-    h = hashlib.sha256(b"awt-engine/views/v2\0")
+    h = hashlib.sha256(VIEW_SEED_VERSION.encode() + b"\0")
     h.update(f"{int(seed)}\0{'x'.join(map(str, pixels.shape))}\0".encode())
     h.update(hwc.numpy().data)  # zero-copy view of the bytes
     return int.from_bytes(h.digest()[:8], "little") >> 1
@@ -225,9 +235,10 @@ def make_views(
         # does), then the centre R x R.
         resized = TF.resize(pixels, [r], interpolation=_INTERPOLATIONS[preprocess.interpolation])
         views[0] = TF.center_crop(resized, [r, r])[0]
+    crop_mode = _INTERPOLATIONS[config.crop_interpolation]
     for k, (top, left, h, w, flip) in enumerate(boxes, start=config.n_views - n_crops):
         crop = pixels[:, :, top : top + h, left : left + w]  # [1, 3, h, w]
-        view = TF.resize(crop, [r, r], interpolation=InterpolationMode.BILINEAR)[0]  # [3, R, R]
+        view = TF.resize(crop, [r, r], interpolation=crop_mode)[0]  # [3, R, R]
         views[k] = view.flip(-1) if flip else view
 
     # (x / 255 - mean) / std, as (x - 255 mean) / (255 std): one pass fewer over V x 3 x R x R.

@@ -1,7 +1,7 @@
 """AWT's entropy weights: how much each view and each prompt is trusted.
 
 A view whose prediction over the classes is confident (low entropy) gets more weight; a
-prompt that sharpens the raw view's prediction for its class gets more weight (DESIGN
+prompt that sharpens the raw view's prediction for its class gets more weight (docs/design.md
 section 2, docs/design.md). Both are softmaxes over negative entropies with a
 temperature (0.5 at test time in the AWT paper; its few-shot training uses 1.0).
 

@@ -1,4 +1,4 @@
-"""A straightforward float64 implementation of DESIGN.md section 2, for tests only.
+"""A straightforward float64 implementation of docs/design.md section 2, for tests only.
 
 Deliberately naive and independent of awt_engine: one image at a time, the prompt
 weights through the direct definition (a [P, C, C] tensor per class), the full

@@ -184,6 +184,8 @@ def test_runs_that_differ_in_a_setting_never_overwrite_each_other(
     assert sorted(r["awt_config"]["eps"] for r in recs) == [0.1, 0.2]
     res = runner.invoke(app, _eval_args(root, tmp_path, "-o", str(out), "--eps", "0.2"))
     assert len(list(out.iterdir())) == 2  # the same run again replaces its own file
+    runner.invoke(app, [*_eval_args(root, tmp_path, "-o", str(out)), "--views", "2"])
+    assert len(list(out.iterdir())) == 3  # another view count: another file
 
 
 def test_old_method_option_still_works_and_warns(colour_set, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from awt_engine._tensorfile import load_tensors, save_tensors
 from awt_engine.evaluate import evaluate
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.labelled import LabelledData, LabelledItem
+from awt_engine.views import ViewConfig
 from tests.fixtures_embedders import ColourEmbedder, solid
 
 CLASSES = ("red", "green", "blue")
@@ -103,17 +104,19 @@ def test_unwritable_image_cache_still_gives_metrics(colour_data, tmp_path):
 
 
 def test_flush_every_n_rows_and_reopen(tmp_path):
-    cache = ImageEmbeddingCache(tmp_path, "id", n_views=2, seed=0, dim=4, flush_rows=2)
+    two = ViewConfig(n_views=2)
+    cache = ImageEmbeddingCache(tmp_path, "id", two, dim=4, flush_rows=2)
     rows = {f"k{i}": F.normalize(torch.randn(2, 4), dim=-1) for i in range(5)}
     for k, v in rows.items():
         cache.put(k, v)
     assert len(list(cache.folder.glob("shard-*"))) == 2  # two full batches out, one pending
     cache.close()
-    again = ImageEmbeddingCache(tmp_path, "id", n_views=2, seed=0, dim=4)
+    again = ImageEmbeddingCache(tmp_path, "id", two, dim=4)
     for k, v in rows.items():
         torch.testing.assert_close(again.get(k), v.half().float())
-    other = ImageEmbeddingCache(tmp_path, "id", n_views=3, seed=0, dim=4)
-    assert other.get("k0") is None  # another view count is another cache
+    for other in (ViewConfig(n_views=3), ViewConfig(n_views=2, flip_p=0.0), ViewConfig(2, seed=1)):
+        # another view count, crop setting or seed is another cache
+        assert ImageEmbeddingCache(tmp_path, "id", other, dim=4).get("k0") is None
 
 
 def test_cli_eval_and_classify_with_an_unwritable_cache(colour_data, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ from awt_engine.registry import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# DESIGN.md section 4, verbatim.
+# docs/design.md section 4, verbatim.
 EXPECTED_TEMPLATES = {
     "imagenet": "a photo of a {}",
     "imagenetv2": "a photo of a {}",

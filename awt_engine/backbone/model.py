@@ -205,7 +205,7 @@ def _read_preprocess(model: torch.nn.Module) -> PreprocessConfig:
         logger.warning("Model interpolation %r is not supported; using bicubic", interpolation)
         interpolation = "bicubic"
     resize_mode = cfg.get("resize_mode", "shortest")
-    if resize_mode != "shortest":  # views follow DESIGN.md: shorter side to R, centre crop
+    if resize_mode != "shortest":  # views follow docs/design.md: shorter side to R, centre crop
         logger.warning(
             "The model was trained with resize_mode=%r; the engine's view 0 resizes the "
             "shorter side and centre-crops (resize_mode='shortest')",

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from awt_engine._io import atomic_write_json, resolve_cache_root, sha256_hex, utc_now
+from awt_engine._io import atomic_write_json, file_sha256, resolve_cache_root, utc_now
 from awt_engine.cli._app import app
 from awt_engine.cli._common import fail
 from awt_engine.descriptions import (
@@ -241,7 +241,7 @@ def import_(
             {
                 "source": "import",
                 "file": str(file),
-                "sha256": sha256_hex(file.read_bytes()),
+                "sha256": file_sha256(file),
                 "imported": utc_now(),
             }
         )
