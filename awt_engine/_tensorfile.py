@@ -45,7 +45,7 @@ class DamagedEntry(ValueError):
 
 def _raw_bytes(t: Tensor) -> memoryview:
     # bytes of a contiguous CPU tensor without a copy (numpy has no bf16: not stored here)
-    return memoryview(t.numpy()).cast("B")
+    return memoryview(t.reshape(-1).numpy()).cast("B")
 
 
 def write_tensors(f: BinaryIO, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> None:
@@ -103,7 +103,9 @@ def load_tensors(
             missing = [n for n in expect if n not in names]
             if missing:
                 raise DamagedEntry(f"no tensor {', '.join(missing)}")
-            out = {n: sf.get_tensor(n) for n in expect}
+            # a fresh (aligned) copy: BLAS rounds differently on differently aligned memory,
+            # and a cached tensor must give the very same scores as a computed one
+            out = {n: sf.get_tensor(n).clone() for n in expect}
     except FileNotFoundError:
         raise
     except DamagedEntry:

@@ -296,28 +296,64 @@ def _as_list(images) -> list:
 
 
 def load_model(
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     pretrained: str | None = DEFAULT_PRETRAINED,
     *,
     checkpoint: str | Path | None = None,
     device: str = "auto",
     precision: str | None = None,
 ):
-    """The model behind the interface: zero-shot CLIP from (model, pretrained)."""
+    """The model behind the interface: a trained checkpoint (on the backbone it names, or
+    on ``model``/``pretrained``: the same weights stored elsewhere), else zero-shot CLIP
+    from (model, pretrained); ``model`` defaults to ViT-B-16-quickgelu."""
+    if checkpoint is not None:
+        from awt_engine.training import load_trained
+
+        return load_trained(
+            checkpoint,
+            model=model,
+            pretrained=_weights_for(model, pretrained) if model else None,
+            device=device,
+            precision=precision,
+        )
     from awt_engine.backbone import load_backbone
     from awt_engine.models.clip import ClipEmbedder
 
-    if checkpoint is not None:
-        raise ValueError("checkpoints need the training package (awt_engine.methods)")
+    model = model or DEFAULT_MODEL
+    backbone = load_backbone(
+        model, _weights_for(model, pretrained), device=device, precision=precision
+    )
+    return ClipEmbedder(backbone)
+
+
+def _relabel(labels: LabelSet, template: str | None, descriptions: int | None) -> LabelSet:
+    """A checkpoint's label set with another template or fewer descriptions."""
+    if descriptions is not None and descriptions > labels.n_descriptions:
+        raise ValueError(
+            f"the checkpoint carries {labels.n_descriptions} descriptions per class; "
+            f"--descriptions {descriptions} needs --dataset with a description cache"
+        )
+    n = labels.n_descriptions if descriptions is None else descriptions
+    return LabelSet(
+        labels.classes,
+        template or labels.template,
+        tuple(d[:n] for d in labels.descriptions) if n else (),
+        labels.name,
+        labels.descriptions_sha256 if n else None,
+    )
+
+
+def _weights_for(model: str, pretrained: str | None) -> str | None:
     if pretrained == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
-        pretrained = None  # those ids carry their own weights
-    return ClipEmbedder(load_backbone(model, pretrained, device=device, precision=precision))
+        return None  # those ids carry their own weights
+    return pretrained
 
 
 def create_classifier(
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     pretrained: str | None = DEFAULT_PRETRAINED,
     *,
+    checkpoint: str | Path | None = None,
     dataset: str | None = None,
     classes: Sequence[str] | str | None = None,
     template: str | None = None,
@@ -341,8 +377,10 @@ def create_classifier(
     """A ready classifier. Keyword names mirror ``awt-engine classify``'s options.
 
     model / pretrained: an open_clip model and weights (a pretrained tag, a checkpoint
-    file, ``hf-hub:`` or ``local-dir:`` ids; ``pretrained=None`` means random weights).
-    dataset: a registry name (``awt-engine datasets``) or a description-cache name.
+    file, ``hf-hub:`` or ``local-dir:`` ids; ``pretrained=None`` means random weights);
+    default ViT-B-16-quickgelu with OpenAI's weights. checkpoint: a trained method's
+    ``.safetensors`` (``awt-engine train``); its model, classes and prompts are used unless
+    ``dataset`` / ``classes`` name others. dataset: a registry name (``awt-engine datasets``) or a description-cache name.
     classes / template: an explicit label set (list, comma list or file) and prompt.
     descriptions: descriptions per class (default 50 with a data set, else 0).
     views: the image plus ``views - 1`` random crops (default 51, or ``view_config``'s);
@@ -372,9 +410,22 @@ def create_classifier(
     if seed is not None:
         view_config = replace(view_config, seed=seed)
     root = resolve_cache_root(cache_dir)
-    labels = resolve_label_set(dataset, classes, template, descriptions, root)
     if embedder is None:
-        embedder = load_model(model, pretrained, device=device, precision=precision)
+        embedder = load_model(
+            model, pretrained, checkpoint=checkpoint, device=device, precision=precision
+        )
+    trained = getattr(embedder, "checkpoint_header", None)
+    if trained is not None and dataset is None and classes is None:
+        from awt_engine.training.checkpoint import labels_from_record
+
+        labels = labels_from_record(trained["labels"])  # what it was trained on
+        if template is not None or descriptions is not None:
+            labels = _relabel(labels, template, descriptions)
+    else:
+        labels = resolve_label_set(dataset, classes, template, descriptions, root)
+    why = embedder.unseen_classes(labels.classes) if hasattr(embedder, "unseen_classes") else None
+    if why is not None:
+        raise ValueError(why)
     return Classifier(
         embedder,
         labels,

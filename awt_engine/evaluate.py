@@ -257,6 +257,8 @@ def result_records(
     data_root: str | Path,
     split: str,
     limit: int | None,
+    subsample: str = "all",
+    checkpoint: str | None = None,
 ) -> dict[str, dict]:
     """One CLIP_benchmark-shaped record per scorer (``dataset``, ``model``, ``pretrained``,
     ``task``, ``metrics``, ``language``), plus every setting that defines the run."""
@@ -279,6 +281,9 @@ def result_records(
         "shortlist": clf.shortlist,
         "awt_config": dataclasses.asdict(clf.awt_config),
         "data_root": str(data_root),
+        "subsample": subsample,
+        "checkpoint": checkpoint,
+        "method": getattr(m0, "method", None),  # the trained method, None for zero-shot
     }
     run_id = sha256_hex(json.dumps({**base, "model": model}, sort_keys=True, default=str))[:10]
     out = {}
@@ -323,6 +328,16 @@ def write_results(records: dict[str, dict], output: Path) -> list[Path]:
             ) from None
         paths.append(path)
     return paths
+
+
+def harmonic_means(base: EvalResult, new: EvalResult) -> dict[str, tuple]:
+    """Per scorer (base top-1, new top-1, their harmonic mean): CoOp's base-to-new report."""
+    out = {}
+    for name in base.metrics:
+        b, n = base.metrics[name].acc1, new.metrics[name].acc1
+        hm = None if b is None or n is None or b + n == 0 else 2 * b * n / (b + n)
+        out[name] = (b or 0.0, n or 0.0, hm)
+    return out
 
 
 def _percent(x: float | None) -> str:

@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.fixtures_embedders",
     "tests.fixtures_images",
     "tests.fixtures_llm",
+    "tests.fixtures_training",
 ]
 
 

@@ -41,6 +41,14 @@ TINY_PREPROCESS_CFG = {
 }
 TINY_NAME = "tiny-test-clip"
 
+# A still tiny model whose random image features separate the toy task's classes (the
+# 1-layer one above collapses them: mean cosine 0.91), for the training tests.
+TRAIN_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
 
 @dataclass(frozen=True)
 class TinyClip:
@@ -66,12 +74,14 @@ def build_tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
-def write_local_dir(folder: Path, state_dict: dict[str, torch.Tensor], preprocess=None) -> Path:
+def write_local_dir(
+    folder: Path, state_dict: dict[str, torch.Tensor], preprocess=None, model_cfg=None
+) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {
-        "model_cfg": TINY_MODEL_CFG,
+        "model_cfg": TINY_MODEL_CFG if model_cfg is None else model_cfg,
         "preprocess_cfg": TINY_PREPROCESS_CFG if preprocess is None else preprocess,
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
@@ -100,3 +110,21 @@ def tiny_clip(tmp_path_factory) -> TinyClip:
 def tiny_clip_dir(tiny_clip) -> str:
     """The ``local-dir:`` model name of the tiny model, ready for ``load_backbone``."""
     return tiny_clip.local_dir_name
+
+
+def make_train_clip(path: Path, seed: int = 0) -> str:
+    """The training tests' model (TRAIN_MODEL_CFG, random, CLIP's initial temperature) as a
+    ``local-dir:`` folder; returns the model name to load."""
+    import open_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.CLIP(**copy.deepcopy(TRAIN_MODEL_CFG))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    folder = write_local_dir(Path(path), state, model_cfg=TRAIN_MODEL_CFG)
+    return f"local-dir:{folder}"
+
+
+@pytest.fixture(scope="session")
+def train_clip_dir(tmp_path_factory) -> str:
+    return make_train_clip(tmp_path_factory.mktemp("train-clip"))

@@ -234,7 +234,7 @@ def test_cli_bad_input_folder(tmp_path, colour_backbone):
         (["--classes", "a,b", "--views", "0"], "views"),
         (["--classes", "a,b", "-o", "x.txt"], ".jsonl or .csv"),
         (["--classes", "a,a"], "duplicate"),
-        ([], "--dataset NAME or --classes"),
+        ([], "--dataset NAME, --classes LIST or --checkpoint"),
     ],
 )
 def test_cli_usage_errors_exit_2(args, needle, colour_folder, colour_backbone):

@@ -23,6 +23,7 @@ from awt_engine.backbone.devices import PRECISIONS, resolve_device, resolve_prec
 from awt_engine.backbone.sources import (
     RANDOM_INIT_SEED,
     BackboneLoadError,
+    fingerprint_of,
     open_clip_module,
     resolve_source,
 )
@@ -75,6 +76,7 @@ class ClipBackbone:
         self._tokenizer = tokenizer
         self.identity = identity
         self.weights = weights  # what was loaded (tag, file, folder, hub revision, "none")
+        self.fingerprint = fingerprint_of(identity)  # the weights, wherever they are stored
         self.device = device
         self.dtype = dtype
         self.preprocess = preprocess

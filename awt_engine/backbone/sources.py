@@ -273,6 +273,16 @@ def _resolve_builtin(model: str, pretrained: str | None) -> WeightSource:
     )
 
 
+def fingerprint_of(identity: str) -> str:
+    """``identity`` with the path of a local folder or config file dropped."""
+    head, _, rest = identity.partition("|")
+    if head.startswith(LOCAL_DIR):
+        return f"{LOCAL_DIR.rstrip(':')}|{rest}"
+    if head.startswith("config:"):
+        return f"config|{rest}"
+    return identity
+
+
 def resolve_source(model: str, pretrained: str | None, cache_dir: str | None) -> WeightSource:
     """What to build and load for (model, pretrained); BackboneLoadError if it cannot be."""
     if not isinstance(model, str) or not model.strip():

@@ -90,7 +90,20 @@ Template = Annotated[
     str | None, typer.Option(help='Prompt template with one "{}", e.g. "a photo of a {}".')
 ]
 Model = Annotated[
-    str, typer.Option(help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO.")
+    str | None,
+    typer.Option(
+        help="open_clip model name, local-dir:PATH or hf-hub:ORG/REPO "
+        "[default: ViT-B-16-quickgelu, or the checkpoint's]."
+    ),
+]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option(
+        help="A trained method's checkpoint (awt-engine train); its classes and prompts are "
+        "used unless --dataset/--classes name others.",
+        exists=True,
+        dir_okay=False,
+    ),
 ]
 Pretrained = Annotated[
     str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')

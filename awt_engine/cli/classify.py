@@ -17,6 +17,7 @@ from awt_engine.cli._common import (
     EXIT_PARTIAL,
     BatchSize,
     CacheDir,
+    Checkpoint,
     Classes,
     Dataset,
     Descriptions,
@@ -60,7 +61,8 @@ def classify(
     dataset: Dataset = None,
     classes: Classes = None,
     template: Template = None,
-    model: Model = "ViT-B-16-quickgelu",
+    model: Model = None,
+    checkpoint: Checkpoint = None,
     pretrained: Pretrained = "openai",
     descriptions: Descriptions = None,
     views: Views = 51,
@@ -114,8 +116,8 @@ def classify(
             f"--output {output}: unknown format {output.suffix or '(none)'!r}; use a "
             f"file ending in {' or '.join(OUTPUT_FORMATS)}, or - for JSONL on stdout"
         )
-    if classes is None and dataset is None:
-        raise fail("say what the classes are: --dataset NAME or --classes LIST")
+    if classes is None and dataset is None and checkpoint is None:
+        raise fail("say what the classes are: --dataset NAME, --classes LIST or --checkpoint")
     budget = parse_size(memory_budget) if memory_budget else None
     found = find_images(inputs)
     paths = found.images
@@ -125,6 +127,7 @@ def classify(
     clf = create_classifier(
         model,
         weights_arg(pretrained),
+        checkpoint=checkpoint,
         dataset=dataset,
         classes=classes,
         template=template,

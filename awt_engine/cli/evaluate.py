@@ -11,6 +11,7 @@ from awt_engine.cli._app import app
 from awt_engine.cli._common import (
     BatchSize,
     CacheDir,
+    Checkpoint,
     Classes,
     Dataset,
     Descriptions,
@@ -32,6 +33,7 @@ from awt_engine.cli._common import (
     ViewTemperature,
     Workers,
     awt_config,
+    fail,
     parse_size,
     scorer_names,
     usage_errors,
@@ -72,7 +74,8 @@ def eval_command(
     ] = None,
     classes: Classes = None,
     template: Template = None,
-    model: Model = "ViT-B-16-quickgelu",
+    model: Model = None,
+    checkpoint: Checkpoint = None,
     pretrained: Pretrained = "openai",
     descriptions: Descriptions = None,
     views: Views = 51,
@@ -83,6 +86,13 @@ def eval_command(
     split: Annotated[
         str, typer.Option(help="Split of CoOp-style split files: test, val or train.")
     ] = "test",
+    subsample: Annotated[
+        str,
+        typer.Option(
+            help="Classes: all, base or new (CoOp's base-to-new split), or base-new: both, "
+            "with their harmonic mean."
+        ),
+    ] = "all",
     shortlist: Shortlist = None,
     memory_budget: MemoryBudget = None,
     device: Device = "auto",
@@ -112,54 +122,87 @@ def eval_command(
     from awt_engine._io import resolve_cache_root
     from awt_engine.labelled import load_labelled, subset
     from awt_engine.registry import read_class_list
+    from awt_engine.training.data import SUBSAMPLES, subsample_classes
 
     scorers = scorer_names(scorer, method)  # checked before anything heavy is imported
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
     budget = parse_size(memory_budget) if memory_budget else None
+    parts = ["base", "new"] if subsample == "base-new" else [subsample]
+    if any(p not in SUBSAMPLES for p in parts):
+        raise fail(f"--subsample must be all, base, new or base-new, got {subsample!r}")
     class_list = read_class_list(classes) if classes else None
-    data = subset(
+    full = subset(
         load_labelled(data_root, dataset=dataset, classes=class_list, split=split), limit, seed
     )
-    typer.echo(
-        f"{data.name}: {len(data.items)} images, {len(data.classes)} classes ({data.source})",
-        err=True,
-    )
 
-    from awt_engine.classifier import create_classifier
-    from awt_engine.evaluate import evaluate, format_table, result_records, write_results
+    from awt_engine.classifier import create_classifier, load_model
+    from awt_engine.evaluate import (
+        evaluate,
+        format_table,
+        harmonic_means,
+        result_records,
+        write_results,
+    )
 
     root = resolve_cache_root(cache_dir)
-    clf = create_classifier(
-        model,
-        weights_arg(pretrained),
-        dataset=dataset,
-        classes=list(data.classes),
-        template=template,
-        descriptions=descriptions,
-        views=views,
-        seed=seed,
-        scorer=scorers[0],
-        device=device,
-        cache_dir=root,
-        batch_size=batch_size,
-        workers=workers,
-        precision=precision,
-        shortlist=shortlist,
-        memory_budget=budget,
-        awt_config=config,
-        progress=progress,
+    net = load_model(
+        model, weights_arg(pretrained), checkpoint=checkpoint, device=device, precision=precision
     )
-    result = evaluate(
-        clf, data, scorers, cache_root=root, image_cache=image_cache, progress=progress
-    )
-    for path, reason in result.failed:
-        typer.echo(f"error: {path}: {reason}", err=True)
-    typer.echo(format_table(result))
-    if output is not None:
-        records = result_records(
-            result, clf, model=model, data_root=data_root, split=split, limit=limit
+    header = getattr(net, "checkpoint_header", None)
+    model_name = model or (header["backbone"]["model"] if header else "ViT-B-16-quickgelu")
+    results = {}
+    failed = False
+    for part in parts:
+        data = subsample_classes(full, part)
+        typer.echo(
+            f"{data.name}: {len(data.items)} images, {len(data.classes)} classes ({data.source})",
+            err=True,
         )
-        for p in write_results(records, output):
-            typer.echo(f"wrote {p}", err=True)
-    if result.failed:
+        same_as_trained = header is not None and tuple(header["labels"]["classes"]) == data.classes
+        clf = create_classifier(
+            embedder=net,
+            # a checkpoint's own label set (with its descriptions) when the classes are its own
+            dataset=None if same_as_trained else dataset,
+            classes=None if same_as_trained else list(data.classes),
+            template=template,
+            descriptions=descriptions,
+            views=views,
+            seed=seed,
+            scorer=scorers[0],
+            cache_dir=root,
+            batch_size=batch_size,
+            workers=workers,
+            shortlist=shortlist,
+            memory_budget=budget,
+            awt_config=config,
+            progress=progress,
+        )
+        result = evaluate(
+            clf, data, scorers, cache_root=root, image_cache=image_cache, progress=progress
+        )
+        results[part] = result
+        for path, reason in result.failed:
+            typer.echo(f"error: {path}: {reason}", err=True)
+        if len(parts) > 1:
+            typer.echo(f"{part} classes:")
+        typer.echo(format_table(result))
+        failed = failed or bool(result.failed)
+        if output is not None:
+            records = result_records(
+                result,
+                clf,
+                model=model_name,
+                data_root=data_root,
+                split=split,
+                limit=limit,
+                subsample=part,
+                checkpoint=str(checkpoint) if checkpoint else None,
+            )
+            for p in write_results(records, output):
+                typer.echo(f"wrote {p}", err=True)
+    if len(parts) > 1:
+        for name, (b, n, hm) in harmonic_means(results["base"], results["new"]).items():
+            show = "-" if hm is None else f"{100 * hm:.2f}%"
+            typer.echo(f"{name}: base {100 * b:.2f}%, new {100 * n:.2f}%, harmonic mean {show}")
+    if failed:
         raise typer.Exit(1)

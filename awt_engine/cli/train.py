@@ -1,0 +1,184 @@
+"""`awt-engine train` (few-shot training into a checkpoint) and `awt-engine methods`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from awt_engine.cli._app import app
+from awt_engine.cli._common import (
+    CacheDir,
+    Classes,
+    Dataset,
+    Descriptions,
+    Device,
+    Precision,
+    Progress,
+    Template,
+    Workers,
+    fail,
+    usage_errors,
+    weights_arg,
+)
+
+
+def _options(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set n_ctx=4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+@usage_errors
+def train(
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="What to train (`awt-engine methods`).")
+    ],
+    data_root: Annotated[
+        Path,
+        typer.Option(
+            help="Labelled images (any layout eval reads); the train split is used.",
+            exists=True,
+            file_okay=False,
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="The checkpoint to write (.safetensors).", dir_okay=False
+        ),
+    ],
+    dataset: Dataset = None,
+    classes: Classes = None,
+    template: Template = None,
+    descriptions: Descriptions = None,
+    shots: Annotated[
+        int, typer.Option(min=1, help="Training images per class (CoOp's protocol).")
+    ] = 16,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the few-shot draw, init and augmentation.")
+    ] = 1,
+    subsample: Annotated[
+        str, typer.Option(help="Classes: all, or base / new (CoOp's base-to-new split).")
+    ] = "all",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Backbone: open_clip name, local-dir:PATH or hf-hub:ORG/REPO [default: ViT-B-16-quickgelu]."
+        ),
+    ] = None,
+    pretrained: Annotated[
+        str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
+    ] = "openai",
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="[default: the paper's for the shot count]")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate [default: the paper's].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per step [default: the paper's].")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Override any method or training option: NAME=VALUE (repeatable; see `awt-engine methods --verbose`).",
+        ),
+    ] = None,
+    csc: Annotated[bool, typer.Option("--csc", help="CoOp: class-specific contexts.")] = False,
+    device: Device = "auto",
+    precision: Precision = None,
+    cache_dir: CacheDir = None,
+    workers: Workers = 2,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted run from its last finished epoch."),
+    ] = False,
+    progress: Progress = True,
+) -> None:
+    """Few-shot train a method on frozen CLIP; writes a checkpoint for eval and classify."""
+    from awt_engine.methods import get_method
+
+    get_method(method)  # an unknown name is answered before anything heavy is imported
+    options = _options(set_)
+    if csc:
+        options.setdefault("csc", "true")
+    if output.suffix != ".safetensors":
+        raise fail(f"--output {output}: a checkpoint is a .safetensors file")
+
+    from awt_engine.training import train as run_training
+
+    try:
+        done = run_training(
+            method,
+            data_root=data_root,
+            output=output,
+            dataset=dataset,
+            classes=classes,
+            template=template,
+            descriptions=descriptions,
+            shots=shots,
+            seed=seed,
+            subsample=subsample,
+            model=model,
+            pretrained=weights_arg(pretrained),
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            workers=workers,
+            resume=resume,
+            progress=progress,
+            options=options,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+        )
+    except KeyboardInterrupt:
+        typer.echo(
+            f"interrupted: the last finished epoch is saved; run the same command with --resume "
+            f"to continue ({output}.state)",
+            err=True,
+        )
+        raise typer.Exit(130) from None
+    r = done.result
+    val = f", val top-1 {100 * done.val_accuracy:.2f}%" if done.val_accuracy is not None else ""
+    typer.echo(
+        f"{method}: {done.header['data']['images']} images, {r.epochs} epochs, {r.steps} steps in "
+        f"{r.seconds:.1f} s; loss {r.first_loss:.4f} -> {r.last_loss:.4f}{val}"
+    )
+    typer.echo(f"wrote {done.path}")
+
+
+@app.command()
+def methods(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also each method's options.")
+    ] = False,
+) -> None:
+    """List the trainable methods, one line each."""
+    from awt_engine.methods import get_method, method_summaries
+
+    summaries = method_summaries()
+    width = max(map(len, summaries))
+    for name, summary in summaries.items():
+        typer.echo(f"{name.ljust(width)}  {summary}")
+        if verbose:
+            import dataclasses
+
+            spec = get_method(name)
+            for f in dataclasses.fields(spec.config):
+                help_ = spec.options.get(f.name, "")
+                typer.echo(f"{'':{width}}    --set {f.name}={f.default!r}  {help_}".rstrip())
+            t = spec.train_defaults(16, None)
+            typer.echo(
+                f"{'':{width}}    training (16 shots): {t.optimizer} lr {t.lr:g}, batch {t.batch_size}, "
+                f"{t.epochs} epochs, warm-up {t.warmup_epochs} ({t.warmup}); {spec.paper}"
+            )
+
+
+__all__ = ["methods", "train"]

@@ -1,0 +1,162 @@
+"""What every trainable method is: a model behind the interface that can also learn.
+
+A method supplies three things and nothing else (:mod:`awt_engine.training` does the rest:
+data, the one fit loop, the schedule, checkpoints):
+
+* a frozen ``Config`` dataclass of its hyper-parameters, each default with its source;
+* a :class:`TrainableModel` subclass: its modules (the only parameters that learn), the
+  interface calls (``encode_images`` / ``class_embeddings``, or ``logits`` for a
+  generative model) and its loss terms (:meth:`TrainableModel.training_loss`);
+* a :class:`MethodSpec` naming them, with the paper's training defaults per shot count.
+
+The frozen backbone is held by the model but is not one of its modules: it is never
+saved, its parameters never require gradients, and ``learned_state()`` holds only what
+the method learns.
+
+Axes: B images, V views, C classes, P prompts, D width, R input size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from awt_engine.labels import LabelSet
+from awt_engine.models.base import learned_identity
+from awt_engine.views import ViewConfig
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """One optimisation step's input."""
+
+    views: Tensor  # [B, V, 3, R, R] augmented views
+    labels: Tensor  # [B] class indices into the training label set
+    epoch: int
+    step: int  # within the epoch
+    generator: torch.Generator  # seeded by (seed, epoch, step): the method's own draws
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    total: Tensor  # the scalar that is optimised
+    terms: dict[str, Tensor]  # its named parts (as added into total, weights applied)
+
+
+class TrainableModel(nn.Module):
+    """Base of every method's model: an Embedder (or LogitModel) that learns.
+
+    Subclasses set ``method``, build their modules in ``__init__`` (after calling
+    ``super().__init__(backbone, config)``) or in :meth:`prepare` when they depend on
+    the classes, and implement :meth:`training_loss` and the interface calls.
+    """
+
+    method: ClassVar[str] = "?"
+
+    def __init__(self, backbone, config):
+        super().__init__()
+        object.__setattr__(self, "backbone", backbone)  # frozen, deliberately not a submodule
+        self.config = config
+        self.logit_scale = float(backbone.logit_scale)
+        self.preprocess = backbone.preprocess
+        self.device = backbone.device
+        self.weights = getattr(backbone, "weights", None)
+        self.precision = str(backbone.dtype).removeprefix("torch.")
+        self.dim = getattr(backbone, "embed_dim", None)
+        self.train_labels: LabelSet | None = None
+
+    # -- identity and state ----------------------------------------------------------
+
+    @property
+    def base_identity(self) -> str:
+        return f"{self.backbone.identity}|{self.precision}"
+
+    @property
+    def identity(self) -> str:
+        """Base model, method and a hash of every learned tensor: keys every cache."""
+        return learned_identity(self.base_identity, self.method, self.learned_state())
+
+    def learned_state(self) -> dict[str, Tensor]:
+        """Only what the method learns (parameters that require gradients), by name."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_learned(self, state: Mapping[str, Tensor]) -> None:
+        """Load tensors saved by :meth:`learned_state`; every name and shape must match."""
+        own = dict(self.named_parameters())
+        expected = {n for n, p in own.items() if p.requires_grad}
+        missing, extra = expected - set(state), set(state) - expected
+        if missing or extra:
+            raise ValueError(
+                f"checkpoint tensors do not fit this {self.method} model: missing "
+                f"{sorted(missing) or 'none'}, unexpected {sorted(extra) or 'none'}"
+            )
+        with torch.no_grad():
+            for name, value in state.items():
+                p = own[name]
+                if tuple(p.shape) != tuple(value.shape):
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, this model "
+                        f"has {tuple(p.shape)} (another class count or configuration?)"
+                    )
+                p.copy_(value.to(p.device, p.dtype))
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; one group at ``lr`` unless a method needs more."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def header(self) -> dict[str, Any]:
+        """The method's hyper-parameters, as the checkpoint records them."""
+        return dataclasses.asdict(self.config)
+
+    # -- what subclasses implement ---------------------------------------------------
+
+    def prepare(self, labels: LabelSet, seed: int = 0) -> None:
+        """Set the label set the model learns (build per-class tables, precompute frozen
+        parts) and create the learned tensors, randomly initialised ones from ``seed``."""
+        self.train_labels = labels
+
+    def training_view_config(self, base: ViewConfig) -> ViewConfig:
+        """How many augmented views one training image gets (one by default, as CoOp)."""
+        return dataclasses.replace(base, n_views=1, raw_view=False, crop_interpolation="bicubic")
+
+    def training_loss(self, batch: TrainBatch) -> LossOutput:
+        raise NotImplementedError
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """[N, 3, R, R] -> [N, D] unit vectors, with gradients where the method has any."""
+        return self.backbone.encode_images(pixels, grad=False)
+
+    def embed_views(self, views: Tensor) -> Tensor:
+        """[B, V, 3, R, R] -> [B, V, D] (the Embedder interface)."""
+        B, V = views.shape[:2]
+        return self.encode_images(views.flatten(0, 1)).view(B, V, -1)
+
+    def unseen_classes(self, classes: tuple[str, ...]) -> str | None:
+        """None when this model can score ``classes``, else why not (for the error)."""
+        return None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A trainable method, as the registry lists it."""
+
+    name: str
+    summary: str  # one line for `awt-engine methods`
+    config: type  # the frozen Config dataclass
+    model: type  # the TrainableModel subclass
+    train_defaults: Callable[[int, str | None], Any]  # (shots, dataset) -> TrainConfig
+    paper: str = ""  # where the defaults come from
+    needs: tuple[str, ...] = ()  # extra inputs beyond CLIP (e.g. "llm")
+    needs_descriptions: bool = False  # trains on the LLM descriptions (the AWT adapter)
+    options: dict[str, str] = field(default_factory=dict)  # config field -> help
+
+    def build(self, backbone, config=None, **overrides) -> TrainableModel:
+        cfg = config if config is not None else self.config()
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        return self.model(backbone, cfg)

@@ -1,0 +1,96 @@
+"""Small trainable layers the methods attach to frozen towers, and how they attach.
+
+* :class:`BottleneckAdapter`: ``x -> s * up(gelu(down(x)))`` added to a residual branch's
+  output (AWT's multimodal adapter). ``up`` starts at zero, so an attached adapter
+  starts as the identity and the tower as the frozen one.
+* :class:`BranchAdapters`: one adapter per attention and per MLP branch of every
+  residual block of a tower, attached by forward hooks on open_clip's ``ls_1`` /
+  ``ls_2`` modules (Identity or LayerScale: the branch outputs). The tower's own
+  parameters and state dict are untouched; :meth:`BranchAdapters.disabled` runs the
+  frozen tower (for regularisers towards it), and :meth:`BranchAdapters.remove` restores
+  it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BottleneckAdapter(nn.Module):
+    """``s * up(gelu(down(x)))``, width d -> hidden -> d (AWT: Xavier down, zero up)."""
+
+    def __init__(self, width: int, hidden: int, *, learn_scale: bool = True):
+        super().__init__()
+        if hidden < 1 or width < 1:
+            raise ValueError(f"adapter sizes must be >= 1, got width={width}, hidden={hidden}")
+        self.down = nn.Linear(width, hidden)
+        self.up = nn.Linear(hidden, width)
+        # AWT's Scale=-1: a learnable scale starting at 1 (a fixed 1 otherwise)
+        self.scale = nn.Parameter(torch.ones(1), requires_grad=learn_scale)
+        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)  # starts as the identity of the branch
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.gelu(self.down(x.to(self.down.weight.dtype)))
+        return (self.up(h) * self.scale).to(x.dtype)
+
+
+def residual_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The residual blocks of an open_clip tower (text transformer or ViT), in order."""
+    transformer = getattr(tower, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None or not all(hasattr(b, "ls_1") and hasattr(b, "ls_2") for b in blocks):
+        raise ValueError(
+            f"{type(tower).__name__} has no open_clip residual blocks (transformer.resblocks with "
+            "ls_1/ls_2 branches): adapters need open_clip's own transformer"
+        )
+    return list(blocks)
+
+
+class BranchAdapters(nn.Module):
+    """Adapters on the attention and MLP branch of every residual block of a tower."""
+
+    def __init__(self, tower: nn.Module, down_rate: int, *, learn_scale: bool = True):
+        super().__init__()
+        blocks = residual_blocks(tower)
+        width = blocks[0].ln_1.normalized_shape[0]  # the real width, from the model
+        hidden = max(1, width // down_rate)  # AWT: d // Down_Rate (guarded for tiny towers)
+        self.width, self.hidden, self.depth = width, hidden, len(blocks)
+        self.attn = nn.ModuleList(
+            BottleneckAdapter(width, hidden, learn_scale=learn_scale) for _ in blocks
+        )
+        self.mlp = nn.ModuleList(
+            BottleneckAdapter(width, hidden, learn_scale=learn_scale) for _ in blocks
+        )
+        self.enabled = True
+        self._handles = []
+        for block, a, m in zip(blocks, self.attn, self.mlp, strict=True):
+            self._handles.append(block.ls_1.register_forward_hook(self._hook(a)))
+            self._handles.append(block.ls_2.register_forward_hook(self._hook(m)))
+
+    def _hook(self, adapter: BottleneckAdapter):
+        def add(module, inputs, output):
+            return output + adapter(output) if self.enabled else output
+
+        return add
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the frozen tower inside this block."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

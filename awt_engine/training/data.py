@@ -1,0 +1,104 @@
+"""Few-shot training data, as the few-shot papers' CoOp / Dassl code draws it.
+
+* :func:`few_shot`: K images per class, drawn with the seed from each class's images in
+  their listed order (Dassl's ``generate_fewshot_dataset``: a class with fewer keeps all).
+  The draw depends only on (data, K, seed), never on the global RNG.
+* :func:`subsample_classes`: CoOp's base-to-new protocol: the sorted labels are split in
+  half, ``base`` the first ceil(C/2), ``new`` the rest, each relabelled from 0.
+* :func:`fingerprint`: a SHA-256 over the class names and every (label, file content),
+  recorded in checkpoints so a checkpoint says exactly what it learned from.
+* :class:`DecodedCache`: decoded training images kept in memory across epochs, up to a
+  byte budget (a few-shot set usually fits; the rest is decoded again each epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+
+from awt_engine._io import file_sha256, sha256_hex
+from awt_engine.labelled import LabelledData, LabelledItem
+
+SUBSAMPLES = ("all", "base", "new")
+
+
+def few_shot(data: LabelledData, shots: int, seed: int) -> LabelledData:
+    """``shots`` images per class (all of a class that has fewer), drawn with ``seed``."""
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
+        raise ValueError(f"shots must be a whole number >= 1, got {shots!r}")
+    by_label: dict[int, list[LabelledItem]] = {}
+    for item in data.items:
+        by_label.setdefault(item.label, []).append(item)
+    rng = random.Random(f"awt-engine/few-shot/{seed}")
+    chosen: list[LabelledItem] = []
+    for label in sorted(by_label):
+        items = by_label[label]
+        chosen += rng.sample(items, shots) if len(items) >= shots else items
+    missing = [data.classes[c] for c in range(len(data.classes)) if c not in by_label]
+    note = f"; {shots}-shot (seed {seed}): {len(chosen)} images"
+    if missing:
+        note += f"; no images for {len(missing)} class(es): {', '.join(missing[:5])}"
+    return replace(data, items=tuple(chosen), source=data.source + note)
+
+
+def subsample_classes(data: LabelledData, which: str) -> LabelledData:
+    """CoOp's base-to-new split of the classes: ``all`` (unchanged), ``base`` or ``new``."""
+    if which not in SUBSAMPLES:
+        raise ValueError(f"subsample must be one of {', '.join(SUBSAMPLES)}, got {which!r}")
+    if which == "all":
+        return data
+    n = len(data.classes)
+    m = math.ceil(n / 2)
+    keep = list(range(m)) if which == "base" else list(range(m, n))
+    if not keep:
+        raise ValueError(f"{data.name}: {n} class(es) leave no {which} classes")
+    relabel = {old: new for new, old in enumerate(keep)}
+    items = tuple(
+        LabelledItem(it.path, relabel[it.label]) for it in data.items if it.label in relabel
+    )
+    return replace(
+        data,
+        classes=tuple(data.classes[c] for c in keep),
+        items=items,
+        source=f"{data.source}; {which} classes ({len(keep)} of {n})",
+    )
+
+
+def fingerprint(data: LabelledData) -> str:
+    """SHA-256 over the class names and each item's (label, file SHA-256), order-free."""
+    rows = sorted(f"{it.label}:{file_sha256(it.path)}" for it in data.items)
+    return sha256_hex("awt-engine/training-data/v1", *data.classes, "|", *rows)
+
+
+class DecodedCache:
+    """Decoded (RGB, reduced for the views' size) training images, by path, in memory up
+    to ``budget`` bytes; beyond it images are decoded again when needed."""
+
+    def __init__(self, target_size: int, budget: int = 2 << 30):
+        self.target_size = target_size
+        self.budget = budget
+        self.used = 0
+        self._images: dict[str, Image.Image] = {}
+
+    def get_many(self, paths: Iterable[Path], workers: int = 2) -> list[Image.Image | str]:
+        """Images for ``paths`` in order; a str is the reason one could not be read."""
+        from awt_engine.images import decode_images
+
+        paths = [str(p) for p in paths]
+        todo = [p for p in paths if p not in self._images]
+        fresh: dict[str, Image.Image | str] = {}
+        for item in decode_images(todo, workers=workers, target_size=self.target_size):
+            if not item.ok:
+                fresh[item.path] = item.error
+                continue
+            fresh[item.path] = item.image
+            size = item.image.width * item.image.height * 3
+            if self.used + size <= self.budget:
+                self._images[item.path] = item.image
+                self.used += size
+        return [self._images.get(p) or fresh[p] for p in paths]
