@@ -68,19 +68,23 @@ class PromptLearner(TrainableModel):
         self.text = ClipTextTower(backbone)
         self._batches: dict[str, PromptBatch] = {}
 
-    def pieces(self, name: str, c: int) -> list[str | tuple[str, int]]:
+    def pieces(self, name: str) -> list:
+        """The prompt of class ``name`` up to its full stop, as :meth:`ClipTextTower.batch`
+        pieces (text, ``(slot, n)`` or token ids)."""
         raise NotImplementedError
 
     def fills(self, labels: LabelSet, batch: PromptBatch) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def prompt_batch(self, labels: LabelSet) -> PromptBatch:
-        """Token ids of every (class, prompt): [C * P, L], built once per label set."""
-        key = labels.key()
+    def prompt_batch(self, labels: LabelSet, pieces=None) -> PromptBatch:
+        """Token ids of every (class, prompt): [C * P, L], built once per label set
+        (``pieces``: another way to write a class's prompt, e.g. LAMM's original one)."""
+        pieces = pieces or self.pieces
+        key = f"{labels.key()}|{getattr(pieces, '__name__', '')}"
         if key not in self._batches:
             prompts = []
             for c, name in enumerate(labels.classes):
-                head = self.pieces(display_name(name), c)
+                head = pieces(display_name(name))
                 prompts.append([*head, "."])
                 prompts += [[*head, f". {d}"] for d in labels.class_descriptions(c)]
             self._batches[key] = self.text.batch(prompts)
@@ -126,7 +130,7 @@ class CoOp(PromptLearner):
         self.ctx = nn.Parameter(init.to(self.device))
         self.classes = labels.classes
 
-    def pieces(self, name: str, c: int) -> list[str | tuple[str, int]]:
+    def pieces(self, name: str) -> list:
         M, pos = self.n_ctx, self.config.class_position
         if pos == "end":
             return [("ctx", M), name]

@@ -75,10 +75,11 @@ class ClipTextTower:
             )
             return self.token_embedding(idx).float().clone()
 
-    def batch(self, prompts: Sequence[Sequence[str | tuple[str, int]]]) -> PromptBatch:
+    def batch(self, prompts: Sequence[Sequence[str | tuple[str, int] | list[int]]]) -> PromptBatch:
         """Token ids for prompts given as pieces: a string is text, ``(name, n)`` is n slot
-        positions called ``name``. Each prompt is [SOT] + pieces + [EOT], cut to the context
-        length with EOT kept last (as open_clip's tokenizer cuts)."""
+        positions called ``name``, a list is token ids as they are. Each prompt is [SOT] +
+        pieces + [EOT], cut to the context length with EOT kept last (as open_clip's
+        tokenizer cuts)."""
         L = self.context_length
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
         where: dict[str, tuple[list[int], list[int]]] = {}
@@ -90,6 +91,8 @@ class ClipTextTower:
                     name, n = piece
                     marks += [(name, len(row) + k) for k in range(n)]
                     row += self.placeholder * n
+                elif isinstance(piece, list):
+                    row += piece
                 else:
                     row += self.encode_words(piece)
             row.append(self.eot)
