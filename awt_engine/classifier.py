@@ -300,6 +300,7 @@ def load_model(
     pretrained: str | None = DEFAULT_PRETRAINED,
     *,
     checkpoint: str | Path | None = None,
+    llm: str | None = None,
     device: str = "auto",
     precision: str | None = None,
 ):
@@ -313,6 +314,7 @@ def load_model(
             checkpoint,
             model=model,
             pretrained=_weights_for(model, pretrained) if model else None,
+            llm=llm,
             device=device,
             precision=precision,
         )
@@ -354,6 +356,7 @@ def create_classifier(
     pretrained: str | None = DEFAULT_PRETRAINED,
     *,
     checkpoint: str | Path | None = None,
+    llm: str | None = None,
     dataset: str | None = None,
     classes: Sequence[str] | str | None = None,
     template: str | None = None,
@@ -412,7 +415,7 @@ def create_classifier(
     root = resolve_cache_root(cache_dir)
     if embedder is None:
         embedder = load_model(
-            model, pretrained, checkpoint=checkpoint, device=device, precision=precision
+            model, pretrained, checkpoint=checkpoint, llm=llm, device=device, precision=precision
         )
     trained = getattr(embedder, "checkpoint_header", None)
     if trained is not None and dataset is None and classes is None:

@@ -96,6 +96,14 @@ Model = Annotated[
         "[default: ViT-B-16-quickgelu, or the checkpoint's]."
     ),
 ]
+Llm = Annotated[
+    str | None,
+    typer.Option(
+        "--llm",
+        help="The language model of LLaMP, CLAMP or eP-ALM: a hub id or a local folder "
+        "[default: the method's, or the checkpoint's].",
+    ),
+]
 Checkpoint = Annotated[
     Path | None,
     typer.Option(

@@ -17,6 +17,7 @@ from awt_engine.cli._common import (
     Descriptions,
     Device,
     Eps,
+    Llm,
     MemoryBudget,
     MethodAlias,
     Model,
@@ -76,6 +77,7 @@ def eval_command(
     template: Template = None,
     model: Model = None,
     checkpoint: Checkpoint = None,
+    llm: Llm = None,
     pretrained: Pretrained = "openai",
     descriptions: Descriptions = None,
     views: Views = 51,
@@ -146,7 +148,12 @@ def eval_command(
 
     root = resolve_cache_root(cache_dir)
     net = load_model(
-        model, weights_arg(pretrained), checkpoint=checkpoint, device=device, precision=precision
+        model,
+        weights_arg(pretrained),
+        checkpoint=checkpoint,
+        llm=llm,
+        device=device,
+        precision=precision,
     )
     header = getattr(net, "checkpoint_header", None)
     model_name = model or (header["backbone"]["model"] if header else "ViT-B-16-quickgelu")

@@ -14,6 +14,7 @@ from awt_engine.cli._common import (
     Dataset,
     Descriptions,
     Device,
+    Llm,
     Precision,
     Progress,
     Template,
@@ -91,6 +92,7 @@ def train(
         ),
     ] = None,
     csc: Annotated[bool, typer.Option("--csc", help="CoOp: class-specific contexts.")] = False,
+    llm: Llm = None,
     device: Device = "auto",
     precision: Precision = None,
     cache_dir: CacheDir = None,
@@ -108,6 +110,8 @@ def train(
     options = _options(set_)
     if csc:
         options.setdefault("csc", "true")
+    if llm is not None:
+        options.setdefault("llm", llm)
     if output.suffix != ".safetensors":
         raise fail(f"--output {output}: a checkpoint is a .safetensors file")
 

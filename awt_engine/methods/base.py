@@ -74,7 +74,14 @@ class TrainableModel(nn.Module):
 
     @property
     def base_identity(self) -> str:
-        return f"{self.backbone.identity}|{self.precision}"
+        """The frozen models underneath: the backbone (and precision), plus any LLM."""
+        extra = "".join(f"|{k}={v}" for k, v in sorted(self.frozen_parts().items()))
+        return f"{self.backbone.identity}|{self.precision}{extra}"
+
+    def frozen_parts(self) -> dict[str, str]:
+        """Fingerprints of frozen models the method uses besides the backbone (its LLM);
+        a checkpoint records them and refuses to load on others."""
+        return {}
 
     @property
     def identity(self) -> str:

@@ -206,6 +206,7 @@ def train(
             "fingerprint": backbone.fingerprint,
             "weights": getattr(backbone, "weights", None),
         },
+        "frozen": net.frozen_parts(),
         "labels": labels_record(labels),
         "shots": shots,
         "seed": seed,
@@ -253,15 +254,16 @@ def load_trained(
     *,
     model: str | None = None,
     pretrained: str | None = None,
+    llm: str | None = None,
     device: str = "auto",
     precision: str | None = None,
     backbone=None,
 ):
     """The model a checkpoint describes, ready to score (eval mode, learned tensors in).
 
-    The backbone is loaded as the checkpoint names it, or from ``model``/``pretrained``
-    (the same weights stored elsewhere); weights other than the ones trained on are a
-    :class:`CheckpointError` naming both.
+    The backbone (and a method's LLM) are loaded as the checkpoint names them, or from
+    ``model``/``pretrained`` and ``llm`` (the same weights stored elsewhere); weights other
+    than the ones trained on are a :class:`CheckpointError` naming both.
     """
     from awt_engine.methods import get_method
 
@@ -280,10 +282,18 @@ def load_trained(
             f"({bb['model']}); the backbone given is {backbone.fingerprint}"
         )
     fields = {f.name for f in dataclasses.fields(spec.config)}
-    config = spec.config(
-        **{k: _tuple(v) for k, v in header["method_config"].items() if k in fields}
-    )
-    net = spec.build(backbone, config)
+    values = {k: _tuple(v) for k, v in header["method_config"].items() if k in fields}
+    if llm is not None:
+        if "llm" not in fields:
+            raise CheckpointError(f"{spec.name} has no LLM; --llm does not apply to {path}")
+        values["llm"] = llm
+    net = spec.build(backbone, spec.config(**values))
+    recorded = header.get("frozen", {})
+    if net.frozen_parts() != recorded:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with {recorded}; the models given are "
+            f"{net.frozen_parts()}"
+        )
     net.prepare(labels_from_record(header["labels"]), int(header.get("seed", 0)))
     net.load_learned(tensors)
     net.eval()

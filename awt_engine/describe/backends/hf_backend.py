@@ -69,28 +69,18 @@ class TransformersBackend(ChatBackend):
         if self._model is not None:
             return
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from awt_engine.models.llm import LLMLoadError, load_causal_lm
 
         c = self.config
         device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if c.dtype == "auto":
-            dtype = "auto" if device != "cpu" else torch.float32
-        else:
-            dtype = getattr(torch, c.dtype, None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"unknown dtype {c.dtype!r}; use auto, float32, float16, bfloat16")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(
-                c.model, trust_remote_code=c.trust_remote_code
+            loaded = load_causal_lm(
+                c.model, device=device, dtype=c.dtype, trust_remote_code=c.trust_remote_code
             )
-            model = AutoModelForCausalLM.from_pretrained(
-                c.model, dtype=dtype, trust_remote_code=c.trust_remote_code
-            )
-        except OSError as e:
-            raise BackendError(
-                f"cannot load model {c.model!r} with transformers: {str(e).rstrip('.')}. Give a local folder with "
-                "config.json, weights and tokenizer, or a hub id already in the local cache."
-            ) from None
+        except LLMLoadError as e:
+            raise BackendError(str(e)) from None
+        model, tokenizer = loaded.model, loaded.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise BackendError(
                 f"model {c.model!r} has no chat template; the describe stage needs an "
@@ -99,8 +89,6 @@ class TransformersBackend(ChatBackend):
         tokenizer.padding_side = "left"  # generation continues from the right end of every row
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model.to(device)
-        model.eval()
         eos = model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if tokenizer.eos_token_id is not None:

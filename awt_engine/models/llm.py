@@ -1,0 +1,97 @@
+"""Causal language models for the methods that put an LLM in the path (LLaMP, CLAMP, eP-ALM)
+and for the description stage: one way to load them, with clear offline errors.
+
+``load_causal_lm(name)`` takes a local folder (``config.json``, weights, tokenizer) or a
+Hugging Face hub id (read from the local cache; the hub is only reached when the files are
+missing and the network is there). The model comes back frozen, in eval mode, with its
+tokenizer; ``fingerprint`` names the weights (a local folder's content hash, or the hub
+revision) so checkpoints can check that they are scored with the LLM they learned with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from awt_engine._io import file_sha256
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
+
+
+class LLMLoadError(ValueError):
+    """The language model could not be loaded; the message names it and the way forward."""
+
+
+@dataclass
+class LoadedLLM:
+    model: Any  # a transformers PreTrainedModel (causal LM), frozen, eval mode
+    tokenizer: Any
+    name: str
+    fingerprint: str
+
+
+def resolve_dtype(dtype: str, device: str):
+    """``auto``: the checkpoint's dtype on a GPU, float32 on CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    if dtype == "auto":
+        return "auto" if device != "cpu" else torch.float32
+    value = getattr(torch, dtype, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return value
+
+
+def load_causal_lm(
+    name: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    frozen: bool = True,
+) -> LoadedLLM:
+    """A causal LM and its tokenizer from a folder or hub id (see the module docstring)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(name, str) or not name.strip():
+        raise LLMLoadError(f"the LLM must be a hub id or a folder, got {name!r}")
+    path = Path(name).expanduser()
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_like_path and not path.exists():
+        raise LLMLoadError(
+            f"LLM folder {path} does not exist (a local model is a folder with config.json, "
+            "weights and tokenizer files; a hub id looks like org/name)"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise LLMLoadError(
+            f"cannot load LLM {name!r} with transformers: {str(e).rstrip('.')}. Give a local "
+            "folder with config.json, weights and tokenizer, or a hub id already in the local "
+            "cache (offline: set HF_HUB_OFFLINE=1 so a missing model fails at once)."
+        ) from None
+    model.to(device)
+    model.eval()
+    if frozen:
+        model.requires_grad_(False)
+    return LoadedLLM(model, tokenizer, name, llm_fingerprint(name, model))
+
+
+def llm_fingerprint(name: str, model) -> str:
+    """A local folder: SHA-256 over its config and weight files; a hub id: its revision."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_FILES and p.is_file()):
+            h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+        return f"llm|sha256:{h.hexdigest()}"
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    if commit and re.fullmatch(r"[0-9a-f]{40}", str(commit)):
+        return f"llm|{name}@{commit}"
+    return f"llm|{name}"
