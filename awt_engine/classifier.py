@@ -264,6 +264,14 @@ class Classifier:
         preds = self._top(self.scores(images, candidate_labels=candidate_labels), top_k, classes)
         return preds[0] if single else preds
 
+    def explain(self, image, top_k: int = 2):
+        """An :class:`~awt_engine.explain.Explanation` of this image's scores: its views'
+        boxes and weights, and for the ``top_k`` classes the prompt weights, transport plans
+        and per-pair contributions (``exp.save("why.png")``, ``exp.to_html()``)."""
+        from awt_engine.explain import explain
+
+        return explain(self, image, top_k=top_k)
+
     def classify(
         self,
         inputs: Iterable[Any],

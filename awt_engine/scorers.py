@@ -60,6 +60,7 @@ class Scorer:
     uses_descriptions: bool  # prompts past the bare one (False: prompt 0 only)
     from_embeddings: Callable[..., Tensor]  # (img [B,V,D], txt [C,P,D], scale, config, budget)
     from_logits: Callable[..., Tensor] | None  # (logits [B,V,C,P], scale, config, budget)
+    awt: tuple[str, bool] | None = None  # (weighting, transport) of AWT and its ablations
 
     @property
     def needs_embeddings(self) -> bool:
@@ -112,6 +113,7 @@ SCORERS: dict[str, Scorer] = {
             True,
             True,
             *_awt("entropy", True),
+            ("entropy", True),
         ),
         Scorer(
             "clip",
@@ -135,6 +137,7 @@ SCORERS: dict[str, Scorer] = {
             True,
             True,
             *_awt("uniform", True),
+            ("uniform", True),
         ),
         Scorer(
             "awt-no-transport",
@@ -142,6 +145,7 @@ SCORERS: dict[str, Scorer] = {
             True,
             True,
             *_awt("entropy", False),
+            ("entropy", False),
         ),
     )
 }

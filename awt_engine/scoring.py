@@ -52,6 +52,7 @@ class AWTOutput:
     prompt_weights: Tensor  # [B, C, P]
     iterations: Tensor  # [B] Sinkhorn iterations (0 where no transport ran)
     converged: Tensor  # [B] stopped by tolerance
+    plans: Tensor | None = None  # [B, C, V, P] transport plans, when asked for (keep_plans)
 
 
 # ---------------------------------------------------------------------------------------
@@ -188,6 +189,7 @@ def _solve(
     sync_every: int | None,
     dtype: torch.dtype,
     device: torch.device,
+    keep_plans: bool = False,
 ) -> AWTOutput:
     B, V, C, P = src.B, src.V, src.C, src.P
     budget = default_memory_budget(device) if memory_budget is None else int(memory_budget)
@@ -228,8 +230,16 @@ def _solve(
         for b0 in range(0, B, gw):
             bs = slice(b0, min(B, b0 + gw))
             scores[bs] = scale * src.weighted_mean(bs, u_all[bs], w_all[bs])
-        return AWTOutput(scores, u_all, w_all, iters, conv)
+        # without transport the "plan" is the product of the two weightings
+        plans = u_all[:, None, :, None] * w_all[:, :, None, :] if keep_plans else None
+        return AWTOutput(scores, u_all, w_all, iters, conv, plans)
 
+    plans = torch.empty(B, C, V, P, dtype=dtype, device=device) if keep_plans else None
+    if keep_plans and g < 1:
+        raise ValueError(
+            f"the transport plans of one image ({C} classes x {V} views x {P} prompts) do not "
+            f"fit memory_budget ({budget / 2**20:.0f} MiB); raise it to keep plans"
+        )
     if g >= 1:
         for b0 in range(0, B, g):
             bs = slice(b0, min(B, b0 + g))
@@ -239,7 +249,14 @@ def _solve(
                     sim_t.mean(dim=2).transpose(1, 2), sim_t[..., 0], scale, cfg
                 )
             scores[bs], iters[bs], conv[bs] = _transport_block(
-                sim_t, u_all[bs], w_all[bs], scale, cfg, log_domain, sync_every
+                sim_t,
+                u_all[bs],
+                w_all[bs],
+                scale,
+                cfg,
+                log_domain,
+                sync_every,
+                plan_out=plans[bs] if keep_plans else None,
             )
             del sim_t
     else:
@@ -249,7 +266,7 @@ def _solve(
             scores[bs], iters[bs], conv[bs] = _transport_class_chunked(
                 src, bs, u_all[bs], w_all[bs], scale, cfg, log_domain, cc
             )
-    return AWTOutput(scores, u_all, w_all, iters, conv)
+    return AWTOutput(scores, u_all, w_all, iters, conv, plans)
 
 
 def _entropy_weights(prompt_mean: Tensor, raw_view: Tensor, scale: float, cfg: AWTConfig):
@@ -298,9 +315,14 @@ def _plan_t(K_t: Tensor, s) -> Tensor:
     return plan_from_scalings(K_t.transpose(-1, -2), s).transpose(-1, -2)
 
 
-def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every):
-    """A block of images with all their classes: (scores [G,C], iterations [G], converged [G])."""
+def _transport_block(sim_t, u, w, scale, cfg, log_domain, sync_every, plan_out=None):
+    """A block of images with all their classes: (scores [G,C], iterations [G], converged [G]).
+
+    ``plan_out`` ([G, C, V, P]) receives the plans the scores come from, when given.
+    """
     K_t, s = _solve_block(sim_t, u, w, cfg, log_domain, sync_every)
+    if plan_out is not None:
+        plan_out.copy_(_plan_t(K_t, s).transpose(-1, -2))
     if log_domain:
         score = (_plan_t(K_t, s) * sim_t).sum(dim=(-1, -2))
     else:
@@ -413,7 +435,17 @@ def _grad_transport(src, u, w, scale, cfg, memory_budget, sync_every, device, dt
     return torch.cat(rows), torch.cat(iters), torch.cat(conv)
 
 
-def _run(src_factory, tensors, scale, cfg, weighting, transport, memory_budget, sync_every):
+def _run(
+    src_factory,
+    tensors,
+    scale,
+    cfg,
+    weighting,
+    transport,
+    memory_budget,
+    sync_every,
+    keep_plans=False,
+):
     in_dtype = tensors[0].dtype
     dtype = _work_dtype(in_dtype)
     device = tensors[0].device
@@ -433,6 +465,7 @@ def _run(src_factory, tensors, scale, cfg, weighting, transport, memory_budget, 
             sync_every=sync_every,
             dtype=dtype,
             device=device,
+            keep_plans=keep_plans and not grad,
         )
     if grad:
         src = src_factory(*cast)
@@ -455,6 +488,7 @@ def _run(src_factory, tensors, scale, cfg, weighting, transport, memory_budget, 
             out.prompt_weights,
             out.iterations,
             out.converged,
+            out.plans,
         )
     return out
 
@@ -469,10 +503,13 @@ def awt_solve(
     transport: bool = True,
     memory_budget: int | None = None,
     sync_every: int | None = None,
+    keep_plans: bool = False,
 ) -> AWTOutput:
     """AWT from embeddings, returning scores with the weights and iteration counts.
 
     ``weighting="uniform"`` and ``transport=False`` give the paper's ablations.
+    ``keep_plans`` also returns the transport plans the scores come from ([B, C, V, P]:
+    small problems only; the explanations of :mod:`awt_engine.explain` use them).
     """
     check_embeddings(image_embeds, class_embeds)
     if weighting not in ("entropy", "uniform"):
@@ -486,6 +523,7 @@ def awt_solve(
         transport,
         memory_budget,
         sync_every,
+        keep_plans,
     )
 
 
@@ -531,6 +569,7 @@ def awt_scores_from_logits(
     weighting: str = "entropy",
     transport: bool = True,
     memory_budget: int | None = None,
+    keep_plans: bool = False,
 ) -> AWTOutput:
     """AWT from view-class-prompt logits ``[B, V, C, P]`` (= scale * similarity).
 
@@ -550,6 +589,7 @@ def awt_scores_from_logits(
         transport,
         memory_budget,
         None,
+        keep_plans,
     )
 
 

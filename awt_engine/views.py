@@ -190,6 +190,40 @@ def crop_boxes(
     return boxes  # [n, 5]
 
 
+def _crops(pixels: torch.Tensor, n_crops: int, config: ViewConfig, seed: int | None):
+    """The crop boxes of an image's views: [n_crops, 5] (see :func:`crop_boxes`)."""
+    if not n_crops:  # the raw view alone needs no random draws (nor the hash that seeds them)
+        return torch.empty(0, 5, dtype=torch.int64)
+    if seed is None:
+        seed = view_seed(pixels, config.seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    _, height, width = pixels.shape
+    return crop_boxes(height, width, n_crops, config, generator)
+
+
+def view_boxes(
+    image: PIL.Image.Image | torch.Tensor,
+    preprocess: PreprocessConfig,
+    config: ViewConfig = ViewConfig(),
+    *,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Where each of :func:`make_views`' views comes from in the image: int64 [V, 5],
+    columns (top, left, height, width, flipped), the very boxes ``make_views`` draws.
+
+    View 0 (with ``raw_view``) is the centre square the shorter-side resize keeps.
+    """
+    pixels = _check_pixels(image_to_tensor(image) if isinstance(image, PIL.Image.Image) else image)
+    _, height, width = pixels.shape
+    n_crops = config.n_views - 1 if config.raw_view else config.n_views
+    out = [_crops(pixels, n_crops, config, seed)]
+    if config.raw_view:
+        side = min(height, width)
+        raw = torch.tensor([[(height - side) // 2, (width - side) // 2, side, side, 0]])
+        out.insert(0, raw)
+    return torch.cat(out)
+
+
 def make_views(
     image: PIL.Image.Image | torch.Tensor,
     preprocess: PreprocessConfig,
@@ -213,15 +247,9 @@ def make_views(
     r = int(preprocess.size)
     if r < 1:
         raise ValueError(f"preprocess.size must be >= 1, got {r}")
-    _, height, width = pixels.shape
 
     n_crops = config.n_views - 1 if config.raw_view else config.n_views
-    boxes = []
-    if n_crops:  # the raw view alone needs no random draws (nor the hash that seeds them)
-        if seed is None:
-            seed = view_seed(pixels, config.seed)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        boxes = crop_boxes(height, width, n_crops, config, generator).tolist()
+    boxes = _crops(pixels, n_crops, config, seed).tolist()
 
     target = pixels.device if device is None else torch.device(device)
     # Channels-last (HWC in memory, as decoded): torch's CPU uint8 resize kernels run ~1.5x
