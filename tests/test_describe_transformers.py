@@ -126,5 +126,5 @@ def test_noise_model_gives_a_clean_error_for_questions(tiny_chat_model, tmp_path
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     backend = TransformersBackend(TransformersConfig(str(tmp_path / "no-such-model")))
-    with pytest.raises(BackendError, match="LLM folder .*no-such-model does not exist"):
+    with pytest.raises(BackendError, match=r"LLM folder .*no-such-model does not exist"):
         backend.chat([ChatRequest([{"role": "user", "content": "x"}], 0)], SamplingConfig())

@@ -36,8 +36,8 @@ def test_crops_in_the_red_half_carry_their_mass_to_the_red_description():
     flag = exp.prediction
     assert flag.name == "flag"
     boxes = exp.boxes.tolist()
-    left = [v for v, (t, l, h, w, f) in enumerate(boxes) if l + w <= W // 2]
-    right = [v for v, (t, l, h, w, f) in enumerate(boxes) if l >= W // 2]
+    left = [v for v, (_, x, _, w, _) in enumerate(boxes) if x + w <= W // 2]
+    right = [v for v, (_, x, _, _, _) in enumerate(boxes) if x >= W // 2]
     assert left and right  # 51 views: some crops lie inside each half
     red, blue = 1, 2  # prompt 0 is the bare template
     assert flag.plan[left].argmax(1).tolist() == [red] * len(left)
@@ -89,7 +89,7 @@ def test_the_picture_the_page_and_the_numbers(tmp_path):
 
 def test_scorers_without_a_plan_are_refused():
     clf = Classifier(ColourEmbedder(), LABELS, scorer="clip")
-    with pytest.raises(ValueError, match="'clip' scorer has none"):
+    with pytest.raises(ValueError, match=r"'clip' scorer has none"):
         clf.explain(half_and_half())
     for name in ("awt-uniform", "awt-no-transport"):  # the ablations have plans too
         exp = Classifier(ColourEmbedder(), LABELS, scorer=name).explain(half_and_half())
