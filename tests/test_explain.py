@@ -83,7 +83,7 @@ def test_the_picture_the_page_and_the_numbers(tmp_path):
     assert [c["name"] for c in data["classes"]] == ["flag", "meadow"]
     assert np.array(data["classes"][0]["plan"]).shape == (51, 3)
     assert len(data["views"]) == 51 and set(data["scores"]) == {"flag", "meadow"}
-    with pytest.raises(ValueError, match="png, .html or .json"):
+    with pytest.raises(ValueError, match=r"png, \.html or \.json"):
         exp.save(tmp_path / "why.gif")
 
 
