@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -427,3 +428,26 @@ def test_checkpoint_scores_the_same_in_a_fresh_process(toy_run, toy_task, tmp_pa
         assert here[s].shape == (6, len(TOY_CLASSES)) and torch.isfinite(here[s]).all()
         assert torch.equal(there[s], here[s]), s
     assert not torch.equal(here["awt"], here["clip"])
+
+
+def test_scores_are_float32_under_the_loops_autocast(train_clip_dir, toy_task, monkeypatch):
+    bb = load_backbone(train_clip_dir, device="cpu")
+    net = _net(bb, _labels(), down_rate=16, **FAST)
+    _randomise_up(net)
+    seen = []
+    real = scoring.awt_solve
+
+    def spy(img, txt, scale, **kw):
+        out = real(img, txt, scale, **kw)
+        seen.append((img.detach(), txt.detach(), scale, out.scores.detach()))
+        return out
+
+    monkeypatch.setattr(scoring, "awt_solve", spy)
+    batch = TrainBatch(
+        _views(toy_task, bb), torch.tensor([0, 1, 2]), 0, 0, torch.Generator().manual_seed(0)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as fit() runs a step on CUDA (fp16)
+        net.training_loss(batch)
+    img, txt, scale, scores = seen[0]
+    expect = ref_awt_scores(img.double().numpy(), txt.double().numpy(), scale, tv=1.0, tp=1.0)
+    np.testing.assert_allclose(scores.double().numpy(), expect, rtol=1e-4)
