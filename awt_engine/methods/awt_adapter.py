@@ -11,7 +11,8 @@ depth and width): ``branch + s * up(gelu(down(branch)))`` with hidden width
 ``width // down_rate`` (at least 1), Xavier ``down``, zero ``up`` and zero biases, and a
 learnable ``s`` starting at 1. At initialisation the model is therefore exactly frozen
 CLIP. Everything of CLIP stays frozen; the adapters are class-agnostic, so any classes
-can be scored.
+can be scored. They sit on the backbone as forward hooks but act only inside this model's
+own encode calls, so a backbone shared with a ``ClipEmbedder`` still gives frozen CLIP.
 
 A training step (``CustomCLIP.forward`` and ``AWT.forward_backward`` of the official code):
 
@@ -130,10 +131,11 @@ class AWTAdapter(TrainableModel):
     def prepare(self, labels: LabelSet, seed: int = 0) -> None:
         cfg = self.config
         if cfg.prompts_per_step > 1 and labels.n_descriptions == 0:
+            named = f" {labels.name!r}" if labels.name else ""
             raise ValueError(
                 f"{self.method} trains on class descriptions (the bare prompt plus "
-                f"{cfg.prompts_per_step - 1} descriptions per step), but the label set "
-                f"{labels.name or ''} has none: generate them with `awt-engine describe "
+                f"{cfg.prompts_per_step - 1} descriptions per step), but the label set"
+                f"{named} has none: generate them with `awt-engine describe "
                 "--dataset NAME` and train with --dataset NAME (and --descriptions N > 0), "
                 "or set prompts_per_step=1 to train on the bare prompts alone (not the paper's "
                 "setting)"
