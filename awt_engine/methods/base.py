@@ -161,6 +161,14 @@ class MethodSpec:
     needs: tuple[str, ...] = ()  # extra inputs beyond CLIP (e.g. "llm")
     needs_descriptions: bool = False  # trains on the LLM descriptions (the AWT adapter)
     options: dict[str, str] = field(default_factory=dict)  # config field -> help
+    # (shots, dataset) -> method config fields whose paper default depends on them (the AWT
+    # adapter's down rate); None: the Config's own defaults serve every shot count
+    config_defaults: Callable[[int, str | None], dict[str, Any]] | None = None
+
+    def default_config(self, shots: int, dataset: str | None = None):
+        """The method's config with the paper's defaults for ``shots`` (and ``dataset``)."""
+        fields = self.config_defaults(shots, dataset) if self.config_defaults else {}
+        return self.config(**fields)
 
     def build(self, backbone, config=None, **overrides) -> TrainableModel:
         cfg = config if config is not None else self.config()

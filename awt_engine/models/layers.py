@@ -7,8 +7,12 @@
   residual block of a tower, attached by forward hooks on open_clip's ``ls_1`` /
   ``ls_2`` modules (Identity or LayerScale: the branch outputs). The tower's own
   parameters and state dict are untouched; :meth:`BranchAdapters.disabled` runs the
-  frozen tower (for regularisers towards it), and :meth:`BranchAdapters.remove` restores
-  it exactly.
+  frozen tower (for regularisers towards it), :meth:`BranchAdapters.active` switches
+  them on or off for one block (a method whose backbone is shared keeps them off outside
+  its own calls), and :meth:`BranchAdapters.remove` restores it exactly.
+
+Random initial values come from a ``generator`` when one is given, never from the global
+RNG (the linear layers are built without their default initialisation).
 """
 
 from __future__ import annotations
@@ -24,15 +28,23 @@ from torch import Tensor, nn
 class BottleneckAdapter(nn.Module):
     """``s * up(gelu(down(x)))``, width d -> hidden -> d (AWT: Xavier down, zero up)."""
 
-    def __init__(self, width: int, hidden: int, *, learn_scale: bool = True):
+    def __init__(
+        self,
+        width: int,
+        hidden: int,
+        *,
+        learn_scale: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if hidden < 1 or width < 1:
             raise ValueError(f"adapter sizes must be >= 1, got width={width}, hidden={hidden}")
-        self.down = nn.Linear(width, hidden)
-        self.up = nn.Linear(hidden, width)
+        # skip_init: nn.Linear's own (Kaiming) draw would advance the global RNG
+        self.down = nn.utils.skip_init(nn.Linear, width, hidden)
+        self.up = nn.utils.skip_init(nn.Linear, hidden, width)
         # AWT's Scale=-1: a learnable scale starting at 1 (a fixed 1 otherwise)
         self.scale = nn.Parameter(torch.ones(1), requires_grad=learn_scale)
-        nn.init.xavier_uniform_(self.down.weight)
+        nn.init.xavier_uniform_(self.down.weight, generator=generator)
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)  # starts as the identity of the branch
         nn.init.zeros_(self.up.bias)
@@ -57,18 +69,24 @@ def residual_blocks(tower: nn.Module) -> list[nn.Module]:
 class BranchAdapters(nn.Module):
     """Adapters on the attention and MLP branch of every residual block of a tower."""
 
-    def __init__(self, tower: nn.Module, down_rate: int, *, learn_scale: bool = True):
+    def __init__(
+        self,
+        tower: nn.Module,
+        down_rate: int,
+        *,
+        learn_scale: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
+        if isinstance(down_rate, bool) or not isinstance(down_rate, int) or down_rate < 1:
+            raise ValueError(f"down_rate must be a whole number >= 1, got {down_rate!r}")
         blocks = residual_blocks(tower)
         width = blocks[0].ln_1.normalized_shape[0]  # the real width, from the model
         hidden = max(1, width // down_rate)  # AWT: d // Down_Rate (guarded for tiny towers)
         self.width, self.hidden, self.depth = width, hidden, len(blocks)
-        self.attn = nn.ModuleList(
-            BottleneckAdapter(width, hidden, learn_scale=learn_scale) for _ in blocks
-        )
-        self.mlp = nn.ModuleList(
-            BottleneckAdapter(width, hidden, learn_scale=learn_scale) for _ in blocks
-        )
+        kw = {"learn_scale": learn_scale, "generator": generator}
+        self.attn = nn.ModuleList(BottleneckAdapter(width, hidden, **kw) for _ in blocks)
+        self.mlp = nn.ModuleList(BottleneckAdapter(width, hidden, **kw) for _ in blocks)
         self.enabled = True
         self._handles = []
         for block, a, m in zip(blocks, self.attn, self.mlp, strict=True):
@@ -82,13 +100,17 @@ class BranchAdapters(nn.Module):
         return add
 
     @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Run the frozen tower inside this block."""
-        was, self.enabled = self.enabled, False
+    def active(self, on: bool = True) -> Iterator[None]:
+        """Run the tower with (``on``) or without the adapters inside this block."""
+        was, self.enabled = self.enabled, on
         try:
             yield
         finally:
             self.enabled = was
+
+    def disabled(self):
+        """Run the frozen tower inside this block."""
+        return self.active(False)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -152,7 +152,7 @@ def train(
 
     method_config, train_config = apply_options(
         spec,
-        spec.config(),
+        spec.default_config(shots, dataset),
         dataclasses.replace(spec.train_defaults(shots, dataset), seed=seed),
         options,
     )
@@ -162,15 +162,13 @@ def train(
         **{k: v for k, v in shorthands.items() if v is not None},
         precision=precision or train_config.precision,
     )
+    model_name = model or (DEFAULT_MODEL if backbone is None else backbone.identity)
+    if pretrained == DEFAULT_PRETRAINED and model_name.startswith(("local-dir:", "hf-hub:")):
+        pretrained = None  # those ids carry their own weights (also when a backbone is given)
     if backbone is None:
         from awt_engine.backbone import load_backbone
 
-        model_name = model or DEFAULT_MODEL
-        if pretrained == DEFAULT_PRETRAINED and model_name.startswith(("local-dir:", "hf-hub:")):
-            pretrained = None
         backbone = load_backbone(model_name, pretrained, device=device, precision=precision)
-    else:
-        model_name = model or backbone.identity
     net = spec.build(backbone, method_config)
     net.prepare(labels, seed)
     data_fp = fingerprint(data)

@@ -1,0 +1,275 @@
+"""AWT's multimodal adapter: bottleneck adapters in both CLIP towers, trained through AWT.
+
+The few-shot part of the AWT paper (Zhu et al., NeurIPS 2024; MCG-NJU/AWT,
+``AWT_few_shot/MM_Adapter``: ``trainers/awt.py``, ``trainers/ot_tools.py``,
+``configs/trainers/AWT/*.yaml``).
+
+What learns: one :class:`~awt_engine.models.layers.BottleneckAdapter` on the attention
+and one on the MLP branch of every residual block of the image tower and of the text
+tower (:class:`~awt_engine.models.layers.BranchAdapters`, sized from each tower's real
+depth and width): ``branch + s * up(gelu(down(branch)))`` with hidden width
+``width // down_rate`` (at least 1), Xavier ``down``, zero ``up`` and zero biases, and a
+learnable ``s`` starting at 1. At initialisation the model is therefore exactly frozen
+CLIP. Everything of CLIP stays frozen; the adapters are class-agnostic, so any classes
+can be scored. They sit on the backbone as forward hooks but act only inside this model's
+own encode calls, so a backbone shared with a ``ClipEmbedder`` still gives frozen CLIP.
+
+A training step (``CustomCLIP.forward`` and ``AWT.forward_backward`` of the official code):
+
+* images: ``train_views`` (8) augmented views each (view 0 is a crop too);
+* text: every class's bare prompt plus ``prompts_per_step - 1`` (7) of its descriptions,
+  one random subset per step shared by all classes, drawn from the step's generator;
+* logits ``logit_scale * cos`` as ``[B, V, C, P]``, scored by AWT at the training
+  temperatures (1.0 for views and prompts): the entropy weights and the transport plan
+  are computed without gradient and the score ``sum T * logits`` carries the gradient
+  through the logits only (:func:`awt_engine.scoring.awt_solve`, docs/design.md 2.7);
+* loss: ``CE(AWT scores, labels) + 10 * L1(image features, frozen) + 25 * L1(text
+  features, frozen)``, the L1 terms (means) between the adapted and the frozen towers'
+  normalised features (the frozen ones with the adapters switched off, without a graph).
+
+One difference from the official code: its Sinkhorn stops when the error averaged over
+the whole batch falls below the tolerance; here each image stops on its own (the
+engine's per-image rule, docs/design.md 2.4), so an image's scores never depend on the
+other images of its batch.
+
+At inference the adapted towers are an ordinary Embedder: ``class_embeddings`` encodes
+every prompt of the label set and ``embed_views`` the views, and the ``awt`` scorer
+(51 views, temperatures 0.5) is the classifier's normal path.
+
+Defaults are the official configs: down rate 384 for 1-4 shots and 256 for 8-16 (set
+by :func:`train` from the shot count), SGD lr 0.002 for 20 epochs (1-4 shots) or 0.008
+for 25 epochs (8-16 shots), momentum 0.9, weight decay 5e-4, cosine after 5 linear
+warm-up epochs from 1e-5, batch 16 images x 8 views.
+
+Axes: B images, V views, C classes, P prompts, D embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from awt_engine.labels import LabelSet
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch
+from awt_engine.models.layers import BranchAdapters
+from awt_engine.scorers import AWTConfig
+from awt_engine.training.loop import TrainConfig
+from awt_engine.views import ViewConfig
+
+
+@dataclass(frozen=True)
+class AWTAdapterConfig:
+    # Adapter.Down_Rate: 384 in vit_b16_1_2_4_shot.yaml; train() uses 256 from 8 shots on
+    # (vit_b16_8_16_shot.yaml), see awt_config_defaults
+    down_rate: int = 384
+    learn_scale: bool = True  # Adapter.Scale: -1.0, a learnable scale starting at 1
+    train_views: int = 8  # DATALOADER.K_TRANSFORMS: augmented views per training image
+    # LLM.Desc_Per_Batch: the bare prompt plus 7 sampled descriptions per step (the
+    # authors' config comment: 4 for ImageNet, to fit memory)
+    prompts_per_step: int = 8
+    train_view_temperature: float = 1.0  # ot_tools.Wasserstein_Distance(is_train=True)
+    train_prompt_temperature: float = 1.0  # the same
+    l1_image_weight: float = 10.0  # forward_backward: L1(image features) * 10
+    l1_text_weight: float = 25.0  # forward_backward: L1(text features) * 25
+
+    def __post_init__(self) -> None:
+        for name in ("down_rate", "train_views", "prompts_per_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        for name in ("train_view_temperature", "train_prompt_temperature"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        for name in ("l1_image_weight", "l1_text_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+
+
+def awt_config_defaults(shots: int, dataset: str | None) -> dict:
+    """The official configs' down rate by shot count: 384 for 1-4 shots, 256 beyond."""
+    return {"down_rate": 384 if shots <= 4 else 256}
+
+
+def awt_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
+    """vit_b16_1_2_4_shot.yaml / vit_b16_8_16_shot.yaml (Dassl SGD, momentum 0.9)."""
+    few = shots <= 4
+    return TrainConfig(
+        epochs=20 if few else 25,
+        lr=0.002 if few else 0.008,
+        batch_size=16,
+        weight_decay=5e-4,
+        warmup_epochs=5,
+        warmup="linear",
+        warmup_lr=1e-5,
+    )
+
+
+def _text_tower(model):
+    """The open_clip module whose ``transformer`` is the text transformer."""
+    return model if hasattr(model, "token_embedding") else getattr(model, "text", model)
+
+
+class AWTAdapter(TrainableModel):
+    method = "awt-adapter"
+
+    def __init__(self, backbone, config: AWTAdapterConfig):
+        super().__init__(backbone, config)
+        self.visual_adapters: BranchAdapters | None = None
+        self.text_adapters: BranchAdapters | None = None
+        self._prompts: list[list[str]] = []  # every training prompt, [C][1 + n_descriptions]
+        self._frozen_text: Tensor | None = None  # their frozen features [C, 1 + n, D]
+
+    # -- building ----------------------------------------------------------------------
+
+    def prepare(self, labels: LabelSet, seed: int = 0) -> None:
+        cfg = self.config
+        if cfg.prompts_per_step > 1 and labels.n_descriptions == 0:
+            named = f" {labels.name!r}" if labels.name else ""
+            raise ValueError(
+                f"{self.method} trains on class descriptions (the bare prompt plus "
+                f"{cfg.prompts_per_step - 1} descriptions per step), but the label set"
+                f"{named} has none: generate them with `awt-engine describe "
+                "--dataset NAME` and train with --dataset NAME (and --descriptions N > 0), "
+                "or set prompts_per_step=1 to train on the bare prompts alone (not the paper's "
+                "setting)"
+            )
+        super().prepare(labels, seed)
+        for old in (self.visual_adapters, self.text_adapters):
+            if old is not None:
+                old.remove()  # a second prepare must not leave the first hooks behind
+        model = self.backbone.model
+        g = torch.Generator().manual_seed(seed)
+        kw = {"learn_scale": cfg.learn_scale, "generator": g}
+        self.visual_adapters = BranchAdapters(model.visual, cfg.down_rate, **kw).to(self.device)
+        self.text_adapters = BranchAdapters(_text_tower(model), cfg.down_rate, **kw).to(self.device)
+        # The backbone may be shared (a ClipEmbedder on it, the frozen features below):
+        # the adapters act only inside this model's own encode calls.
+        self.visual_adapters.enabled = False
+        self.text_adapters.enabled = False
+        self._prompts = labels.prompt_texts()
+        self._frozen_text = None
+
+    def training_view_config(self, base: ViewConfig) -> ViewConfig:
+        """K_TRANSFORMS augmented views per image, every one a (bicubic) random crop."""
+        return dataclasses.replace(
+            base, n_views=self.config.train_views, raw_view=False, crop_interpolation="bicubic"
+        )
+
+    # -- the interface -----------------------------------------------------------------
+
+    def _require_prepared(self) -> None:
+        if self.visual_adapters is None or self.text_adapters is None:
+            raise RuntimeError(f"{self.method}: call prepare(labels) before using the model")
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """[N, 3, R, R] -> [N, D] through the adapted image tower (a graph when grad is on)."""
+        self._require_prepared()
+        with self.visual_adapters.active():
+            return self.backbone.encode_images(pixels, grad=torch.is_grad_enabled())
+
+    def encode_texts(self, texts: list[str]) -> Tensor:
+        """Prompts -> [N, D] through the adapted text tower."""
+        self._require_prepared()
+        with self.text_adapters.active():
+            return self.backbone.encode_text(texts, grad=torch.is_grad_enabled())
+
+    def class_embeddings(self, labels: LabelSet) -> Tensor:
+        """[C, P, D]: every prompt of ``labels`` (bare, then with each description)."""
+        flat = [t for row in labels.prompt_texts() for t in row]
+        return self.encode_texts(flat).view(labels.n_classes, labels.n_prompts, -1)
+
+    # -- training ----------------------------------------------------------------------
+
+    def frozen_image_features(self, pixels: Tensor) -> Tensor:
+        """[N, D] from the frozen image tower (adapters off), without a graph."""
+        self._require_prepared()
+        with self.visual_adapters.disabled(), torch.no_grad():
+            return self.backbone.encode_images(pixels)
+
+    def frozen_text_features(self) -> Tensor:
+        """[C, 1 + n_descriptions, D]: every training prompt through the frozen text tower,
+        without a graph; computed on first use and kept (the tower never changes)."""
+        self._require_prepared()
+        if self._frozen_text is None:
+            flat = [t for row in self._prompts for t in row]
+            with self.text_adapters.disabled(), torch.no_grad():
+                out = self.backbone.encode_text(flat)
+            self._frozen_text = out.view(len(self._prompts), len(self._prompts[0]), -1)
+        return self._frozen_text
+
+    def step_prompts(self, generator: torch.Generator) -> list[int]:
+        """The prompts of one step: 0 (bare) and ``prompts_per_step - 1`` descriptions
+        drawn without replacement from ``generator``, the same ones for every class
+        (all of them when a class has fewer). Indices into a class's prompts."""
+        n = len(self._prompts[0]) - 1  # descriptions per class
+        k = min(self.config.prompts_per_step - 1, n)
+        drawn = torch.randperm(n, generator=generator)[:k].tolist()
+        return [0, *(1 + i for i in sorted(drawn))]
+
+    def awt_training_config(self) -> AWTConfig:
+        return AWTConfig(
+            view_temperature=self.config.train_view_temperature,
+            prompt_temperature=self.config.train_prompt_temperature,
+        )
+
+    def training_loss(self, batch: TrainBatch) -> LossOutput:
+        from awt_engine.scoring import awt_solve
+
+        cfg = self.config
+        B, V = batch.views.shape[:2]
+        pixels = batch.views.flatten(0, 1)  # [B*V, 3, R, R]
+        img = self.encode_images(pixels)  # [B*V, D], with a graph
+        img_frozen = self.frozen_image_features(pixels)
+
+        chosen = self.step_prompts(batch.generator)
+        C, P = len(self._prompts), len(chosen)
+        txt = self.encode_texts([row[p] for row in self._prompts for p in chosen])  # [C*P, D]
+        index = torch.tensor(chosen, device=self.device)
+        txt_frozen = self.frozen_text_features().index_select(1, index).flatten(0, 1)
+
+        # The scorer in float32 (as the features are) also inside the loop's fp16 autocast:
+        # the official code scores logits.float(), and awt_solve under autocast mixes
+        # dtypes. Weights and plan without gradient, the gradient through the logits.
+        with torch.autocast(self.device.type, enabled=False):
+            out = awt_solve(
+                img.view(B, V, -1),
+                txt.view(C, P, -1),
+                self.logit_scale,
+                config=self.awt_training_config(),
+            )
+        ce = F.cross_entropy(out.scores, batch.labels)
+        l1_img = cfg.l1_image_weight * F.l1_loss(img, img_frozen)
+        l1_txt = cfg.l1_text_weight * F.l1_loss(txt, txt_frozen)
+        return LossOutput(ce + l1_img + l1_txt, {"ce": ce, "l1_image": l1_img, "l1_text": l1_txt})
+
+
+METHOD = MethodSpec(
+    name="awt-adapter",
+    summary="AWT's multimodal adapter: bottleneck adapters in both CLIP towers, trained "
+    "through AWT",
+    config=AWTAdapterConfig,
+    model=AWTAdapter,
+    train_defaults=awt_train_defaults,
+    config_defaults=awt_config_defaults,
+    paper="Zhu et al., AWT: Transferring Vision-Language Models via Augmentation, Weighting, "
+    "and Transportation, NeurIPS 2024 (MCG-NJU/AWT, AWT_few_shot/MM_Adapter)",
+    needs_descriptions=True,
+    options={
+        "down_rate": "adapter hidden width = tower width // down_rate (AWT: 384 for 1-4 "
+        "shots, 256 for 8-16; set from --shots)",
+        "learn_scale": "learn each adapter's output scale (AWT: true, starting at 1)",
+        "train_views": "augmented views per training image (AWT: 8)",
+        "prompts_per_step": "bare prompt + sampled descriptions per step (AWT: 8; 4 for ImageNet)",
+        "train_view_temperature": "AWT view-weight temperature in training (AWT: 1.0)",
+        "train_prompt_temperature": "AWT prompt-weight temperature in training (AWT: 1.0)",
+        "l1_image_weight": "weight of L1(image features, frozen CLIP) (AWT: 10)",
+        "l1_text_weight": "weight of L1(text features, frozen CLIP) (AWT: 25)",
+    },
+)
