@@ -435,7 +435,16 @@ def _grad_transport(src, u, w, scale, cfg, memory_budget, sync_every, device, dt
     return torch.cat(rows), torch.cat(iters), torch.cat(conv)
 
 
-def _run(
+def _run(*args, **kwargs):
+    """The scorer in its own work dtype (float32, or float64 for float64 inputs) also
+    inside a training loop's autocast: autocast would run the similarity products in
+    float16 and mix dtypes inside the Sinkhorn updates."""
+    device_type = args[1][0].device.type
+    with torch.autocast(device_type, enabled=False):
+        return _run_exact(*args, **kwargs)
+
+
+def _run_exact(
     src_factory,
     tensors,
     scale,

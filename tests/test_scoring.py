@@ -160,6 +160,23 @@ def test_gradients_flow_through_logits_with_plan_fixed():
     assert txt_t.grad is not None and torch.isfinite(txt_t.grad).all()
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_autocast_does_not_reach_the_scorer(grad):
+    """A training loop's autocast (bf16 on CPU here, fp16 on CUDA) must not run the
+    similarity products in half precision nor mix dtypes inside the Sinkhorn updates."""
+    img, txt = random_embeds(3, 7, 17, 29, 16, seed=11, dtype=np.float32)
+    img_t, txt_t = _t(img).requires_grad_(grad), _t(txt).requires_grad_(grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = awt_solve(img_t, txt_t)
+    assert out.scores.dtype == torch.float32
+    ref = ref_awt_scores(img, txt)
+    err = np.abs(out.scores.detach().double().numpy() - ref).max(1) / np.abs(ref).max(1)
+    assert err.max() < 1e-5, err  # float32 accuracy, not bfloat16's 1e-2
+    if grad:
+        out.scores.sum().backward()
+        assert torch.isfinite(img_t.grad).all() and torch.isfinite(txt_t.grad).all()
+
+
 def test_logits_entry_point_equals_embeddings():
     img, txt = random_embeds(2, 5, 6, 4, 8, seed=8)
     logits = 100.0 * np.einsum("bvd,cpd->bvcp", img, txt)

@@ -161,7 +161,8 @@ def train(
 @app.command()
 def methods(
     verbose: Annotated[
-        bool, typer.Option("--verbose", "-v", help="Also each method's options.")
+        bool,
+        typer.Option("--verbose", "-v", help="Also each method's options (their 16-shot values)."),
     ] = False,
 ) -> None:
     """List the trainable methods, one line each."""
@@ -175,9 +176,11 @@ def methods(
             import dataclasses
 
             spec = get_method(name)
+            cfg = spec.default_config(16)  # the values a 16-shot run uses, as the line below
             for f in dataclasses.fields(spec.config):
                 help_ = spec.options.get(f.name, "")
-                typer.echo(f"{'':{width}}    --set {f.name}={f.default!r}  {help_}".rstrip())
+                value = getattr(cfg, f.name)
+                typer.echo(f"{'':{width}}    --set {f.name}={value!r}  {help_}".rstrip())
             t = spec.train_defaults(16, None)
             typer.echo(
                 f"{'':{width}}    training (16 shots): {t.optimizer} lr {t.lr:g}, batch {t.batch_size}, "

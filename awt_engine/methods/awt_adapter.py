@@ -234,16 +234,15 @@ class AWTAdapter(TrainableModel):
         index = torch.tensor(chosen, device=self.device)
         txt_frozen = self.frozen_text_features().index_select(1, index).flatten(0, 1)
 
-        # The scorer in float32 (as the features are) also inside the loop's fp16 autocast:
-        # the official code scores logits.float(), and awt_solve under autocast mixes
-        # dtypes. Weights and plan without gradient, the gradient through the logits.
-        with torch.autocast(self.device.type, enabled=False):
-            out = awt_solve(
-                img.view(B, V, -1),
-                txt.view(C, P, -1),
-                self.logit_scale,
-                config=self.awt_training_config(),
-            )
+        # Weights and plan without gradient, the gradient through the logits; the scorer
+        # runs in float32 also under the loop's fp16 autocast (the official code scores
+        # logits.float()).
+        out = awt_solve(
+            img.view(B, V, -1),
+            txt.view(C, P, -1),
+            self.logit_scale,
+            config=self.awt_training_config(),
+        )
         ce = F.cross_entropy(out.scores, batch.labels)
         l1_img = cfg.l1_image_weight * F.l1_loss(img, img_frozen)
         l1_txt = cfg.l1_text_weight * F.l1_loss(txt, txt_frozen)
