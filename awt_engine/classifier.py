@@ -136,6 +136,19 @@ class Classifier:
             self._class_embeds[key] = embeds.to(self.model.device)
         return self._class_embeds[key]
 
+    def set_class_embeddings(self, embeds: Tensor, labels: LabelSet | None = None) -> None:
+        """Use ``embeds`` [C, P, D] (computed elsewhere, e.g. once for a Ray actor pool)
+        as the class embeddings of ``labels`` (default: those this scorer needs)."""
+        labels = labels or self.labels_for([self.scorer])
+        if tuple(embeds.shape[:2]) != (labels.n_classes, labels.n_prompts):
+            raise ValueError(
+                f"class embeddings of shape {tuple(embeds.shape)} do not fit {labels.n_classes} "
+                f"classes x {labels.n_prompts} prompts"
+            )
+        # a fresh copy: a tensor from elsewhere (Ray's object store, a file) may sit on
+        # memory whose alignment makes BLAS round differently from a computed one
+        self._class_embeds[labels.key()] = embeds.to(self.model.device).clone()
+
     @property
     def class_embeds(self) -> Tensor:
         return self.class_embeddings()

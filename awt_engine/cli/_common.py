@@ -181,6 +181,30 @@ MethodAlias = Annotated[
 ]
 
 
+# --------------------------------------------------------------------------------------
+# Ray (classify, eval): the same run on a Ray cluster's actor pool
+
+UseRay = Annotated[
+    bool,
+    typer.Option(
+        "--ray", help="Run on Ray Data actors (a local Ray instance unless --ray-address)."
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster to join ('auto': the one running here); implies --ray."),
+]
+Concurrency = Annotated[int, typer.Option(min=1, help="With --ray: actors in the pool.")]
+NumGpus = Annotated[
+    float | None,
+    typer.Option(
+        min=0,
+        help="With --ray: GPUs per actor [default: 1 when --device asks for CUDA or the "
+        "cluster has GPUs, else 0].",
+    ),
+]
+
+
 def awt_config(
     eps: float | None = None,
     view_temperature: float | None = None,

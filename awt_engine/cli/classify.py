@@ -19,6 +19,7 @@ from awt_engine.cli._common import (
     CacheDir,
     Checkpoint,
     Classes,
+    Concurrency,
     Dataset,
     Descriptions,
     Device,
@@ -27,15 +28,18 @@ from awt_engine.cli._common import (
     MemoryBudget,
     MethodAlias,
     Model,
+    NumGpus,
     Precision,
     Pretrained,
     Progress,
     PromptTemperature,
+    RayAddress,
     Seed,
     Shortlist,
     SinkhornIters,
     SinkhornTol,
     Template,
+    UseRay,
     Views,
     ViewTemperature,
     Workers,
@@ -47,7 +51,7 @@ from awt_engine.cli._common import (
     weights_arg,
 )
 
-OUTPUT_FORMATS = (".jsonl", ".csv")
+OUTPUT_FORMATS = (".jsonl", ".csv", ".parquet")
 
 
 @app.command()
@@ -87,7 +91,8 @@ def classify(
         typer.Option(
             "--output",
             "-o",
-            help="Write the top-k predictions to a .jsonl or .csv file ('-': JSONL on stdout).",
+            help="Write the top-k predictions to a .jsonl, .csv or .parquet file ('-': JSONL "
+            "on stdout).",
             dir_okay=False,
         ),
     ] = None,
@@ -101,8 +106,15 @@ def classify(
     sinkhorn_tol: SinkhornTol = None,
     sinkhorn_iters: SinkhornIters = None,
     progress: Progress = True,
+    ray: UseRay = False,
+    ray_address: RayAddress = None,
+    concurrency: Concurrency = 2,
+    num_gpus: NumGpus = None,
 ) -> None:
     """Classify images; one line per image on stdout: path, label, probability.
+
+    With --ray the images are classified by a pool of Ray Data actors (inputs may then
+    also be s3:// or gs:// prefixes); the lines and rows are the local run's.
 
     Exit 0: every image was classified; 1: some could not be read (each named on stderr
     and as an error row); 2: a usage error or an output that cannot be written.
@@ -118,17 +130,29 @@ def classify(
             f"--output {output}: unknown format {output.suffix or '(none)'!r}; use a "
             f"file ending in {' or '.join(OUTPUT_FORMATS)}, or - for JSONL on stdout"
         )
+    if output is not None and output.suffix.lower() == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise fail(
+                f"--output {output}: Parquet output needs pyarrow: uv sync --extra ray (or "
+                "pip install pyarrow)"
+            )
     if classes is None and dataset is None and checkpoint is None:
         raise fail("say what the classes are: --dataset NAME, --classes LIST or --checkpoint")
     budget = parse_size(memory_budget) if memory_budget else None
-    found = find_images(inputs)
-    paths = found.images
+    use_ray = ray or ray_address is not None
+    remote = [i for i in inputs if use_ray and _is_uri(i)]
+    found = (
+        find_images([i for i in inputs if i not in remote]) if len(remote) < len(inputs) else None
+    )
+    paths = found.images if found else []
+    unreadable = found.unreadable if found else []
 
     from awt_engine.classifier import Prediction, create_classifier
 
-    clf = create_classifier(
-        model,
-        weights_arg(pretrained),
+    settings = dict(
+        pretrained=weights_arg(pretrained),
         checkpoint=checkpoint,
         llm=llm,
         dataset=dataset,
@@ -146,15 +170,30 @@ def classify(
         shortlist=shortlist,
         memory_budget=budget,
         awt_config=config,
-        progress=progress,
     )
-    n_failed = 0
+    if use_ray:
+        predictions = _ray_predictions(
+            [*map(str, paths), *remote],
+            model,
+            settings,
+            top_k,
+            ray_address,
+            concurrency,
+            num_gpus,
+            progress,
+            None if remote else len(paths),
+        )
+    else:
+        clf = create_classifier(model, **settings, progress=progress)
+        predictions = clf.classify(paths, top_k=top_k, progress=progress, total=len(paths))
+    n_failed = n_images = 0
     with _Writer(output) as writer:
-        for folder in found.unreadable:  # an error row each, as for an unreadable file
+        for folder in unreadable:  # an error row each, as for an unreadable file
             pred = Prediction(folder.path, None, folder.reason)
             writer.write(pred)
             typer.echo(f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True)
-        for pred in clf.classify(paths, top_k=top_k, progress=progress, total=len(paths)):
+        for pred in predictions:
+            n_images += 1
             writer.write(pred)
             if pred.ok:
                 if not to_stdout:
@@ -167,12 +206,44 @@ def classify(
                     f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True
                 )
     if n_failed:
-        typer.echo(f"{n_failed} of {len(paths)} image(s) could not be classified", err=True)
-    if found.unreadable:
-        typer.echo(f"{len(found.unreadable)} folder(s) could not be read", err=True)
-    if n_failed or found.unreadable:
+        typer.echo(f"{n_failed} of {n_images} image(s) could not be classified", err=True)
+    if unreadable:
+        typer.echo(f"{len(unreadable)} folder(s) could not be read", err=True)
+    if n_failed or unreadable:
         raise typer.Exit(EXIT_PARTIAL)
     raise typer.Exit(EXIT_OK)
+
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def _is_uri(text: str) -> bool:
+    return bool(_URI.match(text))
+
+
+def _ray_predictions(
+    inputs, model, settings, top_k, address, concurrency, num_gpus, progress, total
+):
+    """The predictions of a Ray Data actor pool, in input order, as a local run yields them."""
+    from awt_engine import distributed
+    from awt_engine._progress import progress_bar
+
+    distributed.init(address)
+    gpus, cpus = distributed.resources(settings["device"], num_gpus, None, concurrency)
+    ds = distributed.classify_dataset(
+        inputs,
+        model=model,
+        **settings,
+        top_k=top_k,
+        concurrency=concurrency,
+        num_gpus=gpus,
+        num_cpus=cpus,
+        preserve_order=True,
+    )
+    with progress_bar(total, progress, desc="classify (ray)") as bar:
+        for pred in distributed.iter_predictions(ds.iter_rows()):
+            bar.update(1)
+            yield pred
 
 
 def _one_scorer(scorer: str | None, method: list[str] | None) -> list[str]:
@@ -235,10 +306,14 @@ class _Writer:
             self.path, self.f, self._close = Path("<stdout>.jsonl"), sys.stdout, False
         elif self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._close = True
+            suffix = self.path.suffix.lower()
+            if suffix == ".parquet":
+                self.f = _ParquetRows(self.path)
+                return self
             # Undecodable bytes of a file name are written as those bytes (CSV; see README)
             self.f = open(self.path, "w", encoding="utf-8", errors="surrogateescape", newline="")
-            self._close = True
-            if self.path.suffix.lower() == ".csv":
+            if suffix == ".csv":
                 self.csv = csv.writer(self.f)
                 self.csv.writerow(["path", "rank", "label", "score", "error"])
         return self
@@ -255,7 +330,9 @@ class _Writer:
             ) from None
 
     def _write(self, pred) -> None:
-        if self.path.suffix.lower() == ".jsonl":
+        if isinstance(self.f, _ParquetRows):
+            self.f.add(pred)
+        elif self.path.suffix.lower() == ".jsonl":
             row = (
                 {"path": pred.path, "predictions": pred.predictions}
                 if pred.ok
@@ -276,6 +353,66 @@ class _Writer:
             except OSError:
                 if exc[0] is None:  # the error of an earlier write is the one to report
                     raise
+
+
+class _ParquetRows:
+    """Predictions as a Parquet file: one row per image, ``path, labels, scores, error``
+    (classify_dataset's rows), written in row groups as they come; closed (a valid file
+    with every row so far) also when the run stops early. Needs pyarrow (in the ray
+    extra)."""
+
+    GROUP = 4096  # rows per row group
+
+    def __init__(self, path: Path):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(
+                f"--output {path}: Parquet output needs pyarrow: uv sync --extra ray (or "
+                "pip install pyarrow)"
+            ) from None
+        self.pa = pa
+        self.schema = pa.schema(
+            [
+                ("path", pa.string()),
+                ("labels", pa.list_(pa.string())),
+                ("scores", pa.list_(pa.float64())),
+                ("error", pa.string()),
+            ]
+        )
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.rows: list[dict] = []
+
+    def add(self, pred) -> None:
+        ok = pred.ok
+        self.rows.append(
+            {
+                # undecodable bytes of a name as \xXX (Parquet strings are UTF-8)
+                "path": _utf8(pred.path),
+                "labels": [_utf8(p["label"]) for p in pred.predictions] if ok else [],
+                "scores": [float(p["score"]) for p in pred.predictions] if ok else [],
+                "error": None if ok else _utf8(pred.error),
+            }
+        )
+        if len(self.rows) >= self.GROUP:
+            self._write_group()
+
+    def flush(self) -> None:
+        """Rows are written a row group at a time (one per row would bloat the file)."""
+
+    def _write_group(self) -> None:
+        if self.rows:
+            self.writer.write_table(self.pa.Table.from_pylist(self.rows, schema=self.schema))
+            self.rows = []
+
+    def close(self) -> None:
+        self._write_group()
+        self.writer.close()
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 __all__ = ["classify"]

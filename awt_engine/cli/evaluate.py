@@ -13,6 +13,7 @@ from awt_engine.cli._common import (
     CacheDir,
     Checkpoint,
     Classes,
+    Concurrency,
     Dataset,
     Descriptions,
     Device,
@@ -21,15 +22,18 @@ from awt_engine.cli._common import (
     MemoryBudget,
     MethodAlias,
     Model,
+    NumGpus,
     Precision,
     Pretrained,
     Progress,
     PromptTemperature,
+    RayAddress,
     Seed,
     Shortlist,
     SinkhornIters,
     SinkhornTol,
     Template,
+    UseRay,
     Views,
     ViewTemperature,
     Workers,
@@ -115,8 +119,15 @@ def eval_command(
     sinkhorn_tol: SinkhornTol = None,
     sinkhorn_iters: SinkhornIters = None,
     progress: Progress = True,
+    ray: UseRay = False,
+    ray_address: RayAddress = None,
+    concurrency: Concurrency = 2,
+    num_gpus: NumGpus = None,
 ) -> None:
     """Top-1, top-5 and mean per-class recall; every scorer from one pass of the model.
+
+    With --ray the images are scored by a pool of Ray Data actors (no image cache) and
+    the metrics and JSON are the local run's.
 
     Exit 0: every image was scored; 1: some images could not be read (named on stderr;
     the metrics cover the rest); 2: a usage error or results that cannot be written.
@@ -127,6 +138,7 @@ def eval_command(
     from awt_engine.training.data import SUBSAMPLES, subsample_classes
 
     scorers = scorer_names(scorer, method)  # checked before anything heavy is imported
+    use_ray = ray or ray_address is not None
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
     budget = parse_size(memory_budget) if memory_budget else None
     parts = ["base", "new"] if subsample == "base-new" else [subsample]
@@ -166,8 +178,7 @@ def eval_command(
             err=True,
         )
         same_as_trained = header is not None and tuple(header["labels"]["classes"]) == data.classes
-        clf = create_classifier(
-            embedder=net,
+        settings = dict(
             # a checkpoint's own label set (with its descriptions) when the classes are its own
             dataset=None if same_as_trained else dataset,
             classes=None if same_as_trained else list(data.classes),
@@ -182,11 +193,34 @@ def eval_command(
             shortlist=shortlist,
             memory_budget=budget,
             awt_config=config,
-            progress=progress,
         )
-        result = evaluate(
-            clf, data, scorers, cache_root=root, image_cache=image_cache, progress=progress
-        )
+        clf = create_classifier(embedder=net, **settings, progress=progress)
+        if use_ray:  # each actor loads the model as this process did
+            from awt_engine import distributed
+
+            distributed.init(ray_address)
+            gpus, cpus = distributed.resources(device, num_gpus, None, concurrency)
+            loading = dict(
+                model=model,
+                pretrained=weights_arg(pretrained),
+                checkpoint=checkpoint,
+                llm=llm,
+                device=device,
+                precision=precision,
+            )
+            result = distributed.evaluate_dataset(
+                {**loading, **settings},
+                data,
+                scorers,
+                concurrency=concurrency,
+                num_gpus=gpus,
+                num_cpus=cpus,
+                progress=progress,
+            )
+        else:
+            result = evaluate(
+                clf, data, scorers, cache_root=root, image_cache=image_cache, progress=progress
+            )
         results[part] = result
         for path, reason in result.failed:
             typer.echo(f"error: {path}: {reason}", err=True)

@@ -1,0 +1,367 @@
+"""classify and eval on a Ray cluster: Ray Data's actor pool over the same Python API.
+
+The canonical Ray Data pattern, with nothing of the engine written again:
+
+* the driver resolves the label set and computes the class embeddings ONCE (one Ray task,
+  so a GPU node can do it) and puts them in the object store;
+* ``map_batches`` runs a pool of actors (``concurrency``, ``num_gpus`` each); every actor
+  builds the :class:`~awt_engine.classifier.Classifier` once (model, checkpoint, label
+  set, the shared class embeddings) and scores the batches it gets with
+  :meth:`~awt_engine.classifier.Classifier.classify` (classify) or
+  :func:`~awt_engine.evaluate.evaluate` (eval), exactly as a local run does;
+* views are seeded per image, so every row equals the local run's row.
+
+Ray is an optional extra (``uv sync --extra ray`` / ``pip install 'awt-engine[ray]'``),
+imported only here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+INSTALL_HINT = "Ray is an optional extra: uv sync --extra ray (or pip install 'awt-engine[ray]')"
+
+
+def import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ImportError(f"--ray needs Ray ({exc}). {INSTALL_HINT}") from None
+    return ray
+
+
+def init(address: str | None = None, **kwargs) -> None:
+    """Connect to ``address`` (``auto``: the running cluster) or start a local instance."""
+    import logging
+
+    ray = import_ray()
+    if not ray.is_initialized():
+        kwargs.setdefault("logging_level", logging.WARNING)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the engine draws its own; logs stay readable
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """How every actor builds its classifier (``create_classifier``'s keywords)."""
+
+    kwargs: dict[str, Any]
+
+    def build(self, class_embeds=None, scorers=None, threads: int | None = None):
+        import torch
+
+        from awt_engine.classifier import create_classifier
+
+        if threads:  # CPU results round like a local run with the same thread count
+            torch.set_num_threads(threads)
+        clf = create_classifier(**self.kwargs)
+        if class_embeds is not None:  # shared by the driver: never recomputed per actor
+            clf.set_class_embeddings(class_embeds, clf.labels_for(scorers or [clf.scorer]))
+        return clf
+
+
+def _class_embeddings(spec: ClassifierSpec, scorers: list[str]):
+    clf = spec.build()
+    return clf.class_embeddings(clf.labels_for(scorers)).cpu()
+
+
+def _embed_task(ray, num_gpus: float):
+    """The one task that computes the class embeddings (on a GPU when actors have one)."""
+    return (
+        ray.remote(num_gpus=num_gpus)(_class_embeddings)
+        if num_gpus
+        else ray.remote(_class_embeddings)
+    )
+
+
+class _Classify:
+    """The actor of :func:`classify_dataset`: one classifier, many batches."""
+
+    def __init__(self, spec: ClassifierSpec, class_embeds, top_k: int, threads: int):
+        import ray
+
+        if isinstance(class_embeds, ray.ObjectRef):
+            class_embeds = ray.get(class_embeds)
+        self.clf = spec.build(class_embeds, threads=threads)
+        self.top_k = top_k
+
+    def __call__(self, batch: dict) -> dict:
+        inputs = _inputs(batch)
+        out = {"path": [], "labels": [], "scores": [], "error": []}
+        for pred in self.clf.classify(inputs, top_k=self.top_k):
+            out["path"].append(pred.path)
+            out["labels"].append([p["label"] for p in pred.predictions] if pred.ok else [])
+            out["scores"].append([p["score"] for p in pred.predictions] if pred.ok else [])
+            out["error"].append(pred.error)
+        names = batch.get("path")
+        if names is not None:  # in-memory inputs are named by their row's path
+            out["path"] = [str(n) for n in names]
+        return out
+
+
+def _inputs(batch: dict) -> list:
+    """The images of a Ray Data batch: paths, or decoded images, or file bytes."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if "image" in batch:  # ray.data.read_images
+        return [np.asarray(x) for x in batch["image"]]
+    if "bytes" in batch:  # ray.data.read_binary_files
+        out = []
+        for raw in batch["bytes"]:
+            try:
+                im = Image.open(io.BytesIO(raw))
+                im.load()
+                out.append(im)
+            except Exception as exc:  # decoded by the pipeline: an error row, not a crash
+                out.append(_Broken(str(exc)))
+        return out
+    return [str(p) for p in batch["path"]]
+
+
+class _Broken:
+    """A row whose bytes are not an image: reaches classify as an unsupported input."""
+
+    def __init__(self, reason: str):
+        self.filename = ""
+        self.reason = reason
+
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # s3://, gs://, hdfs://, ...
+
+
+def _dataset(ray, inputs):
+    """(Dataset, unreadable folders) from a Dataset, or local paths, folders and globs and
+    remote URIs (``s3://bucket/prefix/``: read as binary files by Ray, on the workers)."""
+    if isinstance(inputs, ray.data.Dataset):
+        return inputs, []
+    if isinstance(inputs, str | Path):
+        inputs = [inputs]
+    inputs = [str(p) for p in inputs]
+    remote = [p for p in inputs if _URI.match(p)]
+    local = [p for p in inputs if not _URI.match(p)]
+    parts, unreadable = [], []
+    if local:
+        from awt_engine.images import find_images
+
+        found = find_images(local)
+        unreadable = found.unreadable
+        parts.append(ray.data.from_items([{"path": str(p)} for p in found.images]))
+    if remote:
+        from awt_engine.images import IMAGE_EXTENSIONS
+
+        exts = sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+        parts.append(
+            ray.data.read_binary_files(
+                remote, include_paths=True, file_extensions=exts
+            ).select_columns(["path", "bytes"])
+        )
+    if len(parts) == 2:  # a union's columns must agree: local rows get no bytes
+        parts[0] = parts[0].map_batches(_with_no_bytes, batch_format="pyarrow")
+        parts[1] = parts[1].map_batches(_local_first, batch_format="pyarrow")
+    ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
+    return ds, unreadable
+
+
+def _with_no_bytes(table):
+    import pyarrow as pa
+
+    return table.append_column("bytes", pa.nulls(table.num_rows, pa.binary()))
+
+
+def _local_first(table):
+    return table.select(["path", "bytes"])
+
+
+def resources(device: str, num_gpus: float | None, num_cpus: int | None, concurrency: int):
+    """(GPUs, CPUs) per actor: ``num_gpus`` None means one GPU each when the device asks
+    for CUDA, or when it is ``auto`` and the cluster has GPUs; CPU actors share the
+    cluster's CPUs (each computes with that many threads)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if num_gpus is None:
+        wants = device.startswith("cuda") or (device == "auto" and total.get("GPU", 0) > 0)
+        num_gpus = 1.0 if wants else 0.0
+    if num_cpus is None:
+        num_cpus = 1 if num_gpus else max(1, int(total.get("CPU", 1) // concurrency))
+    return num_gpus, num_cpus
+
+
+def iter_predictions(rows) -> Iterator:
+    """:class:`~awt_engine.classifier.Prediction` objects from classify_dataset's rows
+    (an iterable of dicts, e.g. ``Dataset.iter_rows()``), as the local run yields them."""
+    from awt_engine.classifier import Prediction
+
+    for r in rows:
+        if r["error"] is not None:
+            yield Prediction(str(r["path"]), None, str(r["error"]))
+        else:
+            preds = [
+                {"label": str(a), "score": float(b)}
+                for a, b in zip(r["labels"], r["scores"], strict=True)
+            ]
+            yield Prediction(str(r["path"]), preds, None)
+
+
+def classify_dataset(
+    inputs,
+    *,
+    concurrency: int = 2,
+    num_gpus: float = 0,
+    num_cpus: int = 1,
+    rows_per_batch: int | None = None,
+    top_k: int = 5,
+    scorer: str = "awt",
+    preserve_order: bool = False,
+    **classifier_kwargs,
+):
+    """Classify a Ray Dataset (a ``path`` column, ``read_images``' ``image`` column or
+    ``read_binary_files``' ``bytes`` and ``path``) or local paths/folders/globs and
+    remote prefixes (``s3://...``); returns a Dataset of rows ``path, labels, scores,
+    error`` (the local JSONL rows, flat). ``preserve_order``: rows in input order.
+
+    ``classifier_kwargs`` are :func:`~awt_engine.classifier.create_classifier`'s (model,
+    pretrained, checkpoint, dataset, classes, views, batch_size (images per forward pass,
+    as locally), ...). ``rows_per_batch`` (the images an actor gets per call) defaults to
+    64 on GPU actors and 16 on CPU ones; a CPU actor computes with ``num_cpus`` threads.
+
+    Every row carries the local run's labels, in the same order, and its scores up to
+    float32 rounding (~1e-7 relative): BLAS rounds a matrix product over 4 images unlike
+    one over 2, and its thread count changes the summation order, so a row is equal bit
+    for bit when both runs encode one image per forward pass (``batch_size=1``) with the
+    same thread count, and equal to rounding otherwise, the same noise as changing
+    ``--batch-size`` locally.
+    """
+    ray = import_ray()
+    init(classifier_kwargs.pop("address", None))
+    if preserve_order:  # rows in input order (the CLI's lines), at some cost in throughput
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds, unreadable = _dataset(ray, inputs)
+    spec = ClassifierSpec({**classifier_kwargs, "scorer": scorer})
+    embeds = _embed_task(ray, num_gpus).remote(spec, [scorer])  # one task, in the object store
+    out = ds.map_batches(
+        _Classify,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "class_embeds": embeds,
+            "top_k": top_k,
+            "threads": None if num_gpus else num_cpus,
+        },
+        batch_size=rows_per_batch or (64 if num_gpus else 16),
+        concurrency=concurrency,
+        num_gpus=num_gpus or None,
+        num_cpus=num_cpus,
+    )
+    if unreadable:  # folders that could not be listed are error rows too, as locally
+        rows = [{"path": u.path, "labels": [], "scores": [], "error": u.reason} for u in unreadable]
+        out = out.union(ray.data.from_items(rows))
+    return out
+
+
+class _Evaluate:
+    """The actor of :func:`evaluate_dataset`: scores a shard of labelled items."""
+
+    def __init__(self, spec: ClassifierSpec, class_embeds, scorers: list[str], classes, threads):
+        import ray
+
+        if isinstance(class_embeds, ray.ObjectRef):
+            class_embeds = ray.get(class_embeds)
+        self.clf = spec.build(class_embeds, scorers, threads=threads)
+        self.scorers, self.classes = scorers, tuple(classes)
+
+    def __call__(self, batch: dict) -> dict:
+        from awt_engine.evaluate import evaluate
+        from awt_engine.labelled import LabelledData, LabelledItem
+
+        items = tuple(
+            LabelledItem(Path(p), int(y))
+            for p, y in zip(batch["path"], batch["label"], strict=True)
+        )
+        data = LabelledData("shard", self.classes, items, "ray shard")
+        res = evaluate(self.clf, data, self.scorers, cache_root=None)
+        scored = res.scored.tolist()
+        failed = dict(res.failed)
+        out: dict[str, list] = {"index": [], "error": []}
+        out.update({f"top5/{s}": [] for s in self.scorers})
+        rows = {i: r for r, i in enumerate(scored)}
+        for j, (path, index) in enumerate(zip(batch["path"], batch["index"], strict=True)):
+            out["index"].append(int(index))
+            out["error"].append(failed.get(str(path)))
+            for s in self.scorers:
+                out[f"top5/{s}"].append(res.top5[s][rows[j]].tolist() if j in rows else [])
+        return out
+
+
+def evaluate_dataset(
+    clf_kwargs: dict[str, Any],
+    data,
+    scorers: Iterable[str],
+    *,
+    concurrency: int = 2,
+    num_gpus: float = 0,
+    num_cpus: int = 1,
+    rows_per_batch: int | None = None,
+    address: str | None = None,
+    progress: bool = False,
+):
+    """:func:`~awt_engine.evaluate.evaluate` on an actor pool: the same metrics and
+    EvalResult as the local run (the image-embedding cache is not used)."""
+    import torch
+
+    from awt_engine.evaluate import EvalResult, metrics_from_topk
+
+    ray = import_ray()
+    init(address)
+    scorers = list(scorers)
+    spec = ClassifierSpec(dict(clf_kwargs))
+    embeds = _embed_task(ray, num_gpus).remote(spec, scorers)
+    items = list(data.items)
+    rows = [{"index": i, "path": str(it.path), "label": it.label} for i, it in enumerate(items)]
+    scored_rows = ray.data.from_items(rows).map_batches(
+        _Evaluate,
+        fn_constructor_kwargs={
+            "spec": spec,
+            "class_embeds": embeds,
+            "scorers": scorers,
+            "classes": data.classes,
+            "threads": None if num_gpus else num_cpus,
+        },
+        batch_size=rows_per_batch or (64 if num_gpus else 16),
+        concurrency=concurrency,
+        num_gpus=num_gpus or None,
+        num_cpus=num_cpus,
+    )
+    from awt_engine._progress import progress_bar
+
+    out = []
+    with progress_bar(len(rows), progress, desc=f"eval {data.name} (ray)") as bar:
+        for r in scored_rows.iter_rows():
+            out.append(r)
+            bar.update(1)
+    out.sort(key=lambda r: r["index"])
+    ok = [r for r in out if r["error"] is None]
+    labels = torch.tensor([items[r["index"]].label for r in ok], dtype=torch.long)
+    metrics = {}
+    for s in scorers:
+        top = torch.tensor([list(r[f"top5/{s}"]) for r in ok], dtype=torch.long)
+        if not ok:
+            top = torch.empty(0, 5, dtype=torch.long)
+        metrics[s] = metrics_from_topk(top, labels, n_failed=len(out) - len(ok))
+    failed = [(str(items[r["index"]].path), r["error"]) for r in out if r["error"] is not None]
+    top5 = {s: torch.tensor([list(r[f"top5/{s}"]) for r in ok], dtype=torch.long) for s in scorers}
+    scored = torch.tensor([r["index"] for r in ok], dtype=torch.long)
+    return EvalResult(data.name, metrics, failed, data.classes, top5, scored)
+
+
+__all__ = ["ClassifierSpec", "classify_dataset", "evaluate_dataset", "import_ray", "init"]

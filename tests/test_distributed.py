@@ -1,0 +1,207 @@
+"""Ray Data: the same rows and metrics as the local run, on a local Ray instance."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import awt_engine
+from awt_engine.cli import app
+from awt_engine.evaluate import evaluate
+from awt_engine.labelled import load_labelled
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a Ray instance takes seconds to start on 2 cores
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    from awt_engine import distributed
+
+    distributed.init(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def folder(toy_task, tmp_path):
+    """Some toy images, one broken file among them."""
+    out = tmp_path / "imgs"
+    out.mkdir()
+    paths = sorted((toy_task.root / "test").rglob("*.png"))[::3]
+    for p in paths:
+        (out / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
+    (out / "broken.png").write_bytes(b"not a png")
+    return out
+
+
+KW = dict(views=3, device="cpu")
+
+
+def close(a, b):
+    """Equal up to float32 rounding: a GEMM over 2 images rounds unlike one over 16 (the
+    same ~1e-7 relative noise as changing --batch-size in a local run)."""
+    return torch.allclose(torch.tensor(list(a)), torch.tensor(list(b)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def one_thread():
+    """A local run with the CPU actors' thread count (num_cpus=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _local(folder, **kw):
+    clf = awt_engine.create_classifier(**kw)
+    return {p.path: p for p in clf.classify(sorted(str(x) for x in folder.iterdir()))}
+
+
+def test_rows_equal_the_local_run_bit_for_bit(
+    local_ray, folder, tiny_clip_dir, toy_task, one_thread
+):
+    """One image per forward pass and one thread on both sides: nothing left to round
+    differently, so every score is the same float, whichever actor got the image."""
+    from awt_engine.distributed import classify_dataset
+
+    kw = dict(model=tiny_clip_dir, classes=list(toy_task.classes), batch_size=1, **KW)
+    rows = classify_dataset(folder, concurrency=2, rows_per_batch=3, **kw).take_all()
+    want = _local(folder, **kw)
+    assert sorted(r["path"] for r in rows) == sorted(want)
+    n_ok = 0
+    for r in rows:
+        p = want[r["path"]]
+        if p.ok:
+            n_ok += 1
+            assert r["error"] is None and list(r["labels"]) == [x["label"] for x in p.predictions]
+            assert list(r["scores"]) == [x["score"] for x in p.predictions]
+        else:  # the unreadable file is an error row; the job goes on
+            assert r["error"] == p.error and "broken.png" in r["path"]
+    assert n_ok == len(rows) - 1
+
+
+def test_rows_equal_the_local_run_to_rounding(local_ray, folder, tiny_clip_dir, toy_task):
+    """Default batching and threads: the same labels, scores to float32 rounding."""
+    from awt_engine.distributed import classify_dataset
+
+    kw = dict(model=tiny_clip_dir, classes=list(toy_task.classes), **KW)
+    rows = classify_dataset(folder, concurrency=2, rows_per_batch=2, **kw).take_all()
+    want = _local(folder, **kw)
+    for r in rows:
+        p = want[r["path"]]
+        if p.ok:
+            assert list(r["labels"]) == [x["label"] for x in p.predictions]
+            assert close(r["scores"], [x["score"] for x in p.predictions])
+
+
+def test_evaluate_dataset_equals_the_local_metrics(local_ray, toy_task, tiny_clip_dir):
+    from awt_engine.distributed import evaluate_dataset
+
+    data = load_labelled(toy_task.root, split="test")
+    kw = dict(model=tiny_clip_dir, classes=list(data.classes), **KW)
+    here = evaluate(awt_engine.create_classifier(**kw), data, ["awt", "clip"], cache_root=None)
+    there = evaluate_dataset(kw, data, ["awt", "clip"], concurrency=2, rows_per_batch=4)
+    assert there.metrics == here.metrics
+    for s in ("awt", "clip"):
+        assert torch.equal(there.top5[s], here.top5[s])
+
+
+def test_cli_classify_ray_parquet_with_a_trained_checkpoint(
+    local_ray, toy_task, train_clip_dir, tmp_path, folder
+):
+    """A trained CoOp checkpoint on the actor pool, through the CLI, into Parquet: the
+    rows in input order, the broken file an error row, exit 1 (as locally)."""
+    import pyarrow.parquet as pq
+
+    from awt_engine.training import train
+
+    ckpt = tmp_path / "coop.safetensors"
+    train(
+        "coop",
+        data_root=toy_task.root,
+        output=ckpt,
+        shots=1,
+        seed=1,
+        model=train_clip_dir,
+        device="cpu",
+        epochs=1,
+        batch_size=4,
+        options={"n_ctx": "4"},
+    )
+    out = tmp_path / "preds.parquet"
+    res = CliRunner().invoke(
+        app,
+        [
+            "classify",
+            str(folder),
+            "--checkpoint",
+            str(ckpt),
+            "--views",
+            "3",
+            "--device",
+            "cpu",
+            "--ray",
+            "--concurrency",
+            "1",
+            "-o",
+            str(out),
+            "--no-progress",
+        ],
+    )
+    assert res.exit_code == 1, res.output  # one unreadable file
+    rows = pq.read_table(out).to_pylist()
+    local = awt_engine.create_classifier(checkpoint=ckpt, **KW)
+    inputs = sorted(str(x) for x in folder.iterdir())  # the order find_images gives
+    assert [r["path"] for r in rows] == inputs  # rows in input order
+    want = {p.path: p for p in local.classify(inputs)}
+    for r in rows:
+        p = want[r["path"]]
+        if p.ok:
+            assert r["error"] is None and r["labels"] == [x["label"] for x in p.predictions]
+            assert close(r["scores"], [x["score"] for x in p.predictions])
+        else:
+            assert r["error"] == p.error and r["labels"] == []
+    assert f"error: {folder / 'broken.png'}" in res.output
+
+
+def test_cli_eval_ray_writes_the_same_json(local_ray, toy_task, tiny_clip_dir, tmp_path):
+    runner = CliRunner()
+    base = [
+        "eval",
+        "--data-root",
+        str(toy_task.root),
+        "--model",
+        tiny_clip_dir,
+        "--views",
+        "3",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-image-cache",
+    ]
+    a = runner.invoke(app, [*base, "-o", str(tmp_path / "local")])
+    b = runner.invoke(app, [*base, "-o", str(tmp_path / "ray"), "--ray", "--concurrency", "2"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    (fa,), (fb,) = list((tmp_path / "local").iterdir()), list((tmp_path / "ray").iterdir())
+    ra, rb = json.loads(fa.read_text()), json.loads(fb.read_text())
+    assert ra["metrics"] == rb["metrics"] and ra["per_class_recall"] == rb["per_class_recall"]
+    assert fa.name == fb.name  # the same run: the same file name
+
+
+def test_ray_flag_without_ray_says_how_to_install(monkeypatch, folder):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real(name, *a, **k)
+
+    from awt_engine import distributed
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(ImportError, match=r"uv sync --extra ray"):
+        distributed.import_ray()
