@@ -23,6 +23,7 @@ from awt_engine.cli._common import (
     Descriptions,
     Device,
     Eps,
+    Frames,
     Llm,
     MemoryBudget,
     MethodAlias,
@@ -56,7 +57,8 @@ def classify(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="Image files, folders (searched recursively) or globs.", show_default=False
+            help="Image or video files, folders (searched recursively) or globs.",
+            show_default=False,
         ),
     ],
     dataset: Dataset = None,
@@ -68,6 +70,7 @@ def classify(
     pretrained: Pretrained = "openai",
     descriptions: Descriptions = None,
     views: Views = 51,
+    frames: Frames = 8,
     seed: Seed = 0,
     scorer: Annotated[
         str | None,
@@ -102,7 +105,7 @@ def classify(
     sinkhorn_iters: SinkhornIters = None,
     progress: Progress = True,
 ) -> None:
-    """Classify images; one line per image on stdout: path, label, probability.
+    """Classify images (and videos); one line per input on stdout: path, label, probability.
 
     Exit 0: every image was classified; 1: some could not be read (each named on stderr
     and as an error row); 2: a usage error or an output that cannot be written.
@@ -136,6 +139,7 @@ def classify(
         template=template,
         descriptions=descriptions,
         views=views,
+        frames=frames,
         seed=seed,
         scorer=scorer_name,
         device=device,
