@@ -525,3 +525,10 @@ def test_missing_pyav_is_an_error_row_with_the_install_hint(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` now fails
     (item,) = decode_images([clip], frames=2)
     assert "uv sync --extra video" in item.error and "awt-engine[video]" in item.error
+
+
+def test_explain_refuses_a_video_clearly(tmp_path):
+    clip = write_video(tmp_path / "v.mp4", [RGB["blue"]] * 4)
+    clf = awt_engine.create_classifier(classes=NAMES, embedder=ColourEmbedder(), views=3)
+    with pytest.raises(ValueError, match=r"v\.mp4: explain takes images"):
+        clf.explain(str(clip))
