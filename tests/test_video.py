@@ -213,11 +213,12 @@ _LONG_SCRIPT = """
 import resource, sys, time
 from awt_engine.video import decode_frames
 decode_frames(sys.argv[1], 8)  # warm up: codecs, allocator
+unit = 1024 if sys.platform == "darwin" else 1  # ru_maxrss: bytes on macOS, else KiB
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 clip = decode_frames(sys.argv[2], 8)
 seconds = time.perf_counter() - t0
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // unit
 print(clip.decoded, clip.seeks, round(clip.duration), grown, seconds)
 """
 
@@ -230,12 +231,16 @@ def test_a_long_video_is_sought_through_not_decoded_whole(tmp_path):
     long = write_video(tmp_path / "long.mp4", long_colours, fps=fps, size=(64, 48), gop=gop)
     short = write_video(tmp_path / "short.mp4", long_colours[: 10 * fps], fps=fps, size=(64, 48))
 
-    t0 = time.perf_counter()
-    short_clip = decode_frames(short, 8)
-    short_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    clip = decode_frames(long, 8)
-    long_s = time.perf_counter() - t0
+    def timed(path):
+        best = float("inf")
+        for _ in range(2):  # the better of two: other processes share these cores
+            t0 = time.perf_counter()
+            clip = decode_frames(path, 8)
+            best = min(best, time.perf_counter() - t0)
+        return clip, best
+
+    short_clip, short_s = timed(short)
+    clip, long_s = timed(long)
     assert clip.duration == pytest.approx(600.0)
     # Each sample decodes from the keyframe before it: at most one keyframe interval each.
     assert clip.seeks == 8
@@ -247,6 +252,8 @@ def test_a_long_video_is_sought_through_not_decoded_whole(tmp_path):
 
     # Peak memory in a fresh process: decoding the long clip's 8 frames holds a few
     # frames, not the 3000 (37 MB as RGB images, 14 MB even as YUV).
+    if sys.platform == "win32":
+        return  # no resource module
     out = subprocess.run(
         [sys.executable, "-c", _LONG_SCRIPT, str(short), str(long)],
         capture_output=True,
