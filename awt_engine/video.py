@@ -22,8 +22,9 @@ only when a video is read):
   keyframe and reading the packets after it (their timestamps, no decoding; the whole
   file is read, still undecoded, only when that seek fails).
   Timestamps are used throughout, so variable frame rates need nothing special.
-* **Frames** are RGB, rotated upright by the stream's display rotation (multiples of
-  90 degrees, as players do; flips are ignored), and reduced like huge images
+* **Frames** are RGB, stretched to square pixels by the sample aspect ratio (720 x 576
+  at 16:15 shows as 768 x 576), rotated upright by the stream's display rotation
+  (multiples of 90 degrees, as players do; flips are ignored), and reduced like huge images
   (:mod:`awt_engine.images`): a frame whose shorter side is at least 32 R is reduced
   by an integer factor. A frame larger than ``max_pixels`` is refused.
 * **Errors** are :class:`~awt_engine.images.ImageDecodeError` (the path and a reason):
@@ -62,9 +63,11 @@ from awt_engine.images import (
 __all__ = [
     "DEFAULT_FRAMES",
     "VIDEO_EXTENSIONS",
+    "OpenedVideo",
     "VideoFrames",
     "decode_frames",
     "is_video_path",
+    "open_video",
     "sample_times",
 ]
 
@@ -238,6 +241,8 @@ class OpenedVideo:
                 f"exceeds limit {_fmt_pixels(max_pixels)}",
             )
         self.width, self.height = width, height
+        sar = self.stream.sample_aspect_ratio
+        self.sar = Fraction(sar) if sar and sar > 0 else Fraction(1)  # pixel width / height
         self.time_base: Fraction = self.stream.time_base or Fraction(1, 1)
         start = self.stream.start_time
         if start is None and container.start_time is not None:
@@ -245,11 +250,20 @@ class OpenedVideo:
         self.start_pts = int(start or 0)
         self.cost = self._cost()
 
+    def _display_size(self, width: int, height: int) -> tuple[int, int]:
+        """Square pixels: the stored size stretched by the sample aspect ratio."""
+        if self.sar > 1:
+            return round(width * self.sar), height
+        if self.sar < 1:
+            return width, round(height / self.sar)
+        return width, height
+
     def _cost(self) -> int:
         """Bytes of pixels decoding holds at its peak, estimated (module constants)."""
-        factor = _reduction_factor((self.width, self.height), self.target_size)
-        out = -(-self.width // factor) * -(-self.height // factor) * 4
-        return self.n * out + _DECODE_BYTES_PER_PIXEL * self.width * self.height
+        width, height = self._display_size(self.width, self.height)
+        factor = _reduction_factor((width, height), self.target_size)
+        out = -(-width // factor) * -(-height // factor) * 4
+        return self.n * out + _DECODE_BYTES_PER_PIXEL * width * height
 
     def close(self) -> None:
         self.container.close()
@@ -379,6 +393,9 @@ class OpenedVideo:
 
     def _to_rgb(self, frame) -> Image.Image:
         image = frame.to_image()  # RGB at the stored size
+        size = self._display_size(*image.size)
+        if size != image.size:  # anamorphic (DVD, broadcast): as a player shows it
+            image = image.resize(size, Image.Resampling.BICUBIC)
         transpose = _ROTATIONS.get(round((frame.rotation or 0) / 90) % 4)
         if transpose is not None:
             image = image.transpose(transpose)

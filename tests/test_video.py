@@ -201,6 +201,19 @@ def test_display_rotation_is_applied(tmp_path):
     assert colour_of(frame.crop((0, 20, 24, 32))) == "red"
 
 
+def test_anamorphic_frames_get_square_pixels(tmp_path):
+    path = tmp_path / "wide_pixels.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 24, "yuv420p"
+        stream.codec_context.sample_aspect_ratio = Fraction(2, 1)  # each pixel twice as wide
+        frame = av.VideoFrame.from_ndarray(np.full((24, 32, 3), RGB["red"], np.uint8))
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    image = decode_frames(path, 1).frames[0]
+    assert image.size == (64, 24) and colour_of(image) == "red"
+
+
 def test_enormous_frames_are_reduced_like_huge_images(tmp_path):
     path = write_video(tmp_path / "big.mp4", [RGB["green"]] * 3, size=(96, 64))
     assert decode_frames(path, 2, target_size=2).frames[0].size == (96 // 2, 64 // 2)
