@@ -73,8 +73,8 @@ __all__ = [
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov"})
 
-# Frames sampled per video: 8 is the usual clip length of video CLIP evaluations
-# (e.g. ViFi-CLIP, X-CLIP test with 8 or 16 frames); each becomes a view.
+# Frames sampled per video: 8, a common test-time clip length of CLIP video models
+# (X-CLIP's and ActionCLIP's 8-frame settings); each becomes a view (of 51 by default).
 DEFAULT_FRAMES: int = 8
 
 INSTALL_HINT = "video files need PyAV: uv sync --extra video (or pip install 'awt-engine[video]')"

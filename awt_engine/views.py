@@ -68,7 +68,7 @@ class ViewConfig:
     # configs train with bicubic random resized crops.
     crop_interpolation: str = "bilinear"
     # Frames sampled uniformly over a video (images ignore it); each is a view, the rest
-    # of the views are crops of them. 8: the clip length video CLIP models test with.
+    # of the views are crops of them. 8: a common test-time clip of CLIP video models.
     frames: int = DEFAULT_FRAMES
 
     def __post_init__(self) -> None:
