@@ -29,12 +29,14 @@ order; none opens an image. Layouts, tried in this order:
    has none; in ``fgvc_aircraft/`` (CoOp), ``fgvc-aircraft-2013b/data/`` or ``data/``.
 
 3. **Folders of class folders** (ImageFolder): every immediate subfolder holding images is
-   a class, its images found recursively by extension (:data:`IMAGE_EXTENSIONS`). The
+   a class, its images (and videos) found recursively by extension
+   (:data:`IMAGE_EXTENSIONS`, :data:`~awt_engine.video.VIDEO_EXTENSIONS`). The
    folder used is, in order: a data set's known image folder (``imagenet/images``,
    ``imagenetv2/imagenetv2-matched-frequency-format-val``, ``imagenet-sketch/images`` or
    ``sketch``, ``imagenet-adversarial/imagenet-a``, ``imagenet-rendition/imagenet-r``,
    ``dtd/images``, ``eurosat/2750``, ``food-101/images``,
-   ``caltech-101/101_ObjectCategories``, ``ucf101/UCF-101-midframes``,
+   ``caltech-101/101_ObjectCategories``, ``ucf101/UCF-101-midframes``, then UCF101's
+   videos ``UCF-101/`` (the download: one folder of ``.avi`` clips per class),
    ``CUB_200_2011/images``, ``256_ObjectCategories``), the data set's folder, or the root.
    A folder whose only image-holding subfolder is ``images/`` is entered; a folder whose
    image-holding subfolders are all split names (train/val/test...) is entered at
@@ -84,6 +86,7 @@ from pathlib import Path
 from awt_engine.images import IMAGE_EXTENSIONS
 from awt_engine.labelled import DatasetLayoutError, LabelledData, LabelledItem
 from awt_engine.registry import loose_key, match_key, validate_class_names
+from awt_engine.video import VIDEO_EXTENSIONS
 
 # --------------------------------------------------------------------------- layouts
 
@@ -181,10 +184,12 @@ _LAYOUTS: dict[str, _Layout] = {
         split_image_dir="SUN397",
     ),
     "ucf101": _Layout(
-        folders=("ucf101",),
+        folders=("ucf101", "UCF-101"),
         split_file="split_zhou_UCF101.json",
         split_image_dir="UCF-101-midframes",
-        image_dirs=("UCF-101-midframes",),
+        # CoOp's middle frames first; else the download's videos (UCF-101/<Class>/*.avi,
+        # CamelCase folder names, which match the class names with "_" ignored)
+        image_dirs=("UCF-101-midframes", "UCF-101"),
     ),
     "imagenet": _Layout(folders=("imagenet",), image_dirs=("images",)),
     "imagenetv2": _Layout(
@@ -285,8 +290,11 @@ def _subfolders(folder: Path) -> list[Path]:
     return [Path(e.path) for e in entries if not e.name.startswith(".") and e.is_dir()]
 
 
+_INPUT_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # class folders may hold videos
+
+
 def _is_image_name(name: str) -> bool:
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _INPUT_EXTENSIONS
 
 
 def _walk_images(folder: Path, *, strict: bool = False) -> Iterable[Path]:
@@ -350,7 +358,7 @@ def _load_class_folders(
         what = (
             "images directly in it but no class subfolders"
             if loose
-            else f"no images ({'/'.join(sorted(IMAGE_EXTENSIONS))}) in any subfolder"
+            else f"no images or videos ({'/'.join(sorted(_INPUT_EXTENSIONS))}) in any subfolder"
         )
         raise DatasetLayoutError(
             f"{str(folder)!r} has {what}; expected one folder of images per class"

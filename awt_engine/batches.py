@@ -1,10 +1,11 @@
 """Decode -> views -> batches: the one input loop that classify, eval and training share.
 
 :func:`view_batches` takes any stream of inputs (paths, PIL images, numpy arrays, torch
-tensors), decodes them on a thread pool (huge images reduced to what the views need,
-decoded pixels bounded by a budget: :mod:`awt_engine.images`), makes each image's views
-(:mod:`awt_engine.views`) and yields them ``batch_size`` images at a time, with a
-:class:`Failure` for each input that could not be used. Nothing is ever dropped
+tensors; video files too), decodes them on a thread pool (huge images reduced to what the
+views need, decoded pixels bounded by a budget: :mod:`awt_engine.images`; a video's
+``view_config.frames`` sampled frames: :mod:`awt_engine.video`), makes each image's or
+video's views (:mod:`awt_engine.views`) and yields them ``batch_size`` inputs at a time,
+with a :class:`Failure` for each input that could not be used. Nothing is ever dropped
 silently, and nothing about a batch changes any image's views: they depend only on the
 image, the view settings and the seed (or the per-item seed training gives).
 
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from awt_engine.images import DEFAULT_PIXEL_BUDGET, decode_images
 from awt_engine.models.base import PreprocessConfig
-from awt_engine.views import ViewConfig, make_views
+from awt_engine.views import ViewConfig, make_video_views, make_views
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,11 @@ def view_batches(
         return batch
 
     decoded = decode_images(
-        inputs, workers=workers, target_size=preprocess.size, pixel_budget=pixel_budget
+        inputs,
+        workers=workers,
+        target_size=preprocess.size,
+        pixel_budget=pixel_budget,
+        frames=view_config.frames,
     )
     for index, item in enumerate(decoded):
         if not item.ok:
@@ -85,7 +90,8 @@ def view_batches(
             continue
         try:
             seed = None if seed_for is None else seed_for(index)
-            v = make_views(item.image, preprocess, view_config, device=device, seed=seed)
+            make = make_video_views if item.is_video else make_views
+            v = make(item.image, preprocess, view_config, device=device, seed=seed)
         except Exception as exc:  # a decodable image the view code cannot use
             yield Failure(index, item.path, f"cannot make views: {exc}")
             continue

@@ -384,6 +384,7 @@ def create_classifier(
     descriptions: int | None = None,
     views: int | None = None,
     seed: int | None = None,
+    frames: int | None = None,
     scorer: str = "awt",
     device: str = "auto",
     cache_dir: str | Path | None = None,
@@ -409,6 +410,7 @@ def create_classifier(
     descriptions: descriptions per class (default 50 with a data set, else 0).
     views: the image plus ``views - 1`` random crops (default 51, or ``view_config``'s);
     seed: the crops' seed (default 0, or ``view_config``'s).
+    frames: frames sampled per video input (default 8, or ``view_config``'s).
     scorer: one of :func:`awt_engine.list_scorers`. embedder: use this model instead of
     loading ``model`` (any :class:`~awt_engine.models.base.Embedder` or ``LogitModel``).
     awt_config / view_config: the AWT hyper-parameters and the view settings, for the
@@ -433,6 +435,8 @@ def create_classifier(
         view_config = replace(view_config, n_views=views)
     if seed is not None:
         view_config = replace(view_config, seed=seed)
+    if frames is not None:
+        view_config = replace(view_config, frames=frames)
     root = resolve_cache_root(cache_dir)
     if embedder is None:
         embedder = load_model(

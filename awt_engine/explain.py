@@ -343,6 +343,7 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     from awt_engine.images import as_rgb_image
     from awt_engine.models.base import is_embedder
     from awt_engine.scoring import awt_scores_from_logits, awt_solve
+    from awt_engine.video import is_video_path
     from awt_engine.views import make_views, view_boxes
 
     s = clf.scorer
@@ -354,6 +355,8 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     weighting, transport = s.awt
     model = clf.model
     source = str(image) if isinstance(image, str | Path) else "<image>"
+    if isinstance(image, str | Path) and is_video_path(image):
+        raise ValueError(f"{source}: explain takes images; videos are not explained yet")
     rgb = as_rgb_image(image, target_size=model.preprocess.size)  # what the views see
     cfg = clf.view_config
     views = make_views(rgb, model.preprocess, cfg, device=model.device)[None]  # [1,V,3,R,R]

@@ -47,10 +47,17 @@ Memory: :func:`decode_images` holds at most ``pixel_budget`` bytes of decoded pi
 decoded size plus twice its output size, and each decoded image not yet taken by the
 consumer at its output size (Pillow's storage: 4 bytes per RGB pixel). An image larger
 than the budget is decoded alone.
+
+Videos (:data:`awt_engine.video.VIDEO_EXTENSIONS`, recognised by extension) are found in
+folders and globs beside images. :func:`decode_images` decodes one only when given
+``frames``: its sampled frames (:mod:`awt_engine.video`) come back as a
+:class:`~awt_engine.video.VideoFrames` in ``DecodedImage.image``, counted against the
+budget as all its frames plus the decoder's working frames.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -121,10 +128,14 @@ class ImageDecodeError(Exception):
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """One input's outcome: exactly one of ``image`` (RGB) and ``error`` (a reason) is set."""
+    """One input's outcome: exactly one of ``image`` (RGB) and ``error`` (a reason) is set.
+
+    For a video (``decode_images(frames=N)``) ``image`` is its
+    :class:`~awt_engine.video.VideoFrames` (:attr:`is_video`).
+    """
 
     path: str
-    image: Image.Image | None
+    image: Any  # Image.Image, or VideoFrames for a video; None with an error
     error: str | None
 
     def __post_init__(self) -> None:
@@ -134,6 +145,10 @@ class DecodedImage:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def is_video(self) -> bool:
+        return self.image is not None and not isinstance(self.image, Image.Image)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -172,7 +187,8 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> FoundImages:
 
     * a file is taken as given, whatever its extension;
     * a folder is searched recursively for files with an extension in
-      :data:`IMAGE_EXTENSIONS` (any case), sorted; names starting with "." (hidden files
+      :data:`IMAGE_EXTENSIONS` or :data:`awt_engine.video.VIDEO_EXTENSIONS` (any case:
+      images and videos may be mixed), sorted; names starting with "." (hidden files
       and folders, macOS "._" side files) are skipped; a folder (or subfolder) that
       cannot be listed is reported in ``unreadable``, never skipped silently;
     * anything else containing ``*``, ``?`` or ``[`` is a glob pattern (``**`` recursive):
@@ -230,11 +246,20 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> FoundImages:
 
 
 def _extension_list() -> str:
-    return "/".join(sorted(IMAGE_EXTENSIONS))
+    return "/".join(sorted(_input_extensions()))
+
+
+@functools.cache
+def _input_extensions() -> frozenset[str]:
+    """Image and video extensions (awt_engine.video imports this module: read it late)."""
+    from awt_engine.video import VIDEO_EXTENSIONS
+
+    return IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    """An image's or a video's file name, by its extension."""
+    return os.path.splitext(name)[1].lower() in _input_extensions()
 
 
 def _images_in_folder(folder: Path) -> tuple[list[Path], list[UnreadableFolder]]:
@@ -408,7 +433,9 @@ def _bytes_per_pixel(mode: str) -> int:
     return 2 if mode.startswith("I;16") else 4
 
 
-def _image_bytes(im: Image.Image) -> int:
+def _image_bytes(im: Any) -> int:
+    if not isinstance(im, Image.Image):  # a video's frames
+        return im.nbytes
     return im.width * im.height * _bytes_per_pixel(im.mode)
 
 
@@ -642,6 +669,7 @@ def decode_images(
     prefetch: int | None = None,
     target_size: int | None = None,
     pixel_budget: int | None = DEFAULT_PIXEL_BUDGET,
+    frames: int | None = None,
 ) -> Iterator[DecodedImage]:
     """Decode ``paths`` on a thread pool and yield one :class:`DecodedImage` per input,
     in input order.
@@ -653,7 +681,10 @@ def decode_images(
     bigger than the budget is decoded alone). ``target_size``: the views' size R, so that
     huge images are decoded reduced (module docstring). ``paths`` may be a lazy iterable;
     items may also be PIL images or numpy arrays (their ``path`` then reads
-    ``<input N>``). Never raises for a bad image: its ``error`` says why.
+    ``<input N>``). ``frames``: a video file (by extension) gives that many sampled frames
+    as a :class:`~awt_engine.video.VideoFrames`; None: videos are refused (an error
+    each), for callers that take images only. Never raises for a bad image: its
+    ``error`` says why.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -668,8 +699,12 @@ def decode_images(
             f"pixel_budget must be a positive number of bytes or None, got {pixel_budget}"
         )
     _check_target_size(target_size)
+    if frames is not None and (
+        isinstance(frames, bool) or not isinstance(frames, int) or frames < 1
+    ):
+        raise ValueError(f"frames must be an integer >= 1 or None, got {frames!r}")
     return _decode_stream(
-        enumerate(paths), workers, prefetch, max_pixels, target_size, pixel_budget
+        enumerate(paths), workers, prefetch, max_pixels, target_size, pixel_budget, frames
     )
 
 
@@ -680,12 +715,13 @@ def _decode_stream(
     max_pixels: int | None,
     target_size: int | None,
     pixel_budget: int | None,
+    frames: int | None = None,
 ) -> Iterator[DecodedImage]:
     if workers == 1:
         for index, item in items:
-            yield _decode_one(index, item, max_pixels, target_size)
+            yield _decode_one(index, item, max_pixels, target_size, frames)
         return
-    stream = _BudgetedDecodes(workers, max_pixels, target_size, pixel_budget)
+    stream = _BudgetedDecodes(workers, max_pixels, target_size, pixel_budget, frames)
     try:
         for index, item in items:
             stream.add(index, item)
@@ -703,7 +739,7 @@ class _Job:
 
     label: str
     cost: int  # bytes of pixels held while it decodes
-    run: Callable[[], Image.Image]
+    run: Callable[[], Any]  # -> Image.Image, or VideoFrames
     close: Callable[[], None]  # frees the opened file when the job never runs
 
 
@@ -737,10 +773,12 @@ class _BudgetedDecodes:
         max_pixels: int | None,
         target_size: int | None,
         budget: int | None,
+        frames: int | None = None,
     ):
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="awt-decode")
         self.max_pixels = max_pixels
         self.target_size = target_size
+        self.frames = frames
         self.budget = budget
         self.lock = threading.RLock()  # callbacks may run inline, inside _admit
         self.slots: deque[_Slot] = deque()  # not yet handed over, in input order
@@ -752,7 +790,9 @@ class _BudgetedDecodes:
         return len(self.slots)
 
     def add(self, index: int, item: Any) -> None:
-        plan = self.executor.submit(_plan, index, item, self.max_pixels, self.target_size)
+        plan = self.executor.submit(
+            _plan, index, item, self.max_pixels, self.target_size, self.frames
+        )
         with self.lock:
             self.slots.append(_Slot(plan))
         plan.add_done_callback(lambda _: self._admit())
@@ -854,10 +894,16 @@ def _label(index: int, item: Any) -> str:
 
 
 def _plan(
-    index: int, item: Any, max_pixels: int | None, target_size: int | None
+    index: int,
+    item: Any,
+    max_pixels: int | None,
+    target_size: int | None,
+    frames: int | None = None,
 ) -> _Job | DecodedImage:
     """Read the header of a file input (in-memory inputs need none); never raises."""
     label = _label(index, item)
+    if isinstance(item, (str, os.PathLike)) and _is_video_name(item):
+        return _plan_video(label, item, max_pixels, target_size, frames)
     if isinstance(item, (str, os.PathLike)):
         try:
             opened = _open_for_decode(item, max_pixels, target_size)
@@ -880,6 +926,44 @@ def _plan(
     )
 
 
+def _is_video_name(path: str | os.PathLike) -> bool:
+    from awt_engine.video import is_video_path
+
+    return is_video_path(path)
+
+
+def _plan_video(
+    label: str,
+    path: str | os.PathLike,
+    max_pixels: int | None,
+    target_size: int | None,
+    frames: int | None,
+) -> _Job | DecodedImage:
+    """Open a video and read its header (its frames decode in the job); never raises."""
+    from awt_engine.video import open_video
+
+    if frames is None:
+        return DecodedImage(
+            path=label,
+            image=None,
+            error="is a video; only images are read here (videos need frames=N)",
+        )
+    try:
+        opened = open_video(path, frames, target_size=target_size, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return DecodedImage(path=label, image=None, error=exc.reason)
+    except Exception as exc:
+        return DecodedImage(path=label, image=None, error=_exception_reason(exc))
+
+    def run():
+        try:
+            return opened.read()
+        finally:
+            opened.close()
+
+    return _Job(label, opened.cost, run, opened.close)
+
+
 def _run(job: _Job) -> DecodedImage:
     """Decode a planned input; never raises (a bad item must not end the run)."""
     try:
@@ -896,7 +980,11 @@ def _exception_reason(exc: BaseException) -> str:
 
 
 def _decode_one(
-    index: int, item: Any, max_pixels: int | None, target_size: int | None = None
+    index: int,
+    item: Any,
+    max_pixels: int | None,
+    target_size: int | None = None,
+    frames: int | None = None,
 ) -> DecodedImage:
-    planned = _plan(index, item, max_pixels, target_size)
+    planned = _plan(index, item, max_pixels, target_size, frames)
     return planned if isinstance(planned, DecodedImage) else _run(planned)

@@ -13,6 +13,14 @@ only on the seed and the image content, never on the batch, its order, the devic
 the global RNG. The crop boxes are drawn on the CPU; the pixel work (crop, resize, flip,
 normalise) runs on ``device`` with tensor ops, so it can run on a GPU. (On CUDA torch
 resizes uint8 images in float and rounds, so pixels may differ from the CPU's by a level.)
+
+Videos (:func:`make_video_views`): from the n frames sampled over the clip
+(:mod:`awt_engine.video`), view 0 is the middle frame (index n // 2) prepared exactly like
+an image's view 0, views 1..n-1 are the other frames in time order prepared the same way,
+and the remaining V - n views are random resized crops of random frames (the frame drawn
+from the same generator before each box), seeded by :func:`video_view_seed` over all the
+frames' pixels. With V < n only the first V of those frame views are made; without
+``raw_view`` every view is a crop of a random frame.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,6 +38,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from awt_engine.video import DEFAULT_FRAMES, VideoFrames
+
 if TYPE_CHECKING:
     from awt_engine.backbone import PreprocessConfig
 
@@ -36,6 +47,8 @@ if TYPE_CHECKING:
 _CROP_ATTEMPTS = 10
 # Names how crop seeds are made from the pixels; caches of views key on it.
 VIEW_SEED_VERSION = "awt-engine/views/v2"
+# The same for a video's views (seeded by all its sampled frames).
+VIDEO_SEED_VERSION = "awt-engine/video-views/v1"
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
 
 
@@ -54,6 +67,9 @@ class ViewConfig:
     # Resize of the crops: bilinear at test time (AWT's views); the few-shot papers' Dassl
     # configs train with bicubic random resized crops.
     crop_interpolation: str = "bilinear"
+    # Frames sampled uniformly over a video (images ignore it); each is a view, the rest
+    # of the views are crops of them. 8: a common test-time clip of CLIP video models.
+    frames: int = DEFAULT_FRAMES
 
     def __post_init__(self) -> None:
         if isinstance(self.n_views, bool) or not isinstance(self.n_views, int | np.integer):
@@ -77,11 +93,18 @@ class ViewConfig:
             raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int | np.integer):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if (
+            isinstance(self.frames, bool)
+            or not isinstance(self.frames, int | np.integer)
+            or self.frames < 1
+        ):
+            raise ValueError(f"frames must be an integer >= 1 (per video), got {self.frames!r}")
         object.__setattr__(self, "n_views", int(self.n_views))
         object.__setattr__(self, "scale", scale)
         object.__setattr__(self, "ratio", ratio)
         object.__setattr__(self, "flip_p", float(self.flip_p))
         object.__setattr__(self, "seed", int(self.seed))
+        object.__setattr__(self, "frames", int(self.frames))
         object.__setattr__(self, "raw_view", bool(self.raw_view))
         if self.crop_interpolation not in _INTERPOLATIONS:
             raise ValueError(
@@ -240,6 +263,23 @@ def make_views(
     (:func:`view_seed`). Training passes one made from (seed, epoch, index).
     """
     pixels = _check_pixels(image_to_tensor(image) if isinstance(image, PIL.Image.Image) else image)
+    r = _input_size(preprocess)
+    n_crops = config.n_views - 1 if config.raw_view else config.n_views
+    boxes = _crops(pixels, n_crops, config, seed).tolist()
+
+    target = pixels.device if device is None else torch.device(device)
+    pixels = _on_device(pixels, target)
+    views = torch.empty(config.n_views, 3, r, r, dtype=torch.uint8, device=target)  # [V, 3, R, R]
+
+    if config.raw_view:
+        views[0] = _raw_view(pixels, r, preprocess)
+    crop_mode = _INTERPOLATIONS[config.crop_interpolation]
+    for k, box in enumerate(boxes, start=config.n_views - n_crops):
+        views[k] = _crop_view(pixels, box, r, crop_mode)
+    return _normalise(views, preprocess)
+
+
+def _input_size(preprocess: PreprocessConfig) -> int:
     if preprocess.interpolation not in _INTERPOLATIONS:
         raise ValueError(
             f"Unknown interpolation {preprocess.interpolation!r}; valid: {', '.join(_INTERPOLATIONS)}"
@@ -247,29 +287,130 @@ def make_views(
     r = int(preprocess.size)
     if r < 1:
         raise ValueError(f"preprocess.size must be >= 1, got {r}")
+    return r
 
-    n_crops = config.n_views - 1 if config.raw_view else config.n_views
-    boxes = _crops(pixels, n_crops, config, seed).tolist()
 
-    target = pixels.device if device is None else torch.device(device)
+def _on_device(pixels: torch.Tensor, target: torch.device) -> torch.Tensor:
+    """[3, H, W] uint8 -> [1, 3, H, W] on ``target``, channels-last."""
     # Channels-last (HWC in memory, as decoded): torch's CPU uint8 resize kernels run ~1.5x
     # faster on it and give bit-identical values in either layout.
     pixels = pixels.to(target, non_blocking=True).unsqueeze(0)  # [1, 3, H, W] uint8
-    pixels = pixels.contiguous(memory_format=torch.channels_last)
-    views = torch.empty(config.n_views, 3, r, r, dtype=torch.uint8, device=target)  # [V, 3, R, R]
+    return pixels.contiguous(memory_format=torch.channels_last)
 
-    if config.raw_view:
-        # View 0: shorter side -> R (aspect kept, longer side truncated as torchvision
-        # does), then the centre R x R.
-        resized = TF.resize(pixels, [r], interpolation=_INTERPOLATIONS[preprocess.interpolation])
-        views[0] = TF.center_crop(resized, [r, r])[0]
-    crop_mode = _INTERPOLATIONS[config.crop_interpolation]
-    for k, (top, left, h, w, flip) in enumerate(boxes, start=config.n_views - n_crops):
-        crop = pixels[:, :, top : top + h, left : left + w]  # [1, 3, h, w]
-        view = TF.resize(crop, [r, r], interpolation=crop_mode)[0]  # [3, R, R]
-        views[k] = view.flip(-1) if flip else view
 
+def _raw_view(pixels: torch.Tensor, r: int, preprocess: PreprocessConfig) -> torch.Tensor:
+    """View 0: shorter side -> R (aspect kept, longer side truncated as torchvision
+    does), then the centre R x R. [1, 3, H, W] -> [3, R, R] uint8."""
+    resized = TF.resize(pixels, [r], interpolation=_INTERPOLATIONS[preprocess.interpolation])
+    return TF.center_crop(resized, [r, r])[0]
+
+
+def _crop_view(pixels: torch.Tensor, box, r: int, mode: InterpolationMode) -> torch.Tensor:
+    """One crop (top, left, h, w, flip) of [1, 3, H, W], resized to [3, R, R] uint8."""
+    top, left, h, w, flip = box
+    crop = pixels[:, :, top : top + h, left : left + w]  # [1, 3, h, w]
+    view = TF.resize(crop, [r, r], interpolation=mode)[0]  # [3, R, R]
+    return view.flip(-1) if flip else view
+
+
+def _normalise(views: torch.Tensor, preprocess: PreprocessConfig) -> torch.Tensor:
+    """uint8 [V, 3, R, R] -> float32, normalised with the model's mean/std."""
     # (x / 255 - mean) / std, as (x - 255 mean) / (255 std): one pass fewer over V x 3 x R x R.
+    target = views.device
     shift = torch.tensor(preprocess.mean, dtype=torch.float32, device=target).view(1, 3, 1, 1)
     scale = torch.tensor(preprocess.std, dtype=torch.float32, device=target).view(1, 3, 1, 1)
     return views.float().sub_(shift * 255.0).div_(scale * 255.0)  # [V, 3, R, R]
+
+
+# --------------------------------------------------------------------------- videos
+
+
+def _frame_pixels(
+    frames: VideoFrames | Sequence[PIL.Image.Image | torch.Tensor],
+) -> list[torch.Tensor]:
+    items = frames.frames if isinstance(frames, VideoFrames) else list(frames)
+    if not items:
+        raise ValueError("a video needs at least one frame")
+    return [
+        _check_pixels(image_to_tensor(f) if isinstance(f, PIL.Image.Image) else f) for f in items
+    ]
+
+
+def video_view_seed(frames: Sequence[torch.Tensor], seed: int) -> int:
+    """A 63-bit generator seed from ``seed`` and every frame's shape and pixel bytes
+    (HWC order, as :func:`view_seed` hashes one image), under its own version string."""
+    h = hashlib.sha256(VIDEO_SEED_VERSION.encode() + b"\0")
+    h.update(f"{int(seed)}\0{len(frames)}\0".encode())
+    for frame in frames:
+        pixels = _check_pixels(frame).detach().to("cpu")
+        h.update(f"{'x'.join(map(str, pixels.shape))}\0".encode())
+        h.update(pixels.permute(1, 2, 0).contiguous().numpy().data)
+    return int.from_bytes(h.digest()[:8], "little") >> 1
+
+
+def _video_boxes(pixels: list[torch.Tensor], config: ViewConfig, seed: int | None) -> torch.Tensor:
+    """int64 [V, 6]: (frame, top, left, height, width, flipped) of each video view."""
+    n = len(pixels)
+    rows = []
+    n_frame_views = min(n, config.n_views) if config.raw_view else 0
+    middle = n // 2
+    for i in ([middle, *(i for i in range(n) if i != middle)])[:n_frame_views]:
+        _, height, width = pixels[i].shape
+        side = min(height, width)
+        rows.append([i, (height - side) // 2, (width - side) // 2, side, side, 0])
+    n_crops = config.n_views - n_frame_views
+    if n_crops:
+        if seed is None:
+            seed = video_view_seed(pixels, config.seed)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for _ in range(n_crops):  # frame, then its box: crop k does not depend on V
+            i = int(torch.randint(0, n, size=(1,), generator=generator).item())
+            _, height, width = pixels[i].shape
+            box = crop_boxes(height, width, 1, config, generator)[0].tolist()
+            rows.append([i, *box])
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 6)
+
+
+def video_view_boxes(
+    frames: VideoFrames | Sequence[PIL.Image.Image | torch.Tensor],
+    config: ViewConfig = ViewConfig(),
+    *,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Where each of :func:`make_video_views`' views comes from: int64 [V, 6], columns
+    (frame index, top, left, height, width, flipped), the very boxes it draws. A frame
+    view's box is the centre square the shorter-side resize keeps."""
+    return _video_boxes(_frame_pixels(frames), config, seed)
+
+
+def make_video_views(
+    frames: VideoFrames | Sequence[PIL.Image.Image | torch.Tensor],
+    preprocess: PreprocessConfig,
+    config: ViewConfig = ViewConfig(),
+    *,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The V views of one video, float32 [V, 3, R, R] (the module docstring says which).
+
+    ``frames``: a :class:`~awt_engine.video.VideoFrames` or its frames (PIL images or
+    uint8 RGB tensors [3, H, W]) in time order. ``seed`` seeds the crop draws directly;
+    None derives it from all the frames' pixels and ``config.seed``
+    (:func:`video_view_seed`), so the views depend only on the frames and the settings.
+    """
+    pixels = _frame_pixels(frames)
+    r = _input_size(preprocess)
+    boxes = _video_boxes(pixels, config, seed).tolist()
+    target = pixels[0].device if device is None else torch.device(device)
+    views = torch.empty(len(boxes), 3, r, r, dtype=torch.uint8, device=target)  # [V, 3, R, R]
+    crop_mode = _INTERPOLATIONS[config.crop_interpolation]
+    n_frame_views = min(len(pixels), config.n_views) if config.raw_view else 0
+    on_device: dict[int, torch.Tensor] = {}
+    for k, (i, *box) in enumerate(boxes):
+        if i not in on_device:
+            on_device[i] = _on_device(pixels[i], target)
+        if k < n_frame_views:
+            views[k] = _raw_view(on_device[i], r, preprocess)
+        else:
+            views[k] = _crop_view(on_device[i], box, r, crop_mode)
+    return _normalise(views, preprocess)

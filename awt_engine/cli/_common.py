@@ -121,6 +121,14 @@ Descriptions = Annotated[
     typer.Option(min=0, help="Descriptions per class [default: 50 with --dataset, else 0]."),
 ]
 Views = Annotated[int, typer.Option(min=1, help="The image plus VIEWS-1 random crops.")]
+Frames = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="Frames sampled uniformly over each video: the middle one, the others, then "
+        "crops of random frames make its VIEWS views.",
+    ),
+]
 Seed = Annotated[int, typer.Option(help="Seed of the random crops (and of --limit's subset).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[

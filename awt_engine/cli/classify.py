@@ -24,6 +24,7 @@ from awt_engine.cli._common import (
     Descriptions,
     Device,
     Eps,
+    Frames,
     Llm,
     MemoryBudget,
     MethodAlias,
@@ -60,7 +61,8 @@ def classify(
     inputs: Annotated[
         list[str],
         typer.Argument(
-            help="Image files, folders (searched recursively) or globs.", show_default=False
+            help="Image or video files, folders (searched recursively) or globs.",
+            show_default=False,
         ),
     ],
     dataset: Dataset = None,
@@ -72,6 +74,7 @@ def classify(
     pretrained: Pretrained = "openai",
     descriptions: Descriptions = None,
     views: Views = 51,
+    frames: Frames = 8,
     seed: Seed = 0,
     scorer: Annotated[
         str | None,
@@ -111,7 +114,7 @@ def classify(
     concurrency: Concurrency = 2,
     num_gpus: NumGpus = None,
 ) -> None:
-    """Classify images; one line per image on stdout: path, label, probability.
+    """Classify images (and videos); one line per input on stdout: path, label, probability.
 
     With --ray the images are classified by a pool of Ray Data actors (inputs may then
     also be s3:// or gs:// prefixes); the lines and rows are the local run's.
@@ -160,6 +163,7 @@ def classify(
         template=template,
         descriptions=descriptions,
         views=views,
+        frames=frames,
         seed=seed,
         scorer=scorer_name,
         device=device,

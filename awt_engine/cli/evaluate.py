@@ -18,6 +18,7 @@ from awt_engine.cli._common import (
     Descriptions,
     Device,
     Eps,
+    Frames,
     Llm,
     MemoryBudget,
     MethodAlias,
@@ -85,6 +86,7 @@ def eval_command(
     pretrained: Pretrained = "openai",
     descriptions: Descriptions = None,
     views: Views = 51,
+    frames: Frames = 8,
     seed: Seed = 0,
     limit: Annotated[
         int | None, typer.Option(min=1, help="Evaluate a fixed-seed random subset of N images.")
@@ -185,6 +187,7 @@ def eval_command(
             template=template,
             descriptions=descriptions,
             views=views,
+            frames=frames,
             seed=seed,
             scorer=scorers[0],
             cache_dir=root,
