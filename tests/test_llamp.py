@@ -23,6 +23,7 @@ from awt_engine.labelled import load_labelled
 from awt_engine.labels import LabelSet
 from awt_engine.methods import get_method
 from awt_engine.methods.base import TrainBatch
+from awt_engine.models.base import tensors_sha256
 from awt_engine.models.clip import ClipEmbedder
 from awt_engine.training import load_trained, train
 from tests.fixtures_llm import build_tiny_chat_model
@@ -226,6 +227,9 @@ def test_prefixes_are_the_chat_request_then_the_llms_own_sentence_or_a_descripti
     assert net.prefix_texts(LABELS.bare()) == [[r[0]] for r in rows]
     plain = _llamp(train_clip_dir, tiny_lm, self_describe=False)
     assert plain.prefix_texts(LABELS)[1][0].endswith("<|assistant|>The sea lion appears as")
+    # the same learned tensors (same seed) but other prefixes: another identity
+    same = tensors_sha256(plain.learned_state()) == tensors_sha256(net.learned_state())
+    assert same and plain.identity != net.identity
     emb = net.class_embeddings(LABELS)
     assert emb.shape == (3, 2, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(3, 2))
 
@@ -234,6 +238,8 @@ def test_a_training_step_runs_only_the_copied_layer_and_frozen_parts_get_no_grad
     train_clip_dir, tiny_lm
 ):
     net = _llamp(train_clip_dir, tiny_lm)
+    with torch.inference_mode():  # scoring first leaves nothing training cannot use
+        net.class_embeddings(LABELS)
     net.train()
     with _counting(net.llm) as calls:
         out = net.training_loss(_batch(net))
@@ -355,6 +361,7 @@ def trained(toy_task, train_clip_dir, tiny_lm, tmp_path_factory):
     return done
 
 
+@pytest.mark.slow  # shares one training run (about 40 steps)
 def test_llamp_learns_the_toy_task(trained, toy_task, train_clip_dir):
     first, last = trained.result.losses[0], trained.result.losses[-1]
     assert last["total"] < first["total"] and last["ce"] < first["ce"], (first, last)
@@ -373,6 +380,7 @@ def test_llamp_learns_the_toy_task(trained, toy_task, train_clip_dir):
     assert acc["trained"] >= acc["zero-shot"] + 0.3, acc
 
 
+@pytest.mark.slow  # shares one training run (about 40 steps)
 def test_a_checkpoint_scores_the_same_in_a_fresh_process(trained, toy_task, tmp_path):
     out = trained.path
     h = trained.header
@@ -395,6 +403,7 @@ def test_a_checkpoint_scores_the_same_in_a_fresh_process(trained, toy_task, tmp_
     assert any((tmp_path / "fresh-cache" / "llamp_kv").glob("*.safetensors"))
 
 
+@pytest.mark.slow  # shares one training run (about 40 steps)
 def test_eval_with_the_awt_and_clip_scorers(trained, toy_task, tmp_path):
     res = CliRunner().invoke(
         app,

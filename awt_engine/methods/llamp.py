@@ -13,7 +13,10 @@ Each prefix runs through the whole LLM once; only the **last decoder layer's** k
 values (post-rotary, ``[N, kv_heads, T, head_dim]``, left-padded, with the prefix
 lengths) are kept, on disk under ``<cache>/llamp_kv/<sha>.safetensors``, keyed by the LLM
 fingerprint, its dtype and the prefix texts (checksummed; a damaged file is rebuilt with a
-warning naming it). Prefix tokens sit at positions 0..len-1 (``cumsum(mask) - 1``).
+warning naming it). Prefix tokens sit at positions 0..len-1 (``cumsum(mask) - 1``). The
+values are kept at the LLM's precision (float16 for a float16 LLM, else float32): C x P x
+T x 2 x kv_width of them, e.g. about 8 GB for 100 classes x 51 prompts x 100 tokens at
+Llama-2-7B in float16.
 
 **What learns** (the launch scripts' ``--freeze_decoder_kv --freeze_decoder_ffn``):
 
@@ -43,7 +46,7 @@ projection run unchanged.
 **Loss** (PromptSRC-style, ``models/llamp.py``): CE on ``s * cos`` with the text of one
 prefix per step, drawn from the step's generator; ``+ text_l1_weight * L1`` between the
 normalised LLaMP text features and the normalised frozen-CLIP class embeddings (mean over
-the label set's prompts, precomputed); ``+ image_l1_weight * L1`` between the adapted and
+the label set's prompts, computed once); ``+ image_l1_weight * L1`` between the adapted and
 frozen image features of the same view; ``+ kl_weight * KL(frozen logits || LLaMP logits)``
 (summed, divided by the number of logits; both at the learned scale). At initialisation
 LoRA is zero but the visual prompts are already there, so the image features differ from
@@ -54,10 +57,15 @@ transports over views x prefixes (the paper averages per-template softmax probab
 
 Deviations from the paper, each deliberate:
 
+* One request template for every class instead of 11 data-set-specific ones
+  (``tools/gpt_llama_templates.py``); the prompts axis comes from the label set's
+  descriptions instead.
 * Self-descriptions are one greedy sentence appended as text, not spaCy noun phrases (no
   spaCy); prompt 0 always carries it, descriptions or not, so prompt 0 (what ``--scorer
   clip`` uses, and the classifier drops descriptions for scorers that do not read them)
   is the same whichever label set asks.
+* The CLIP text side is ``ctx name`` (the code's "a photo of a {c}" with the context
+  learned); the label set's template reaches only the frozen targets of the L1 and KL terms.
 * The EOS sits right after the LLM slots at its own position (the code moves an EOS that
   keeps its original position embedding to the end of the padded row).
 * No LoRA dropout: a weight parametrisation cannot drop the layer's input (the code: 0.1).
@@ -77,6 +85,7 @@ tokens, T prefix length, H LLM width, W CLIP text width, D embedding width.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -213,7 +222,7 @@ def _kaiming(shape: Sequence[int], generator: torch.Generator) -> Tensor:
 class PrefixCache:
     """The last decoder layer's keys and values of N left-padded prefixes."""
 
-    keys: Tensor  # [N, kv_heads, T, head_dim] post-rotary, zero at padding
+    keys: Tensor  # [N, kv_heads, T, head_dim] post-rotary, zero at padding (LLM precision)
     values: Tensor  # [N, kv_heads, T, head_dim]
     mask: Tensor  # [N, T] int64, 1 on prefix tokens (left padding)
     lengths: Tensor  # [N] int64 prefix lengths
@@ -269,7 +278,7 @@ class LLaMP(TrainableModel):
             raise ValueError(f"{config.llm}: the last layer is {kinds[-1]}, LLaMP needs full")
         self.hidden = int(base.config.hidden_size)  # H
         # the trainable copy of the last layer, in float32 (AdamW on half weights drifts)
-        decoder = _copy_module(layers[-1]).float()
+        decoder = copy.deepcopy(layers[-1]).float()
         decoder.self_attn.layer_idx = 0  # it is layer 0 of its own one-layer cache
         decoder.self_attn.attention_dropout = 0.0  # no draws from the global RNG
         decoder.requires_grad_(False)
@@ -281,7 +290,7 @@ class LLaMP(TrainableModel):
         ):
             part.requires_grad_(True)
         self.decoder = decoder
-        self.final_norm = _copy_module(base.norm).float().requires_grad_(True)
+        self.final_norm = copy.deepcopy(base.norm).float().requires_grad_(True)
         self._kv: dict[str, PrefixCache] = {}
         self._described: dict[str, tuple[str, ...]] = {}
         self._ids_memo: dict[str, tuple[Tensor, Tensor]] = {}
@@ -302,6 +311,11 @@ class LLaMP(TrainableModel):
                 "layers of this CLIP"
             )
         visual = model.visual
+        if not all(hasattr(visual, n) for n in ("ln_pre", "positional_embedding")):
+            raise ValueError(
+                f"LLaMP needs open_clip's VisionTransformer (ln_pre, positional_embedding); "
+                f"this model has {type(visual).__name__}"
+            )
         object.__setattr__(self, "_visual", visual)
         self._vision_blocks, self._vision_bf = _blocks_of(visual, "vision")
         n = len(self._vision_blocks)
@@ -328,6 +342,14 @@ class LLaMP(TrainableModel):
 
     def frozen_parts(self) -> dict[str, str]:
         return {"llm": self.llm.fingerprint}
+
+    @property
+    def base_identity(self) -> str:
+        """Also the settings that make the prefixes (and so every class embedding)."""
+        cfg = self.config
+        parts = (cfg.llm_dtype, cfg.request, cfg.answer_start, cfg.system_prompt)
+        parts += (str(cfg.self_describe), str(cfg.self_description_tokens))
+        return f"{super().base_identity}|llamp-prefixes:{sha256_hex(*parts)[:16]}"
 
     @property
     def logit_scale(self) -> float:
@@ -383,13 +405,20 @@ class LLaMP(TrainableModel):
             torch.tensor(min(max(init, 0.0), LN_100), device=dev),
             requires_grad=cfg.learn_logit_scale,
         )
-        # the offline part: every training prefix through the LLM once, the frozen targets
+        # the offline part: every training prefix through the LLM once
         self._train_cache = self.prefix_cache(labels)
-        texts = [t for row in labels.prompt_texts() for t in row]
-        with torch.inference_mode(False), torch.enable_grad():  # no graph: encode_text's own
-            frozen = self.backbone.encode_text(texts).clone()
-        frozen = frozen.view(labels.n_classes, labels.n_prompts, -1).mean(1)
-        self.register_buffer("frozen_text", F.normalize(frozen, dim=-1), persistent=False)
+        self._frozen_text: Tensor | None = None
+
+    def frozen_text(self) -> Tensor:
+        """The regularisers' targets: frozen CLIP's class embeddings, the mean over the
+        training label set's prompts, normalised: [C, D] (computed at the first step)."""
+        if self._frozen_text is None:
+            labels = self.train_labels
+            texts = [t for row in labels.prompt_texts() for t in row]
+            frozen = self.backbone.encode_text(texts)  # no graph
+            frozen = frozen.view(labels.n_classes, labels.n_prompts, -1).mean(1)
+            self._frozen_text = F.normalize(frozen, dim=-1)
+        return self._frozen_text
 
     def param_groups(self, lr: float) -> list[dict]:
         lora = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("lora.")]
@@ -546,9 +575,10 @@ class LLaMP(TrainableModel):
         folder = None if self.kv_cache_root is None else self.kv_cache_root / "llamp_kv"
         path = None if folder is None else folder / f"{key[:32]}.safetensors"
         ids = self._tokenize(texts)
-        cache = self._read_kv(path, key, texts, ids) if path is not None else None
-        if cache is None:
-            cache = self._build_kv(texts, ids)
+        with torch.no_grad():
+            cache = self._read_kv(path, key, texts, ids) if path is not None else None
+            if cache is None:
+                cache = self._build_kv(texts, ids)
             if path is not None:
                 meta = {"format": KV_FORMAT, "key": key, "llm": self.llm.fingerprint}
                 tensors = {
@@ -565,6 +595,11 @@ class LLaMP(TrainableModel):
         self._kv[key] = cache
         return cache
 
+    def _kv_dtype(self) -> torch.dtype:
+        """The LLM's own precision: float16 for a float16 LLM, else float32 (the cache files
+        hold no bfloat16, and float16 cannot hold every bfloat16 value)."""
+        return torch.float16 if self.llm.model.dtype == torch.float16 else torch.float32
+
     def _kv_shape(self) -> tuple[int, int]:
         attn = self.decoder.self_attn
         return int(attn.k_proj.out_features // attn.head_dim), int(attn.head_dim)
@@ -575,8 +610,8 @@ class LLaMP(TrainableModel):
         heads, dim = self._kv_shape()
         N, T = len(texts), max(map(len, ids))
         expect = {
-            "keys": (torch.float32, (N, heads, T, dim)),
-            "values": (torch.float32, (N, heads, T, dim)),
+            "keys": (self._kv_dtype(), (N, heads, T, dim)),
+            "values": (self._kv_dtype(), (N, heads, T, dim)),
             "mask": (torch.int64, (N, T)),
             "lengths": (torch.int64, (N,)),
         }
@@ -607,19 +642,18 @@ class LLaMP(TrainableModel):
         model = self.llm.model
         heads, dim = self._kv_shape()
         N, T = len(texts), max(map(len, ids))
-        keys = torch.zeros(N, heads, T, dim)
-        values = torch.zeros(N, heads, T, dim)
+        keys = torch.zeros(N, heads, T, dim, dtype=self._kv_dtype())
+        values = torch.zeros(N, heads, T, dim, dtype=self._kv_dtype())
         _, mask = self._pad(ids, T)
-        with torch.inference_mode(False), torch.no_grad():
-            for s in range(0, N, _LLM_BATCH):
-                inp, m = self._pad(ids[s : s + _LLM_BATCH], T)
-                inp, m = inp.to(model.device), m.to(model.device)
-                pos = (m.cumsum(-1) - 1).clamp(min=0)
-                out = model.model(input_ids=inp, attention_mask=m, position_ids=pos, use_cache=True)
-                last = out.past_key_values.layers[-1]
-                keep = m[:, None, :, None].to(last.keys.dtype)
-                keys[s : s + len(inp)] = (last.keys * keep).float().cpu()
-                values[s : s + len(inp)] = (last.values * keep).float().cpu()
+        for s in range(0, N, _LLM_BATCH):
+            inp, m = self._pad(ids[s : s + _LLM_BATCH], T)
+            inp, m = inp.to(model.device), m.to(model.device)
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            out = model.model(input_ids=inp, attention_mask=m, position_ids=pos, use_cache=True)
+            last = out.past_key_values.layers[-1]
+            keep = m[:, None, :, None].to(last.keys.dtype)
+            keys[s : s + len(inp)] = (last.keys * keep).to(keys.dtype).cpu()
+            values[s : s + len(inp)] = (last.values * keep).to(keys.dtype).cpu()
         dev = self.device
         return PrefixCache(
             keys.to(dev), values.to(dev), mask.to(dev), mask.sum(-1).to(dev), tuple(texts)
@@ -641,7 +675,8 @@ class LLaMP(TrainableModel):
         pos = cache.lengths[rows, None] + torch.arange(K, device=x.device)  # [n, K]
         cos, sin = self.llm.model.model.rotary_emb(x, pos)
         kv = DynamicCache()
-        kv.update(cache.keys[rows], cache.values[rows], 0)  # the prefix, then the K tokens
+        # the prefix (stored at the LLM's precision), then the K tokens
+        kv.update(cache.keys[rows].to(x.dtype), cache.values[rows].to(x.dtype), 0)
         mask2d = torch.cat([cache.mask[rows], cache.mask.new_ones(n, K)], dim=1)
         mask = create_causal_mask(
             config=self.decoder.self_attn.config,
@@ -792,6 +827,8 @@ class LLaMP(TrainableModel):
     def training_loss(self, batch: TrainBatch) -> LossOutput:
         cfg, labels = self.config, self.train_labels
         C, P = labels.n_classes, labels.n_prompts
+        with torch.no_grad():  # as the code: the parameter itself stays in [0, ln 100]
+            self.log_logit_scale.clamp_(0.0, LN_100)
         p = int(torch.randint(P, (1,), generator=batch.generator))  # one prefix per step
         rows = torch.arange(C) * P + p
         txt = self._text_features(labels, self._train_cache, rows)  # [C, D]
@@ -801,7 +838,8 @@ class LLaMP(TrainableModel):
         scale = self._scale().exp() if cfg.learn_logit_scale else self._clip_logit_scale
         y = batch.labels.repeat_interleave(batch.views.shape[1])
         logits = scale * img @ txt.T
-        frozen = scale * img0 @ self.frozen_text.T
+        target = self.frozen_text()
+        frozen = scale * img0 @ target.T
         ce = F.cross_entropy(logits, y)
         kl = (
             F.kl_div(
@@ -814,17 +852,11 @@ class LLaMP(TrainableModel):
         )
         terms = {
             "ce": ce,
-            "text_l1": cfg.text_l1_weight * F.l1_loss(txt, self.frozen_text),
+            "text_l1": cfg.text_l1_weight * F.l1_loss(txt, target),
             "image_l1": cfg.image_l1_weight * F.l1_loss(img, img0),
             "kl": cfg.kl_weight * kl,
         }
         return LossOutput(sum(terms.values()), terms)
-
-
-def _copy_module(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
 
 
 METHOD = MethodSpec(
