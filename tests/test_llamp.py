@@ -193,6 +193,21 @@ def test_the_kv_cache_is_kept_on_disk_and_rebuilt_when_damaged(train_clip_dir, t
     assert net.prefix_cache(other).path != cache.path  # another prefix list, another file
 
 
+def test_a_float16_llm_keeps_its_cache_in_float16_and_trains_a_float32_copy(
+    train_clip_dir, tiny_lm
+):
+    net = _llamp(train_clip_dir, tiny_lm, llm_dtype="float16")
+    cache = net.prefix_cache(LABELS)
+    assert net.llm.model.dtype == torch.float16 and cache.keys.dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in net.parameters())  # what AdamW updates
+    _forget(net)
+    hit = net.prefix_cache(LABELS)
+    assert hit.path == cache.path and torch.equal(hit.keys, cache.keys)
+    out = net.training_loss(_batch(net))
+    out.total.backward()
+    assert torch.isfinite(out.total) and net.class_token.grad.isfinite().all()
+
+
 def test_prefixes_are_the_chat_request_then_the_llms_own_sentence_or_a_description(
     train_clip_dir, tiny_lm
 ):
