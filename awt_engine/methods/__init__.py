@@ -18,6 +18,10 @@ METHODS: dict[str, tuple[str, str]] = {
     ),
     "coop": ("awt_engine.methods.coop", "CoOp: learned context vectors before the class name"),
     "lamm": ("awt_engine.methods.lamm", "LAMM: learned label tokens with a hierarchical loss"),
+    "llamp": (
+        "awt_engine.methods.llamp",
+        "LLaMP: an LLM's last layer over cached class prefixes prompts both CLIP towers",
+    ),
 }
 
 
