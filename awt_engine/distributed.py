@@ -17,6 +17,7 @@ imported only here.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ def init(address: str | None = None, **kwargs) -> None:
     ray = import_ray()
     if not ray.is_initialized():
         kwargs.setdefault("logging_level", logging.WARNING)
+        if address is None:
+            # A local instance's workers run this interpreter already: Ray's `uv run`
+            # hook (which packages the working directory for every worker) only slows
+            # each actor's start (~10 s here). A cluster keeps Ray's default.
+            from ray._private import ray_constants
+
+            ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the engine draws its own; logs stay readable
@@ -94,47 +102,42 @@ class _Classify:
         self.top_k = top_k
 
     def __call__(self, batch: dict) -> dict:
+        from awt_engine.images import input_label
+
         inputs = _inputs(batch)
-        out = {"path": [], "labels": [], "scores": [], "error": []}
+        # classify streams a failure at once and the rest per forward pass: rows are put
+        # back in batch order by the label each input is reported under
+        rows_of: dict[str, list[int]] = {}
+        for i, x in enumerate(inputs):  # a name may repeat: its rows are filled in order
+            rows_of.setdefault(input_label(i, x), []).append(i)
+        for rows in rows_of.values():
+            rows.reverse()
+        preds = [None] * len(inputs)
         for pred in self.clf.classify(inputs, top_k=self.top_k):
-            out["path"].append(pred.path)
-            out["labels"].append([p["label"] for p in pred.predictions] if pred.ok else [])
-            out["scores"].append([p["score"] for p in pred.predictions] if pred.ok else [])
-            out["error"].append(pred.error)
-        names = batch.get("path")
-        if names is not None:  # in-memory inputs are named by their row's path
-            out["path"] = [str(n) for n in names]
-        return out
+            preds[rows_of[pred.path].pop()] = pred
+        names = [str(n) for n in batch["path"]] if "path" in batch else None
+        return {
+            "path": names or [p.path for p in preds],  # arrays too are named by their path
+            "labels": [[x["label"] for x in p.predictions] if p.ok else [] for p in preds],
+            "scores": [[x["score"] for x in p.predictions] if p.ok else [] for p in preds],
+            "error": [p.error for p in preds],
+        }
 
 
 def _inputs(batch: dict) -> list:
-    """The images of a Ray Data batch: paths, or decoded images, or file bytes."""
-    import io
+    """The images of a Ray Data batch: decoded arrays (``read_images``' ``image``), file
+    bytes (``read_binary_files``' ``bytes``, decoded as the file would be) or paths."""
+    from awt_engine.images import EncodedImage
 
-    import numpy as np
-    from PIL import Image
-
-    if "image" in batch:  # ray.data.read_images
-        return [np.asarray(x) for x in batch["image"]]
-    if "bytes" in batch:  # ray.data.read_binary_files
-        out = []
-        for raw in batch["bytes"]:
-            try:
-                im = Image.open(io.BytesIO(raw))
-                im.load()
-                out.append(im)
-            except Exception as exc:  # decoded by the pipeline: an error row, not a crash
-                out.append(_Broken(str(exc)))
-        return out
-    return [str(p) for p in batch["path"]]
-
-
-class _Broken:
-    """A row whose bytes are not an image: reaches classify as an unsupported input."""
-
-    def __init__(self, reason: str):
-        self.filename = ""
-        self.reason = reason
+    if "image" in batch:
+        return list(batch["image"])
+    paths = [str(p) for p in batch["path"]]
+    if "bytes" in batch:  # None where a row is a local path (a union with local inputs)
+        return [
+            p if raw is None else EncodedImage(p, bytes(raw))
+            for p, raw in zip(paths, batch["bytes"], strict=True)
+        ]
+    return paths
 
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # s3://, gs://, hdfs://, ...
@@ -183,10 +186,12 @@ def _local_first(table):
     return table.select(["path", "bytes"])
 
 
-def resources(device: str, num_gpus: float | None, num_cpus: int | None, concurrency: int):
-    """(GPUs, CPUs) per actor: ``num_gpus`` None means one GPU each when the device asks
-    for CUDA, or when it is ``auto`` and the cluster has GPUs; CPU actors share the
-    cluster's CPUs (each computes with that many threads)."""
+def resources(device: str, num_gpus: float | None, num_cpus: float | None, concurrency: int):
+    """(GPUs, CPUs) per actor. ``num_gpus`` None: one GPU each when the device asks for
+    CUDA, or when it is ``auto`` and the cluster has GPUs. ``num_cpus`` None: a GPU actor
+    takes 1; CPU actors share the cluster's CPUs but one, left to Ray Data's read tasks
+    (actors holding every CPU would starve the reads feeding them), at least a quarter
+    each. A CPU actor computes with ``ceil(num_cpus)`` threads."""
     import ray
 
     total = ray.cluster_resources()
@@ -194,8 +199,15 @@ def resources(device: str, num_gpus: float | None, num_cpus: int | None, concurr
         wants = device.startswith("cuda") or (device == "auto" and total.get("GPU", 0) > 0)
         num_gpus = 1.0 if wants else 0.0
     if num_cpus is None:
-        num_cpus = 1 if num_gpus else max(1, int(total.get("CPU", 1) // concurrency))
+        cpus = total.get("CPU", 1)
+        num_cpus = 1 if num_gpus else max(0.25, (cpus - 1) / concurrency)
+        if num_cpus >= 1:
+            num_cpus = float(int(num_cpus))
     return num_gpus, num_cpus
+
+
+def _threads(num_gpus: float, num_cpus: float) -> int | None:
+    return None if num_gpus else max(1, math.ceil(num_cpus))
 
 
 def iter_predictions(rows) -> Iterator:
@@ -218,8 +230,8 @@ def classify_dataset(
     inputs,
     *,
     concurrency: int = 2,
-    num_gpus: float = 0,
-    num_cpus: int = 1,
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
     rows_per_batch: int | None = None,
     top_k: int = 5,
     scorer: str = "awt",
@@ -248,6 +260,8 @@ def classify_dataset(
     if preserve_order:  # rows in input order (the CLI's lines), at some cost in throughput
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds, unreadable = _dataset(ray, inputs)
+    device = classifier_kwargs.get("device", "auto")
+    num_gpus, num_cpus = resources(device, num_gpus, num_cpus, concurrency)
     spec = ClassifierSpec({**classifier_kwargs, "scorer": scorer})
     embeds = _embed_task(ray, num_gpus).remote(spec, [scorer])  # one task, in the object store
     out = ds.map_batches(
@@ -256,10 +270,10 @@ def classify_dataset(
             "spec": spec,
             "class_embeds": embeds,
             "top_k": top_k,
-            "threads": None if num_gpus else num_cpus,
+            "threads": _threads(num_gpus, num_cpus),
         },
         batch_size=rows_per_batch or (64 if num_gpus else 16),
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus or None,
         num_cpus=num_cpus,
     )
@@ -309,8 +323,8 @@ def evaluate_dataset(
     scorers: Iterable[str],
     *,
     concurrency: int = 2,
-    num_gpus: float = 0,
-    num_cpus: int = 1,
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
     rows_per_batch: int | None = None,
     address: str | None = None,
     progress: bool = False,
@@ -324,6 +338,8 @@ def evaluate_dataset(
     ray = import_ray()
     init(address)
     scorers = list(scorers)
+    device = clf_kwargs.get("device", "auto")
+    num_gpus, num_cpus = resources(device, num_gpus, num_cpus, concurrency)
     spec = ClassifierSpec(dict(clf_kwargs))
     embeds = _embed_task(ray, num_gpus).remote(spec, scorers)
     items = list(data.items)
@@ -335,10 +351,10 @@ def evaluate_dataset(
             "class_embeds": embeds,
             "scorers": scorers,
             "classes": data.classes,
-            "threads": None if num_gpus else num_cpus,
+            "threads": _threads(num_gpus, num_cpus),
         },
         batch_size=rows_per_batch or (64 if num_gpus else 16),
-        concurrency=concurrency,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus or None,
         num_cpus=num_cpus,
     )

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import os
 import re
 import sys
@@ -80,6 +81,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "REDUCE_MARGIN",
     "DecodedImage",
+    "EncodedImage",
     "FoundImages",
     "ImageDecodeError",
     "UnreadableFolder",
@@ -87,6 +89,7 @@ __all__ = [
     "decode_images",
     "discover_images",
     "find_images",
+    "input_label",
     "load_image",
 ]
 
@@ -302,12 +305,13 @@ def _images_for_glob(pattern: str) -> tuple[list[Path], list[UnreadableFolder]]:
 
 
 def load_image(
-    path: str | os.PathLike,
+    path: str | os.PathLike | EncodedImage,
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     target_size: int | None = None,
 ) -> Image.Image:
-    """Decode one image file to a fully loaded RGB image with EXIF orientation applied.
+    """Decode one image file (or an :class:`EncodedImage`'s bytes) to a fully loaded RGB
+    image with EXIF orientation applied.
 
     ``target_size``: the size R of the views the image is for; a huge image is decoded
     reduced (see the module docstring). None: full size.
@@ -322,6 +326,20 @@ def load_image(
     return _decode_opened(_open_for_decode(path, max_pixels, target_size), target_size)
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes, named as the file they came from (object storage, an
+    archive, Ray Data's ``read_binary_files``): decoded exactly as that file would be
+    (the same header checks, reduced decoding and orientation), errors naming ``name``."""
+
+    name: str
+    data: bytes
+
+    @property
+    def filename(self) -> str:
+        return self.name
+
+
 @dataclass
 class _Opened:
     """A file whose header is read (and decoder configured), pixels not yet decoded."""
@@ -333,30 +351,43 @@ class _Opened:
 
 
 def _open_for_decode(
-    path: str | os.PathLike, max_pixels: int | None, target_size: int | None
+    path: str | os.PathLike | EncodedImage, max_pixels: int | None, target_size: int | None
 ) -> _Opened:
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
-    except OSError as exc:
-        raise ImageDecodeError(path, f"cannot read file ({_detail(exc)})") from None
-    if path.is_dir():
-        raise ImageDecodeError(path, "is a folder, not an image file")
-    if size == 0:
-        raise ImageDecodeError(path, "empty file")
+    source = path
+    if isinstance(source, EncodedImage):
+        path = Path(source.name)
+        if not source.data:
+            raise ImageDecodeError(path, "empty file")
+    else:
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageDecodeError(path, "file not found") from None
+        except OSError as exc:
+            raise ImageDecodeError(path, f"cannot read file ({_detail(exc)})") from None
+        if path.is_dir():
+            raise ImageDecodeError(path, "is a folder, not an image file")
+        if size == 0:
+            raise ImageDecodeError(path, "empty file")
+        source = path
 
     fmt = path.suffix.lstrip(".").upper() or "image"
+
+    def open_():
+        if isinstance(source, EncodedImage):
+            return Image.open(io.BytesIO(source.data))
+        return Image.open(source)
+
     try:
         try:
-            im = Image.open(path)
+            im = open_()
         except Image.DecompressionBombError:
             # Pillow's global guard refused the header. Parse the header again with the
             # guard lifted (nothing is decoded here) so that max_pixels decides, and the
             # reason can name the declared size.
             with _PIL_LIMIT_LOCK, _pillow_guard_lifted():
-                im = Image.open(path)
+                im = open_()
     except Exception as exc:
         raise _decode_error(path, fmt, exc) from None
     try:
@@ -580,7 +611,7 @@ def as_rgb_image(
 ) -> Image.Image:
     """Any supported image input as an RGB ``PIL.Image``.
 
-    * ``str`` / ``os.PathLike``: :func:`load_image`;
+    * ``str`` / ``os.PathLike`` / :class:`EncodedImage`: :func:`load_image`;
     * ``PIL.Image.Image``: loaded and converted like a file (orientation, transparency,
       16-bit) and returned as a new image;
     * ``numpy.ndarray`` of shape HxW, HxWx1, HxWx3 or HxWx4 (RGBA, composited on white):
@@ -593,7 +624,7 @@ def as_rgb_image(
     Raises TypeError naming the type for anything else, ValueError for a bad array shape.
     """
     _check_target_size(target_size)
-    if isinstance(obj, (str, os.PathLike)):
+    if isinstance(obj, (str, os.PathLike, EncodedImage)):
         return load_image(obj, max_pixels=max_pixels, target_size=target_size)
     if isinstance(obj, Image.Image):
         label = getattr(obj, "filename", "") or "<PIL image>"
@@ -887,7 +918,9 @@ class _BudgetedDecodes:
                     planned.close()
 
 
-def _label(index: int, item: Any) -> str:
+def input_label(index: int, item: Any) -> str:
+    """The name input ``index`` is reported under: its path, a PIL image's or
+    :class:`EncodedImage`'s file name, else ``<input index>``."""
     if isinstance(item, (str, os.PathLike)):
         return os.fspath(item)
     return getattr(item, "filename", "") or f"<input {index}>"
@@ -901,10 +934,10 @@ def _plan(
     frames: int | None = None,
 ) -> _Job | DecodedImage:
     """Read the header of a file input (in-memory inputs need none); never raises."""
-    label = _label(index, item)
+    label = input_label(index, item)
     if isinstance(item, (str, os.PathLike)) and _is_video_name(item):
         return _plan_video(label, item, max_pixels, target_size, frames)
-    if isinstance(item, (str, os.PathLike)):
+    if isinstance(item, (str, os.PathLike, EncodedImage)):
         try:
             opened = _open_for_decode(item, max_pixels, target_size)
         except ImageDecodeError as exc:

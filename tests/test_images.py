@@ -19,6 +19,7 @@ from awt_engine.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     DecodedImage,
+    EncodedImage,
     ImageDecodeError,
     UnreadableFolder,
     as_rgb_image,
@@ -136,6 +137,34 @@ def test_exif_orientation_is_applied(decoded):
     blue = _mean(image, (3, 3, 13, 13))  # displayed top-left: was stored bottom-left
     assert blue[2] > 200 and blue[0] < 60, blue
     assert "exif" not in image.info or image.getexif().get(0x0112, 1) == 1
+
+
+@pytest.mark.parametrize("target_size", [None, 8])
+def test_encoded_bytes_decode_exactly_as_their_file(bad_folder, target_size):
+    """Every awkward file's bytes (as Ray's read_binary_files or object storage give
+    them) have the file's outcome: the same pixels, or the same reason under its name."""
+    root, _ = bad_folder
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in IMAGE_EXTENSIONS]
+    readable = []
+    for p in files:
+        try:
+            readable.append((p, p.read_bytes()))
+        except OSError:  # e.g. a file without read permission: no bytes to hand over
+            pass
+    assert len(readable) > 10
+    kw = dict(workers=2, target_size=target_size)
+    by_file = list(decode_images([p for p, _ in readable], **kw))
+    by_bytes = list(decode_images([EncodedImage(str(p), b) for p, b in readable], **kw))
+    n_ok = 0
+    for f, b in zip(by_file, by_bytes, strict=True):
+        assert b.path == f.path and b.error == f.error
+        if f.ok:
+            n_ok += 1
+            assert b.image.size == f.image.size
+            np.testing.assert_array_equal(np.asarray(b.image), np.asarray(f.image))
+    assert 0 < n_ok < len(readable)  # good and bad files both compared
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        load_image(EncodedImage("x.png", b""))
 
 
 # --------------------------------------------------------------------------- load_image

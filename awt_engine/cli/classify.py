@@ -233,15 +233,13 @@ def _ray_predictions(
     from awt_engine._progress import progress_bar
 
     distributed.init(address)
-    gpus, cpus = distributed.resources(settings["device"], num_gpus, None, concurrency)
     ds = distributed.classify_dataset(
         inputs,
         model=model,
         **settings,
         top_k=top_k,
         concurrency=concurrency,
-        num_gpus=gpus,
-        num_cpus=cpus,
+        num_gpus=num_gpus,
         preserve_order=True,
     )
     with progress_bar(total, progress, desc="classify (ray)") as bar:

@@ -202,7 +202,6 @@ def eval_command(
             from awt_engine import distributed
 
             distributed.init(ray_address)
-            gpus, cpus = distributed.resources(device, num_gpus, None, concurrency)
             loading = dict(
                 model=model,
                 pretrained=weights_arg(pretrained),
@@ -216,8 +215,7 @@ def eval_command(
                 data,
                 scorers,
                 concurrency=concurrency,
-                num_gpus=gpus,
-                num_cpus=cpus,
+                num_gpus=num_gpus,
                 progress=progress,
             )
         else:
