@@ -173,6 +173,7 @@ def train(
         model_name = model or backbone.identity
     net = spec.build(backbone, method_config)
     net.prepare(labels, seed)
+    data = net.training_data(data)
     data_fp = fingerprint(data)
     run_key = sha256_hex(
         spec.name,
