@@ -273,15 +273,17 @@ def test_checkpoint_in_a_fresh_process_and_both_scorers_through_the_cli(
     scores = here.scores(test)
     log_scale = float(read_checkpoint(trained.path)[1]["log_scale"])
     assert here.model.logit_scale == pytest.approx(math.exp(log_scale), rel=1e-6)  # learned
-    code = (
+    code = (  # its own cache folder: the class embeddings are computed there, not read
         "import sys, torch, awt_engine\n"
         "torch.set_num_threads(2)\n"
-        "clf = awt_engine.create_classifier(checkpoint=sys.argv[1], device='cpu', views=3)\n"
-        "torch.save(clf.scores(sys.argv[3:]), sys.argv[2])\n"
+        "clf = awt_engine.create_classifier(\n"
+        "    checkpoint=sys.argv[1], device='cpu', views=3, cache_dir=sys.argv[3]\n"
+        ")\n"
+        "torch.save(clf.scores(sys.argv[4:]), sys.argv[2])\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code, str(trained.path), str(tmp_path / "s.pt"), *test], check=True
-    )
+    out = [str(trained.path), str(tmp_path / "s.pt"), str(tmp_path / "other-cache")]
+    subprocess.run([sys.executable, "-c", code, *out, *test], check=True)
+    assert any((tmp_path / "other-cache").rglob("*.safetensors"))
     assert torch.equal(torch.load(tmp_path / "s.pt"), scores)
     args = ["eval", "--data-root", str(toy_task.root), "--checkpoint", str(trained.path)]
     args += ["--scorer", "awt", "--scorer", "clip", "--views", "3", "--no-progress"]
