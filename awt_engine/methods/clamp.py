@@ -39,7 +39,8 @@ Training data. Labelled images: each class's captions are its label set's prompt
 template sentence, and the sentence + each description: P of them); each step draws, per
 image, one caption of its class from the step's generator. ``captions=FILE`` (CLI
 ``--captions``) trains on image-caption pairs instead: one JSON line per image,
-``{"image": path, "caption": text}``, paths relative to the file's folder; every distinct
+``{"image": path, "caption": text}``, paths relative to the file's folder, every line used
+(``--shots`` applies to the labelled images only); every distinct
 caption becomes a training "class" (:meth:`CLAMP.training_data`), so the data fingerprint
 covers the captions. The label set (from ``--data-root``) is still what the checkpoint
 records and what the val split reports.
