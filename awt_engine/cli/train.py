@@ -93,6 +93,14 @@ def train(
     ] = None,
     csc: Annotated[bool, typer.Option("--csc", help="CoOp: class-specific contexts.")] = False,
     llm: Llm = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            help='CLAMP: train on image-caption pairs, one JSON line per image {"image": path, "caption": text} (paths relative to the file); --data-root still gives the classes.',
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     device: Device = "auto",
     precision: Precision = None,
     cache_dir: CacheDir = None,
@@ -112,6 +120,8 @@ def train(
         options.setdefault("csc", "true")
     if llm is not None:
         options.setdefault("llm", llm)
+    if captions is not None:
+        options.setdefault("captions", str(captions.resolve()))
     if output.suffix != ".safetensors":
         raise fail(f"--output {output}: a checkpoint is a .safetensors file")
 

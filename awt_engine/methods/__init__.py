@@ -16,6 +16,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "awt_engine.methods.awt_adapter",
         "AWT's multimodal adapter: bottleneck adapters in both CLIP towers, trained through AWT",
     ),
+    "clamp": (
+        "awt_engine.methods.clamp",
+        "CLAMP: a causal LLM as CLIP's text tower (LoRA, read-only prompts, pooler)",
+    ),
     "coop": ("awt_engine.methods.coop", "CoOp: learned context vectors before the class name"),
     "lamm": ("awt_engine.methods.lamm", "LAMM: learned label tokens with a hierarchical loss"),
     "llamp": (

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from awt_engine.labelled import LabelledData
 from awt_engine.labels import LabelSet
 from awt_engine.models.base import learned_identity
 from awt_engine.views import ViewConfig
@@ -90,11 +91,18 @@ class TrainableModel(nn.Module):
 
     def learned_state(self) -> dict[str, Tensor]:
         """Only what the method learns (parameters that require gradients), by name."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        return {
+            self.state_name(n): p.detach() for n, p in self.named_parameters() if p.requires_grad
+        }
+
+    def state_name(self, name: str) -> str:
+        """The name a learned parameter is saved under: its module path unless a method
+        gives a stabler one (CLAMP drops peft's adapter name)."""
+        return name
 
     def load_learned(self, state: Mapping[str, Tensor]) -> None:
         """Load tensors saved by :meth:`learned_state`; every name and shape must match."""
-        own = dict(self.named_parameters())
+        own = {self.state_name(n): p for n, p in self.named_parameters()}
         expected = {n for n, p in own.items() if p.requires_grad}
         missing, extra = expected - set(state), set(state) - expected
         if missing or extra:
@@ -126,6 +134,11 @@ class TrainableModel(nn.Module):
         """Set the label set the model learns (build per-class tables, precompute frozen
         parts) and create the learned tensors, randomly initialised ones from ``seed``."""
         self.train_labels = labels
+
+    def training_data(self, data: LabelledData) -> LabelledData:
+        """What the model trains on: ``data`` (the few-shot draw), unless the method reads
+        its own pairs (CLAMP's ``captions`` file)."""
+        return data
 
     def training_view_config(self, base: ViewConfig) -> ViewConfig:
         """How many augmented views one training image gets (one by default, as CoOp)."""

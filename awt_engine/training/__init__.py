@@ -171,6 +171,7 @@ def train(
         backbone = load_backbone(model_name, pretrained, device=device, precision=precision)
     net = spec.build(backbone, method_config)
     net.prepare(labels, seed)
+    data = net.training_data(data)
     data_fp = fingerprint(data)
     run_key = sha256_hex(
         spec.name,
