@@ -442,6 +442,8 @@ def create_classifier(
         embedder = load_model(
             model, pretrained, checkpoint=checkpoint, llm=llm, device=device, precision=precision
         )
+    if cache_dir is not None and hasattr(embedder, "use_cache_root"):
+        embedder.use_cache_root(root)  # a method's derived caches go there too (LLaMP's K/V)
     trained = getattr(embedder, "checkpoint_header", None)
     if trained is not None and dataset is None and classes is None:
         from awt_engine.training.checkpoint import labels_from_record

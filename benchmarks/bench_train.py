@@ -50,7 +50,9 @@ def run_one(method: str, model: str, device: str, steps: int) -> dict:
     net.prepare(labels, seed=1)
     defaults = spec.train_defaults(16, "dtd")
     B = METHODS[method][0]
-    views = net.training_view_config(__import__("awt_engine.views", fromlist=["ViewConfig"]).ViewConfig())
+    views = net.training_view_config(
+        __import__("awt_engine.views", fromlist=["ViewConfig"]).ViewConfig()
+    )
     R = bb.preprocess.size
     opt = make_optimizer(net, defaults)
     g = torch.Generator().manual_seed(0)
@@ -124,17 +126,34 @@ def main(argv=None) -> str:
         cmd += ["--device", args.device, "--steps", str(args.steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            rows.append([method, "-", "failed", proc.stderr.strip().splitlines()[-1][:60], "-", "-", "-"])
+            rows.append(
+                [method, "-", "failed", proc.stderr.strip().splitlines()[-1][:60], "-", "-", "-"]
+            )
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append([
-            method, r["batch"], f"{r['ms_step']:.0f}", f"{100 * r['text_share']:.0f}%",
-            f"{r['peak_mib']:.0f}", f"{r['learned']:,}", METHODS[method][2],
-        ])
+        rows.append(
+            [
+                method,
+                r["batch"],
+                f"{r['ms_step']:.0f}",
+                f"{100 * r['text_share']:.0f}%",
+                f"{r['peak_mib']:.0f}",
+                f"{r['learned']:,}",
+                METHODS[method][2],
+            ]
+        )
     dev = torch.device(args.device)
     return print_table(
         "Training step per method (DTD's 47 classes, the papers' batch sizes)",
-        ["method", "batch", "ms / step", "text encoder", "peak MiB", "learned params", "text rows per step"],
+        [
+            "method",
+            "batch",
+            "ms / step",
+            "text encoder",
+            "peak MiB",
+            "learned params",
+            "text rows per step",
+        ],
         rows,
         notes=[
             f"hardware: {hardware(dev)}",

@@ -359,11 +359,12 @@ def test_settings_that_do_not_fit_the_towers_are_refused(train_clip_dir, tiny_lm
 def trained(toy_task, train_clip_dir, tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("llamp-run")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWT_ENGINE_CACHE", str(root / "cache"))
+        mp.setenv("AWT_ENGINE_CACHE", str(root / "env-cache"))  # --cache-dir wins over it
         done = train(
             "llamp",
             data_root=toy_task.root,
             output=root / "llamp.safetensors",
+            cache_dir=root / "cache",
             shots=4,
             seed=1,
             model=train_clip_dir,
@@ -393,6 +394,13 @@ def test_llamp_learns_the_toy_task(trained, toy_task, train_clip_dir):
         clf = Classifier(model, labels, scorer="clip")
         acc[name] = evaluate(clf, test, ["clip"], cache_root=None).metrics["clip"].acc1
     assert acc["trained"] >= acc["zero-shot"] + 0.3, acc
+
+
+@pytest.mark.slow  # shares one training run (about 40 steps)
+def test_the_kv_cache_goes_to_the_runs_cache_dir(trained):
+    root = trained.path.parent
+    assert list((root / "cache" / "llamp_kv").glob("*.safetensors"))
+    assert not (root / "env-cache" / "llamp_kv").exists()
 
 
 @pytest.mark.slow  # shares one training run (about 40 steps)

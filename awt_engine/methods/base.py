@@ -71,6 +71,10 @@ class TrainableModel(nn.Module):
         self.dim = getattr(backbone, "embed_dim", None)
         self.train_labels: LabelSet | None = None
 
+    def use_cache_root(self, root) -> None:
+        """Where the method keeps what it derives from frozen models (LLaMP's K/V cache):
+        the run's ``--cache-dir``. Nothing by default."""
+
     # -- identity and state ----------------------------------------------------------
 
     @property

@@ -262,6 +262,7 @@ class LLaMP(TrainableModel):
 
         self._clip_logit_scale = float(backbone.logit_scale)
         self.kv_cache_root: Path | None = resolve_cache_root()  # None: memory only
+        # (train() and create_classifier() pass their --cache-dir: use_cache_root)
         llm = load_causal_lm(config.llm, device=str(backbone.device), dtype=config.llm_dtype)
         object.__setattr__(self, "llm", llm)  # frozen, not a submodule (never trained, saved)
         base = getattr(llm.model, "model", None)
@@ -295,6 +296,9 @@ class LLaMP(TrainableModel):
         self._described: dict[str, tuple[str, ...]] = {}
         self._ids_memo: dict[str, tuple[Tensor, Tensor]] = {}
         self._check_clip()
+
+    def use_cache_root(self, root) -> None:
+        self.kv_cache_root = None if root is None else Path(root)
 
     # -- the frozen towers -----------------------------------------------------------
 

@@ -170,6 +170,7 @@ def train(
 
         backbone = load_backbone(model_name, pretrained, device=device, precision=precision)
     net = spec.build(backbone, method_config)
+    net.use_cache_root(root)
     net.prepare(labels, seed)
     data = net.training_data(data)
     data_fp = fingerprint(data)
