@@ -17,6 +17,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "AWT's multimodal adapter: bottleneck adapters in both CLIP towers, trained through AWT",
     ),
     "coop": ("awt_engine.methods.coop", "CoOp: learned context vectors before the class name"),
+    "epalm": (
+        "awt_engine.methods.epalm",
+        "eP-ALM: a frozen causal LM reading CLIP's [CLS] tokens; generative scores",
+    ),
     "lamm": ("awt_engine.methods.lamm", "LAMM: learned label tokens with a hierarchical loss"),
 }
 
