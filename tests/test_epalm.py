@@ -236,6 +236,21 @@ def test_first_token_shortlist_scores_only_the_likeliest_classes(train_clip_dir,
 # ----------------------------------------------------------------------------------------------
 
 
+def test_loss_is_the_weighted_caption_nll_of_a_drawn_prompt(train_clip_dir, epalm_llm):
+    net = _epalm(train_clip_dir, epalm_llm)
+    views = torch.randn(3, 1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([0, 1, 2])
+    texts = LABELS.prompt_texts()
+    for seed in (0, 1):
+        drawn = torch.randint(2, (3,), generator=torch.Generator().manual_seed(seed)).tolist()
+        batch = TrainBatch(views, y, 0, 0, torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            out = net.training_loss(batch)
+            nll = [-sum(_reference(net, views[i, 0], texts[i][drawn[i]], {2: 0, 3: 1})) for i in y]
+        assert out.total.item() == pytest.approx(0.1 * sum(nll) / 3, rel=1e-5)
+        assert out.terms == {"lm": out.total}
+
+
 def test_only_the_connectors_and_the_soft_prompt_learn(toy_task, train_clip_dir, epalm_llm):
     data = few_shot(load_labelled(toy_task.root, split="train"), 1, seed=1)
     net = _epalm(train_clip_dir, epalm_llm, LabelSet(data.classes))

@@ -15,11 +15,13 @@ kept once they run out, as eP-ALM's OPT does). Every hooked layer gets the atten
 (and, for rotary LMs, the position embeddings) extended by the slot. Deviation from the
 original code, forced by the KV cache: eP-ALM pads the mask with zeros, so its visual
 slot also attends to every text token (the future); here the slot's row is causal and
-sees only itself, so a prefix's cached keys do not depend on what follows it. Every
-token sees the slot.
+sees only itself, so a prefix's cached keys do not depend on what follows it (the row
+matters only to the layers above ``end_layer``, which read the slot's last output).
+Every token sees the slot.
 
-**Sequence.** ``[soft prompt] question text <eos>`` (``question`` e.g. "What is in the
-image?", the class text after a space; ``""`` gives eP-ALM's captioning layout). The
+**Sequence.** ``[soft prompt] question text <eos>`` (the question tokenised with the
+tokenizer's own specials, OPT's BOS; the class text after a space; ``question=""``
+gives eP-ALM's captioning layout, ``[prompt] <bos> caption <eos>``). The
 text of (class c, prompt p) is the label set's prompt p of c (prompt 0 the bare
 template: "a photo of a cat."). OPT's learned positions: the prompt rows get none (as in
 eP-ALM) and the text counts from 0; a rotary LM (Llama, Qwen, Mistral): the visual slot
@@ -35,14 +37,18 @@ geometric-mean probability, in (0, 1], so the AWT transport cost ``1 - sim`` lie
 [0, 1) like a cosine's; the scale (100, CLIP's) gives logits of CLIP's size for AWT's
 temperatures. The shared prefix (visual slot, soft prompt, question, plus the tokens every
 text begins with, e.g. "a photo of a") is run once per view; its KV cache is gathered per
-(view, text) row and the texts' remaining tokens continue from it, right-padded, in
-batches of ``score_batch`` rows. ``use_prefix_cache=False`` runs every (view, text)
+(view, text) row (an index gather: the same as ``batch_repeat_interleave`` over the
+texts, and it also serves a shortlist) and the texts' remaining tokens continue from it,
+right-padded, ``score_batch`` rows per call, ``prefill_batch`` views' caches held at
+once. ``use_prefix_cache=False`` runs every (view, text)
 sequence whole instead (same numbers up to rounding; the benchmark's other arm).
 ``shortlist_k`` (as eP-ALM's ``rank_answer`` with ``k_test``, over classes rather than
-answers): per view only the k classes whose likeliest first distinguishing token (the
-first token after the prefix every text shares; for most label sets the name's first
-token) is likeliest are scored in full, all their prompts; the others get similarity 0,
-the lowest possible. Off by default.
+answers): per view only the k classes with the likeliest first distinguishing token
+(the first token after the prefix every text shares: for most label sets the name's
+first token, so classes sharing it tie) are scored in full, all their prompts; the
+others get similarity 0, the lowest possible. Off by default; ``shortlist_k`` is in the
+config (it changes scores), and Python callers can also set the model's attribute or
+pass it to :meth:`EPALM.logits`.
 
 The hooks hold mode state on the model (``_InjectionState``): one forward at a time per
 model, not thread-safe, and not compatible with gradient checkpointing (not used).
