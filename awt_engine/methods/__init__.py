@@ -21,6 +21,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "CLAMP: a causal LLM as CLIP's text tower (LoRA, read-only prompts, pooler)",
     ),
     "coop": ("awt_engine.methods.coop", "CoOp: learned context vectors before the class name"),
+    "epalm": (
+        "awt_engine.methods.epalm",
+        "eP-ALM: a frozen causal LM reading CLIP's [CLS] tokens; generative scores",
+    ),
     "lamm": ("awt_engine.methods.lamm", "LAMM: learned label tokens with a hierarchical loss"),
     "llamp": (
         "awt_engine.methods.llamp",

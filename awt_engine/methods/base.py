@@ -4,9 +4,10 @@ A method supplies three things and nothing else (:mod:`awt_engine.training` does
 data, the one fit loop, the schedule, checkpoints):
 
 * a frozen ``Config`` dataclass of its hyper-parameters, each default with its source;
-* a :class:`TrainableModel` subclass: its modules (the only parameters that learn), the
+* a :class:`TrainableModel` subclass (an Embedder; a LogitModel derives from
+  :class:`TrainableBase`): its modules (the only parameters that learn), the
   interface calls (``encode_images`` / ``class_embeddings``, or ``logits`` for a
-  generative model) and its loss terms (:meth:`TrainableModel.training_loss`);
+  generative model) and its loss terms (:meth:`TrainableBase.training_loss`);
 * a :class:`MethodSpec` naming them, with the paper's training defaults per shot count.
 
 The frozen backbone is held by the model but is not one of its modules: it is never
@@ -49,12 +50,14 @@ class LossOutput:
     terms: dict[str, Tensor]  # its named parts (as added into total, weights applied)
 
 
-class TrainableModel(nn.Module):
-    """Base of every method's model: an Embedder (or LogitModel) that learns.
+class TrainableBase(nn.Module):
+    """Base of every method's model: identity, learned state, loss; no interface calls.
 
     Subclasses set ``method``, build their modules in ``__init__`` (after calling
     ``super().__init__(backbone, config)``) or in :meth:`prepare` when they depend on
-    the classes, and implement :meth:`training_loss` and the interface calls.
+    the classes, and implement :meth:`training_loss` and the interface calls. An
+    Embedder method derives from :class:`TrainableModel`; a LogitModel (eP-ALM) from
+    this class directly, so it has no ``embed_views`` and is never taken for an Embedder.
     """
 
     method: ClassVar[str] = "?"
@@ -151,6 +154,14 @@ class TrainableModel(nn.Module):
     def training_loss(self, batch: TrainBatch) -> LossOutput:
         raise NotImplementedError
 
+    def unseen_classes(self, classes: tuple[str, ...]) -> str | None:
+        """None when this model can score ``classes``, else why not (for the error)."""
+        return None
+
+
+class TrainableModel(TrainableBase):
+    """A trainable Embedder: the base plus the image half of the Embedder interface."""
+
     def encode_images(self, pixels: Tensor) -> Tensor:
         """[N, 3, R, R] -> [N, D] unit vectors, with gradients where the method has any."""
         return self.backbone.encode_images(pixels, grad=False)
@@ -159,10 +170,6 @@ class TrainableModel(nn.Module):
         """[B, V, 3, R, R] -> [B, V, D] (the Embedder interface)."""
         B, V = views.shape[:2]
         return self.encode_images(views.flatten(0, 1)).view(B, V, -1)
-
-    def unseen_classes(self, classes: tuple[str, ...]) -> str | None:
-        """None when this model can score ``classes``, else why not (for the error)."""
-        return None
 
 
 @dataclass(frozen=True)
