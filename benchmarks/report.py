@@ -26,6 +26,9 @@ CPU_RUNS = [
     ("Label-set scaling: full vs shortlist", "bench_labels.py", []),
     ("Views: decode-free view construction", "bench_views.py", []),
     ("Description stage throughput", "bench_describe.py", []),
+    ("Video inputs: decode + views per clip", "bench_video.py", []),
+    ("Training step per method", "bench_train.py", ["--steps", "2"]),
+    ("Ray Data: actors, start-up and a sizing plan", "bench_ray.py", []),
 ]
 GPU_RUNS = [
     ("AWT scorer on GPU", "bench_scorer.py", ["--device", "cuda", "--images", "32"]),
@@ -35,6 +38,7 @@ GPU_RUNS = [
         ["--model", "ViT-B-16", "--device", "cuda", "--images", "32", "--batch-size", "8"],
     ),
     ("Views on GPU", "bench_views.py", ["--device", "cuda"]),
+    ("Training step per method on GPU", "bench_train.py", ["--device", "cuda"]),
 ]
 
 
