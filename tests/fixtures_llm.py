@@ -180,10 +180,18 @@ SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|end|>", "<|system|>", "<|user|>",
 
 
 def build_tiny_chat_model(
-    folder: Path, *, seed: int = 0, hidden: int = 32, layers: int = 2
+    folder: Path,
+    *,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    vocab_size: int = 600,
+    extra_corpus: tuple[str, ...] = (),
 ) -> Path:
     """Save a random 2-layer Qwen2 LM (hidden 32) with an in-memory-trained byte-level BPE
-    tokenizer and a chat template to ``folder``; return the folder."""
+    tokenizer and a chat template to ``folder``; return the folder. ``extra_corpus`` and a
+    larger ``vocab_size`` make whole words of its texts single tokens, as a real LM's
+    tokenizer does for common words (the benchmarks' token counts then look real)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -193,12 +201,13 @@ def build_tiny_chat_model(
         "A banded texture shows parallel stripes of alternating colour.",
         "- What colour is {}?",
         "The quick brown fox jumps over the lazy dog.",
+        *extra_corpus,
     ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
