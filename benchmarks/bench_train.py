@@ -155,6 +155,11 @@ def run_one(
         text = (time.perf_counter() - t0) / steps
     if method == "lamm":
         text *= 2  # learned and original labels: two text passes per step
+    # the training model's figures, before eP-ALM's scoring LM is loaded below
+    learned = sum(t.numel() for t in net.learned_state().values())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+    if bb.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
     scoring = None
     if method == "epalm":
         from awt_engine.methods.epalm import scoring_cost
@@ -187,10 +192,6 @@ def run_one(
             sc["template"] = template
             scoring[name] = sc
         scoring["prefix"] = len(net.question_ids) + net.config.prompt_len
-    learned = sum(t.numel() for t in net.learned_state().values())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-    if bb.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
     shutil.rmtree(cache, ignore_errors=True)
     return {
         "method": method,

@@ -2,6 +2,7 @@
 
     uv run python benchmarks/report.py            # CPU rows (about 10 minutes on 2 cores)
     uv run python benchmarks/report.py --gpu      # also the GPU rows, where CUDA is present
+    uv run python benchmarks/report.py --only bench_train.py   # rerun one script's section
 
 The README is generated: edit this script or the benchmarks, never the README by hand.
 """
@@ -64,6 +65,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", help="add the GPU rows (needs CUDA)")
     ap.add_argument("--output", type=Path, default=HERE / "README.md")
+    ap.add_argument(
+        "--only",
+        action="append",
+        metavar="SCRIPT",
+        help="rerun only this script's sections and keep the others of the existing report",
+    )
     args = ap.parse_args(argv)
     runs = list(CPU_RUNS)
     if args.gpu:
@@ -80,13 +87,38 @@ def main(argv=None) -> None:
     ]
     if not args.gpu:
         parts.append("GPU rows: not in this report (run `report.py --gpu` on a CUDA machine).\n")
+    kept = _sections(args.output.read_text()) if args.only else {}
+    if args.only:
+        unknown = set(args.only) - {script for _, script, _ in runs}
+        if unknown:
+            sys.exit(f"--only: no such benchmark {sorted(unknown)} in this report")
     for title, script, script_args in runs:
+        if args.only and script not in args.only and title in kept:
+            parts.append(kept[title])
+            continue
         print(f"running {script} {' '.join(script_args)} ...", file=sys.stderr, flush=True)
         text, dt = run(script, script_args)
         cmd = " ".join(["uv run python benchmarks/" + script, *script_args])
         parts.append(f"## {title}\n\n`{cmd}` ({dt:.0f} s)\n\n{text}")
-    args.output.write_text("\n".join(parts))
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text("\n".join(parts))
+    tmp.replace(args.output)  # a failed run leaves the previous report whole
     print(f"wrote {args.output}", file=sys.stderr)
+
+
+def _sections(report: str) -> dict[str, str]:
+    """The report's sections by title, each as written (from its ``## `` line on)."""
+    out, title, lines = {}, None, []
+    for line in report.split("\n"):
+        if line.startswith("## "):
+            if title is not None:
+                out[title] = "\n".join(lines)
+            title, lines = line[3:], []
+        if title is not None:
+            lines.append(line)
+    if title is not None:
+        out[title] = "\n".join(lines)
+    return out
 
 
 if __name__ == "__main__":
