@@ -360,16 +360,7 @@ def _open_for_decode(
             raise ImageDecodeError(path, "empty file")
     else:
         path = Path(path)
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise ImageDecodeError(path, "file not found") from None
-        except OSError as exc:
-            raise ImageDecodeError(path, f"cannot read file ({_detail(exc)})") from None
-        if path.is_dir():
-            raise ImageDecodeError(path, "is a folder, not an image file")
-        if size == 0:
-            raise ImageDecodeError(path, "empty file")
+        check_input_file(path, "an image file")
         source = path
 
     fmt = path.suffix.lstrip(".").upper() or "image"
@@ -521,6 +512,21 @@ def _check_pixels(path: Path, im: Image.Image, max_pixels: int | None) -> None:
 
 def _fmt_pixels(n: int) -> str:
     return f"{n // 1_000_000} Mpx" if n >= 10_000_000 else f"{n:,} px"
+
+
+def check_input_file(path: Path, kind: str) -> None:
+    """Raise :class:`ImageDecodeError` naming ``path`` unless it is a non-empty readable
+    file (``kind`` names what was expected, e.g. "an image file")."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageDecodeError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(path, f"cannot read file ({_detail(exc)})") from None
+    if path.is_dir():
+        raise ImageDecodeError(path, f"is a folder, not {kind}")
+    if size == 0:
+        raise ImageDecodeError(path, "empty file")
 
 
 def _detail(exc: BaseException) -> str:

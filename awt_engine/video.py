@@ -58,6 +58,7 @@ from awt_engine.images import (
     _detail,
     _fmt_pixels,
     _reduction_factor,
+    check_input_file,
 )
 
 __all__ = [
@@ -181,16 +182,7 @@ def open_video(
     _check_target_size(target_size)
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise ImageDecodeError(path, "file not found") from None
-    except OSError as exc:
-        raise ImageDecodeError(path, f"cannot read file ({_detail(exc)})") from None
-    if path.is_dir():
-        raise ImageDecodeError(path, "is a folder, not a video file")
-    if size == 0:
-        raise ImageDecodeError(path, "empty file")
+    check_input_file(path, "a video file")
     av = _import_av(path)
     try:
         container = av.open(os.fspath(path), metadata_errors="ignore")
