@@ -53,12 +53,12 @@ class ImageEmbeddingCache:
             raise ValueError(
                 f"image cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}"
             )
-        from awt_engine.views import VIEW_SEED_VERSION
+        from awt_engine.views import VIDEO_SEED_VERSION, VIEW_SEED_VERSION
 
         views = json.dumps(dataclasses.asdict(view_config), sort_keys=True)
-        self.key = sha256_hex(
-            "awt-image-embeddings", str(FORMAT), identity, views, VIEW_SEED_VERSION, dtype
-        )[:24]
+        seeds = f"{VIEW_SEED_VERSION}|{VIDEO_SEED_VERSION}"  # images' and videos' views
+        key = sha256_hex("awt-image-embeddings", str(FORMAT), identity, views, seeds, dtype)
+        self.key = key[:24]
         self.folder = Path(root) / "image_embeddings" / self.key
         self.n_views, self.dim = view_config.n_views, dim
         self.dtype = _DTYPES[dtype]

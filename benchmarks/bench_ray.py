@@ -5,9 +5,11 @@ One synthetic folder of 500x375 JPEGs, a random-weight open_clip model saved onc
 ``--classes`` bare prompts. Rows:
 
 * ``local``: ``Classifier.classify`` in this process (torch's own thread count);
-* ``ray, N actors``: :func:`awt_engine.distributed.classify_dataset` on a local Ray
-  instance (``ray.init(num_cpus=<cores>)``), wall time from submitting the job to the
-  last row, and the steady rate after the first row (start-up excluded).
+* ``ray, N actors``: the ``map_batches`` pipeline of
+  :func:`awt_engine.distributed.classify_dataset` (its actor, resources and threads) on a
+  local Ray instance (``ray.init(num_cpus=<cores>)``), the actor subclassed to stamp each
+  batch with its start and end; wall time from submitting the job to the last row, and the
+  steady rate: images / (last batch end - first batch start), start-up excluded.
 
 Per-actor start-up is measured in a fresh Ray worker: importing the engine and torch,
 building the classifier (model load, text embeddings are shared and not included).
@@ -150,7 +152,7 @@ def main(argv=None) -> str:
     distributed.init(num_cpus=cores)
     t_init = time.perf_counter() - t0
     start = ray.get(ray.remote(_startup).remote(kw))
-    embeds = ray.put(create_classifier(**kw).class_embeddings().cpu())
+    embeds = ray.put(clf.class_embeddings().cpu())  # as classify_dataset's task does
     steady = {}
     for n in args.actors:
         gpus, cpus = distributed.resources("cpu", None, None, n)

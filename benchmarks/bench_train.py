@@ -50,6 +50,10 @@ METHODS = {
 LLM_METHODS = ("llamp", "clamp", "epalm")
 
 
+def _lm_depth(row: str, lm_layers: int) -> int:
+    return 3 * lm_layers if row == "llamp-deep" else lm_layers
+
+
 def _lm_options(method: str, lm: str, lm_layers: int) -> dict:
     if method == "epalm":  # eP-ALM's injected span, scaled from OPT-2.7B's 19..31 of 32
         return {"llm": lm, "start_layer": lm_layers * 19 // 32, "end_layer": lm_layers - 1}
@@ -64,9 +68,9 @@ def build_lm(folder: Path, hidden: int, layers: int) -> str:
     from awt_engine.registry import get_dataset
     from tests.fixtures_llm import build_tiny_chat_model
 
-    SHORT = SHORT_TEMPLATE
     dtd = get_dataset("dtd")
-    words = [t.format(c.replace("_", " ")) for c in dtd.classes for t in (dtd.template, SHORT)]
+    templates = (dtd.template, SHORT_TEMPLATE)
+    words = [t.format(c.replace("_", " ")) for c in dtd.classes for t in templates]
     words += [f"{c} detail {j}." for c in dtd.classes for j in range(3)]
     extra = tuple(words) * 10 + ("What is in the image?",) * 20
     return str(
@@ -92,6 +96,7 @@ def run_one(
     from awt_engine.methods.base import TrainBatch
     from awt_engine.registry import get_dataset
     from awt_engine.training.loop import _autocast, make_optimizer
+    from awt_engine.views import ViewConfig
 
     warnings.simplefilter("ignore")
     method, batch_size, _ = METHODS[row]
@@ -111,9 +116,7 @@ def run_one(
     prepare_s = time.perf_counter() - t0
     defaults = spec.train_defaults(16, "dtd")
     B = batch_size or defaults.batch_size
-    views = net.training_view_config(
-        __import__("awt_engine.views", fromlist=["ViewConfig"]).ViewConfig()
-    )
+    views = net.training_view_config(ViewConfig())
     R = bb.preprocess.size
     opt = make_optimizer(net, defaults)
     g = torch.Generator().manual_seed(0)
@@ -246,9 +249,11 @@ def main(argv=None) -> str:
         sys.exit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-lm-"))
     lms = {}
-    if any(METHODS[m][0] in LLM_METHODS for m in chosen):
-        for depth in (args.lm_layers, 3 * args.lm_layers):
-            lms[depth] = build_lm(tmp / f"lm{depth}", args.lm_hidden, depth)
+    for row in chosen:  # each LM depth the chosen rows use, built once
+        if METHODS[row][0] in LLM_METHODS:
+            depth = _lm_depth(row, args.lm_layers)
+            if depth not in lms:
+                lms[depth] = build_lm(tmp / f"lm{depth}", args.lm_hidden, depth)
     if "epalm" in chosen:
         scoring_lm = build_lm(tmp / "scoring", args.scoring_lm_hidden, args.scoring_lm_layers)
     rows, scoring = [], None
@@ -256,7 +261,7 @@ def main(argv=None) -> str:
         cmd = [sys.executable, __file__, "--one", row, "--model", args.model]
         cmd += ["--device", args.device, "--steps", str(args.steps)]
         if METHODS[row][0] in LLM_METHODS:
-            depth = 3 * args.lm_layers if row == "llamp-deep" else args.lm_layers
+            depth = _lm_depth(row, args.lm_layers)
             cmd += ["--lm", lms[depth], "--lm-layers", str(depth)]
         if row == "epalm":
             cmd += ["--scoring-lm", scoring_lm]

@@ -155,3 +155,17 @@ def test_cli_eval_and_classify_with_an_unwritable_cache(colour_data, tmp_path, m
         )
     assert res.exit_code == 0, res.output
     assert len(res.stdout.splitlines()) == 6
+
+
+@pytest.mark.parametrize("version", ["VIEW_SEED_VERSION", "VIDEO_SEED_VERSION"])
+def test_a_new_view_seeding_is_another_cache(tmp_path, monkeypatch, version):
+    import awt_engine.views as views
+
+    two = ViewConfig(n_views=2)
+    cache = ImageEmbeddingCache(tmp_path, "id", two, dim=4)
+    cache.put("k0", F.normalize(torch.randn(2, 4), dim=-1))
+    cache.close()
+    assert ImageEmbeddingCache(tmp_path, "id", two, dim=4).get("k0") is not None
+    # embeddings of views seeded another way (images' or videos') are never served
+    monkeypatch.setattr(views, version, getattr(views, version) + "-next")
+    assert ImageEmbeddingCache(tmp_path, "id", two, dim=4).get("k0") is None

@@ -162,11 +162,14 @@ def test_the_kv_cache_is_kept_on_disk_and_rebuilt_when_damaged(train_clip_dir, t
     assert cache.mask[:, -1].all()  # left padding
 
     _forget(net)
+    written = cache.path.stat()
     with _counting(net.llm) as calls:
         net.prepare(LABELS, seed=0)  # self-descriptions and K/V read from disk
     assert calls == {}
     hit = net.prefix_cache(LABELS)
     assert hit is not cache and hit.path == cache.path
+    now = cache.path.stat()  # a hit is read, never written again (atomic writes: a new inode)
+    assert (now.st_ino, now.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
     assert torch.equal(hit.keys, cache.keys) and torch.equal(hit.values, cache.values)
     assert torch.equal(hit.mask, cache.mask) and torch.equal(hit.lengths, cache.lengths)
 

@@ -61,3 +61,13 @@ def test_encoders_run_with_gradients_only_when_asked(tiny_clip_dir):
 def test_objects_that_are_neither_kind_are_refused():
     with pytest.raises(TypeError, match="neither an Embedder"):
         check_model(object())
+
+
+def test_llm_loading_errors_name_the_bad_value(tmp_path):
+    from awt_engine.models.llm import LLMLoadError, load_causal_lm
+
+    with pytest.raises(LLMLoadError, match="does not exist"):
+        load_causal_lm(str(tmp_path / "no-such-lm"), device="cpu")
+    with pytest.raises(ValueError, match="unknown dtype 'float17'") as err:
+        load_causal_lm(str(tmp_path), device="cpu", dtype="float17")
+    assert not isinstance(err.value, LLMLoadError)  # not dressed up as a loading failure

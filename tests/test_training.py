@@ -123,6 +123,47 @@ def test_resume_after_an_interruption_ends_with_the_same_weights(
         fit(other, data, cfg, state_file=state, resume=True, run_key="other settings")
 
 
+def test_resume_restores_the_loss_scale(toy_task, train_clip_dir, tmp_path, monkeypatch):
+    """fp16 on CUDA scales the loss; a resumed run goes on from the scale it had reached
+    (a fresh scale skips other steps). CPU stand-in: an enabled CPU GradScaler."""
+    import awt_engine.training.loop as loop
+
+    made = []
+
+    def cpu_scaler(precision, device):
+        made.append(torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1))
+        return made[-1]
+
+    monkeypatch.setattr(loop, "_grad_scaler", cpu_scaler)
+    data = few_shot(load_labelled(toy_task.root, split="train"), 2, seed=1)
+    labels = LabelSet(data.classes)
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=4, seed=1)
+    state = tmp_path / "run.state"
+
+    def stop_after_first(epoch, terms):
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    _, part = _model(train_clip_dir, labels, csc=True, n_ctx=4)
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, data, cfg, state_file=state, run_key="k", after_epoch=stop_after_first)
+    reached = made[-1].get_scale()
+    assert reached > 2.0**10  # it grew: one growth per finite step
+    _, again = _model(train_clip_dir, labels, csc=True, n_ctx=4)
+    seen = []
+    fit(
+        again,
+        data,
+        cfg,
+        state_file=state,
+        resume=True,
+        run_key="k",
+        after_epoch=lambda e, t: seen.append(made[-1].get_scale()),
+    )
+    steps = len(data.items) // cfg.batch_size
+    assert seen == [reached * 2.0**steps]  # continued from the saved scale, not 2^10
+
+
 def test_training_changes_only_the_methods_tensors(toy_task, train_clip_dir):
     data = few_shot(load_labelled(toy_task.root, split="train"), 2, seed=1)
     bb, net = _model(train_clip_dir, LabelSet(data.classes), csc=True, n_ctx=4)

@@ -583,7 +583,7 @@ class LLaMP(TrainableModel):
             cache = self._read_kv(path, key, texts, ids) if path is not None else None
             if cache is None:
                 cache = self._build_kv(texts, ids)
-            if path is not None:
+            if cache.path is None and path is not None:  # built here: write it (a hit is read)
                 meta = {"format": KV_FORMAT, "key": key, "llm": self.llm.fingerprint}
                 tensors = {
                     "keys": cache.keys,

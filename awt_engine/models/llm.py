@@ -65,10 +65,11 @@ def load_causal_lm(
             f"LLM folder {path} does not exist (a local model is a folder with config.json, "
             "weights and tokenizer files; a hub id looks like org/name)"
         )
+    torch_dtype = resolve_dtype(dtype, device)  # a bad dtype is its own error, not a load's
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code
+            name, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
         raise LLMLoadError(

@@ -155,6 +155,7 @@ def fit(
     result = TrainResult(epochs=config.epochs, steps=0)
     start_epoch = 0
     state_file = Path(state_file) if state_file is not None else None
+    scaler = _grad_scaler(config.precision, model.device)
     if resume and state_file is not None and state_file.exists():
         meta, learned, opt_state = load_state(state_file)
         if meta.get("run_key") != run_key:
@@ -164,16 +165,14 @@ def fit(
             )
         model.load_learned(learned)
         optimizer.load_state_dict(opt_state)
+        if meta.get("scaler"):  # the loss scale the run had reached (fp16 on CUDA)
+            scaler.load_state_dict(meta["scaler"])
         start_epoch = int(meta["epochs_done"])
         result.losses = list(meta["losses"])
         result.resumed_from = start_epoch
 
     device = model.device
     amp = _autocast(config.precision, device)
-    # fp16 gradients underflow without loss scaling (bf16 and fp32 need none)
-    scaler = torch.amp.GradScaler(
-        "cuda", enabled=device.type == "cuda" and config.precision in (None, "fp16")
-    )
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
     bar = progress_bar(steps_per_epoch * (config.epochs - start_epoch), progress, unit="step")
     model.train()
@@ -242,7 +241,12 @@ def fit(
                     state_file,
                     model.learned_state(),
                     optimizer.state_dict(),
-                    {"run_key": run_key, "epochs_done": epoch + 1, "losses": result.losses},
+                    {
+                        "run_key": run_key,
+                        "epochs_done": epoch + 1,
+                        "losses": result.losses,
+                        "scaler": scaler.state_dict(),  # {} when no loss scaling
+                    },
                 )
             if after_epoch is not None:
                 after_epoch(epoch, mean)
@@ -251,6 +255,12 @@ def fit(
         model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _grad_scaler(precision: str | None, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling (bf16 and fp32 need none)."""
+    enabled = device.type == "cuda" and precision in (None, "fp16")
+    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 def _autocast(precision: str | None, device: torch.device):
