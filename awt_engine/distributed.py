@@ -161,9 +161,11 @@ def _dataset(ray, inputs):
         unreadable = found.unreadable
         parts.append(ray.data.from_items([{"path": str(p)} for p in found.images]))
     if remote:
-        from awt_engine.images import IMAGE_EXTENSIONS
+        from awt_engine.images import _input_extensions
 
-        exts = sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+        # videos too, as a local folder's listing has them: each gets its row (an error
+        # row for now: videos are decoded from local files), none is dropped unseen
+        exts = sorted(e.lstrip(".") for e in _input_extensions())
         parts.append(
             ray.data.read_binary_files(
                 remote, include_paths=True, file_extensions=exts
@@ -257,9 +259,10 @@ def classify_dataset(
     """
     ray = import_ray()
     init(classifier_kwargs.pop("address", None))
-    if preserve_order:  # rows in input order (the CLI's lines), at some cost in throughput
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds, unreadable = _dataset(ray, inputs)
+    if preserve_order:  # rows in input order (the CLI's lines), at some cost in throughput
+        # this pipeline's context (a dataset keeps a copy of the global one), not the process's
+        ds.context.execution_options.preserve_order = True
     device = classifier_kwargs.get("device", "auto")
     num_gpus, num_cpus = resources(device, num_gpus, num_cpus, concurrency)
     spec = ClassifierSpec({**classifier_kwargs, "scorer": scorer})

@@ -943,6 +943,10 @@ def _plan(
     label = input_label(index, item)
     if isinstance(item, (str, os.PathLike)) and _is_video_name(item):
         return _plan_video(label, item, max_pixels, target_size, frames)
+    if isinstance(item, EncodedImage) and _is_video_name(item.name):
+        # videos are decoded by seeking in a file; bytes (a Ray binary read) have none
+        reason = "a video given as bytes: videos are read from local files (give its path)"
+        return DecodedImage(path=label, image=None, error=reason)
     if isinstance(item, (str, os.PathLike, EncodedImage)):
         try:
             opened = _open_for_decode(item, max_pixels, target_size)

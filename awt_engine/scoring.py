@@ -234,12 +234,12 @@ def _solve(
         plans = u_all[:, None, :, None] * w_all[:, :, None, :] if keep_plans else None
         return AWTOutput(scores, u_all, w_all, iters, conv, plans)
 
-    plans = torch.empty(B, C, V, P, dtype=dtype, device=device) if keep_plans else None
-    if keep_plans and g < 1:
+    if keep_plans and g < 1:  # checked before the plans are allocated
         raise ValueError(
             f"the transport plans of one image ({C} classes x {V} views x {P} prompts) do not "
             f"fit memory_budget ({budget / 2**20:.0f} MiB); raise it to keep plans"
         )
+    plans = torch.empty(B, C, V, P, dtype=dtype, device=device) if keep_plans else None
     if g >= 1:
         for b0 in range(0, B, g):
             bs = slice(b0, min(B, b0 + g))

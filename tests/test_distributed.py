@@ -133,6 +133,9 @@ def test_cli_classify_ray_parquet_with_a_trained_checkpoint(
     local = awt_engine.create_classifier(checkpoint=ckpt, **KW)
     inputs = sorted(str(x) for x in folder.iterdir())  # the order find_images gives
     assert [r["path"] for r in rows] == inputs  # rows in input order
+    ray_data = pytest.importorskip("ray.data")
+    # ordered by that pipeline's own context: the process's stays as it was
+    assert not ray_data.DataContext.get_current().execution_options.preserve_order
     want = {p.path: p for p in local.classify(inputs)}
     for r in rows:
         p = want[r["path"]]

@@ -129,6 +129,30 @@ def test_bad_settings_are_refused(train_clip_dir, epalm_llm):
         _epalm(train_clip_dir, epalm_llm, n_levels=3)
 
 
+def test_without_a_question_the_caption_still_follows_the_tokenizers_bos(
+    train_clip_dir, epalm_opt, tmp_path
+):
+    """eP-ALM's captioning layout [prompt] <bos> caption <eos>: an OPT-style tokenizer that
+    adds a BOS keeps it when the question is empty."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "opt-bos"
+    shutil.copytree(epalm_opt, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, bos)]
+    )
+    tok.save_pretrained(folder)
+    net = _epalm(train_clip_dir, str(folder), question="")
+    assert net.question_ids == [bos]
+    plain = _epalm(train_clip_dir, epalm_opt, question="")
+    assert plain.question_ids == []  # a tokenizer without one adds none
+
+
 # ----------------------------------------------------------------------------------------------
 # scores against a hand-run forward pass
 # ----------------------------------------------------------------------------------------------

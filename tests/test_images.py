@@ -165,6 +165,9 @@ def test_encoded_bytes_decode_exactly_as_their_file(bad_folder, target_size):
     assert 0 < n_ok < len(readable)  # good and bad files both compared
     with pytest.raises(ImageDecodeError, match="empty file"):
         load_image(EncodedImage("x.png", b""))
+    # a video's bytes (a Ray binary read of s3://...) get their own row, saying why
+    (row,) = decode_images([EncodedImage("s3://b/clip.mp4", b"\x00\x00\x00\x18ftypmp42")])
+    assert row.path == "s3://b/clip.mp4" and not row.ok and "local files" in row.error
 
 
 # --------------------------------------------------------------------------- load_image

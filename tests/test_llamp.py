@@ -164,7 +164,10 @@ def test_the_kv_cache_is_kept_on_disk_and_rebuilt_when_damaged(train_clip_dir, t
     _forget(net)
     written = cache.path.stat()
     with _counting(net.llm) as calls:
-        net.prepare(LABELS, seed=0)  # self-descriptions and K/V read from disk
+        net.prepare(LABELS, seed=0)  # nothing yet: the K/V waits for the first step
+    assert calls == {} and net._kv == {}
+    with _counting(net.llm) as calls:
+        net.train_cache()  # self-descriptions and K/V read from disk
     assert calls == {}
     hit = net.prefix_cache(LABELS)
     assert hit is not cache and hit.path == cache.path
@@ -179,11 +182,13 @@ def test_the_kv_cache_is_kept_on_disk_and_rebuilt_when_damaged(train_clip_dir, t
     _forget(net)
     with _counting(net.llm) as calls, pytest.warns(UserWarning, match=re.escape(str(cache.path))):
         net.prepare(LABELS, seed=0)
+        net.train_cache()
     assert calls["layer0"] > 0  # rebuilt by the whole LLM
     assert torch.equal(net.prefix_cache(LABELS).values, cache.values)
     _forget(net)
     with _counting(net.llm) as calls:
-        net.prepare(LABELS, seed=0)  # the rewritten file is good again
+        net.prepare(LABELS, seed=0)
+        net.train_cache()  # the rewritten file is good again
     assert calls == {}
 
     describe = next(cache.path.parent.glob("describe-*.json"))

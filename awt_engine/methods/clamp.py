@@ -233,7 +233,8 @@ class CLAMP(TrainableModel):
             dev = self.device
             self.prompts = nn.Parameter(torch.zeros(cfg.n_prompt_tokens, self.width, device=dev))
             self.pooler = PromptPooler(self.width, cfg.pool_heads).to(dev)
-            self.proj = nn.Linear(self.width, self.dim, bias=False, device=dev)
+            # built on the CPU (the forked RNG), then moved: CUDA draws would be global
+            self.proj = nn.Linear(self.width, self.dim, bias=False).to(dev)
         self.log_scale = nn.Parameter(torch.tensor(math.log(self._init_scale), device=dev))
         self._captions: tuple[str, ...] | None = None  # set by training_data (captions=FILE)
         self.eval()  # inference until the fit loop says otherwise (peft's dropouts start in train)

@@ -195,7 +195,8 @@ class EPALM(TrainableBase):
         self.eos_id = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos_id
         self.pad_id = int(pad) if pad is not None else 0
-        self.question_ids = list(tok(config.question).input_ids) if config.question else []
+        # the tokenizer's own specials even for "" (OPT: its BOS; Qwen: none)
+        self.question_ids = list(tok(config.question).input_ids)
         self._state = _InjectionState()
         self._hooks = [
             layer.register_forward_pre_hook(self._layer_hook(i), with_kwargs=True)

@@ -409,9 +409,17 @@ class LLaMP(TrainableModel):
             torch.tensor(min(max(init, 0.0), LN_100), device=dev),
             requires_grad=cfg.learn_logit_scale,
         )
-        # the offline part: every training prefix through the LLM once
-        self._train_cache = self.prefix_cache(labels)
+        # the offline part (every training prefix through the LLM once) waits for the first
+        # step: a loaded checkpoint that scores other labels, or writes to another cache
+        # folder (use_cache_root after load), never builds it
+        self._train_cache: PrefixCache | None = None
         self._frozen_text: Tensor | None = None
+
+    def train_cache(self) -> PrefixCache:
+        """The K/V cache of the training label set's prefixes (built at the first step)."""
+        if self._train_cache is None:
+            self._train_cache = self.prefix_cache(self.train_labels)
+        return self._train_cache
 
     def frozen_text(self) -> Tensor:
         """The regularisers' targets: frozen CLIP's class embeddings, the mean over the
@@ -835,7 +843,7 @@ class LLaMP(TrainableModel):
             self.log_logit_scale.clamp_(0.0, LN_100)
         p = int(torch.randint(P, (1,), generator=batch.generator))  # one prefix per step
         rows = torch.arange(C) * P + p
-        txt = self._text_features(labels, self._train_cache, rows)  # [C, D]
+        txt = self._text_features(labels, self.train_cache(), rows)  # [C, D]
         views = batch.views.flatten(0, 1)
         img = self.encode_images(views)  # [B, D]
         img0 = self.backbone.encode_images(views, grad=False)  # frozen CLIP, same views
