@@ -200,6 +200,15 @@ def test_checkpoint_round_trip_in_a_fresh_process(toy_task, train_clip_dir, tmp_
     assert h["backbone"]["model"] == train_clip_dir and len(h["data"]["fingerprint"]) == 64
     assert h["method_config"]["csc"] is True and h["train_config"]["epochs"] == 2
     test = [str(p) for p in sorted((toy_task.root / "test").rglob("*.png"))[:6]]
+    # the file holds the trained context (not its seeded initialisation), and loading puts
+    # exactly those tensors in the model
+    from safetensors.torch import load_file
+
+    stored = load_file(out)
+    loaded = load_trained(out, device="cpu")
+    assert set(stored) == {"ctx"} and torch.equal(loaded.ctx.detach(), stored["ctx"])
+    _, init = _model(train_clip_dir, LabelSet(tuple(h["labels"]["classes"])), csc=True, n_ctx=4)
+    assert not torch.allclose(init.ctx, stored["ctx"])
 
     import awt_engine
 

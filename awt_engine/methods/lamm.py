@@ -99,7 +99,8 @@ class LAMM(PromptLearner):
         self.label_tokens = nn.Parameter(init.to(self.device))
         self.register_buffer("initial_labels", init.clone().to(self.device), persistent=False)
         self.classes = labels.classes
-        self._row = {c: i for i, c in enumerate(labels.classes)}
+        # a trained class's row, by the name prompts show (built once: read every step)
+        self._display_rows = {display_name(c): i for i, c in enumerate(labels.classes)}
 
     def _ids(self, name: str) -> list[int]:
         return self.text.encode_words(name)
@@ -116,11 +117,7 @@ class LAMM(PromptLearner):
         return [("ctx", self.n_ctx), self._ids(name)]
 
     def _known(self, display: str) -> bool:
-        return display in self._known_display
-
-    @property
-    def _known_display(self) -> set[str]:
-        return {display_name(c) for c in self.classes}
+        return display in self._display_rows
 
     def fills(self, labels: LabelSet, batch: PromptBatch) -> dict[str, Tensor]:
         P = labels.n_prompts
@@ -130,10 +127,8 @@ class LAMM(PromptLearner):
             .reshape(-1, self.ctx.shape[-1])
         }
         if "label" in batch.slots:
-            by_display = {display_name(c): i for i, c in enumerate(self.classes)}
-            rows = [
-                by_display[display_name(c)] for c in labels.classes if self._known(display_name(c))
-            ]
+            shown = (display_name(c) for c in labels.classes)
+            rows = [self._display_rows[d] for d in shown if self._known(d)]
             idx = torch.tensor(rows, device=self.label_tokens.device).repeat_interleave(P)
             out["label"] = self.label_tokens[idx].reshape(-1, self.label_tokens.shape[-1])
         return out
