@@ -89,6 +89,16 @@ def resolve_task(
     return DescribeTask(cache_name, tuple(class_list), description, template)
 
 
+def interrupted_message(path: str, per_class: int, force: bool) -> str:
+    """What an interrupted run saved (read back from the file) and how to go on."""
+    from awt_engine.describe.pipeline import saved_state
+
+    state, resumable = saved_state(path, per_class)
+    if not resumable:
+        return f"{state}; run the same command again to start"
+    return f"{state}; run the same command again{' without --force' if force else ''} to resume"
+
+
 @app.command("describe")
 def describe(
     dataset: Annotated[
@@ -132,11 +142,26 @@ def describe(
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="openai: parallel requests.")] = 16,
     timeout: Annotated[
-        float, typer.Option(min=0.1, callback=finite, help="openai: seconds per request.")
+        float,
+        typer.Option(
+            min=0.1, callback=finite, help="openai: seconds per request, whole answer included."
+        ),
     ] = 120.0,
     max_retries: Annotated[int, typer.Option(min=0, help="openai: retries per request.")] = 5,
+    max_answer_mib: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            callback=finite,
+            help="openai: largest answer accepted, in MiB (a larger one is retried, then that "
+            "request is given up).",
+        ),
+    ] = 4.0,
     device: Annotated[
-        str | None, typer.Option(help="transformers: torch device [default: cuda if present].")
+        str | None,
+        typer.Option(
+            help="transformers: torch device [default: cuda if present]; vllm: cuda or cuda:N."
+        ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="vllm/transformers: weight dtype.")] = "auto",
     batch_size: Annotated[
@@ -144,6 +169,16 @@ def describe(
     ] = 16,
     tensor_parallel_size: Annotated[int, typer.Option(min=1, help="vllm: GPUs.")] = 1,
     max_model_len: Annotated[int, typer.Option(min=256, help="vllm: context length.")] = 4096,
+    gpu_memory_utilization: Annotated[
+        float,
+        typer.Option(
+            min=0.01,
+            max=1.0,
+            callback=finite,
+            help="vllm: share of the GPU's memory it may take; lower it to share the GPU "
+            "(e.g. 0.75 beside CLIP).",
+        ),
+    ] = 0.9,
     per_class: Annotated[int, typer.Option(min=1, help="Descriptions per class.")] = 50,
     questions: Annotated[int, typer.Option(min=1, help="Questions to ask for.")] = 10,
     max_rounds: Annotated[int, typer.Option(min=1, help="Description rounds at most.")] = 4,
@@ -190,7 +225,7 @@ def describe(
     requested; runs in parallel on one cache share it (each skips what the other saved).
     Exit 0: every class has --per-class descriptions; 1: some are short (named in the
     summary; running again tops them up); 2: bad input or the LLM failed; 130: Ctrl-C;
-    143: SIGTERM (finished classes are saved in both cases).
+    143: SIGTERM (finished classes are saved in both cases, and the message says how many).
     """
     from awt_engine.describe import (
         BackendSpec,
@@ -226,11 +261,14 @@ def describe(
             concurrency=concurrency,
             timeout_s=timeout,
             max_retries=max_retries,
+            max_answer_bytes=max(1024, round(max_answer_mib * 2**20)),
             device=device,
             dtype=dtype,
             batch_size=batch_size,
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            progress=progress,
         )
         prompts = InstructionSet.load(instructions_dir)
         llm = make_backend(spec, seed=seed)
@@ -249,11 +287,7 @@ def describe(
         )
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        typer.echo(
-            f"{what}: finished classes are saved in {path_hint or 'the cache'}; "
-            "run the same command again to resume",
-            err=True,
-        )
+        typer.echo(f"{what}: {interrupted_message(path_hint, per_class, force)}", err=True)
         raise typer.Exit(EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT) from None
     except (ValueError, DescribeError, FileNotFoundError, CacheLockTimeout) as e:
         raise fail(str(e)) from None

@@ -12,6 +12,9 @@ _BULLET = re.compile(r"^\s*(?:[-*•·–—]+|\(?\d{1,3}[.):]|\(?[A-Za-z][.)]|Q
 # A sentence ends at . ! or ? followed by space and a capital, digit or an opening quote.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'“(\[]?[A-Z0-9])")
 _EMPHASIS = re.compile(r"\*\*|__|`")
+# Control characters and U+FFFD (bytes that were not text): what a broken or tiny model emits,
+# never part of a sentence worth showing CLIP.
+_DEBRIS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ufffd]")
 
 MIN_WORDS = 3  # "Banded texture." says nothing; real descriptions run 6-30 words.
 MAX_CHARS = 300  # CLIP reads 77 tokens; a longer "sentence" is a paragraph that went wrong.
@@ -55,6 +58,8 @@ def is_valid_sentence(s: str) -> bool:
     if not s or len(s) > MAX_CHARS:
         return False
     if "{" in s or "}" in s:  # an unfilled placeholder or template debris
+        return False
+    if _DEBRIS.search(s):
         return False
     if s.endswith(":"):  # "Here are five sentences about X:"
         return False

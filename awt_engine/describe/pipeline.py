@@ -159,6 +159,36 @@ class DescribeResult:
         return "\n".join(lines)
 
 
+@dataclass
+class AnswerTally:
+    """How a run's description answers parsed: what says why a run found nothing."""
+
+    answers: int = 0  # completions parsed
+    unusable: int = 0  # of them, those without a single usable sentence
+    example: str | None = None  # the first unusable one with any text in it
+
+    def add(self, text: str, usable: int) -> None:
+        self.answers += 1
+        if not usable:
+            self.unusable += 1
+            if self.example is None and text.strip():
+                self.example = text
+
+    def describe(self) -> str:
+        """One line on the unusable answers ("" when every answer held something)."""
+        if not self.unusable:
+            return ""
+        if self.example is None:
+            sample = "all of them were empty"
+        else:
+            sample = f"one began: {_snippet(self.example)!r}"
+        if self.unusable == self.answers:
+            what = f"every one of its {self.answers} answer(s) failed to parse"
+        else:
+            what = f"{self.unusable} of {self.answers} answer(s) held no usable sentence"
+        return f"{what} (answers should be short sentences, one per line); {sample}"
+
+
 # ----------------------------------------------------------------------------------------------
 # the two steps
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +247,7 @@ def generate_descriptions(
     classes: Sequence[str] | None = None,
     on_class_done: Callable[[str, list[str]], None] | None = None,
     is_done: Callable[[str], bool] | None = None,
+    tally: AnswerTally | None = None,
 ) -> dict[str, list[str]]:
     """Step 2: descriptions for ``classes`` (default: all of the task's), each topped up to
     ``per_class`` on top of its ``existing`` ones.
@@ -229,7 +260,8 @@ def generate_descriptions(
 
     ``is_done(name)`` True means the class is already saved in full elsewhere (another run on
     the same cache): it is not asked again, requests not yet sent for it are skipped, and
-    ``on_class_done`` is not called for it.
+    ``on_class_done`` is not called for it. ``tally`` (if given) counts the answers that held
+    no usable sentence and keeps one of them.
     """
     if not questions:
         raise ValueError("no questions to ask")
@@ -282,7 +314,10 @@ def generate_descriptions(
         def on_result(i: int, completions: list) -> None:
             c, j = owners[i]
             for comp in completions:
-                answers[c][j].extend(parse_descriptions(comp.text, truncated=comp.truncated))
+                parsed = parse_descriptions(comp.text, truncated=comp.truncated)
+                if tally is not None:
+                    tally.add(comp.text, len(parsed))
+                answers[c][j].extend(parsed)
             outstanding[c] -= 1
             if outstanding[c] == 0:  # the class's answers of this round are all in
                 if is_done is not None and is_done(c):
@@ -312,6 +347,30 @@ def generate_descriptions(
 def _snippet(text: str | None, limit: int = 160) -> str:
     text = " ".join((text or "").split())
     return text[:limit] + ("..." if len(text) > limit else "")
+
+
+def saved_state(path: str | Path | None, per_class: int) -> tuple[str, bool]:
+    """What the cache file holds, in words, read back from it (so it is true after an
+    interruption whatever had finished), and whether it holds anything to resume from."""
+    if not path:
+        return "nothing was saved", False
+    try:
+        ds = load_descriptions(path)
+    except FileNotFoundError:
+        return f"nothing was saved ({path} was not written)", False
+    except (OSError, ValueError) as e:
+        return f"{path} could not be read back ({e})", False
+    counts = ds.counts()
+    described = sum(n > 0 for n in counts.values())
+    full = sum(n >= per_class for n in counts.values())
+    if not described:
+        held = "only the questions" if ds.questions else "no descriptions"
+        return f"no class was saved ({path} holds {held})", bool(ds.questions)
+    return (
+        f"{described} of {len(counts)} classes saved in {path} ({full} with all {per_class} "
+        "descriptions)",
+        True,
+    )
 
 
 def _signature(path: Path) -> tuple[int, int, int, int] | None:
@@ -601,7 +660,13 @@ def describe_classes(
     template = task.template if task.template is not None else (existing and existing.template)
     todo = [c for c in task.classes if len(descs.get(c, ())) < config.per_class]
     start_counts = {c: len(descs.get(c, ())) for c in todo}
-    stats0 = (backend.stats.requests, backend.stats.retries, backend.stats.generated_tokens)
+    stats0 = (
+        backend.stats.requests,
+        backend.stats.retries,
+        backend.stats.generated_tokens,
+        backend.stats.rejected,
+    )
+    tally = AnswerTally()
     provenance = existing.provenance if existing is not None else {}
     state = {"questions": questions, "provenance": provenance}
     generated: list[str] = []
@@ -659,6 +724,7 @@ def describe_classes(
                 classes=todo,
                 on_class_done=on_class_done,
                 is_done=saver.saved_full,
+                tally=tally,
             )
         finally:
             try:
@@ -678,12 +744,14 @@ def describe_classes(
                 f"{len(elsewhere)} class(es) were described meanwhile by another run on "
                 f"{path.name} and not asked again"
             )
+        rejected = backend.stats.rejected - stats0[3]
         if not generated and not elsewhere:
             raise NoUsableOutputError(
                 f"the LLM ({backend.name}: {backend.model}) gave no new usable description for "
-                f"any of {len(todo)} class(es); answers should be short sentences, one per line. "
+                f"any of {len(todo)} class(es): {_why_nothing(tally, rejected, backend)}. "
                 f"Nothing already in {path} was lost."
             )
+        notes.extend(_answer_notes(tally, rejected, backend))
 
     result_set = final or (build() if (todo or existing is None) else existing)
     counts = result_set.counts()
@@ -701,6 +769,38 @@ def describe_classes(
         seconds=time.perf_counter() - start,
         notes=notes,
     )
+
+
+def _rejection_text(rejected: int, backend: ChatBackend) -> str:
+    first = backend.stats.first_rejection
+    return f"{rejected} request(s) were given up" + (f" ({first})" if first else "")
+
+
+def _why_nothing(tally: AnswerTally, rejected: int, backend: ChatBackend) -> str:
+    """Why a run that asked for descriptions found none (for NoUsableOutputError)."""
+    parts = []
+    if rejected:
+        parts.append(_rejection_text(rejected, backend))
+    if tally.unusable:
+        parts.append(tally.describe())
+    if tally.answers > tally.unusable:
+        parts.append("the usable answers only repeated descriptions already there")
+    if not parts:
+        parts.append("no answer came back")
+    return "; ".join(parts)
+
+
+def _answer_notes(tally: AnswerTally, rejected: int, backend: ChatBackend) -> list[str]:
+    """What the summary should add about answers that brought nothing."""
+    notes = []
+    if rejected:
+        notes.append(
+            f"{_rejection_text(rejected, backend)}; the classes they were for may be short "
+            "(run the same command again to top them up)"
+        )
+    if tally.unusable:
+        notes.append(tally.describe())
+    return notes
 
 
 def _progress_bar(total: int, name: str, enabled: bool):

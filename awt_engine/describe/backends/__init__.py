@@ -49,16 +49,21 @@ class BackendSpec:
     concurrency: int = OpenAIConfig.concurrency
     timeout_s: float = OpenAIConfig.timeout_s
     max_retries: int = OpenAIConfig.max_retries
-    device: str | None = None  # transformers
+    max_answer_bytes: int = OpenAIConfig.max_answer_bytes
+    device: str | None = None  # transformers (any torch device), vllm (cuda or cuda:N)
     dtype: str = "auto"  # vllm, transformers
     batch_size: int = TransformersConfig.batch_size
     tensor_parallel_size: int = VLLMConfig.tensor_parallel_size
     max_model_len: int | None = VLLMConfig.max_model_len
+    gpu_memory_utilization: float = VLLMConfig.gpu_memory_utilization
+    progress: bool = True  # transformers: its loading bars (drawn on a terminal only)
 
 
 def make_backend(spec: BackendSpec, *, seed: int = 0) -> ChatBackend:
     """Build the backend (cheaply: models load on the first request)."""
     name = spec.name or default_backend_name()
+    if spec.name is None and name == "vllm" and not _is_cuda(spec.device):
+        name = "transformers"  # --device cpu / mps without --backend: the backend that can
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "openai":
@@ -74,6 +79,7 @@ def make_backend(spec: BackendSpec, *, seed: int = 0) -> ChatBackend:
                 concurrency=spec.concurrency,
                 timeout_s=spec.timeout_s,
                 max_retries=spec.max_retries,
+                max_answer_bytes=spec.max_answer_bytes,
             )
         )
     if spec.base_url or spec.api_key_env:
@@ -86,14 +92,25 @@ def make_backend(spec: BackendSpec, *, seed: int = 0) -> ChatBackend:
                 dtype=spec.dtype,
                 tensor_parallel_size=spec.tensor_parallel_size,
                 max_model_len=spec.max_model_len,
+                gpu_memory_utilization=spec.gpu_memory_utilization,
+                device=spec.device,
             ),
             seed=seed,
         )
     return TransformersBackend(
         TransformersConfig(
-            model=model, device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size
+            model=model,
+            device=spec.device,
+            dtype=spec.dtype,
+            batch_size=spec.batch_size,
+            progress=spec.progress,
         )
     )
+
+
+def _is_cuda(device: str | None) -> bool:
+    """True for no device (the default), "auto" and cuda devices."""
+    return device is None or device == "auto" or device.split(":")[0] == "cuda"
 
 
 __all__ = [

@@ -64,6 +64,10 @@ class BackendStats:
     retries: int = 0  # HTTP attempts repeated after a failure (openai)
     generated_tokens: int = 0  # where the backend can count them
     seconds: float = 0.0  # time spent inside chat()
+    # Requests given up after their retries because of the answer itself (too large, too
+    # slow; openai): the request gets no completions and the run goes on.
+    rejected: int = 0
+    first_rejection: str | None = None  # why the first one was given up
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: float) -> None:
@@ -71,11 +75,21 @@ class BackendStats:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    def reject(self, reason: str) -> bool:
+        """Count a request given up; True for the first one (worth a warning)."""
+        with self._lock:
+            self.rejected += 1
+            if self.first_rejection is None:
+                self.first_rejection = reason
+                return True
+            return False
+
     def to_json(self) -> dict:
         return {
             "requests": self.requests,
             "retries": self.retries,
             "generated_tokens": self.generated_tokens,
+            "rejected": self.rejected,
             "seconds": round(self.seconds, 3),
         }
 

@@ -7,8 +7,10 @@ batching so little compute goes to padding, and answers are returned in request 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from awt_engine.describe.backends.base import (
@@ -32,6 +34,9 @@ class TransformersConfig:
     # ~1.5k-token prompts without running out of memory; on CPU it bounds peak memory.
     batch_size: int = 16
     trust_remote_code: bool = False  # never run code from a model repo unless asked
+    # transformers' own bars ("Loading weights"): drawn only when True and stderr is a
+    # terminal, so logs and pipes never fill with them (--no-progress turns them off).
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -45,6 +50,29 @@ def _merge_system(messages: Conversation) -> Conversation:
     if system and rest and rest[0]["role"] == "user":
         rest[0]["content"] = system + "\n\n" + rest[0]["content"]
     return rest
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+@contextlib.contextmanager
+def library_bars(enabled: bool) -> Iterator[None]:
+    """transformers' (and the hub's) progress bars off until the block ends, unless
+    ``enabled`` (then left as they are: HF_HUB_DISABLE_PROGRESS_BARS=1 still holds)."""
+    from transformers.utils import logging as hf_logging
+
+    if enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 class TransformersBackend(ChatBackend):
@@ -75,9 +103,10 @@ class TransformersBackend(ChatBackend):
         c = self.config
         device = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            loaded = load_causal_lm(
-                c.model, device=device, dtype=c.dtype, trust_remote_code=c.trust_remote_code
-            )
+            with library_bars(c.progress and _stderr_is_terminal()):
+                loaded = load_causal_lm(
+                    c.model, device=device, dtype=c.dtype, trust_remote_code=c.trust_remote_code
+                )
         except LLMLoadError as e:
             raise BackendError(str(e)) from None
         model, tokenizer = loaded.model, loaded.tokenizer

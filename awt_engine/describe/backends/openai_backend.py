@@ -6,6 +6,12 @@ fail with 429, 5xx, a timeout or a dropped connection are retried with exponenti
 ``Retry-After`` header is honoured and pauses every worker, not only the one that got it.
 The API key is read from an environment variable, is only ever sent to the origin of
 ``base_url`` (a redirect elsewhere is refused) and never appears in an error message.
+
+Every request has a total deadline (``timeout_s``: connecting, waiting and reading the whole
+answer; a watchdog shuts its socket when the time is up, since a socket timeout alone bounds
+each read, not a server trickling a byte per read) and the answer a size cap
+(``max_answer_bytes``). An answer too slow or too large is retried like a timeout; if it stays
+so, that request is given up (no completions: its class may end short) and the run goes on.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import email.utils
 import http.client
 import json
+import logging
 import math
 import os
 import queue
@@ -36,7 +43,10 @@ from awt_engine.describe.backends.base import (
 )
 from awt_engine.describe.errors import BackendError
 
+log = logging.getLogger("awt_engine.describe")
+
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+ERROR_BODY_BYTES = 4096  # read of an error answer: enough for its message, never a flood
 
 # userinfo ("user:secret@") of a URL, with or without its scheme
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
@@ -83,8 +93,13 @@ class OpenAIConfig:
     # Parallel requests: keeps one vLLM/TGI server's batch full without tripping the
     # per-key rate limits of hosted APIs.
     concurrency: int = 16
-    # One long answer from a busy server takes tens of seconds; beyond this it is retried.
+    # One long answer from a busy server takes tens of seconds; a request not complete within
+    # this many seconds (connecting, waiting and reading the whole answer) is retried.
     timeout_s: float = 120.0
+    # Largest answer accepted, in bytes. An answer of 512 tokens is a few KiB of JSON; 4 MiB
+    # leaves room for many samples (n) and verbose servers, while a runaway or hostile server
+    # cannot fill memory. A larger answer is retried like a timeout, then given up.
+    max_answer_bytes: int = 4 * 2**20
     # 1+2+4+8+16 s of backoff rides out a server restart or a rate-limit window.
     max_retries: int = 5
     backoff_s: float = 1.0
@@ -113,6 +128,10 @@ class OpenAIConfig:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if isinstance(self.max_answer_bytes, bool) or not isinstance(self.max_answer_bytes, int):
+            raise ValueError(f"max_answer_bytes must be an integer, got {self.max_answer_bytes!r}")
+        if self.max_answer_bytes < 1024:
+            raise ValueError(f"max_answer_bytes must be >= 1024, got {self.max_answer_bytes}")
         if not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
             raise ValueError(
                 f"--timeout must be a finite number of seconds > 0, got {self.timeout_s}"
@@ -149,12 +168,124 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _SKIPPED = object()  # a request whose answer was no longer wanted
+_GAVE_UP = object()  # a request whose answer stayed too large or too slow (it gets none)
 
 
 class _Retryable(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _Rejected(_Retryable):
+    """The answer itself failed (too large, too slow): retried, then only this request is
+    given up, where a failing server (refused, unreachable, silent) stops the run."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the total deadline of one request
+# ----------------------------------------------------------------------------------------------
+_current = threading.local()  # .deadline: the _Deadline of the request this thread is sending
+
+
+class _Deadline:
+    """Shuts the sockets of one request when its time is up, which makes any blocked read of
+    it fail at once. A socket timeout bounds each read only: a server sending one byte per
+    read would otherwise hold the request (and its worker) forever."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._finished = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Stop watching (call before the sockets are closed, so none is shut after)."""
+        with self._lock:
+            self._finished = True
+            self._socks.clear()
+        self._timer.cancel()
+        _current.deadline = None
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            if self.expired:
+                _shut(sock)
+            else:
+                self._socks.append(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self.expired = True
+            for sock in self._socks:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed
+        pass
+
+
+def _watched(connect: Callable[[], None], conn: http.client.HTTPConnection) -> None:
+    connect()
+    deadline = getattr(_current, "deadline", None)
+    if deadline is not None and conn.sock is not None:
+        deadline.watch(conn.sock)
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self) -> None:
+        _watched(super().connect, self)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self) -> None:
+        _watched(super().connect, self)  # the TLS socket, once wrapped
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        # No context given: http.client's default one (certificates and host name checked).
+        return self.do_open(_HTTPSConnection, req)
+
+
+def read_capped(resp, limit: int) -> bytes:
+    """The whole body of ``resp``; :class:`_Rejected` as soon as it exceeds ``limit`` bytes
+    (never more than ``limit`` + 64 KiB is held)."""
+    declared = resp.headers.get("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise _Rejected(f"answer of {int(declared)} bytes is larger than the {limit}-byte cap")
+    chunks, size = [], 0
+    while True:
+        chunk = resp.read(min(65536, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise _Rejected(f"answer is larger than the {limit}-byte cap")
+        chunks.append(chunk)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -194,7 +325,9 @@ class OpenAIBackend(ChatBackend):
         self._pause_lock = threading.Lock()
         self._pause_until = 0.0
         self._api_key = self._read_key()
-        self._opener = urllib.request.build_opener(_SameOriginRedirects(_origin(config.url)))
+        self._opener = urllib.request.build_opener(
+            _SameOriginRedirects(_origin(config.url)), _HTTPHandler(), _HTTPSHandler()
+        )
 
     def _read_key(self) -> str | None:
         env = self.config.api_key_env
@@ -225,6 +358,7 @@ class OpenAIBackend(ChatBackend):
             "base_url": c.base_url,
             "concurrency": c.concurrency,
             "timeout_s": c.timeout_s,
+            "max_answer_bytes": c.max_answer_bytes,
             "max_retries": c.max_retries,
         }
 
@@ -262,45 +396,73 @@ class OpenAIBackend(ChatBackend):
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.config.url, data=data, headers=headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.config.timeout_s) as resp:
-                payload = resp.read()
-        except urllib.error.HTTPError as e:
-            detail = self._snippet(e.read() if e.fp is not None else b"")
-            if e.code in RETRY_STATUS:
-                raise _Retryable(
-                    f"HTTP {e.code} {detail}", parse_retry_after(e.headers.get("Retry-After"))
-                ) from None
-            hint = {
-                401: "; check the API key (--api-key-env)",
-                403: "; check the API key (--api-key-env)",
-                404: "; check --base-url (it usually ends in /v1) and --model",
-            }.get(e.code, "")
-            raise BackendError(
-                f"{self.config.url} refused the request: HTTP {e.code} {detail}{hint}"
-            ) from None
-        except urllib.error.URLError as e:
-            reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no answer within {self.config.timeout_s:g} s") from None
-            raise _Retryable(f"cannot connect ({reason})") from None
-        except TimeoutError:
-            raise _Retryable(f"no answer within {self.config.timeout_s:g} s") from None
-        except (http.client.HTTPException, ConnectionError) as e:
-            raise _Retryable(f"connection broken ({type(e).__name__}: {e})") from None
+        payload = self._exchange(request)
         try:
             obj = json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except ValueError:  # not UTF-8, not JSON, an integer of 5000 digits, ...
             raise _Retryable(f"answer is not JSON: {self._snippet(payload)}") from None
+        except RecursionError:  # nested deeper than the parser's stack
+            raise _Retryable(
+                f"answer is not usable JSON (nested too deeply): {self._snippet(payload)}"
+            ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
             raise _Retryable(f"answer has no 'choices': {self._snippet(payload)}")
         return obj
 
+    def _exchange(self, request: urllib.request.Request) -> bytes:
+        """The answer's body, all of it within the deadline and the size cap."""
+        c = self.config
+        deadline = _Deadline(c.timeout_s)
+        answered = False  # the status line and headers arrived: the answer itself is slow
+        resp = None
+        try:
+            with deadline:
+                try:
+                    resp = self._opener.open(request, timeout=c.timeout_s)
+                    answered = True
+                    payload = read_capped(resp, c.max_answer_bytes)
+                    if deadline.expired:  # shut mid-answer: what was read may be cut short
+                        raise self._late(answered)
+                    return payload
+                except urllib.error.HTTPError as e:
+                    answered = True
+                    body = e.read(ERROR_BODY_BYTES) if e.fp is not None else b""
+                    raise self._refused(e, body) from None
+                except (OSError, http.client.HTTPException, ValueError) as e:
+                    # Once the headers are in, a read that times out is the answer being slow,
+                    # whichever of the socket timeout and the deadline fired first.
+                    if deadline.expired or (answered and isinstance(e, TimeoutError)):
+                        raise self._late(answered) from None
+                    raise _broken(e, c.timeout_s) from None
+        finally:
+            if resp is not None:
+                resp.close()
+
+    def _late(self, answered: bool) -> _Retryable:
+        t = self.config.timeout_s
+        if answered:
+            return _Rejected(f"answer not complete within {t:g} s (it arrived too slowly)")
+        return _Retryable(f"no answer within {t:g} s")
+
+    def _refused(self, e: urllib.error.HTTPError, body: bytes) -> Exception:
+        detail = self._snippet(body)
+        if e.code in RETRY_STATUS:
+            return _Retryable(
+                f"HTTP {e.code} {detail}", parse_retry_after(e.headers.get("Retry-After"))
+            )
+        hint = {
+            401: "; check the API key (--api-key-env)",
+            403: "; check the API key (--api-key-env)",
+            404: "; check --base-url (it usually ends in /v1) and --model",
+        }.get(e.code, "")
+        return BackendError(f"{self.config.url} refused the request: HTTP {e.code} {detail}{hint}")
+
     def _one(self, req: ChatRequest, sampling: SamplingConfig, abort: threading.Event):
-        """The request's completions, or _SKIPPED when ``req.wanted()`` turned False."""
+        """The request's completions; _SKIPPED when ``req.wanted()`` turned False, _GAVE_UP
+        when its answer stayed too large or too slow through every retry."""
         data = json.dumps(self._body(req, sampling)).encode("utf-8")
         c = self.config
-        last = ""
+        last: _Retryable | None = None
         for attempt in range(c.max_retries + 1):
             with self._pause_lock:
                 pause = self._pause_until - self._clock()
@@ -312,7 +474,7 @@ class OpenAIBackend(ChatBackend):
             try:
                 obj = self._post(data)
             except _Retryable as e:
-                last = str(e)
+                last = e
                 if attempt == c.max_retries or abort.is_set():
                     break
                 delay = min(c.max_backoff_s, c.backoff_s * 2**attempt)
@@ -326,6 +488,16 @@ class OpenAIBackend(ChatBackend):
                 self._wait(delay, abort)
                 continue
             return _completions(obj, sampling.n)
+        if isinstance(last, _Rejected) and not abort.is_set():
+            reason = f"{c.max_retries + 1} attempt(s), the last: {last}"
+            if self.stats.reject(reason):
+                log.warning(
+                    "a request to %s was given up after %s; its class gets no sentences from "
+                    "it (the run goes on; a rerun tops short classes up)",
+                    c.url,
+                    reason,
+                )
+            return _GAVE_UP
         raise BackendError(
             f"{c.url} failed after {c.max_retries + 1} attempt(s): {last}. Is the server running "
             "and --base-url right? Finished classes are kept; run the same command to resume."
@@ -385,7 +557,7 @@ class OpenAIBackend(ChatBackend):
                     continue
                 if completions is None:
                     continue
-                if completions is _SKIPPED:
+                if completions is _SKIPPED or completions is _GAVE_UP:
                     completions = []
                 else:
                     self.stats.add(requests=1)
@@ -400,6 +572,16 @@ class OpenAIBackend(ChatBackend):
         if first_error is not None:
             raise first_error
         return [r if r is not None else [] for r in results]
+
+
+def _broken(e: BaseException, timeout_s: float) -> _Retryable:
+    """A failure of the connection (not of the deadline) as a retryable error."""
+    reason = e.reason if isinstance(e, urllib.error.URLError) else e
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return _Retryable(f"no answer within {timeout_s:g} s")
+    if isinstance(e, urllib.error.URLError):
+        return _Retryable(f"cannot connect ({reason})")
+    return _Retryable(f"connection broken ({type(e).__name__}: {e})")
 
 
 def _snippet(payload: bytes, limit: int = 200) -> str:

@@ -2,14 +2,19 @@
 call, so the engine schedules and batches them itself (continuous batching, shared prefixes).
 
 vLLM is an optional extra (``pip install awt-engine[vllm]``) and is imported only here, when
-the backend first runs.
+the backend first runs. It runs on CUDA GPUs only; ``device="cuda:N"`` picks the GPU through
+``CUDA_VISIBLE_DEVICES`` (vLLM's own way), set while the engine starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import math
+import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from awt_engine.describe.backends.base import (
@@ -27,12 +32,48 @@ class VLLMConfig:
     model: str  # hub id or local folder
     dtype: str = "auto"  # the checkpoint's dtype (bf16 for current instruct models)
     tensor_parallel_size: int = 1  # GPUs to shard the model over
-    # vLLM's own default: weights take what they need, the KV cache gets the rest.
+    # Share of the GPU's whole memory vLLM takes (weights, then KV cache up to it). vLLM's own
+    # default: describe is an offline stage run on its own, and a larger KV cache batches more
+    # requests. To share the GPU (CLIP, another process), lower it: 0.9 of a 24 GB GPU leaves
+    # 2.4 GB; at 0.75 a 7B model in bf16 (~15 GB of weights) still has ~3 GB of KV cache and
+    # 6 GB stay free.
     gpu_memory_utilization: float = 0.9
+    # None, "auto" or "cuda": the GPUs CUDA_VISIBLE_DEVICES shows, from the first; "cuda:N":
+    # the N-th of them (and the next ones with tensor_parallel_size > 1). No cpu or mps.
+    device: str | None = None
     # Our prompts are ~1-1.5k tokens plus a 512-token answer. Capping the context keeps the
     # KV-cache reservation small for models that advertise 32k-128k contexts.
     max_model_len: int | None = 4096
     trust_remote_code: bool = False  # never run code from a model repo unless asked
+
+    def __post_init__(self) -> None:
+        g = self.gpu_memory_utilization
+        if not isinstance(g, (int, float)) or not math.isfinite(g) or not 0 < g <= 1:
+            raise ValueError(
+                f"--gpu-memory-utilization must be a fraction in (0, 1], got {g!r} (the share "
+                "of the GPU's memory vLLM may take)"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        cuda_index(self.device)  # refuses cpu, mps and malformed names now, not at load
+
+    def visible_devices(self, current: str | None) -> str | None:
+        """CUDA_VISIBLE_DEVICES that makes vLLM use :attr:`device`, given the current value
+        (None: unset); None: leave it as it is."""
+        index = cuda_index(self.device)
+        if index is None:
+            return None
+        tp = self.tensor_parallel_size
+        if current is None:
+            return ",".join(str(i) for i in range(index, index + tp))
+        ids = [d.strip() for d in current.split(",") if d.strip()]
+        if index + tp > len(ids):
+            raise ValueError(
+                f"--device {self.device}: {'GPUs' if tp > 1 else 'GPU'} {index}"
+                f"{f'-{index + tp - 1}' if tp > 1 else ''} asked for, but "
+                f"CUDA_VISIBLE_DEVICES={current!r} shows {len(ids)}"
+            )
+        return ",".join(ids[index : index + tp])
 
     def llm_kwargs(self, seed: int) -> dict:
         kwargs = {
@@ -46,6 +87,40 @@ class VLLMConfig:
         if self.max_model_len is not None:
             kwargs["max_model_len"] = self.max_model_len
         return kwargs
+
+
+def cuda_index(device: str | None) -> int | None:
+    """The N of ``cuda:N``; None for no device, "auto" or "cuda"; ValueError for the rest."""
+    if device is None or device in ("auto", "cuda"):
+        return None
+    m = re.fullmatch(r"cuda:(\d{1,4})", device.strip())
+    if m:
+        return int(m.group(1))
+    if device.split(":")[0] in ("cpu", "mps", "xpu", "meta"):
+        raise ValueError(
+            f"--device {device}: the vllm backend runs on CUDA GPUs only; use --backend "
+            "transformers to describe on this device"
+        )
+    raise ValueError(f"--device {device!r}: the vllm backend takes cuda or cuda:N")
+
+
+@contextlib.contextmanager
+def visible_devices(value: str | None) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES set to ``value`` (None: untouched) until the block ends. vLLM reads
+    it when its engine starts (in a process of its own), so it is put back afterwards."""
+    if value is None:
+        yield
+        return
+    name = "CUDA_VISIBLE_DEVICES"
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def import_vllm():
@@ -74,13 +149,20 @@ class VLLMBackend(ChatBackend):
             "dtype": c.dtype,
             "tensor_parallel_size": c.tensor_parallel_size,
             "max_model_len": c.max_model_len,
+            "gpu_memory_utilization": c.gpu_memory_utilization,
+            "device": c.device,
         }
 
     def _load(self) -> None:
         if self._llm is None:
             self._vllm = import_vllm()
             try:
-                self._llm = self._vllm.LLM(**self.config.llm_kwargs(self._seed))
+                devices = self.config.visible_devices(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            except ValueError as e:
+                raise BackendError(str(e)) from None
+            try:
+                with visible_devices(devices):
+                    self._llm = self._vllm.LLM(**self.config.llm_kwargs(self._seed))
             except Exception as e:  # no GPU, model not found, out of memory, ...
                 raise BackendError(
                     f"vLLM could not start model {self.config.model!r}: {type(e).__name__}: {e}"
