@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.models.layers import BranchAdapters
 from awt_engine.scorers import AWTConfig
 from awt_engine.training.loop import TrainConfig
@@ -66,12 +66,13 @@ from awt_engine.views import ViewConfig
 class AWTAdapterConfig:
     # Adapter.Down_Rate: 384 in vit_b16_1_2_4_shot.yaml; train() uses 256 from 8 shots on
     # (vit_b16_8_16_shot.yaml), see awt_config_defaults
-    down_rate: int = 384
+    down_rate: int = bounded(384, 1, 1 << 16)
     learn_scale: bool = True  # Adapter.Scale: -1.0, a learnable scale starting at 1
-    train_views: int = 8  # DATALOADER.K_TRANSFORMS: augmented views per training image
+    # DATALOADER.K_TRANSFORMS: augmented views per training image
+    train_views: int = bounded(8, 1, 256)
     # LLM.Desc_Per_Batch: the bare prompt plus 7 sampled descriptions per step (the
     # authors' config comment: 4 for ImageNet, to fit memory)
-    prompts_per_step: int = 8
+    prompts_per_step: int = bounded(8, 1, 1024)
     train_view_temperature: float = 1.0  # ot_tools.Wasserstein_Distance(is_train=True)
     train_prompt_temperature: float = 1.0  # the same
     l1_image_weight: float = 10.0  # forward_backward: L1(image features) * 10

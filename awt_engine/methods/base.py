@@ -3,7 +3,9 @@
 A method supplies three things and nothing else (:mod:`awt_engine.training` does the rest:
 data, the one fit loop, the schedule, checkpoints):
 
-* a frozen ``Config`` dataclass of its hyper-parameters, each default with its source;
+* a frozen ``Config`` dataclass of its hyper-parameters, each default with its source,
+  sizes declared with :func:`bounded` (checked by :func:`check_values` before anything
+  is allocated: for ``--set`` options, a checkpoint's header and every build);
 * a :class:`TrainableModel` subclass (an Embedder; a LogitModel derives from
   :class:`TrainableBase`): its modules (the only parameters that learn), the
   interface calls (``encode_images`` / ``class_embeddings``, or ``logits`` for a
@@ -20,6 +22,9 @@ Axes: B images, V views, C classes, P prompts, D width, R input size.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,6 +36,61 @@ from awt_engine.labelled import LabelledData
 from awt_engine.labels import LabelSet
 from awt_engine.models.base import learned_identity
 from awt_engine.views import ViewConfig
+
+
+def bounded(default, low, high):
+    """A Config field whose value must lie in [``low``, ``high``]: the sizes a method
+    allocates from, so that an absurd value (``--set n_ctx=100000000``, a crafted
+    checkpoint) is refused by :func:`check_values` before any tensor is made."""
+    return field(default=default, metadata={"bounds": (low, high)})
+
+
+def check_config(config) -> None:
+    """:func:`check_values` of every field of the Config dataclass instance ``config``."""
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    check_values(type(config), values)
+
+
+def check_values(config_type: type, values: Mapping[str, Any]) -> None:
+    """ValueError naming the first of ``values`` (field name -> value) that does not fit
+    its field of the Config dataclass ``config_type``: not of the field's type (str, int,
+    float, bool or None as annotated), a number that is not finite, or outside the field's
+    :func:`bounded` range. Cheap: run before the Config is built (a checkpoint's header)
+    and before any model is."""
+    hints = typing.get_type_hints(config_type)
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    for name, value in values.items():
+        if name not in fields:
+            continue
+        hint = hints.get(name)
+        if not _fits(value, hint):
+            raise ValueError(f"{name} must be {_kind(hint)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        bounds = fields[name].metadata.get("bounds")
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
+            raise ValueError(f"{name} must be between {bounds[0]} and {bounds[1]}, got {value!r}")
+
+
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
+
+
+def _fits(value, hint) -> bool:
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, hint) if hint in _KINDS else True  # others: the Config's own
+
+
+def _kind(hint) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_kind(h) for h in typing.get_args(hint))
+    return "none" if hint is type(None) else _KINDS.get(hint, str(hint))
 
 
 @dataclass(frozen=True)
@@ -108,7 +168,8 @@ class TrainableBase(nn.Module):
         return name
 
     def load_learned(self, state: Mapping[str, Tensor]) -> None:
-        """Load tensors saved by :meth:`learned_state`; every name and shape must match."""
+        """Load tensors saved by :meth:`learned_state`; every name and shape must match
+        and every value be finite in the model's dtype (ValueError else, nothing loaded)."""
         own = {self.state_name(n): p for n, p in self.named_parameters()}
         expected = {n for n, p in own.items() if p.requires_grad}
         missing, extra = expected - set(state), set(state) - expected
@@ -117,15 +178,23 @@ class TrainableBase(nn.Module):
                 f"checkpoint tensors do not fit this {self.method} model: missing "
                 f"{sorted(missing) or 'none'}, unexpected {sorted(extra) or 'none'}"
             )
+        ready = {}
+        for name, value in state.items():  # every tensor checked before any is copied
+            p = own[name]
+            if tuple(p.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, this model "
+                    f"has {tuple(p.shape)} (another class count or configuration?)"
+                )
+            ready[name] = value.to(p.device, p.dtype)
+            if ready[name].is_floating_point() and not bool(torch.isfinite(ready[name]).all()):
+                raise ValueError(
+                    f"checkpoint tensor {name!r} holds values that are not finite in "
+                    f"{str(p.dtype).removeprefix('torch.')} (absurd or diverged weights)"
+                )
         with torch.no_grad():
-            for name, value in state.items():
-                p = own[name]
-                if tuple(p.shape) != tuple(value.shape):
-                    raise ValueError(
-                        f"checkpoint tensor {name!r} has shape {tuple(value.shape)}, this model "
-                        f"has {tuple(p.shape)} (another class count or configuration?)"
-                    )
-                p.copy_(value.to(p.device, p.dtype))
+            for name, value in ready.items():
+                own[name].copy_(value)
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; one group at ``lr`` unless a method needs more."""
@@ -198,4 +267,5 @@ class MethodSpec:
         cfg = config if config is not None else self.config()
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
+        check_config(cfg)
         return self.model(backbone, cfg)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.models.clip_text import ClipTextTower, PromptBatch
 from awt_engine.registry import display_name
 from awt_engine.training.loop import TrainConfig
@@ -36,7 +36,8 @@ POSITIONS = ("end", "middle", "front")
 
 @dataclass(frozen=True)
 class CoOpConfig:
-    n_ctx: int = 16  # CoOp N_CTX (main results); set by ctx_init's length when one is given
+    # CoOp N_CTX (main results); set by ctx_init's length when one is given
+    n_ctx: int = bounded(16, 1, 256)
     ctx_init: str = ""  # "": N(0, 0.02) (CoOp); a phrase, e.g. "a photo of a" (CoOp ctxv1)
     csc: bool = False  # class-specific contexts (CoOp's CSC variant)
     class_position: str = "end"  # CoOp CLASS_TOKEN_POSITION: end, middle or front
