@@ -67,6 +67,11 @@ Labels of class folders:
 With no data set, the class names are the folder names (sorted; numerically when all are
 numbers), or the explicit ``classes`` the folders are matched to.
 
+A data set name the registry does not know but a description cache has (``cache import``,
+``describe --name``) reads the root as folders of class folders, matched to the cache's
+classes by name (case, ``_``/``-``/spaces, then punctuation ignored); see
+:func:`_load_described`.
+
 Not read: raw ImageNet validation files without wnid folders, Oxford Pets / Flowers /
 Stanford Cars / SUN397 without their CoOp split files (their images are not in class
 folders), the official Food-101 / CUB / UCF101 list files (their folders are read
@@ -79,6 +84,7 @@ import difflib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,7 +413,13 @@ def _load_class_folders(
     items.sort(key=lambda item: str(item.path))
     _note_missing_classes(notes, classes, {item.label for item in items})
     source = f"{kind} {folder}" + "".join(f"; {n}" for n in notes)
-    return LabelledData(name=name, classes=tuple(classes), items=tuple(items), source=source)
+    return LabelledData(
+        name=name,
+        classes=tuple(classes),
+        items=tuple(items),
+        source=source,
+        empty_folders=tuple(e for e in empty if e not in ignored),
+    )
 
 
 def _safe_iterdir(folder: Path) -> list[Path]:
@@ -844,3 +856,101 @@ def _read_lines(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DatasetLayoutError(f"cannot read {str(path)!r}: {exc}") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- own descriptions
+
+
+def _load_described(
+    root: Path,
+    name: str,
+    target: tuple[str, ...] | None,
+    split: str,
+    cache_dir: str | os.PathLike | None,
+    *,
+    unknown: str,
+) -> LabelledData:
+    """``name`` is no registry data set but may name a description cache (``cache import``,
+    ``describe --name``): the data root is then a folder of class folders (ImageFolder,
+    split folders entered as usual) whose names are matched to the cache's classes.
+
+    The label set is the classes that have a folder, spelled and ordered as in the cache
+    (the names the descriptions were written for). A folder that matches no cached class
+    is a :class:`DatasetLayoutError` listing every such folder; cached classes without a
+    folder are left out with a warning naming them. With ``target`` (a given class list)
+    the folders are matched onto that list instead. ``unknown`` is the registry's error,
+    raised (with the cache file looked for) when there is no such cache either.
+    """
+    from awt_engine._io import resolve_cache_root
+    from awt_engine.descriptions import descriptions_path, load_descriptions
+
+    try:
+        path = descriptions_path(name, resolve_cache_root(cache_dir))
+    except ValueError:  # not usable as a cache file name
+        path = None
+    if path is None or not path.is_file():
+        looked = f"No description cache {path} either" if path else "Not a cache name either"
+        raise ValueError(
+            f"{unknown} {looked}: for your own classes, import their descriptions with "
+            f"`awt-engine cache import FILE --dataset NAME` or write them with "
+            f"`awt-engine describe --classes FILE --name NAME` first."
+        )
+    described = load_descriptions(path).classes
+    folder, notes = _resolve_class_root(root, split)
+    data = _load_class_folders(folder, notes, name=name, target=target, layout=_Layout())
+    if target is not None:
+        return data
+    return _onto_described(data, described, folder, path)
+
+
+def _onto_described(
+    data: LabelledData, described: Sequence[str], folder: Path, path: Path
+) -> LabelledData:
+    """``data``'s folder classes renamed to the cache's classes they match (folded names)."""
+    matcher = _Matcher(described)
+    index = {i: matcher.find(c) for i, c in enumerate(data.classes)}
+    unmatched = [data.classes[i] for i, j in index.items() if j is None]
+    if unmatched:
+        parts = []
+        for c in unmatched[:_MAX_LISTED]:
+            close = matcher.closest(c)
+            parts.append(f"{c!r}" + (f" (closest: {', '.join(map(repr, close))})" if close else ""))
+        more = f" and {len(unmatched) - _MAX_LISTED} more" if len(unmatched) > _MAX_LISTED else ""
+        raise DatasetLayoutError(
+            f"{len(unmatched)} of {len(data.classes)} class folders in {str(folder)!r} have no "
+            f"class in description cache {path} (names are matched ignoring case, spaces, "
+            f"'_' and '-'): {'; '.join(parts)}{more}; rename the folders, or add the classes "
+            "to the description file and import it again with --force"
+        )
+    by_class: dict[int, list[str]] = {}
+    for i, j in index.items():
+        by_class.setdefault(j, []).append(data.classes[i])
+    clashes = [
+        f"{' and '.join(map(repr, g))} -> {described[j]!r}"
+        for j, g in by_class.items()
+        if len(g) > 1
+    ]
+    if clashes:
+        raise DatasetLayoutError(
+            f"class folders in {str(folder)!r} match the same class of {path} more than "
+            f"once: {'; '.join(clashes)}"
+        )
+    order = sorted(by_class)  # the cache's label order
+    notes = [f"classes and descriptions from {path}"]
+    unused = [c for j, c in enumerate(described) if j not in by_class]
+    if unused:
+        text = (
+            f"{len(unused)} of the {len(described)} classes of description cache {path} have "
+            f"no class folder with images in {str(folder)!r} and are left out: {_listing(unused)}"
+        )
+        warnings.warn(text, stacklevel=4)
+        notes.append(text)
+    relabel = {i: order.index(j) for i, j in index.items()}
+    items = tuple(LabelledItem(item.path, relabel[item.label]) for item in data.items)
+    return LabelledData(
+        name=data.name,
+        classes=tuple(described[j] for j in order),
+        items=items,
+        source=data.source + "".join(f"; {n}" for n in notes),
+        empty_folders=data.empty_folders,
+    )

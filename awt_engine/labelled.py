@@ -41,6 +41,8 @@ class LabelledData:
     classes: tuple[str, ...]  # label order
     items: tuple[LabelledItem, ...]  # deterministic order
     source: str  # human-readable: layout, file or folder, notes
+    # class folders skipped for having no images (train refuses them: a class it cannot learn)
+    empty_folders: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- public API
@@ -52,6 +54,7 @@ def load_labelled(
     dataset: str | None = None,
     classes: Sequence[str] | None = None,
     split: str = "test",
+    cache_dir: str | Path | None = None,
 ) -> LabelledData:
     """The labelled images of ``split`` under ``data_root`` (see the module docstring).
 
@@ -60,6 +63,12 @@ def load_labelled(
     is a folder of class folders named after their classes. ``classes`` (label order)
     replaces the registry's or the folders' names; folders and split-file names are
     matched onto it.
+
+    A ``dataset`` that the registry does not know may name a description cache under
+    ``cache_dir`` (the cache root, default ``$AWT_ENGINE_CACHE`` or ``./cache``): then
+    ``data_root`` is a folder of class folders, matched by folded name to the cache's
+    classes (see ``_layouts._load_described``: a folder the cache lacks is an error, a
+    cached class without a folder is left out with a warning).
 
     Raises :class:`DatasetLayoutError` (a ValueError) naming the folder or file and what
     was expected; ValueError for an unknown data set name or a bad class list.
@@ -86,6 +95,7 @@ def load_labelled(
         _layout_hint,
         _load_class_folders,
         _load_coop_split,
+        _load_described,
         _load_fgvc,
         _resolve_class_root,
     )
@@ -96,7 +106,10 @@ def load_labelled(
             folder, notes, name=_root_name(root), target=target, layout=_Layout()
         )
 
-    info = get_dataset(dataset)
+    try:
+        info = get_dataset(dataset)
+    except ValueError as exc:  # not a registry name: perhaps a description cache's
+        return _load_described(root, dataset, target, split, cache_dir, unknown=str(exc))
     layout = _LAYOUTS.get(info.name, _Layout())
     if target is None and info.classes is not None:
         target = info.classes

@@ -283,8 +283,17 @@ def fingerprint_of(identity: str) -> str:
     return identity
 
 
+def normalize_pretrained(pretrained: str | None) -> str | None:
+    """The CLI's spelling of random weights, ``"none"`` (any case), as the API's None; any
+    other value unchanged. Every API that takes ``pretrained`` accepts both."""
+    if isinstance(pretrained, str) and pretrained.strip().lower() == _RANDOM_WEIGHTS:
+        return None
+    return pretrained
+
+
 def resolve_source(model: str, pretrained: str | None, cache_dir: str | None) -> WeightSource:
     """What to build and load for (model, pretrained); BackboneLoadError if it cannot be."""
+    pretrained = normalize_pretrained(pretrained)
     if not isinstance(model, str) or not model.strip():
         raise BackboneLoadError(f"model must be a non-empty string, got {model!r}")
     model = model.strip()

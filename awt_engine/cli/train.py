@@ -110,8 +110,18 @@ def train(
         typer.Option("--resume", help="Continue an interrupted run from its last finished epoch."),
     ] = False,
     progress: Progress = True,
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic",
+            help="Deterministic CUDA kernels (slower): a run repeats bit for bit; without it, equal up to rounding on CUDA.",
+        ),
+    ] = False,
 ) -> None:
-    """Few-shot train a method on frozen CLIP; writes a checkpoint for eval and classify."""
+    """Few-shot train a method on frozen CLIP; writes a checkpoint for eval and classify.
+
+    A second run to the same --output is refused while the first runs (it holds
+    <output>.lock)."""
     from awt_engine.methods import get_method
 
     get_method(method)  # an unknown name is answered before anything heavy is imported
@@ -151,7 +161,14 @@ def train(
             epochs=epochs,
             lr=lr,
             batch_size=batch_size,
+            deterministic=deterministic,
         )
+    except FloatingPointError as exc:  # diverged: the message says where and "lower --lr"
+        raise fail(str(exc)) from None
+    except RuntimeError as exc:
+        if deterministic and "deterministic" in str(exc):
+            raise fail(f"--deterministic: {exc}") from None
+        raise
     except KeyboardInterrupt:
         typer.echo(
             f"interrupted: the last finished epoch is saved; run the same command with --resume "

@@ -10,8 +10,14 @@ checkpoint and the backbone weights it names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import json
+import logging
+import os
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +31,19 @@ from awt_engine.training.checkpoint import (
     save_checkpoint,
     state_path,
 )
-from awt_engine.training.data import few_shot, fingerprint, subsample_classes
-from awt_engine.training.loop import TrainConfig, TrainResult, fit
+from awt_engine.training.data import check_classes, few_shot, fingerprint, subsample_classes
+from awt_engine.training.loop import (
+    TrainConfig,
+    TrainResult,
+    deterministic_env,
+    deterministic_mode,
+    fit,
+)
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT, CoOp and LAMM papers' backbone
 DEFAULT_PRETRAINED = "openai"
+
+log = logging.getLogger("awt_engine.training")
 
 
 @dataclass(frozen=True)
@@ -59,11 +73,16 @@ def apply_options(spec, method_config, train_config: TrainConfig, options: dict[
                 f"unknown option {raw!r} for {spec.name}; method options: "
                 f"{', '.join(method_fields)}; training options: {', '.join(train_fields)}"
             )
+    from awt_engine.methods.base import check_config
+
     try:
-        return (
+        configs = (
             dataclasses.replace(method_config, **m_over),
             dataclasses.replace(train_config, **t_over),
         )
+        for config in configs:
+            check_config(config)  # types and the sizes a method allocates from, before loading
+        return configs
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{spec.name}: {exc}") from None
 
@@ -119,6 +138,7 @@ def train(
     epochs: int | None = None,
     lr: float | None = None,
     batch_size: int | None = None,
+    deterministic: bool = False,
     backbone=None,
 ) -> Trained:
     """Few-shot train ``method`` and write its checkpoint to ``output``.
@@ -126,22 +146,164 @@ def train(
     The label set (classes, template, descriptions) comes from ``dataset`` and the data's
     own class folders, as for ``eval``; ``options`` override the method's and the training
     defaults (the paper's, see ``awt-engine methods``); ``epochs``, ``lr`` and
-    ``batch_size`` are shorthands. ``resume`` continues an interrupted run from the state
-    saved beside ``output`` after its last finished epoch.
+    ``batch_size`` are shorthands; ``pretrained`` takes the CLI's spellings ("none":
+    random weights). ``resume`` continues an interrupted run from the state saved beside
+    ``output`` after its last finished epoch. ``deterministic``: deterministic kernels
+    (:func:`~awt_engine.training.loop.deterministic_mode`), so a CUDA run repeats bit for
+    bit; recorded in the header's ``train_config``.
+
+    Options, the data and the label set are checked before any weights load (ValueError);
+    a second run to the same ``output`` while one holds it is refused at once
+    (:func:`output_lock`). FloatingPointError when training diverges: the state of the
+    last finished epoch is kept, no checkpoint is written.
     """
-    from awt_engine.descriptions import descriptions_path
-    from awt_engine.labelled import load_labelled
-    from awt_engine.labels import resolve_label_set
+    from awt_engine.backbone.sources import normalize_pretrained
     from awt_engine.methods import get_method
-    from awt_engine.registry import read_class_list
 
     spec = get_method(method)
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"--output {output}: a checkpoint is a .safetensors file")
-    class_list = read_class_list(classes) if isinstance(classes, str) else classes
-    full = load_labelled(data_root, dataset=dataset, classes=class_list, split="train")
+    pretrained = normalize_pretrained(pretrained)
+    shorthands = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "precision": precision}
+    if deterministic:
+        shorthands["deterministic"] = True
+    method_config, train_config = _configs(spec, shots, dataset, seed, options, shorthands)
+    check_llm_depth(method_config)  # the LLM's config.json only: no weights yet
+    if train_config.deterministic:
+        deterministic_env()  # before anything starts CUDA
+    with output_lock(output), deterministic_mode(train_config.deterministic):
+        full, data, labels = _training_data(
+            spec,
+            data_root,
+            dataset,
+            classes,
+            template,
+            descriptions,
+            shots,
+            seed,
+            subsample,
+            cache_dir,
+        )
+        _check_labels(spec, method_config, labels)
+        model_name = model or (DEFAULT_MODEL if backbone is None else backbone.identity)
+        if pretrained == DEFAULT_PRETRAINED and model_name.startswith(("local-dir:", "hf-hub:")):
+            pretrained = None  # those ids carry their own weights (also when a backbone is given)
+        if backbone is None:
+            from awt_engine.backbone import load_backbone
+
+            backbone = load_backbone(model_name, pretrained, device=device, precision=precision)
+        root = resolve_cache_root(cache_dir)
+        net = spec.build(backbone, method_config)
+        net.use_cache_root(root)
+        net.prepare(labels, seed)
+        data = net.training_data(data)
+        data_fp = fingerprint(data)
+        run_key = sha256_hex(
+            spec.name,
+            repr(method_config),
+            repr(train_config),
+            data_fp,
+            backbone.fingerprint,
+            labels.key(),
+            str(shots),
+            subsample,
+        )
+        result = fit(
+            net,
+            data,
+            train_config,
+            state_file=state_path(output),
+            resume=resume,
+            run_key=run_key,
+            progress=progress,
+            workers=workers,
+        )
+        class_list = _class_list(classes)
+        val = _val_accuracy(
+            net, full, subsample, shots, seed, dataset, data_root, class_list, labels, root
+        )
+        header = {
+            "method": spec.name,
+            "method_config": net.header(),
+            "train_config": dataclasses.asdict(train_config),
+            "compute_precision": result.precision,  # what the steps ran in (autocast)
+            "backbone": _backbone_record(backbone, model_name, pretrained),
+            "frozen": net.frozen_parts(),
+            "labels": labels_record(labels),
+            "shots": shots,
+            "seed": seed,
+            "subsample": subsample,
+            "data": _data_record(data, data_fp, data_root),
+            "losses": result.losses,
+            "val_accuracy": val,
+            "created": utc_now(),
+        }
+        path = save_checkpoint(output, net.learned_state(), header)
+        state_path(output).unlink(missing_ok=True)
+    return Trained(path, result, header, val)
+
+
+def _configs(spec, shots, dataset, seed, options, shorthands):
+    """(method config, training config): the paper's defaults for ``shots``, ``options``
+    and the keyword ``shorthands`` (None: not given) over them, every value checked."""
+    method_config, train_config = apply_options(
+        spec,
+        spec.default_config(shots, dataset),
+        dataclasses.replace(spec.train_defaults(shots, dataset), seed=seed),
+        options,
+    )
+    given = {k: v for k, v in shorthands.items() if v is not None}
+    return method_config, dataclasses.replace(train_config, **given)
+
+
+def _backbone_record(backbone, model_name: str, pretrained: str | None) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "pretrained": pretrained,
+        "identity": backbone.identity,
+        "fingerprint": backbone.fingerprint,
+        "weights": getattr(backbone, "weights", None),
+    }
+
+
+def _data_record(data, data_fp: str, data_root) -> dict[str, Any]:
+    return {
+        "fingerprint": data_fp,
+        "images": len(data.items),
+        "root": str(data_root),
+        "name": data.name,
+        "source": data.source,
+    }
+
+
+def _class_list(classes):
+    from awt_engine.registry import read_class_list
+
+    return read_class_list(classes) if isinstance(classes, str) else classes
+
+
+def _training_data(
+    spec, data_root, dataset, classes, template, descriptions, shots, seed, subsample, cache_dir
+):
+    """(all training images, the few-shot draw, the label set), the data checked
+    (:func:`~awt_engine.training.data.check_classes`)."""
+    from awt_engine.descriptions import descriptions_path
+    from awt_engine.labelled import load_labelled
+    from awt_engine.labels import resolve_label_set
+
+    class_list = _class_list(classes)
+    full = load_labelled(
+        data_root, dataset=dataset, classes=class_list, split="train", cache_dir=cache_dir
+    )
     part = subsample_classes(full, subsample)
+    if class_list is not None:
+        whose = "classes of --classes"
+    elif dataset is not None:
+        whose = f"classes of data set {dataset!r}"
+    else:
+        whose = "classes"
+    check_classes(part, shots, whose)
     data = few_shot(part, shots, seed)
     root = resolve_cache_root(cache_dir)
     if descriptions is None and not spec.needs_descriptions:
@@ -149,85 +311,122 @@ def train(
         has_cache = dataset is not None and descriptions_path(dataset, root).exists()
         descriptions = None if has_cache else 0
     labels = resolve_label_set(dataset, list(data.classes), template, descriptions, root)
-
-    method_config, train_config = apply_options(
-        spec,
-        spec.default_config(shots, dataset),
-        dataclasses.replace(spec.train_defaults(shots, dataset), seed=seed),
-        options,
-    )
-    shorthands = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
-    train_config = dataclasses.replace(
-        train_config,
-        **{k: v for k, v in shorthands.items() if v is not None},
-        precision=precision or train_config.precision,
-    )
-    model_name = model or (DEFAULT_MODEL if backbone is None else backbone.identity)
-    if pretrained == DEFAULT_PRETRAINED and model_name.startswith(("local-dir:", "hf-hub:")):
-        pretrained = None  # those ids carry their own weights (also when a backbone is given)
-    if backbone is None:
-        from awt_engine.backbone import load_backbone
-
-        backbone = load_backbone(model_name, pretrained, device=device, precision=precision)
-    net = spec.build(backbone, method_config)
-    net.use_cache_root(root)
-    net.prepare(labels, seed)
-    data = net.training_data(data)
-    data_fp = fingerprint(data)
-    run_key = sha256_hex(
-        spec.name,
-        repr(method_config),
-        repr(train_config),
-        data_fp,
-        backbone.fingerprint,
-        labels.key(),
-        str(shots),
-        subsample,
-    )
-    result = fit(
-        net,
-        data,
-        train_config,
-        state_file=state_path(output),
-        resume=resume,
-        run_key=run_key,
-        progress=progress,
-        workers=workers,
-    )
-    val = _val_accuracy(net, full, subsample, shots, seed, dataset, data_root, class_list, labels)
-    header = {
-        "method": spec.name,
-        "method_config": net.header(),
-        "train_config": dataclasses.asdict(train_config),
-        "backbone": {
-            "model": model_name,
-            "pretrained": pretrained,
-            "identity": backbone.identity,
-            "fingerprint": backbone.fingerprint,
-            "weights": getattr(backbone, "weights", None),
-        },
-        "frozen": net.frozen_parts(),
-        "labels": labels_record(labels),
-        "shots": shots,
-        "seed": seed,
-        "subsample": subsample,
-        "data": {
-            "fingerprint": data_fp,
-            "images": len(data.items),
-            "root": str(data_root),
-            "name": data.name,
-            "source": data.source,
-        },
-        "losses": result.losses,
-        "val_accuracy": val,
-        "created": utc_now(),
-    }
-    path = save_checkpoint(output, net.learned_state(), header)
-    state_path(output).unlink(missing_ok=True)
-    return Trained(path, result, header, val)
+    return full, data, labels
 
 
-def _val_accuracy(net, full, subsample, shots, seed, dataset, data_root, classes, labels):
+def _check_labels(spec, method_config, labels) -> None:
+    """What a method needs of its label set, checked before any weights load: the AWT
+    adapter trains on descriptions (unless ``prompts_per_step=1``)."""
+    per_step = getattr(method_config, "prompts_per_step", 1)
+    if spec.needs_descriptions and per_step > 1 and labels.n_descriptions == 0:
+        named = f" {labels.name!r}" if labels.name else ""
+        raise ValueError(
+            f"{spec.name} trains on class descriptions (the bare prompt plus {per_step - 1} "
+            f"descriptions per step), but the label set{named} has none: generate them with "
+            "`awt-engine describe --dataset NAME` and train with --dataset NAME (and "
+            "--descriptions N > 0), or set prompts_per_step=1 to train on the bare prompts "
+            "alone (not the paper's setting)"
+        )
+
+
+def check_llm_depth(config) -> None:
+    """eP-ALM's injection layers ``[start_layer, end_layer)`` against its LLM's depth, from
+    the LLM's ``config.json`` alone (a folder, or a hub id in the local cache), before any
+    weights load. An LLM whose config cannot be read so is left to the load's checks."""
+    end, llm = getattr(config, "end_layer", None), getattr(config, "llm", None)
+    if not isinstance(end, int) or not isinstance(llm, str):
+        return
+    depth = llm_depth(llm)
+    if depth is not None and end > depth:
+        raise ValueError(
+            f"injection layers [{config.start_layer}, {end}) do not fit {llm}'s {depth} "
+            "layers (set start_layer / end_layer)"
+        )
+
+
+def llm_depth(name: str) -> int | None:
+    """The number of decoder layers in an LLM's ``config.json`` (``num_hidden_layers``,
+    ``n_layer`` or ``num_layers``, at the top or in ``text_config``); None when there is
+    no such file here (a hub id not yet downloaded) or it does not say."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(name, "config.json")
+        except Exception:  # not a valid repo id, no hub library: the load will say
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for scope in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+        if not isinstance(scope, dict):
+            continue
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            v = scope.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<output>.lock`` (``flock``, as the description caches' writers do) for a whole
+    training run. A second run to the same output is refused at once with a ValueError
+    naming it: it would overwrite the first's checkpoint, and the first, finishing, would
+    delete the state the second resumes from. The lock file goes when the run ends. Where
+    no lock can be had (no ``fcntl`` on Windows, a file system without ``flock``) the run
+    goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    output = Path(output)
+    lock = output.with_name(output.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = _locked_fd(lock, output, fcntl)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            lock.unlink(missing_ok=True)  # still holding it: a waiter's file is a fresh one
+            os.close(fd)
+
+
+def _locked_fd(lock: Path, output: Path, fcntl) -> int | None:
+    """An open, flock-held descriptor of ``lock`` (None where flock is not supported)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise ValueError(
+                    f"--output {output}: another training run is writing it (it holds "
+                    f"{lock.name}); wait for it to finish, or train to another --output"
+                ) from None
+            log.warning("%s: cannot lock (%s); training without a lock", lock, e)
+            return None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the run before removed this file as it finished: lock the new one
+
+
+def _val_accuracy(
+    net, full, subsample, shots, seed, dataset, data_root, classes, labels, cache_dir
+):
     """Top-1 (clip scorer, one view) on min(shots, 4) val images per class, when the data
     has a val split (CoOp keeps these few-shot val sets for its reports)."""
     import torch
@@ -237,7 +436,9 @@ def _val_accuracy(net, full, subsample, shots, seed, dataset, data_root, classes
     from awt_engine.labelled import DatasetLayoutError, load_labelled
 
     try:
-        val_full = load_labelled(data_root, dataset=dataset, classes=classes, split="val")
+        val_full = load_labelled(
+            data_root, dataset=dataset, classes=classes, split="val", cache_dir=cache_dir
+        )
     except (DatasetLayoutError, ValueError):
         return None
     if val_full.source == full.source or not val_full.items:
@@ -262,13 +463,13 @@ def load_trained(
     """The model a checkpoint describes, ready to score (eval mode, learned tensors in).
 
     The backbone (and a method's LLM) are loaded as the checkpoint names them, or from
-    ``model``/``pretrained`` and ``llm`` (the same weights stored elsewhere); weights other
-    than the ones trained on are a :class:`CheckpointError` naming both.
+    ``model``/``pretrained`` and ``llm`` (the same weights stored elsewhere; ``pretrained``
+    counts only with ``model``); weights other than the ones trained on are a
+    :class:`CheckpointError` naming both. The header (method, its settings and their
+    bounds, labels) is checked before any weights load.
     """
-    from awt_engine.methods import get_method
-
     header, tensors = read_checkpoint(path)
-    spec = get_method(header["method"])
+    spec, config = _trained_config(path, header, llm)
     bb = header["backbone"]
     if backbone is None:
         from awt_engine.backbone import load_backbone
@@ -281,13 +482,7 @@ def load_trained(
             f"checkpoint {path} was trained on backbone {bb['fingerprint']} "
             f"({bb['model']}); the backbone given is {backbone.fingerprint}"
         )
-    fields = {f.name for f in dataclasses.fields(spec.config)}
-    values = {k: _tuple(v) for k, v in header["method_config"].items() if k in fields}
-    if llm is not None:
-        if "llm" not in fields:
-            raise CheckpointError(f"{spec.name} has no LLM; --llm does not apply to {path}")
-        values["llm"] = llm
-    net = spec.build(backbone, spec.config(**values))
+    net = spec.build(backbone, config)
     recorded = header.get("frozen", {})
     if net.frozen_parts() != recorded:
         raise CheckpointError(
@@ -295,10 +490,36 @@ def load_trained(
             f"{net.frozen_parts()}"
         )
     net.prepare(labels_from_record(header["labels"]), int(header.get("seed", 0)))
-    net.load_learned(tensors)
+    try:
+        net.load_learned(tensors)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     net.eval()
     net.checkpoint_header = header
     return net
+
+
+def _trained_config(path, header: dict[str, Any], llm: str | None):
+    """(method spec, config) of a checked header: the method known and every setting of
+    the right type and within its bounds, so nothing absurd is ever allocated."""
+    from awt_engine.methods import get_method
+    from awt_engine.methods.base import check_values
+
+    try:
+        spec = get_method(header["method"])
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
+    fields = {f.name for f in dataclasses.fields(spec.config)}
+    values = {k: _tuple(v) for k, v in header["method_config"].items() if k in fields}
+    if llm is not None:
+        if "llm" not in fields:
+            raise CheckpointError(f"{spec.name} has no LLM; --llm does not apply to {path}")
+        values["llm"] = llm
+    try:
+        check_values(spec.config, values)
+        return spec, spec.config(**values)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {spec.name} setting {exc}") from None
 
 
 def _tuple(v):

@@ -3,6 +3,9 @@
 * :func:`few_shot`: K images per class, drawn with the seed from each class's images in
   their listed order (Dassl's ``generate_fewshot_dataset``: a class with fewer keeps all).
   The draw depends only on (data, K, seed), never on the global RNG.
+* :func:`check_classes`: what training needs of its data: two classes or more, each with
+  images (an error naming those without), and a warning naming the classes that have
+  fewer images than the shots asked for.
 * :func:`subsample_classes`: CoOp's base-to-new protocol: the sorted labels are split in
   half, ``base`` the first ceil(C/2), ``new`` the rest, each relabelled from 0.
 * :func:`fingerprint`: a SHA-256 over the class names and every (label, file content),
@@ -15,7 +18,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +49,42 @@ def few_shot(data: LabelledData, shots: int, seed: int) -> LabelledData:
     if missing:
         note += f"; no images for {len(missing)} class(es): {', '.join(missing[:5])}"
     return replace(data, items=tuple(chosen), source=data.source + note)
+
+
+def check_classes(data: LabelledData, shots: int, classes_from: str = "classes") -> None:
+    """ValueError when ``data`` cannot be trained on: class folders without images, classes
+    (``classes_from`` says whose: a ``--classes`` list, a data set's) without any, or
+    fewer than two classes. A warning names the classes with fewer than ``shots`` images
+    (they train on all they have, as Dassl does), with their counts."""
+    counts = Counter(it.label for it in data.items)
+    problems = []
+    if data.empty_folders:
+        problems.append(f"class folder(s) without images: {_listing(data.empty_folders)}")
+    missing = [c for i, c in enumerate(data.classes) if not counts[i]]
+    if missing:
+        problems.append(f"{classes_from} without training images: {_listing(missing)}")
+    if problems:
+        raise ValueError(
+            f"{data.name}: {'; '.join(problems)}. Every class needs training images: add "
+            "some, or leave the class out"
+        )
+    if len(data.classes) < 2:
+        raise ValueError(
+            f"{data.name}: training needs two classes or more, the data has "
+            f"{len(data.classes)} ({_listing(data.classes)})"
+        )
+    short = [f"{c} ({counts[i]})" for i, c in enumerate(data.classes) if counts[i] < shots]
+    if short:
+        warnings.warn(
+            f"--shots {shots}: {len(short)} of {len(data.classes)} classes have fewer training "
+            f"images and train on all they have: {_listing(short)}",
+            stacklevel=2,
+        )
+
+
+def _listing(names: Sequence[str], limit: int = 10) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def subsample_classes(data: LabelledData, which: str) -> LabelledData:
