@@ -13,6 +13,10 @@ What the numbers are:
 * :meth:`Classifier.predict` and :meth:`Classifier.classify` give, per image, the top
   labels with ``score`` = the softmax of those scores over the label set: a probability
   (over the shortlisted classes when a shortlist is used, the rest having probability 0).
+
+Scores that come out non-finite (NaN or infinity: a diverged or absurd checkpoint, say)
+are never returned as numbers: that image is an error (:data:`NONFINITE_REASON`), as an
+unreadable one is, so no output ever holds a NaN.
 """
 
 from __future__ import annotations
@@ -43,6 +47,34 @@ from awt_engine.views import ViewConfig
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT paper's main backbone
 DEFAULT_PRETRAINED = "openai"
+
+
+class _DefaultWeights:
+    """``pretrained`` left out: OpenAI's weights, or with a checkpoint the weights it was
+    trained on (so ``model=`` alone never asks the hub for other weights), as the CLI."""
+
+    def __repr__(self) -> str:
+        return "<openai, or the checkpoint's weights>"
+
+
+DEFAULT_WEIGHTS: Any = _DefaultWeights()
+NONFINITE_REASON = "scores are not finite (model weights diverged?)"
+
+
+def nonfinite_rows(scores: Tensor, shortlist: int | None = None) -> Tensor:
+    """[B, C] scores -> [B] bool: rows that are not usable numbers.
+
+    A row is usable when every class has a finite score, or with a ``shortlist`` of K,
+    when its K shortlisted classes do (the rest are ``-inf`` by design): NaN, ``+inf``
+    or a shortlisted ``-inf`` makes the row unusable. The softmax of a usable row is
+    always finite.
+    """
+    n_classes = scores.shape[-1]
+    expected = n_classes if shortlist is None else min(shortlist, n_classes)
+    finite = torch.isfinite(scores).sum(dim=-1)
+    usable = (finite >= expected) & ~torch.isnan(scores).any(dim=-1)
+    usable &= ~torch.isposinf(scores).any(dim=-1)
+    return ~usable
 
 
 @dataclass(frozen=True)
@@ -236,14 +268,20 @@ class Classifier:
 
     def scores(self, images, *, candidate_labels: Sequence[str] | None = None) -> Tensor:
         """Raw class scores [B, C] (logit scale, see the module docstring) for images:
-        paths, PIL images, numpy arrays or torch tensors. Raises for an unreadable one."""
+        paths, PIL images, numpy arrays or torch tensors. Raises ValueError for an
+        unreadable one, or one whose scores are not finite (naming it)."""
         labels = self._candidates(candidate_labels)
         rows = []
         for item in self._batches(_as_list(images)):
             if isinstance(item, Failure):
                 raise ValueError(f"{item.source}: {item.reason}")
-            rows.append(self.scores_for_views(item.views, labels=labels)[self.scorer.name])
-        return torch.cat([r.float().cpu() for r in rows])
+            out = self.scores_for_views(item.views, labels=labels)[self.scorer.name]
+            out = out.float().cpu()
+            bad = nonfinite_rows(out, self.shortlist).tolist()
+            if any(bad):
+                raise ValueError(f"{item.sources[bad.index(True)]}: {NONFINITE_REASON}")
+            rows.append(out)
+        return torch.cat(rows)
 
     def _candidates(self, candidate_labels: Sequence[str] | None) -> LabelSet | None:
         if candidate_labels is None:
@@ -295,7 +333,8 @@ class Classifier:
     ) -> Iterator[Prediction]:
         """Stream :class:`Prediction` s for many inputs, decoding in parallel workers.
 
-        An unreadable image yields a Prediction with ``error`` set; the run goes on.
+        An unreadable image, or one whose scores are not finite (:data:`NONFINITE_REASON`),
+        yields a Prediction with ``error`` set; the run goes on.
         """
         bar = progress_bar(total, self.progress if progress is None else progress)
         try:
@@ -305,8 +344,14 @@ class Classifier:
                     yield Prediction(item.source, None, item.reason)
                     continue
                 scores = self.scores_for_views(item.views)[self.scorer.name].float().cpu()
+                bad = nonfinite_rows(scores, self.shortlist).tolist()
                 top = self._top(scores, top_k, self.classes)
-                yield from (Prediction(s, p) for s, p in zip(item.sources, top, strict=True))
+                for source, preds, nan in zip(item.sources, top, bad, strict=True):
+                    yield (
+                        Prediction(source, None, NONFINITE_REASON)
+                        if nan
+                        else Prediction(source, preds)
+                    )
                 bar.update(len(item))
         finally:
             bar.close()
@@ -318,7 +363,7 @@ def _as_list(images) -> list:
 
 def load_model(
     model: str | None = None,
-    pretrained: str | None = DEFAULT_PRETRAINED,
+    pretrained: str | None = DEFAULT_WEIGHTS,
     *,
     checkpoint: str | Path | None = None,
     llm: str | None = None,
@@ -327,9 +372,14 @@ def load_model(
 ):
     """The model behind the interface: a trained checkpoint (on the backbone it names, or
     on ``model``/``pretrained``: the same weights stored elsewhere), else zero-shot CLIP
-    from (model, pretrained); ``model`` defaults to ViT-B-16-quickgelu."""
+    from (model, pretrained); ``model`` defaults to ViT-B-16-quickgelu. ``pretrained``
+    left out means the checkpoint's weights with a checkpoint, else OpenAI's."""
     if checkpoint is not None:
         from awt_engine.training import load_trained
+        from awt_engine.training.checkpoint import read_checkpoint_header
+
+        if model and pretrained is DEFAULT_WEIGHTS:
+            pretrained = read_checkpoint_header(checkpoint)["backbone"].get("pretrained")
 
         return load_trained(
             checkpoint,
@@ -367,14 +417,15 @@ def _relabel(labels: LabelSet, template: str | None, descriptions: int | None) -
 
 
 def _weights_for(model: str, pretrained: str | None) -> str | None:
-    if pretrained == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
-        return None  # those ids carry their own weights
-    return pretrained
+    given = DEFAULT_PRETRAINED if pretrained is DEFAULT_WEIGHTS else pretrained
+    if given == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
+        return None  # those ids carry their own weights (the CLI passes its default)
+    return given
 
 
 def create_classifier(
     model: str | None = None,
-    pretrained: str | None = DEFAULT_PRETRAINED,
+    pretrained: str | None = DEFAULT_WEIGHTS,
     *,
     checkpoint: str | Path | None = None,
     llm: str | None = None,
@@ -402,8 +453,9 @@ def create_classifier(
     """A ready classifier. Keyword names mirror ``awt-engine classify``'s options.
 
     model / pretrained: an open_clip model and weights (a pretrained tag, a checkpoint
-    file, ``hf-hub:`` or ``local-dir:`` ids; ``pretrained=None`` means random weights);
-    default ViT-B-16-quickgelu with OpenAI's weights. checkpoint: a trained method's
+    file, ``hf-hub:`` or ``local-dir:`` ids; ``pretrained=None`` or ``"none"`` means random
+    weights); default ViT-B-16-quickgelu with OpenAI's weights, and with a ``checkpoint``
+    the weights it was trained on. checkpoint: a trained method's
     ``.safetensors`` (``awt-engine train``); its model, classes and prompts are used unless
     ``dataset`` / ``classes`` name others. dataset: a registry name (``awt-engine datasets``) or a description-cache name.
     classes / template: an explicit label set (list, comma list or file) and prompt.
@@ -471,4 +523,11 @@ def create_classifier(
     )
 
 
-__all__ = ["Classifier", "Prediction", "create_classifier", "load_model"]
+__all__ = [
+    "NONFINITE_REASON",
+    "Classifier",
+    "Prediction",
+    "create_classifier",
+    "load_model",
+    "nonfinite_rows",
+]

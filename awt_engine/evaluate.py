@@ -24,7 +24,7 @@ from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
 from awt_engine.batches import Failure, view_batches
-from awt_engine.classifier import Classifier
+from awt_engine.classifier import NONFINITE_REASON, Classifier, nonfinite_rows
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.labelled import LabelledData
 from awt_engine.models.base import is_embedder
@@ -39,7 +39,7 @@ class Metrics:
     acc5: float | None  # None also when there are fewer than 5 classes (as CLIP_benchmark)
     mean_per_class_recall: float | None
     n_images: int  # images scored
-    n_failed: int  # images that could not be read (not in the metrics)
+    n_failed: int  # images that could not be read or scored (not in the metrics)
     per_class_recall: dict[int, float] = field(default_factory=dict)  # label -> top-1 recall
 
     def as_dict(self) -> dict[str, float | None]:
@@ -99,17 +99,28 @@ class EvalResult:
 
 
 class _Tally:
-    """Top-5 class indices per scorer and image (never [N, C] scores)."""
+    """Top-5 class indices per scorer and image (never [N, C] scores).
 
-    def __init__(self, clf: Classifier, scorers, bar):
-        self.clf, self.scorers, self.bar = clf, scorers, bar
+    An image whose scores are not finite under any scorer is a failed image (in
+    ``failed``, with :data:`~awt_engine.classifier.NONFINITE_REASON`), not a prediction.
+    """
+
+    def __init__(self, clf: Classifier, scorers, bar, failed: dict[int, str]):
+        self.clf, self.scorers, self.bar, self.failed = clf, scorers, bar, failed
         self.tops: dict[str, list[Tensor]] = {s.name: [] for s in scorers}
         self.order: list[int] = []
 
     def add(self, idx: list[int], scores: dict[str, Tensor]) -> None:
+        bad = torch.zeros(len(idx), dtype=torch.bool)
+        for sc in scores.values():
+            bad |= nonfinite_rows(sc, self.clf.shortlist).cpu()
+        for i, b in zip(idx, bad.tolist(), strict=True):
+            if b:
+                self.failed[i] = NONFINITE_REASON
+        keep = ~bad
         for name, sc in scores.items():
-            self.tops[name].append(top_classes(sc).cpu())
-        self.order.extend(idx)
+            self.tops[name].append(top_classes(sc[keep.to(sc.device)]).cpu())
+        self.order.extend(i for i, b in zip(idx, bad.tolist(), strict=True) if not b)
         self.bar.update(len(idx))
 
     def top5(self) -> tuple[dict[str, Tensor], Tensor]:
@@ -155,7 +166,7 @@ def evaluate(
     labels = clf.labels_for(scorers)
     failed: dict[int, str] = {}
     bar = progress_bar(len(items), progress)
-    tally = _Tally(clf, scorers, bar)
+    tally = _Tally(clf, scorers, bar, failed)
 
     def batches(idx: list[int]):
         stream = view_batches(
@@ -240,8 +251,10 @@ def _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embed
         out = clf.embed_views(views).float().cpu()  # [b,V,D]
         if cache is not None:
             out = cache.stored(out)  # score what a resumed run will read back
+            finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
             for j, i in enumerate(idx):
-                cache.put(keys[i], out[j])
+                if finite[j]:  # a NaN row is this run's failure, not worth keeping
+                    cache.put(keys[i], out[j])
         tally.add(idx, score_embeds(out, txt))
 
 
@@ -265,6 +278,8 @@ def result_records(
     now = utc_now()
     labels, m0 = clf.labels, clf.model
     weights = getattr(m0, "weights", None)
+    method = getattr(m0, "method", None)  # the trained method, None for zero-shot
+    trained = getattr(m0, "checkpoint_header", None) or {}
     base = {
         "model_identity": m0.identity,
         "precision": getattr(m0, "precision", None),
@@ -283,7 +298,7 @@ def result_records(
         "data_root": str(data_root),
         "subsample": subsample,
         "checkpoint": checkpoint,
-        "method": getattr(m0, "method", None),  # the trained method, None for zero-shot
+        "method": method,
     }
     run_id = sha256_hex(json.dumps({**base, "model": model}, sort_keys=True, default=str))[:10]
     out = {}
@@ -293,7 +308,8 @@ def result_records(
             "dataset": result.dataset,
             "model": model,
             "pretrained": str(weights) if weights else "none",  # CLIP_benchmark needs a string
-            "task": "zeroshot_classification",
+            # a trained method (CoOp, ...) learned from a few labelled images per class
+            "task": "fewshot_classification" if method else "zeroshot_classification",
             "metrics": m.as_dict(),
             "language": "en",
             # awt-engine's own fields
@@ -306,6 +322,7 @@ def result_records(
             "n_images": m.n_images,
             "n_failed": m.n_failed,
             **base,
+            "shots": trained.get("shots"),  # training images per class, None for zero-shot
             "run_id": run_id,
             "engine_version": __version__,
             "created": now,

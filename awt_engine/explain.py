@@ -12,7 +12,13 @@ any model behind the interface, and returns an :class:`Explanation` with:
   (summing to the score);
 
 and renders it as one picture (:meth:`Explanation.save` to ``.png``, matplotlib), one
-self-contained HTML page (images inline) or JSON (the numbers, for scripts).
+self-contained HTML page (images inline) or JSON (the numbers, for scripts), or all three
+into a folder (:meth:`Explanation.save_all`).
+
+Scores are on the model's logit scale ("score (logit)"), probabilities the softmax over
+the label set ("probability %"). Class names and descriptions are drawn as plain text
+(a ``$`` is a dollar sign, never matplotlib mathtext). An image whose scores are not
+finite (a diverged checkpoint) has nothing to explain: :func:`explain` raises ValueError.
 
 Axes: V views, C classes, P prompts.
 """
@@ -123,7 +129,7 @@ class Explanation:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=1, allow_nan=False)
 
     # -- pictures --------------------------------------------------------------------
 
@@ -134,41 +140,47 @@ class Explanation:
         return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im
 
     def outlined(self, n: int = 12) -> Image.Image:
-        """The image with the n heaviest views' crops outlined (stronger = more weight)."""
+        """The image with the n heaviest views' crops outlined (stronger = more weight).
+
+        Each outline is a white line inside a black border, so it shows on any image
+        (a red one, a white one, a busy photo).
+        """
         im = self.image.convert("RGB").copy()
         draw = ImageDraw.Draw(im, "RGBA")
         order = self.view_weights.argsort(descending=True)[:n].tolist()
         wmax = float(self.view_weights.max()) or 1.0
         line = max(1, round(min(im.size) / 150))
+        edge = max(1, (line + 1) // 2)  # the black border on each side of the white line
         for v in reversed(order):  # strongest drawn last, on top
             top, left, h, w, _ = self.boxes[v].tolist()
-            a = int(60 + 195 * float(self.view_weights[v]) / wmax)
-            draw.rectangle(
-                (left, top, left + w - 1, top + h - 1), outline=(255, 40, 40, a), width=line
-            )
+            a = int(110 + 145 * max(0.0, float(self.view_weights[v])) / wmax)
+            box = (left, top, left + w - 1, top + h - 1)
+            draw.rectangle(box, outline=(0, 0, 0, a), width=line + 2 * edge)
+            inner = (box[0] + edge, box[1] + edge, box[2] - edge, box[3] - edge)
+            if inner[2] > inner[0] and inner[3] > inner[1]:
+                draw.rectangle(inner, outline=(255, 255, 255, a), width=line)
         return im
 
-    def figure(self, *, pairs: int = 4, prompts: int = 8):
-        """One matplotlib figure: the image with its crops, and for the winner and the
-        runner-up the plan, the weighted descriptions, the strongest pairs; then the score
-        decomposition that sets them apart."""
-        try:
-            import matplotlib
+    def outlined_caption(self, n: int) -> str:
+        """What :meth:`outlined` (n) shows, with the real count."""
+        total = len(self.view_weights)
+        if n >= total:
+            return f"all {total} crops outlined"
+        return f"the {n} heaviest of {total} crops outlined"
 
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-            from matplotlib.ticker import MaxNLocator
-        except ImportError as exc:
-            raise ImportError(
-                "the explanation picture needs matplotlib: uv sync --extra explain "
-                "(or pip install 'awt-engine[explain]'); .html and .json need nothing more"
-            ) from exc
-        shown = self.classes[:2]
+    def figure(self, *, pairs: int = 4, prompts: int = 8):
+        """One matplotlib figure: the image with its crops, the score decomposition that
+        sets the two best classes apart, the view weights; then for every explained class
+        (all of :attr:`classes`) the plan, the weighted descriptions, the strongest pairs."""
+        plt = _pyplot()
+        from matplotlib.ticker import MaxNLocator
+
+        shown = self.classes
         fig = plt.figure(figsize=(17, 4.8 * (len(shown) + 1)), constrained_layout=True)
         grid = fig.add_gridspec(len(shown) + 1, 4, width_ratios=[1.25, 1.15, 1.6, 1.4])
         ax = fig.add_subplot(grid[0, 0])
         ax.imshow(self.outlined(8))
-        ax.set_title(f"{Path(self.source).name}\nthe 8 heaviest crops outlined", fontsize=10)
+        ax.set_title(f"{_plain(Path(self.source).name)}\n{self.outlined_caption(8)}", fontsize=10)
         ax.axis("off")
         ax = fig.add_subplot(grid[0, 1:3])
         self._decomposition(ax, prompts)
@@ -178,11 +190,12 @@ class Explanation:
         ax.set_title("view weights\n(view 0 = the whole image)", fontsize=10)
         ax.set_xlabel("view")
         for row, c in enumerate(shown, start=1):
-            rank = "prediction" if row == 1 else "runner-up"
             ax = fig.add_subplot(grid[row, 0])
             im = ax.imshow(c.plan.numpy(), aspect="auto", cmap="magma")
             ax.set_title(
-                f"{rank}: {c.name} ({100 * c.probability:.1f}%)\nplan: views x prompts", fontsize=10
+                f"{_rank(row)}: {_plain(c.name)}\nscore (logit) {c.score:.2f}, probability "
+                f"{100 * c.probability:.1f}%\nplan: views x prompts",
+                fontsize=10,
             )
             ax.set_xlabel("prompt")
             ax.set_ylabel("view")
@@ -197,19 +210,20 @@ class Explanation:
                 ax.imshow(self.crop(view))
                 ax.axis("off")
                 ax.set_title(
-                    f"view {view}: {100 * share:.1f}% of the score\n" + _wrap(c.prompts[p], 34, 4),
+                    f"view {view}: {100 * share:.1f}% of the score\n"
+                    + _plain(_wrap(c.prompts[p], 34, 4)),
                     fontsize=8,
                 )
         fig.suptitle(
-            f"AWT explanation ({self.scorer}): {self.prediction.name} "
-            f"({100 * self.prediction.probability:.1f}%)",
+            f"AWT explanation ({self.scorer}): {_plain(self.prediction.name)}, probability "
+            f"{100 * self.prediction.probability:.1f}%",
             fontsize=13,
         )
         return fig
 
     def _prompt_bars(self, ax, c: ClassExplanation, n: int) -> None:
         order = c.prompt_weights.argsort(descending=True)[:n].tolist()
-        labels = [_wrap(c.prompts[p], 48, 2) for p in order]
+        labels = [_plain(_wrap(c.prompts[p], 48, 2)) for p in order]
         ax.barh(range(len(order)), [float(c.prompt_weights[p]) for p in order], color="#36c")
         ax.set_yticks(range(len(order)), labels, fontsize=7)
         ax.invert_yaxis()
@@ -225,20 +239,21 @@ class Explanation:
         for c, colour in ((a, "#2a7"), (b, "#999")):
             totals = c.prompt_totals()
             for p in totals.argsort(descending=True)[: n // 2].tolist():
-                rows.append((f"{c.name}: {_wrap(c.prompts[p], 50, 1)}", float(totals[p]), colour))
+                text = _plain(f"{c.name}: {_wrap(c.prompts[p], 50, 1)}")
+                rows.append((text, float(totals[p]), colour))
         ax.barh(range(len(rows)), [r[1] for r in rows], color=[r[2] for r in rows])
         ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
         ax.invert_yaxis()
+        ax.set_xlabel("adds to the class score (logit)")
         ax.set_title(
-            f"why {a.name} ({a.score:.2f}) beat {b.name} ({b.score:.2f}), gap "
-            f"{a.score - b.score:.2f}\nwhat each class's top prompts add to its score "
-            "(summed over views)",
+            f"why {_plain(a.name)} (score {a.score:.2f}) beat {_plain(b.name)} (score "
+            f"{b.score:.2f}), gap {a.score - b.score:.2f} (logit)\nwhat each class's top "
+            "prompts add to its score (summed over views)",
             fontsize=10,
         )
 
     def png_bytes(self, dpi: int = 90) -> bytes:
-        import matplotlib.pyplot as plt
-
+        plt = _pyplot()
         fig = self.figure()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
@@ -255,6 +270,7 @@ class Explanation:
             return f'<img width="{width}" src="data:image/png;base64,{data}">'
 
         e = html.escape
+        n_out = 12
         parts = [
             "<!doctype html><html><head><meta charset='utf-8'>",
             f"<title>AWT explanation: {e(Path(self.source).name)}</title>",
@@ -263,18 +279,22 @@ class Explanation:
             "text-align:left;vertical-align:top}.bar{background:#36c;height:10px}"
             ".pair{display:inline-block;width:170px;margin:4px;vertical-align:top;"
             "font-size:12px}</style></head><body>",
-            f"<h1>{e(self.prediction.name)} ({100 * self.prediction.probability:.1f}%)</h1>",
+            f"<h1>{e(self.prediction.name)}: probability "
+            f"{100 * self.prediction.probability:.1f}%</h1>",
             f"<p>{e(self.source)} &middot; scorer {e(self.scorer)} &middot; {e(self.model)}</p>",
-            img_tag(self.outlined(), 420),
-            "<p>Outlined: the 12 heaviest crops (stronger outline, more weight).</p>",
+            "<p>Scores are on the model's logit scale; probabilities are their softmax over "
+            "the label set.</p>",
+            img_tag(self.outlined(n_out), 420),
+            f"<p>{e(self.outlined_caption(n_out)).capitalize()} (stronger outline, more "
+            "weight).</p>",
         ]
         if len(self.classes) >= 2:
             a, b = self.classes[:2]
             parts.append(
-                f"<h2>Why {e(a.name)} and not {e(b.name)}</h2><p>score {a.score:.3f} vs "
-                f"{b.score:.3f} (gap {a.score - b.score:.3f}). What each prompt adds:</p>"
+                f"<h2>Why {e(a.name)} and not {e(b.name)}</h2><p>score (logit) {a.score:.3f} "
+                f"vs {b.score:.3f} (gap {a.score - b.score:.3f}). What each prompt adds:</p>"
             )
-            parts.append("<table><tr><th>class</th><th>prompt</th><th>adds</th></tr>")
+            parts.append("<table><tr><th>class</th><th>prompt</th><th>adds (logit)</th></tr>")
             for c in (a, b):
                 totals = c.prompt_totals()
                 for p in totals.argsort(descending=True)[: prompts // 2].tolist():
@@ -285,7 +305,7 @@ class Explanation:
             parts.append("</table>")
         for c in self.classes:
             parts.append(
-                f"<h2>{e(c.name)}: score {c.score:.3f}, "
+                f"<h2>{e(c.name)}: score (logit) {c.score:.3f}, probability "
                 f"{100 * c.probability:.2f}%</h2><h3>Strongest (crop, prompt) pairs</h3>"
             )
             for view, p, share in c.top_pairs(pairs):
@@ -293,7 +313,8 @@ class Explanation:
                     f"<div class='pair'>{img_tag(self.crop(view), 160)}<br>view {view}, "
                     f"{100 * share:.1f}% of the score<br>{e(c.prompts[p])}</div>"
                 )
-            parts.append("<h3>Prompt weights</h3><table>")
+            parts.append("<h3>Prompt weights</h3><table><tr><th>weight</th><th></th>")
+            parts.append("<th>prompt</th></tr>")
             wmax = float(c.prompt_weights.max()) or 1.0
             for p in c.prompt_weights.argsort(descending=True)[:prompts].tolist():
                 w = float(c.prompt_weights[p])
@@ -302,9 +323,16 @@ class Explanation:
                     f"{int(200 * w / wmax)}px'></div></td><td>{e(c.prompts[p])}</td></tr>"
                 )
             parts.append("</table>")
-        parts.append("<h3>All classes</h3><table>")
-        for name, sc in sorted(self.all_scores.items(), key=lambda kv: -kv[1])[:20]:
-            parts.append(f"<tr><td>{e(name)}</td><td>{sc:.3f}</td></tr>")
+        parts.append("<h3>All classes</h3><table><tr><th>class</th><th>score (logit)</th>")
+        parts.append("<th>probability %</th></tr>")
+        names = list(self.all_scores)
+        probs = torch.softmax(torch.tensor([self.all_scores[n] for n in names]), -1).tolist()
+        ranked = sorted(zip(names, probs, strict=True), key=lambda kv: -self.all_scores[kv[0]])
+        for name, prob in ranked[:20]:
+            parts.append(
+                f"<tr><td>{e(name)}</td><td>{self.all_scores[name]:.3f}</td>"
+                f"<td>{100 * prob:.2f}</td></tr>"
+            )
         parts.append("</table></body></html>")
         return "\n".join(parts)
 
@@ -321,6 +349,45 @@ class Explanation:
         else:
             raise ValueError(f"{path}: write an explanation as .png, .html or .json")
         return path
+
+    def save_all(self, folder: str | Path, stem: str | None = None) -> list[Path]:
+        """The picture, the page and the numbers in ``folder`` (made if need be), as
+        ``<stem>.explain.png``, ``.html`` and ``.json``; ``stem`` defaults to the image
+        file's. Everything is rendered before the first file is written."""
+        folder = Path(folder)
+        if stem is None:
+            stem = Path(self.source).stem if self.source != "<image>" else "explanation"
+        png, page, data = self.png_bytes(), self.to_html(), self.to_dict()
+        paths = [folder / f"{stem}.explain{ext}" for ext in (".png", ".html", ".json")]
+        atomic_write_bytes(paths[0], png)
+        atomic_write_text(paths[1], page)
+        atomic_write_json(paths[2], data)
+        return paths
+
+
+def _pyplot():
+    """matplotlib.pyplot on the Agg backend, or an ImportError that says what to install."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError(
+            "the explanation picture needs matplotlib: uv sync --extra explain "
+            "(or pip install 'awt-engine[explain]'); .html and .json need nothing more"
+        ) from exc
+    return plt
+
+
+def _plain(text: str) -> str:
+    """``text`` drawn as is by matplotlib: every ``$`` escaped, so a class named
+    ``$\\frac{$`` is never read as mathtext (matplotlib shows ``\\$`` as ``$``)."""
+    return text.replace("$", r"\$")
+
+
+def _rank(row: int) -> str:
+    return {1: "prediction", 2: "runner-up"}.get(row, f"#{row}")
 
 
 def _wrap(text: str, width: int, lines: int) -> str:
@@ -339,10 +406,13 @@ def _wrap(text: str, width: int, lines: int) -> str:
 
 
 def explain(clf, image, *, top_k: int = 2) -> Explanation:
-    """Explain ``clf``'s scores for one image (path, PIL image, array or tensor)."""
+    """Explain ``clf``'s scores for one image (path, PIL image, array or tensor).
+
+    Raises ValueError for a scorer without a plan, a video, or scores that are not finite
+    (nothing to explain: a diverged checkpoint, say).
+    """
+    from awt_engine.classifier import NONFINITE_REASON
     from awt_engine.images import as_rgb_image
-    from awt_engine.models.base import is_embedder
-    from awt_engine.scoring import awt_scores_from_logits, awt_solve
     from awt_engine.video import is_video_path
     from awt_engine.views import make_views, view_boxes
 
@@ -352,7 +422,6 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
             f"explain shows AWT's transport plan; the {s.name!r} scorer has none: use awt, "
             "awt-uniform or awt-no-transport"
         )
-    weighting, transport = s.awt
     model = clf.model
     source = str(image) if isinstance(image, str | Path) else "<image>"
     if isinstance(image, str | Path) and is_video_path(image):
@@ -362,44 +431,21 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     views = make_views(rgb, model.preprocess, cfg, device=model.device)[None]  # [1,V,3,R,R]
     boxes = view_boxes(rgb, model.preprocess, cfg)  # [V, 5]
     labels = clf.labels_for([s])
-    scale = float(model.logit_scale)
-    with torch.inference_mode():
-        if is_embedder(model):
-            img = clf.embed_views(views)  # [1, V, D]
-            txt = clf.class_embeddings(labels)  # [C, P, D]
-            img = img.to(txt.device)
-            out = awt_solve(
-                img,
-                txt,
-                scale,
-                config=clf.awt_config,
-                weighting=weighting,
-                transport=transport,
-                memory_budget=clf.memory_budget,
-                keep_plans=True,
-            )
-            logits = scale * torch.einsum("vd,cpd->cvp", img[0].double(), txt.double())
-        else:
-            lg = clf.logits(views, labels)  # [1, V, C, P]
-            out = awt_scores_from_logits(
-                lg,
-                scale,
-                config=clf.awt_config,
-                weighting=weighting,
-                transport=transport,
-                memory_budget=clf.memory_budget,
-                keep_plans=True,
-            )
-            logits = lg[0].permute(1, 0, 2).double()  # [C, V, P]
+    out, logits = _solve(clf, views, labels)
     scores = out.scores[0].float().cpu()  # [C]
+    view_weights = out.view_weights[0].cpu().float()
+    if not (torch.isfinite(scores).all() and torch.isfinite(view_weights).all()):
+        raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
     probs = torch.softmax(scores, dim=-1)
     k = max(1, min(top_k, scores.numel()))
-    top = scores.topk(k).indices.tolist()
     texts = labels.prompt_texts()
     explained = []
-    for c in top:
-        plan = out.plans[0, c].double().cpu()  # [V, P]
-        contrib = (plan * logits[c].cpu()).float()
+    for c in scores.topk(k).indices.tolist():
+        plan = out.plans[0, c].cpu().double()  # [V, P]; float64 on the CPU (MPS has none)
+        contrib = (plan * logits[c]).float()
+        weights = out.prompt_weights[0, c].cpu().float()
+        if not all(torch.isfinite(t).all() for t in (plan, contrib, weights)):
+            raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
         explained.append(
             ClassExplanation(
                 index=c,
@@ -407,7 +453,7 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
                 score=float(scores[c]),
                 probability=float(probs[c]),
                 prompts=texts[c],
-                prompt_weights=out.prompt_weights[0, c].float().cpu(),
+                prompt_weights=weights,
                 plan=plan.float(),
                 contributions=contrib,
             )
@@ -417,11 +463,41 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
         image=rgb,
         scorer=s.name,
         boxes=boxes,
-        view_weights=out.view_weights[0].float().cpu(),
+        view_weights=view_weights,
         classes=explained,
         all_scores={n: float(x) for n, x in zip(labels.classes, scores.tolist(), strict=True)},
         model=getattr(model, "identity", ""),
     )
+
+
+def _solve(clf, views: torch.Tensor, labels):
+    """The scorer's own AWT solve with its plans kept, and the pair logits [C, V, P] the
+    contributions are made of: float64 on the CPU (an accelerator such as MPS may have no
+    float64, so tensors move to the CPU before they are widened)."""
+    from awt_engine.models.base import is_embedder
+    from awt_engine.scoring import awt_scores_from_logits, awt_solve
+
+    weighting, transport = clf.scorer.awt
+    scale = float(clf.model.logit_scale)
+    common = dict(
+        config=clf.awt_config,
+        weighting=weighting,
+        transport=transport,
+        memory_budget=clf.memory_budget,
+        keep_plans=True,
+    )
+    with torch.inference_mode():
+        if is_embedder(clf.model):
+            img = clf.embed_views(views)  # [1, V, D]
+            txt = clf.class_embeddings(labels)  # [C, P, D]
+            img = img.to(txt.device)
+            out = awt_solve(img, txt, scale, **common)
+            logits = scale * torch.einsum("vd,cpd->cvp", img[0].cpu().double(), txt.cpu().double())
+        else:
+            lg = clf.logits(views, labels)  # [1, V, C, P]
+            out = awt_scores_from_logits(lg, scale, **common)
+            logits = lg[0].cpu().double().permute(1, 0, 2)  # [C, V, P]
+    return out, logits
 
 
 __all__ = ["ClassExplanation", "Explanation", "explain"]

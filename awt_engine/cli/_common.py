@@ -114,7 +114,12 @@ Checkpoint = Annotated[
     ),
 ]
 Pretrained = Annotated[
-    str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
+    str | None,
+    typer.Option(
+        help='Pretrained tag or weights file; "none" for random weights '
+        "[default: openai, or the --checkpoint's].",
+        show_default=False,
+    ),
 ]
 Descriptions = Annotated[
     int | None,
@@ -152,8 +157,16 @@ MemoryBudget = Annotated[
 ]
 
 
-def weights_arg(pretrained: str) -> str | None:
-    """The CLI spells random weights "none"."""
+def weights_arg(pretrained: str | None, checkpoint: Path | None = None) -> str | None:
+    """The weights ``--pretrained`` names (the CLI spells random weights "none"); when it
+    is not given, the ones the ``--checkpoint`` was trained on (so ``--model`` alone never
+    sends a checkpoint to the hub for other weights), else OpenAI's."""
+    if pretrained is None:
+        if checkpoint is None:
+            return "openai"
+        from awt_engine.training.checkpoint import read_checkpoint_header
+
+        return read_checkpoint_header(checkpoint)["backbone"].get("pretrained")
     return None if pretrained.lower() == "none" else pretrained
 
 
@@ -202,7 +215,14 @@ RayAddress = Annotated[
     str | None,
     typer.Option(help="Ray cluster to join ('auto': the one running here); implies --ray."),
 ]
-Concurrency = Annotated[int, typer.Option(min=1, help="With --ray: actors in the pool.")]
+Concurrency = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="With --ray: actors in the pool [default: one per GPU for GPU actors; for CPU "
+        "actors one per CPU but one, at most 8; at least 1].",
+    ),
+]
 NumGpus = Annotated[
     float | None,
     typer.Option(

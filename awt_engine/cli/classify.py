@@ -71,7 +71,7 @@ def classify(
     model: Model = None,
     checkpoint: Checkpoint = None,
     llm: Llm = None,
-    pretrained: Pretrained = "openai",
+    pretrained: Pretrained = None,
     descriptions: Descriptions = None,
     views: Views = 51,
     frames: Frames = 8,
@@ -111,7 +111,7 @@ def classify(
     progress: Progress = True,
     ray: UseRay = False,
     ray_address: RayAddress = None,
-    concurrency: Concurrency = 2,
+    concurrency: Concurrency = None,
     num_gpus: NumGpus = None,
 ) -> None:
     """Classify images (and videos); one line per input on stdout: path, label, probability.
@@ -119,8 +119,9 @@ def classify(
     With --ray the images are classified by a pool of Ray Data actors (inputs may then
     also be s3:// or gs:// prefixes); the lines and rows are the local run's.
 
-    Exit 0: every image was classified; 1: some could not be read (each named on stderr
-    and as an error row); 2: a usage error or an output that cannot be written.
+    Exit 0: every input was classified; 1: some could not be read, or gave scores that
+    are not finite numbers (each named on stderr and as an error row); 2: a usage error or
+    an output that cannot be written.
     """
     from awt_engine.images import find_images
 
@@ -155,7 +156,7 @@ def classify(
     from awt_engine.classifier import Prediction, create_classifier
 
     settings = dict(
-        pretrained=weights_arg(pretrained),
+        pretrained=weights_arg(pretrained, checkpoint),
         checkpoint=checkpoint,
         llm=llm,
         dataset=dataset,
@@ -190,14 +191,15 @@ def classify(
     else:
         clf = create_classifier(model, **settings, progress=progress)
         predictions = clf.classify(paths, top_k=top_k, progress=progress, total=len(paths))
-    n_failed = n_images = 0
+    n_failed = n_inputs = 0
     with _Writer(output) as writer:
         for folder in unreadable:  # an error row each, as for an unreadable file
             pred = Prediction(folder.path, None, folder.reason)
             writer.write(pred)
             typer.echo(f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True)
         for pred in predictions:
-            n_images += 1
+            n_inputs += 1
+            pred = _finite_or_error(pred)
             writer.write(pred)
             if pred.ok:
                 if not to_stdout:
@@ -210,7 +212,8 @@ def classify(
                     f"error: {escape_field(pred.path)}: {escape_field(pred.error)}", err=True
                 )
     if n_failed:
-        typer.echo(f"{n_failed} of {n_images} image(s) could not be classified", err=True)
+        # inputs, not images: a video is one input (one row), whatever its frames
+        typer.echo(f"{n_failed} of {n_inputs} input(s) could not be classified", err=True)
     if unreadable:
         typer.echo(f"{len(unreadable)} folder(s) could not be read", err=True)
     if n_failed or unreadable:
@@ -219,6 +222,18 @@ def classify(
 
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def _finite_or_error(pred):
+    """``pred``, or its error row when a score is not a finite number: whatever made the
+    predictions (a local run, a Ray pool), no output file holds a NaN."""
+    import math
+
+    from awt_engine.classifier import NONFINITE_REASON, Prediction
+
+    if pred.ok and not all(math.isfinite(p["score"]) for p in pred.predictions):
+        return Prediction(pred.path, None, NONFINITE_REASON)
+    return pred
 
 
 def _is_uri(text: str) -> bool:
@@ -288,7 +303,7 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 def _json_line(row: dict) -> str:
     """One JSON object, UTF-8 text, with lone surrogates as JSON \\uXXXX escapes (lossless:
     json.loads gives the same str back, os.fsencode the file name's bytes)."""
-    text = json.dumps(row, ensure_ascii=False)
+    text = json.dumps(row, ensure_ascii=False, allow_nan=False)  # NaN is not JSON
     return _SURROGATES.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 

@@ -14,7 +14,6 @@ from awt_engine.cli._common import (
     Checkpoint,
     Classes,
     Concurrency,
-    Dataset,
     Descriptions,
     Device,
     Eps,
@@ -58,7 +57,16 @@ def eval_command(
             file_okay=False,
         ),
     ],
-    dataset: Dataset = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="Registry data set (see `awt-engine datasets`: its layouts, classes, template "
+            "and descriptions), or the name of a description cache (`cache import`, `describe "
+            "--name`): then --data-root is one folder per class, matched to the cache's classes.",
+        ),
+    ] = None,
     scorer: Annotated[
         list[str] | None,
         typer.Option(
@@ -83,7 +91,7 @@ def eval_command(
     model: Model = None,
     checkpoint: Checkpoint = None,
     llm: Llm = None,
-    pretrained: Pretrained = "openai",
+    pretrained: Pretrained = None,
     descriptions: Descriptions = None,
     views: Views = 51,
     frames: Frames = 8,
@@ -123,7 +131,7 @@ def eval_command(
     progress: Progress = True,
     ray: UseRay = False,
     ray_address: RayAddress = None,
-    concurrency: Concurrency = 2,
+    concurrency: Concurrency = None,
     num_gpus: NumGpus = None,
 ) -> None:
     """Top-1, top-5 and mean per-class recall; every scorer from one pass of the model.
@@ -131,8 +139,9 @@ def eval_command(
     With --ray the images are scored by a pool of Ray Data actors (no image cache) and
     the metrics and JSON are the local run's.
 
-    Exit 0: every image was scored; 1: some images could not be read (named on stderr;
-    the metrics cover the rest); 2: a usage error or results that cannot be written.
+    Exit 0: every image was scored; 1: some images could not be read, or gave scores that
+    are not finite numbers (named on stderr; the metrics cover the rest); 2: a usage error
+    or results that cannot be written.
     """
     from awt_engine._io import resolve_cache_root
     from awt_engine.labelled import load_labelled, subset
@@ -148,7 +157,11 @@ def eval_command(
         raise fail(f"--subsample must be all, base, new or base-new, got {subsample!r}")
     class_list = read_class_list(classes) if classes else None
     full = subset(
-        load_labelled(data_root, dataset=dataset, classes=class_list, split=split), limit, seed
+        load_labelled(
+            data_root, dataset=dataset, classes=class_list, split=split, cache_dir=cache_dir
+        ),
+        limit,
+        seed,
     )
 
     from awt_engine.classifier import create_classifier, load_model
@@ -163,7 +176,7 @@ def eval_command(
     root = resolve_cache_root(cache_dir)
     net = load_model(
         model,
-        weights_arg(pretrained),
+        weights_arg(pretrained, checkpoint),
         checkpoint=checkpoint,
         llm=llm,
         device=device,
@@ -204,7 +217,7 @@ def eval_command(
             distributed.init(ray_address)
             loading = dict(
                 model=model,
-                pretrained=weights_arg(pretrained),
+                pretrained=weights_arg(pretrained, checkpoint),
                 checkpoint=checkpoint,
                 llm=llm,
                 device=device,
