@@ -52,7 +52,9 @@ Videos (:data:`awt_engine.video.VIDEO_EXTENSIONS`, recognised by extension) are 
 folders and globs beside images. :func:`decode_images` decodes one only when given
 ``frames``: its sampled frames (:mod:`awt_engine.video`) come back as a
 :class:`~awt_engine.video.VideoFrames` in ``DecodedImage.image``, counted against the
-budget as all its frames plus the decoder's working frames.
+budget as all its frames plus the decoder's working frames; frames that would not fit
+the budget are reduced until they do (with either number of workers), and a count that
+cannot fit is refused.
 """
 
 from __future__ import annotations
@@ -719,7 +721,9 @@ def decode_images(
     huge images are decoded reduced (module docstring). ``paths`` may be a lazy iterable;
     items may also be PIL images or numpy arrays (their ``path`` then reads
     ``<input N>``). ``frames``: a video file (by extension) gives that many sampled frames
-    as a :class:`~awt_engine.video.VideoFrames`; None: videos are refused (an error
+    as a :class:`~awt_engine.video.VideoFrames`, reduced when they must be to fit
+    ``pixel_budget`` (ValueError at once for a count that no video could fit:
+    :func:`awt_engine.video.check_frame_count`); None: videos are refused (an error
     each), for callers that take images only. Never raises for a bad image: its
     ``error`` says why.
     """
@@ -740,6 +744,10 @@ def decode_images(
         isinstance(frames, bool) or not isinstance(frames, int) or frames < 1
     ):
         raise ValueError(f"frames must be an integer >= 1 or None, got {frames!r}")
+    if frames is not None:  # a count no video could hold is a usage error, not N error rows
+        from awt_engine.video import check_frame_count
+
+        check_frame_count(frames, target_size, pixel_budget)
     return _decode_stream(
         enumerate(paths), workers, prefetch, max_pixels, target_size, pixel_budget, frames
     )
@@ -756,7 +764,7 @@ def _decode_stream(
 ) -> Iterator[DecodedImage]:
     if workers == 1:
         for index, item in items:
-            yield _decode_one(index, item, max_pixels, target_size, frames)
+            yield _decode_one(index, item, max_pixels, target_size, frames, pixel_budget)
         return
     stream = _BudgetedDecodes(workers, max_pixels, target_size, pixel_budget, frames)
     try:
@@ -828,7 +836,7 @@ class _BudgetedDecodes:
 
     def add(self, index: int, item: Any) -> None:
         plan = self.executor.submit(
-            _plan, index, item, self.max_pixels, self.target_size, self.frames
+            _plan, index, item, self.max_pixels, self.target_size, self.frames, self.budget
         )
         with self.lock:
             self.slots.append(_Slot(plan))
@@ -938,11 +946,12 @@ def _plan(
     max_pixels: int | None,
     target_size: int | None,
     frames: int | None = None,
+    pixel_budget: int | None = DEFAULT_PIXEL_BUDGET,
 ) -> _Job | DecodedImage:
     """Read the header of a file input (in-memory inputs need none); never raises."""
     label = input_label(index, item)
     if isinstance(item, (str, os.PathLike)) and _is_video_name(item):
-        return _plan_video(label, item, max_pixels, target_size, frames)
+        return _plan_video(label, item, max_pixels, target_size, frames, pixel_budget)
     if isinstance(item, EncodedImage) and _is_video_name(item.name):
         # videos are decoded by seeking in a file; bytes (a Ray binary read) have none
         reason = "a video given as bytes: videos are read from local files (give its path)"
@@ -981,8 +990,10 @@ def _plan_video(
     max_pixels: int | None,
     target_size: int | None,
     frames: int | None,
+    pixel_budget: int | None = DEFAULT_PIXEL_BUDGET,
 ) -> _Job | DecodedImage:
-    """Open a video and read its header (its frames decode in the job); never raises."""
+    """Open a video and read its header (its frames decode in the job); never raises.
+    Its frames are reduced to fit ``pixel_budget`` when they must (awt_engine.video)."""
     from awt_engine.video import open_video
 
     if frames is None:
@@ -992,7 +1003,9 @@ def _plan_video(
             error="is a video; only images are read here (videos need frames=N)",
         )
     try:
-        opened = open_video(path, frames, target_size=target_size, max_pixels=max_pixels)
+        opened = open_video(
+            path, frames, target_size=target_size, max_pixels=max_pixels, pixel_budget=pixel_budget
+        )
     except ImageDecodeError as exc:
         return DecodedImage(path=label, image=None, error=exc.reason)
     except Exception as exc:
@@ -1028,6 +1041,7 @@ def _decode_one(
     max_pixels: int | None,
     target_size: int | None = None,
     frames: int | None = None,
+    pixel_budget: int | None = DEFAULT_PIXEL_BUDGET,
 ) -> DecodedImage:
-    planned = _plan(index, item, max_pixels, target_size, frames)
+    planned = _plan(index, item, max_pixels, target_size, frames, pixel_budget)
     return planned if isinstance(planned, DecodedImage) else _run(planned)

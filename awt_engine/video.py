@@ -27,6 +27,24 @@ only when a video is read):
   (multiples of 90 degrees, as players do; flips are ignored), and reduced like huge images
   (:mod:`awt_engine.images`): a frame whose shorter side is at least 32 R is reduced
   by an integer factor. A frame larger than ``max_pixels`` is refused.
+* **Memory: the pixel budget.** The n frames are kept together (the views' seed hashes
+  all of them, and crops take random frames), as RGB uint8 in Pillow's storage, 4 bytes
+  a pixel; nothing holds them as floats or at full size beside the reduced copies. They
+  must fit ``pixel_budget`` (:data:`~awt_engine.images.DEFAULT_PIXEL_BUDGET`, 512 MiB)
+  beside the decoder's working frames (:data:`_DECODE_BYTES_PER_PIXEL` a pixel of the
+  full frame, reserved at most at half the budget). When n frames at the size above do
+  not fit, they are reduced by the smallest larger integer factor that does (box filter,
+  ``Image.reduce``, as huge images), but never below R on the shorter side: view 0 is the
+  shorter side resized to R, so down to R no view is upsampled where it was not before,
+  while below R the frames would lose what the views show. A count that does not fit
+  even then is refused, naming it and the most that fit (:func:`check_frame_count`
+  refuses a count that no video could fit, before anything is decoded). Why reduce
+  rather than decode fewer at a time: the seed needs every frame, so decoding in parts
+  would decode every frame twice; why not refuse at once: 400 frames of a 720p clip
+  (1.4 GB at full size) fit at half size (368 MB), still 360 px on the shorter side.
+  The factor depends only on the frame size, n, R and the budget, never on the content,
+  the batch or the order. Clips whose frames fit, the ordinary case (8 frames of 4K
+  video take 265 MB), are never touched, so their pixels and results do not change.
 * **Errors** are :class:`~awt_engine.images.ImageDecodeError` (the path and a reason):
   "not a video (no video stream; audio only)", "no frames", "unsupported codec ...",
   "truncated or corrupt video (...)". A video counts as truncated when its frames end
@@ -53,6 +71,7 @@ from PIL import Image
 
 from awt_engine.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PIXEL_BUDGET,
     ImageDecodeError,
     _check_target_size,
     _detail,
@@ -66,6 +85,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "OpenedVideo",
     "VideoFrames",
+    "check_frame_count",
     "decode_frames",
     "is_video_path",
     "open_video",
@@ -100,6 +120,11 @@ def is_video_path(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in VIDEO_EXTENSIONS
 
 
+def _check_count(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of frames must be an integer >= 1, got {n!r}")
+
+
 def sample_times(duration: float, n: int) -> list[float]:
     """``n`` times (seconds from the clip's start) uniform over ``duration``: the centres
     of n equal segments, ``(k + 0.5) * duration / n`` for k = 0..n-1.
@@ -107,8 +132,7 @@ def sample_times(duration: float, n: int) -> list[float]:
     Centres, not the ends: the first and last frames (often black, a fade or a title)
     are never picked, and each frame stands for an equal share of the clip.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the number of frames must be an integer >= 1, got {n!r}")
+    _check_count(n)
     duration = max(float(duration), 0.0)
     return [(k + 0.5) * duration / n for k in range(n)]
 
@@ -136,8 +160,81 @@ class VideoFrames:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of pixels held (Pillow's storage: 4 per RGB pixel)."""
-        return sum(4 * f.width * f.height for f in self.frames)
+        """Bytes of pixels held (Pillow's storage: 4 per RGB pixel); a frame shown at
+        several sample times is one image, counted once."""
+        distinct = {id(f): f for f in self.frames}.values()
+        return sum(4 * f.width * f.height for f in distinct)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def _frame_bytes(width: int, height: int, factor: int) -> int:
+    """One RGB frame reduced by ``factor`` in Pillow's storage (4 bytes a pixel)."""
+    return -(-width // factor) * -(-height // factor) * 4
+
+
+def _frames_room(width: int, height: int, budget: int) -> int:
+    """Bytes the kept frames may take: the budget less the decoder's working frames,
+    reserved at their estimate but at most at half the budget (a frame whose decoding
+    needs more is decoded alone, as a huge image is)."""
+    return budget - min(_DECODE_BYTES_PER_PIXEL * width * height, budget // 2)
+
+
+def _fit_factor(size: tuple[int, int], n: int, target_size: int | None, budget: int | None) -> int:
+    """The integer factor ``n`` frames of ``size`` (square pixels) are reduced by: the
+    huge-image rule's, or the smallest larger one whose frames fit the budget, down to a
+    shorter side of ``target_size`` (module docstring). ValueError naming ``n`` and the
+    most that fit when none does."""
+    width, height = size
+    factor = _reduction_factor(size, target_size)
+    if budget is None:
+        return factor
+    room = _frames_room(width, height, budget)
+    floor = max(factor, min(size) // target_size) if target_size is not None else factor
+    for f in range(factor, floor + 1):
+        if n * _frame_bytes(width, height, f) <= room:
+            return f
+    smallest = _frame_bytes(width, height, floor)
+    if target_size is None:
+        how = "(frames are not reduced without target_size)"
+    elif floor == 1:
+        how = f"at full size (reduced, they would be smaller than the views' {target_size} px)"
+    else:
+        reduced = f"{-(-width // floor)}x{-(-height // floor)}"
+        how = f"even reduced to {reduced} (the views' {target_size} px on the shorter side)"
+    raise ValueError(
+        f"--frames {n}: {n} frames of {width}x{height} do not fit the "
+        f"{_fmt_bytes(budget)} pixel budget {how}; at most {room // smallest} "
+        "frames of this video fit"
+    )
+
+
+def check_frame_count(
+    n: int, target_size: int | None, pixel_budget: int | None = DEFAULT_PIXEL_BUDGET
+) -> None:
+    """ValueError naming ``n`` when ``n`` frames of the model's input size
+    (``target_size`` R, R x R pixels) cannot fit ``pixel_budget``: frames are reduced no
+    further than R on the shorter side, so such a count fits no video of that size or
+    larger. Checked before anything is decoded (a usage error, exit 2 in the CLI); a
+    video with larger frames is refused on its own when they do not fit even reduced
+    (module docstring)."""
+    _check_count(n)
+    if target_size is None or pixel_budget is None:
+        return
+    room = _frames_room(target_size, target_size, pixel_budget)
+    smallest = _frame_bytes(target_size, target_size, 1)
+    if n * smallest > room:
+        raise ValueError(
+            f"--frames {n}: that many frames cannot fit the {_fmt_bytes(pixel_budget)} "
+            f"pixel budget: frames are kept at least at the model's input size "
+            f"({target_size}x{target_size} px, {_fmt_bytes(smallest)} each), so at most "
+            f"{room // smallest} fit"
+        )
 
 
 def decode_frames(
@@ -146,14 +243,19 @@ def decode_frames(
     *,
     target_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    pixel_budget: int | None = DEFAULT_PIXEL_BUDGET,
 ) -> VideoFrames:
     """Decode ``n`` frames sampled uniformly over the video at ``path`` (module docstring).
 
     ``target_size``: the views' size R, so that enormous frames come back reduced (None:
-    never reduced). Raises :class:`ImageDecodeError` (path, reason) for anything that is
-    not a readable video.
+    never reduced). ``pixel_budget``: bytes the kept frames and the decoder's working
+    frames may hold (None: no limit); frames that do not fit are reduced, down to R on
+    the shorter side (module docstring). Raises :class:`ImageDecodeError` (path, reason)
+    for anything that is not a readable video, or whose ``n`` frames cannot fit.
     """
-    opened = open_video(path, n, target_size=target_size, max_pixels=max_pixels)
+    opened = open_video(
+        path, n, target_size=target_size, max_pixels=max_pixels, pixel_budget=pixel_budget
+    )
     try:
         return opened.read()
     finally:
@@ -174,14 +276,18 @@ def open_video(
     *,
     target_size: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    pixel_budget: int | None = DEFAULT_PIXEL_BUDGET,
 ) -> OpenedVideo:
     """Open a video and read its header (no frame decoded): what ``decode_images``
-    plans with. Raises :class:`ImageDecodeError` for a file that is not a usable video."""
+    plans with. Raises :class:`ImageDecodeError` for a file that is not a usable video
+    (or whose ``n`` frames cannot fit ``pixel_budget``, see :func:`decode_frames`)."""
     path = Path(path)
-    sample_times(0.0, n)  # validates n
+    _check_count(n)
     _check_target_size(target_size)
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive or None, got {max_pixels}")
+    if pixel_budget is not None and pixel_budget <= 0:
+        raise ValueError(f"pixel_budget must be positive or None, got {pixel_budget}")
     check_input_file(path, "a video file")
     av = _import_av(path)
     try:
@@ -193,7 +299,7 @@ def open_video(
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise ImageDecodeError(path, f"not a video or corrupt ({_av_detail(exc)})") from None
     try:
-        return OpenedVideo(path, container, n, target_size, max_pixels, av)
+        return OpenedVideo(path, container, n, target_size, max_pixels, av, pixel_budget)
     except BaseException:
         container.close()
         raise
@@ -203,9 +309,11 @@ class OpenedVideo:
     """A video whose header is read: its stream, duration and decode cost; frames not
     yet decoded. :meth:`read` decodes the sampled frames, :meth:`close` frees the file."""
 
-    def __init__(self, path: Path, container, n: int, target_size, max_pixels, av):
+    def __init__(
+        self, path: Path, container, n: int, target_size, max_pixels, av, pixel_budget=None
+    ):
         self.path, self.container, self.n = path, container, n
-        self.target_size, self._av = target_size, av
+        self.target_size, self._av, self.pixel_budget = target_size, av, pixel_budget
         videos = list(container.streams.video)
         if not videos:
             kinds = sorted({s.type for s in container.streams})
@@ -250,11 +358,18 @@ class OpenedVideo:
             return width, round(height / self.sar)
         return width, height
 
+    def _factor(self, size: tuple[int, int]) -> int:
+        """The factor frames of ``size`` (square pixels) are reduced by (module
+        docstring); ImageDecodeError when ``n`` of them cannot fit the pixel budget."""
+        try:
+            return _fit_factor(size, self.n, self.target_size, self.pixel_budget)
+        except ValueError as exc:
+            raise ImageDecodeError(self.path, str(exc)) from None
+
     def _cost(self) -> int:
         """Bytes of pixels decoding holds at its peak, estimated (module constants)."""
         width, height = self._display_size(self.width, self.height)
-        factor = _reduction_factor((width, height), self.target_size)
-        out = -(-width // factor) * -(-height // factor) * 4
+        out = _frame_bytes(width, height, self._factor((width, height)))
         return self.n * out + _DECODE_BYTES_PER_PIXEL * width * height
 
     def close(self) -> None:
@@ -391,7 +506,7 @@ class OpenedVideo:
         transpose = _ROTATIONS.get(round((frame.rotation or 0) / 90) % 4)
         if transpose is not None:
             image = image.transpose(transpose)
-        factor = _reduction_factor(image.size, self.target_size)
+        factor = self._factor(image.size)  # per frame: a stream may change size
         return image.reduce(factor) if factor > 1 else image
 
 

@@ -7,7 +7,9 @@ with moving synthetic content. Per clip:
 for ``--frames`` frames, then ``make_video_views`` for ``--views`` views at 224 x 224,
 beside the image encoder's time for those views (ViT-B-32, random weights, on
 ``--device``). The long clip must cost about what the short one does: decoding seeks,
-it never reads the whole file.
+it never reads the whole file. "frames held" is the bytes of decoded pixels the clip's
+frames keep (``VideoFrames.nbytes``, Pillow's 4 bytes a pixel), what the 512 MiB pixel
+budget bounds: frames that would not fit are reduced (awt_engine/video.py).
 
     uv run python benchmarks/bench_video.py [--frames 8] [--views 51] [--gop 50 250]
 """
@@ -117,6 +119,7 @@ def main() -> None:
                         f"{path.stat().st_size / 1e6:.1f} MB",
                         f"{clip.decoded} of {seconds * FPS}",
                         clip.seeks,
+                        f"{clip.nbytes / 2**20:.1f} MiB",
                         ms(best[label, "decode"]),
                         ms(best[label, "views"]),
                         f"**{ms(best[label, 'decode'] + best[label, 'views'])}**",
@@ -131,6 +134,7 @@ def main() -> None:
             "file",
             "frames decoded",
             "seeks",
+            "frames held",
             "decode_frames",
             "make_video_views",
             "decode + views",

@@ -526,7 +526,7 @@ def test_cli_bad_videos_are_error_rows_and_the_rest_is_classified(tmp_path, colo
     for name, phrase in expected.items():
         assert phrase in rows[name]["error"], (name, rows[name])
         assert f"error: {folder / name}: " in res.stderr
-    assert f"{len(expected)} of {len(expected) + 2} image(s) could not be classified" in res.stderr
+    assert f"{len(expected)} of {len(expected) + 2} input(s) could not be classified" in res.stderr
 
 
 def test_decode_images_takes_videos_only_when_asked(tmp_path):
@@ -536,8 +536,13 @@ def test_decode_images_takes_videos_only_when_asked(tmp_path):
     plain = list(decode_images([clip, tmp_path / "i.png"]))
     assert not plain[0].ok and "video" in plain[0].error and plain[1].ok
     for workers in (1, 2):
-        items = list(decode_images([clip], frames=3, workers=workers, pixel_budget=1))
-        assert items[0].is_video and len(items[0].image) == 3  # over the budget: alone
+        # 3 frames of 32x24 (9216 bytes) fit beside the decoder's estimate reserved at
+        # half the budget, not beside all of it (12288 bytes): decoded alone
+        items = list(decode_images([clip], frames=3, workers=workers, pixel_budget=20_000))
+        assert items[0].is_video and len(items[0].image) == 3
+        assert items[0].image.size == (32, 24)
+        (refused,) = decode_images([clip], frames=3, workers=workers, pixel_budget=1)
+        assert "--frames 3: 3 frames of 32x24 do not fit" in refused.error  # never held
 
 
 def test_missing_pyav_is_an_error_row_with_the_install_hint(tmp_path, monkeypatch):
