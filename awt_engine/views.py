@@ -20,7 +20,10 @@ an image's view 0, views 1..n-1 are the other frames in time order prepared the 
 and the remaining V - n views are random resized crops of random frames (the frame drawn
 from the same generator before each box), seeded by :func:`video_view_seed` over all the
 frames' pixels. With V < n only the first V of those frame views are made; without
-``raw_view`` every view is a crop of a random frame.
+``raw_view`` every view is a crop of a random frame. The frames are turned into tensors
+one at a time (for the seed's hash, then for their views), never all together: a
+video holds its decoded frames (within the pixel budget, :mod:`awt_engine.video`) and
+at most two frames' tensors beside them.
 """
 
 from __future__ import annotations
@@ -164,6 +167,11 @@ def view_seed(image_uint8: torch.Tensor, seed: int) -> int:
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
+def _draw(generator: torch.Generator) -> torch.Tensor:
+    """One float32 slot on the generator's device (the CPU), whatever the default device."""
+    return torch.empty(1, device=generator.device)
+
+
 def crop_boxes(
     height: int, width: int, n: int, config: ViewConfig, generator: torch.Generator
 ) -> torch.Tensor:
@@ -181,18 +189,26 @@ def crop_boxes(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     area = height * width
-    log_ratio = torch.log(torch.tensor(config.ratio))  # float32, as torchvision computes it
+    log_ratio = torch.log(torch.tensor(config.ratio, device="cpu"))  # float32, as torchvision
     log_lo, log_hi = float(log_ratio[0]), float(log_ratio[1])
-    boxes = torch.empty(n, 5, dtype=torch.int64)
+    boxes = torch.empty(n, 5, dtype=torch.int64, device="cpu")
     for k in range(n):
         for _ in range(_CROP_ATTEMPTS):
-            target_area = area * torch.empty(1).uniform_(*config.scale, generator=generator).item()
-            aspect = torch.exp(torch.empty(1).uniform_(log_lo, log_hi, generator=generator)).item()
+            target_area = (
+                area * _draw(generator).uniform_(*config.scale, generator=generator).item()
+            )
+            aspect = torch.exp(
+                _draw(generator).uniform_(log_lo, log_hi, generator=generator)
+            ).item()
             w = round(math.sqrt(target_area * aspect))
             h = round(math.sqrt(target_area / aspect))
             if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
-                left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+                top = int(
+                    torch.randint(0, height - h + 1, (1,), generator=generator, device="cpu").item()
+                )
+                left = int(
+                    torch.randint(0, width - w + 1, (1,), generator=generator, device="cpu").item()
+                )
                 break
         else:  # fallback: centre crop, clipped to the aspect range
             in_ratio = width / height
@@ -207,16 +223,16 @@ def crop_boxes(
             # torchvision can round to 0 here for extreme ratios; a crop has >= 1 pixel.
             w, h = min(max(w, 1), width), min(max(h, 1), height)
             top, left = (height - h) // 2, (width - w) // 2
-        boxes[k, :4] = torch.tensor([top, left, h, w])
+        boxes[k, :4] = torch.tensor([top, left, h, w], device="cpu")
     # rand() < 1 always, so flip_p = 1 flips every crop and flip_p = 0 none.
-    boxes[:, 4] = (torch.rand(n, generator=generator) < config.flip_p).long()
+    boxes[:, 4] = (torch.rand(n, generator=generator, device="cpu") < config.flip_p).long()
     return boxes  # [n, 5]
 
 
 def _crops(pixels: torch.Tensor, n_crops: int, config: ViewConfig, seed: int | None):
     """The crop boxes of an image's views: [n_crops, 5] (see :func:`crop_boxes`)."""
     if not n_crops:  # the raw view alone needs no random draws (nor the hash that seeds them)
-        return torch.empty(0, 5, dtype=torch.int64)
+        return torch.empty(0, 5, dtype=torch.int64, device="cpu")
     if seed is None:
         seed = view_seed(pixels, config.seed)
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -242,7 +258,9 @@ def view_boxes(
     out = [_crops(pixels, n_crops, config, seed)]
     if config.raw_view:
         side = min(height, width)
-        raw = torch.tensor([[(height - side) // 2, (width - side) // 2, side, side, 0]])
+        raw = torch.tensor(
+            [[(height - side) // 2, (width - side) // 2, side, side, 0]], device="cpu"
+        )
         out.insert(0, raw)
     return torch.cat(out)
 
@@ -294,7 +312,10 @@ def _on_device(pixels: torch.Tensor, target: torch.device) -> torch.Tensor:
     """[3, H, W] uint8 -> [1, 3, H, W] on ``target``, channels-last."""
     # Channels-last (HWC in memory, as decoded): torch's CPU uint8 resize kernels run ~1.5x
     # faster on it and give bit-identical values in either layout.
-    pixels = pixels.to(target, non_blocking=True).unsqueeze(0)  # [1, 3, H, W] uint8
+    # non_blocking only into CUDA: the CPU source is freed right after, which an
+    # asynchronous copy to MPS can read too late (silently wrong pixels; a PyTorch issue)
+    cuda = target.type == "cuda"
+    pixels = pixels.to(target, non_blocking=cuda).unsqueeze(0)  # [1, 3, H, W] uint8
     return pixels.contiguous(memory_format=torch.channels_last)
 
 
@@ -325,15 +346,44 @@ def _normalise(views: torch.Tensor, preprocess: PreprocessConfig) -> torch.Tenso
 # --------------------------------------------------------------------------- videos
 
 
-def _frame_pixels(
-    frames: VideoFrames | Sequence[PIL.Image.Image | torch.Tensor],
-) -> list[torch.Tensor]:
-    items = frames.frames if isinstance(frames, VideoFrames) else list(frames)
-    if not items:
-        raise ValueError("a video needs at least one frame")
-    return [
-        _check_pixels(image_to_tensor(f) if isinstance(f, PIL.Image.Image) else f) for f in items
-    ]
+class _Frames:
+    """A video's frames as uint8 RGB tensors [3, H, W], each made when asked and not
+    kept: n tensor copies held beside the decoded frames would break the pixel budget
+    (400 frames of a 720p clip: 1.1 GB more). Shapes are read without converting."""
+
+    def __init__(self, frames: VideoFrames | Sequence[PIL.Image.Image | torch.Tensor]):
+        items = frames.frames if isinstance(frames, VideoFrames) else list(frames)
+        if not items:
+            raise ValueError("a video needs at least one frame")
+        self._items = items
+        self.shapes = [_frame_shape(f) for f in items]  # (3, H, W) each, validated
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        return _check_pixels(image_to_tensor(item) if isinstance(item, PIL.Image.Image) else item)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self._items)))
+
+    @property
+    def device(self) -> torch.device:
+        first = self._items[0]
+        return first.device if isinstance(first, torch.Tensor) else torch.device("cpu")
+
+
+def _frame_shape(frame: PIL.Image.Image | torch.Tensor) -> tuple[int, int, int]:
+    if not isinstance(frame, PIL.Image.Image):
+        return tuple(_check_pixels(frame).shape)
+    if frame.width < 1 or frame.height < 1:
+        raise ValueError(f"image is empty: shape (3, {frame.height}, {frame.width})")
+    return 3, frame.height, frame.width
+
+
+def _frame_pixels(frames: VideoFrames | Sequence[PIL.Image.Image | torch.Tensor]) -> _Frames:
+    return _Frames(frames)
 
 
 def video_view_seed(frames: Sequence[torch.Tensor], seed: int) -> int:
@@ -348,14 +398,14 @@ def video_view_seed(frames: Sequence[torch.Tensor], seed: int) -> int:
     return int.from_bytes(h.digest()[:8], "little") >> 1
 
 
-def _video_boxes(pixels: list[torch.Tensor], config: ViewConfig, seed: int | None) -> torch.Tensor:
+def _video_boxes(pixels: _Frames, config: ViewConfig, seed: int | None) -> torch.Tensor:
     """int64 [V, 6]: (frame, top, left, height, width, flipped) of each video view."""
     n = len(pixels)
     rows = []
     n_frame_views = min(n, config.n_views) if config.raw_view else 0
     middle = n // 2
     for i in ([middle, *(i for i in range(n) if i != middle)])[:n_frame_views]:
-        _, height, width = pixels[i].shape
+        _, height, width = pixels.shapes[i]
         side = min(height, width)
         rows.append([i, (height - side) // 2, (width - side) // 2, side, side, 0])
     n_crops = config.n_views - n_frame_views
@@ -364,11 +414,11 @@ def _video_boxes(pixels: list[torch.Tensor], config: ViewConfig, seed: int | Non
             seed = video_view_seed(pixels, config.seed)
         generator = torch.Generator(device="cpu").manual_seed(seed)
         for _ in range(n_crops):  # frame, then its box: crop k does not depend on V
-            i = int(torch.randint(0, n, size=(1,), generator=generator).item())
-            _, height, width = pixels[i].shape
+            i = int(torch.randint(0, n, (1,), generator=generator, device="cpu").item())
+            _, height, width = pixels.shapes[i]
             box = crop_boxes(height, width, 1, config, generator)[0].tolist()
             rows.append([i, *box])
-    return torch.tensor(rows, dtype=torch.int64).view(-1, 6)
+    return torch.tensor(rows, dtype=torch.int64, device="cpu").view(-1, 6)
 
 
 def video_view_boxes(
@@ -401,16 +451,19 @@ def make_video_views(
     pixels = _frame_pixels(frames)
     r = _input_size(preprocess)
     boxes = _video_boxes(pixels, config, seed).tolist()
-    target = pixels[0].device if device is None else torch.device(device)
+    target = pixels.device if device is None else torch.device(device)
     views = torch.empty(len(boxes), 3, r, r, dtype=torch.uint8, device=target)  # [V, 3, R, R]
     crop_mode = _INTERPOLATIONS[config.crop_interpolation]
     n_frame_views = min(len(pixels), config.n_views) if config.raw_view else 0
-    on_device: dict[int, torch.Tensor] = {}
-    for k, (i, *box) in enumerate(boxes):
-        if i not in on_device:
-            on_device[i] = _on_device(pixels[i], target)
-        if k < n_frame_views:
-            views[k] = _raw_view(on_device[i], r, preprocess)
-        else:
-            views[k] = _crop_view(on_device[i], box, r, crop_mode)
+    uses: dict[int, list[int]] = {}  # frame -> its views, frames in order of first use
+    for k, (i, *_) in enumerate(boxes):
+        uses.setdefault(i, []).append(k)
+    for i, ks in uses.items():  # one frame's pixels at a time: all its views, then free
+        frame = _on_device(pixels[i], target)
+        for k in ks:
+            if k < n_frame_views:
+                views[k] = _raw_view(frame, r, preprocess)
+            else:
+                views[k] = _crop_view(frame, boxes[k][1:], r, crop_mode)
+        del frame
     return _normalise(views, preprocess)

@@ -7,6 +7,8 @@ ValueError listing the choices on this machine.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -84,3 +86,32 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
             "(or None: fp16 on CUDA, fp32 elsewhere)."
         )
     return precision
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Global RNG draws from ``seed`` inside; the caller's RNG states untouched after.
+
+    The CPU generator is forked and seeded, and so is ``device``'s own generator when it
+    is a CUDA or MPS device: that one device's, not the current CUDA device's (which
+    ``torch.cuda.manual_seed`` would seed) nor every device's (``torch.manual_seed``
+    seeds all CUDA devices, outside a CPU-only ``fork_rng``). No other device's state is
+    read, seeded or restored.
+    """
+    dev = None if device is None else torch.device(device)
+    if dev is not None and dev.type == "cuda":
+        idx = torch.cuda.current_device() if dev.index is None else dev.index
+        with torch.random.fork_rng(devices=[idx], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            with torch.cuda.device(idx):  # torch.cuda.manual_seed seeds the current device
+                torch.cuda.manual_seed(seed)
+            yield
+    elif dev is not None and dev.type == "mps":
+        with torch.random.fork_rng(devices=["mps"], device_type="mps"):
+            torch.default_generator.manual_seed(seed)
+            torch.mps.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            yield

@@ -19,7 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from awt_engine._progress import progress_bar
-from awt_engine.backbone.devices import PRECISIONS, resolve_device, resolve_precision
+from awt_engine.backbone.devices import (
+    PRECISIONS,
+    resolve_device,
+    resolve_precision,
+    seeded_rng,
+)
 from awt_engine.backbone.sources import (
     RANDOM_INIT_SEED,
     BackboneLoadError,
@@ -120,7 +125,10 @@ class ClipBackbone:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
 
         def encode(start: int) -> torch.Tensor:
-            chunk = pixels[start : start + bs].to(self.device, self.dtype, non_blocking=True)
+            # non_blocking only into CUDA: from a CPU tensor freed right after, an
+            # asynchronous copy to MPS can read memory already reused (a PyTorch issue)
+            cuda = self.device.type == "cuda"
+            chunk = pixels[start : start + bs].to(self.device, self.dtype, non_blocking=cuda)
             return F.normalize(self.model.encode_image(chunk).float(), dim=-1)  # [b, D]
 
         with _grad_mode(grad):
@@ -182,9 +190,9 @@ def _quiet_random_init_log() -> Iterator[None]:
 
 @contextmanager
 def _seeded_init(seed: int) -> Iterator[None]:
-    """Deterministic random init without touching the caller's global RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    """Deterministic random init without touching the caller's global RNG state (the
+    weights are built on the CPU; ``torch.manual_seed`` would also seed every CUDA device)."""
+    with seeded_rng(seed):
         yield
 
 

@@ -80,9 +80,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from awt_engine.backbone.devices import seeded_rng
 from awt_engine.labelled import LabelledData, LabelledItem
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.training.loop import TrainConfig
 from awt_engine.views import ViewConfig
 
@@ -97,22 +98,24 @@ CLAMP_WRAPPER = "USER: A photo of a {}.A {} has the following visual attributes 
 class CLAMPConfig:
     llm: str = "lmsys/vicuna-13b-v1.5"  # clamp.json hf_model_name
     llm_dtype: str = "auto"  # the checkpoint's dtype on a GPU, float32 on CPU (models/llm.py)
-    n_prompt_tokens: int = 24  # clamp.json num_prompt_tokens
-    lora_r: int = 16  # hf_model.py LoraConfig
+    n_prompt_tokens: int = bounded(24, 1, 512)  # clamp.json num_prompt_tokens
+    lora_r: int = bounded(16, 1, 1024)  # hf_model.py LoraConfig
     lora_alpha: float = 16.0  # hf_model.py LoraConfig
     # hf_model.py: 0.1. Drawn from the step's generator (torch.random.fork_rng), never
     # from the global RNG, so a run is reproduced by its seed.
     lora_dropout: float = 0.1
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # hf_model.py: q, k, v, o
-    pool_heads: int = 8  # hf_model.py EosAttentionPooler: 8-head MHA over the LM width
+    # hf_model.py EosAttentionPooler: 8-head MHA over the LM width
+    pool_heads: int = bounded(8, 1, 256)
     wrapper: str = DEFAULT_WRAPPER  # see above; CLAMP_WRAPPER is the paper's own
-    context_length: int = 77  # CLAMP's HF tokenizer: max_length 77, right truncation
+    # CLAMP's HF tokenizer: max_length 77, right truncation
+    context_length: int = bounded(77, 1, 4096)
     distill_weight: float = 1.0  # DistillClipLoss: the two terms summed
     distill_scale: float = 100.0  # DistillClipLoss: 100 cos for teacher and student
     max_logit_scale: float = 100.0  # train.py clamps logit_scale to ln(100) after a step
     init_logit_scale: float | None = None  # None: the backbone's (CLIP's image tower is its)
     captions: str | None = None  # a JSONL of {"image", "caption"}: train on those pairs
-    text_batch_size: int = 64  # LM sequences per forward pass in class_embeddings
+    text_batch_size: int = bounded(64, 1, 4096)  # LM sequences per forward pass in class_embeddings
 
     def __post_init__(self) -> None:
         for name in ("n_prompt_tokens", "lora_r", "pool_heads", "context_length"):
@@ -426,11 +429,9 @@ class CLAMP(TrainableModel):
     def _dropout_rng(self, generator: torch.Generator) -> Iterator[None]:
         """LoRA dropout draws from a seed of the step's generator, never the global RNG."""
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        cuda = self.device.type == "cuda"
-        with torch.random.fork_rng(devices=[self.device] if cuda else []):
-            torch.default_generator.manual_seed(seed)
-            if cuda:
-                torch.cuda.manual_seed(seed)
+        # the model's own device's generator (CUDA or MPS), forked and seeded: not the
+        # current CUDA device's, which torch.cuda.manual_seed alone would seed
+        with seeded_rng(seed, self.device):
             yield
 
     def training_loss(self, batch: TrainBatch) -> LossOutput:

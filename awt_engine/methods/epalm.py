@@ -68,8 +68,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from awt_engine.backbone.devices import seeded_rng
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableBase, TrainBatch
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainableBase, TrainBatch, bounded
 from awt_engine.training.loop import TrainConfig
 
 _ATTENTION = ("sdpa", "eager")  # mask formats the hooks extend (bool or additive 4-D)
@@ -78,15 +79,17 @@ _ATTENTION = ("sdpa", "eager")  # mask formats the hooks extend (bool or additiv
 @dataclass(frozen=True)
 class EPALMConfig:
     llm: str = "facebook/opt-2.7b"  # eP-ALM's main LM (text_model in its scripts)
-    start_layer: int = 19  # start_layer_idx (ePALM_caption.yaml, OPT-2.7B's 32 layers)
-    end_layer: int = 31  # end_layer_idx, exclusive
-    n_levels: int = 6  # injected_hidden_states: [CLS] of the last 6 vision blocks
-    prompt_len: int = 10  # prompt_len (prompt_tuning: True)
+    # start_layer_idx (ePALM_caption.yaml, OPT-2.7B's 32 layers)
+    start_layer: int = bounded(19, 0, 1024)
+    end_layer: int = bounded(31, 0, 1024)  # end_layer_idx, exclusive
+    n_levels: int = bounded(6, 1, 256)  # injected_hidden_states: [CLS] of the last 6 vision blocks
+    prompt_len: int = bounded(10, 1, 512)  # prompt_len (prompt_tuning: True)
     question: str = "What is in the image?"  # the prefix before the class text ("": none)
     lm_loss_weight: float = 0.1  # lm_loss_weight
     prompt_lr: float = 1e-5  # optimizer.prompt_lr (the connectors use the main lr)
     logit_scale: float = 100.0  # CLIP's: logits of the size AWT's temperatures expect
-    shortlist_k: int = 0  # 0: score every class; k: rank_answer's first-token shortlist
+    # 0: score every class; k: rank_answer's first-token shortlist
+    shortlist_k: int = bounded(0, 0, 1 << 20)
 
     def __post_init__(self) -> None:
         for name in ("start_layer", "end_layer", "n_levels", "prompt_len", "shortlist_k"):
@@ -215,8 +218,9 @@ class EPALM(TrainableBase):
     def prepare(self, labels: LabelSet, seed: int = 0) -> None:
         super().prepare(labels, seed)
         E, H, W = self.embed_width, self.hidden, self.vision_width
-        with torch.random.fork_rng(devices=[]):  # PyTorch's default inits, drawn from seed
-            torch.manual_seed(seed)
+        # PyTorch's default inits, drawn from seed on the CPU (the caller's RNGs untouched:
+        # torch.manual_seed would also reseed every CUDA device)
+        with seeded_rng(seed):
             self.connectors = nn.ModuleList(nn.Linear(W, H) for _ in range(self.config.n_levels))
             # eP-ALM's InputPrompts: mid width = prompt width
             self.prompt = nn.Sequential(

@@ -107,7 +107,7 @@ from awt_engine._io import (
 )
 from awt_engine._tensorfile import DamagedEntry, load_tensors, save_tensors
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.models.clip_text import ClipTextTower
 from awt_engine.registry import display_name
 from awt_engine.training.loop import TrainConfig
@@ -123,15 +123,16 @@ _LLM_BATCH = 16  # prefixes per full-LLM pass when building the cache (the code'
 class LLaMPConfig:
     llm: str = "meta-llama/Llama-2-7b-chat-hf"  # the paper's LLM
     llm_dtype: str = "auto"  # checkpoint dtype on a GPU, float32 on CPU (models/llm.py)
-    n_tokens: int = 16  # K, --num_llm_prompts
-    prompt_depth: int = 9  # CLIP text layers fed LLM prompts, --llm_prompt_depth
+    n_tokens: int = bounded(16, 1, 512)  # K, --num_llm_prompts
+    prompt_depth: int = bounded(9, 1, 256)  # CLIP text layers fed LLM prompts, --llm_prompt_depth
     ctx_init: str = "a photo of a"  # layer-0 context (the code: 4 tokens, this phrase)
-    visual_prompt_depth: int = 6  # flags.py --visual_prompt_depth (vision layers 0..5)
-    n_visual_ctx: int = 4  # flags.py --num_vis_ctx
-    lora_rank: int = 8  # launch scripts --lora_rank
+    # flags.py --visual_prompt_depth (vision layers 0..5)
+    visual_prompt_depth: int = bounded(6, 0, 256)
+    n_visual_ctx: int = bounded(4, 0, 512)  # flags.py --num_vis_ctx
+    lora_rank: int = bounded(8, 0, 1024)  # launch scripts --lora_rank
     lora_alpha: float = 16.0  # --lora_alpha
-    lora_start: int = 6  # --v_lora_start
-    lora_end: int = 12  # --v_lora_end (exclusive)
+    lora_start: int = bounded(6, 0, 1024)  # --v_lora_start
+    lora_end: int = bounded(12, 0, 1024)  # --v_lora_end (exclusive)
     lora_lr: float = 2e-5  # --lora_lr: LoRA's own parameter group
     text_l1_weight: float = 25.0  # models/llamp.py
     image_l1_weight: float = 10.0  # models/llamp.py
@@ -141,7 +142,7 @@ class LLaMPConfig:
     answer_start: str = "The {} appears as"  # tools/run_inference_chat.py
     system_prompt: str = "You are a helpful assistant."  # tools/run_inference_chat.py
     self_describe: bool = True  # prompt 0 continues answer_start with the LLM's own sentence
-    self_description_tokens: int = 64  # the code's max_new_tokens (greedy)
+    self_description_tokens: int = bounded(64, 1, 4096)  # the code's max_new_tokens (greedy)
 
     def __post_init__(self) -> None:
         for name in ("n_tokens", "prompt_depth", "self_description_tokens"):
@@ -228,6 +229,19 @@ class PrefixCache:
     lengths: Tensor  # [N] int64 prefix lengths
     texts: tuple[str, ...]
     path: Path | None = None  # the file it lives in (None: not written)
+
+
+@contextmanager
+def _autocast_off(device: torch.device) -> Iterator[None]:
+    """No autocast around the frozen LLM's cached outputs (self-descriptions, K/V): their
+    key names the LLM's own dtype, so they are computed in it, the same whether the first
+    training step (under the training autocast) or classify builds them."""
+    with torch.autocast("cpu", enabled=False):
+        if device.type == "cpu":
+            yield
+            return
+        with torch.autocast(device.type, enabled=False):
+            yield
 
 
 def _first_sentence(text: str) -> str:
@@ -562,7 +576,7 @@ class LLaMP(TrainableModel):
             rows = ids[s : s + _LLM_BATCH]
             T = max(map(len, rows))
             inp, mask = self._pad(rows, T)
-            with torch.inference_mode():
+            with torch.inference_mode(), _autocast_off(model.device):
                 gen = model.generate(
                     input_ids=inp.to(model.device),
                     attention_mask=mask.to(model.device),
@@ -661,7 +675,8 @@ class LLaMP(TrainableModel):
             inp, m = self._pad(ids[s : s + _LLM_BATCH], T)
             inp, m = inp.to(model.device), m.to(model.device)
             pos = (m.cumsum(-1) - 1).clamp(min=0)
-            out = model.model(input_ids=inp, attention_mask=m, position_ids=pos, use_cache=True)
+            with _autocast_off(model.device):
+                out = model.model(input_ids=inp, attention_mask=m, position_ids=pos, use_cache=True)
             last = out.past_key_values.layers[-1]
             keep = m[:, None, :, None].to(last.keys.dtype)
             keys[s : s + len(inp)] = (last.keys * keep).to(keys.dtype).cpu()
