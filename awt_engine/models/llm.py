@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from awt_engine._io import file_sha256
+from awt_engine._progress import library_bars, stderr_is_terminal
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
 
@@ -68,9 +69,10 @@ def load_causal_lm(
     torch_dtype = resolve_dtype(dtype, device)  # a bad dtype is its own error, not a load's
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, trust_remote_code=trust_remote_code
-        )
+        with library_bars(stderr_is_terminal()):  # no "Loading weights" bars in a log file
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
     except (OSError, ValueError) as e:
         raise LLMLoadError(
             f"cannot load LLM {name!r} with transformers: {str(e).rstrip('.')}. Give a local "

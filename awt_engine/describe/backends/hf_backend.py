@@ -7,12 +7,11 @@ batching so little compute goes to padding, and answers are returned in request 
 
 from __future__ import annotations
 
-import contextlib
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from awt_engine._progress import library_bars, stderr_is_terminal
 from awt_engine.describe.backends.base import (
     ChatBackend,
     ChatRequest,
@@ -53,26 +52,7 @@ def _merge_system(messages: Conversation) -> Conversation:
 
 
 def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stderr
-        return False
-
-
-@contextlib.contextmanager
-def library_bars(enabled: bool) -> Iterator[None]:
-    """transformers' (and the hub's) progress bars off until the block ends, unless
-    ``enabled`` (then left as they are: HF_HUB_DISABLE_PROGRESS_BARS=1 still holds)."""
-    from transformers.utils import logging as hf_logging
-
-    if enabled or not hf_logging.is_progress_bar_enabled():
-        yield
-        return
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
+    return stderr_is_terminal()
 
 
 class TransformersBackend(ChatBackend):
