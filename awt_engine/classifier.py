@@ -375,8 +375,8 @@ def load_model(
     from (model, pretrained); ``model`` defaults to ViT-B-16-quickgelu. ``pretrained``
     left out means the checkpoint's weights with a checkpoint, else OpenAI's."""
     if checkpoint is not None:
+        from awt_engine.checkpoints import read_checkpoint_header
         from awt_engine.training import load_trained
-        from awt_engine.training.checkpoint import read_checkpoint_header
 
         if model and pretrained is DEFAULT_WEIGHTS:
             pretrained = read_checkpoint_header(checkpoint)["backbone"].get("pretrained")
@@ -498,7 +498,7 @@ def create_classifier(
         embedder.use_cache_root(root)  # a method's derived caches go there too (LLaMP's K/V)
     trained = getattr(embedder, "checkpoint_header", None)
     if trained is not None and dataset is None and classes is None:
-        from awt_engine.training.checkpoint import labels_from_record
+        from awt_engine.checkpoints import labels_from_record
 
         labels = labels_from_record(trained["labels"])  # what it was trained on
         if template is not None or descriptions is not None:

@@ -4,7 +4,7 @@
 keeps ``shots`` images per class (CoOp's protocol, :mod:`~awt_engine.training.data`),
 builds the method's model on a frozen backbone, runs the one fit loop
 (:mod:`~awt_engine.training.loop`) and writes a checkpoint
-(:mod:`~awt_engine.training.checkpoint`). ``load_trained`` rebuilds the model from a
+(:mod:`~awt_engine.checkpoints`). ``load_trained`` rebuilds the model from a
 checkpoint and the backbone weights it names.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from awt_engine._io import resolve_cache_root, sha256_hex, utc_now
-from awt_engine.training.checkpoint import (
+from awt_engine.checkpoints import (
     CheckpointError,
     labels_from_record,
     labels_record,
