@@ -15,7 +15,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "Classifier": "awt_engine.classifier",
     "create_classifier": "awt_engine.classifier",
-    "load_model": "awt_engine.classifier",
+    "load_model": "awt_engine.models.factory",
     "LabelSet": "awt_engine.labels",
     "resolve_label_set": "awt_engine.labels",
     "get_dataset": "awt_engine.registry",

@@ -33,7 +33,8 @@ from awt_engine._io import resolve_cache_root
 from awt_engine._progress import progress_bar
 from awt_engine.batches import Failure, view_batches
 from awt_engine.labels import LabelSet, resolve_label_set
-from awt_engine.models.base import check_model, is_embedder
+from awt_engine.models.base import check_model, is_embedder, trained_info
+from awt_engine.models.factory import DEFAULT_WEIGHTS, load_model
 from awt_engine.scorers import (
     AWTConfig,
     Scorer,
@@ -45,19 +46,6 @@ from awt_engine.shortlist import shortlisted_scores
 from awt_engine.text_cache import cached_class_embeddings
 from awt_engine.views import ViewConfig
 
-DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT paper's main backbone
-DEFAULT_PRETRAINED = "openai"
-
-
-class _DefaultWeights:
-    """``pretrained`` left out: OpenAI's weights, or with a checkpoint the weights it was
-    trained on (so ``model=`` alone never asks the hub for other weights), as the CLI."""
-
-    def __repr__(self) -> str:
-        return "<openai, or the checkpoint's weights>"
-
-
-DEFAULT_WEIGHTS: Any = _DefaultWeights()
 NONFINITE_REASON = "scores are not finite (model weights diverged?)"
 
 
@@ -361,44 +349,6 @@ def _as_list(images) -> list:
     return list(images) if isinstance(images, list | tuple) else [images]
 
 
-def load_model(
-    model: str | None = None,
-    pretrained: str | None = DEFAULT_WEIGHTS,
-    *,
-    checkpoint: str | Path | None = None,
-    llm: str | None = None,
-    device: str = "auto",
-    precision: str | None = None,
-):
-    """The model behind the interface: a trained checkpoint (on the backbone it names, or
-    on ``model``/``pretrained``: the same weights stored elsewhere), else zero-shot CLIP
-    from (model, pretrained); ``model`` defaults to ViT-B-16-quickgelu. ``pretrained``
-    left out means the checkpoint's weights with a checkpoint, else OpenAI's."""
-    if checkpoint is not None:
-        from awt_engine.training import load_trained
-        from awt_engine.training.checkpoint import read_checkpoint_header
-
-        if model and pretrained is DEFAULT_WEIGHTS:
-            pretrained = read_checkpoint_header(checkpoint)["backbone"].get("pretrained")
-
-        return load_trained(
-            checkpoint,
-            model=model,
-            pretrained=_weights_for(model, pretrained) if model else None,
-            llm=llm,
-            device=device,
-            precision=precision,
-        )
-    from awt_engine.backbone import load_backbone
-    from awt_engine.models.clip import ClipEmbedder
-
-    model = model or DEFAULT_MODEL
-    backbone = load_backbone(
-        model, _weights_for(model, pretrained), device=device, precision=precision
-    )
-    return ClipEmbedder(backbone)
-
-
 def _relabel(labels: LabelSet, template: str | None, descriptions: int | None) -> LabelSet:
     """A checkpoint's label set with another template or fewer descriptions."""
     if descriptions is not None and descriptions > labels.n_descriptions:
@@ -414,13 +364,6 @@ def _relabel(labels: LabelSet, template: str | None, descriptions: int | None) -
         labels.name,
         labels.descriptions_sha256 if n else None,
     )
-
-
-def _weights_for(model: str, pretrained: str | None) -> str | None:
-    given = DEFAULT_PRETRAINED if pretrained is DEFAULT_WEIGHTS else pretrained
-    if given == DEFAULT_PRETRAINED and model.startswith(("local-dir:", "hf-hub:")):
-        return None  # those ids carry their own weights (the CLI passes its default)
-    return given
 
 
 def create_classifier(
@@ -496,11 +439,11 @@ def create_classifier(
         )
     if cache_dir is not None and hasattr(embedder, "use_cache_root"):
         embedder.use_cache_root(root)  # a method's derived caches go there too (LLaMP's K/V)
-    trained = getattr(embedder, "checkpoint_header", None)
+    trained = trained_info(embedder)
     if trained is not None and dataset is None and classes is None:
-        from awt_engine.training.checkpoint import labels_from_record
+        from awt_engine.checkpoints import labels_from_record
 
-        labels = labels_from_record(trained["labels"])  # what it was trained on
+        labels = labels_from_record(trained.header["labels"])  # what it was trained on
         if template is not None or descriptions is not None:
             labels = _relabel(labels, template, descriptions)
     else:

@@ -27,7 +27,7 @@ from awt_engine.batches import Failure, view_batches
 from awt_engine.classifier import NONFINITE_REASON, Classifier, nonfinite_rows
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.labelled import LabelledData
-from awt_engine.models.base import is_embedder
+from awt_engine.models.base import is_embedder, trained_info
 from awt_engine.scorers import get_scorer, needs_embeddings_message
 
 
@@ -279,7 +279,8 @@ def result_records(
     labels, m0 = clf.labels, clf.model
     weights = getattr(m0, "weights", None)
     method = getattr(m0, "method", None)  # the trained method, None for zero-shot
-    trained = getattr(m0, "checkpoint_header", None) or {}
+    info = trained_info(m0)
+    trained = info.header if info is not None else {}
     base = {
         "model_identity": m0.identity,
         "precision": getattr(m0, "precision", None),

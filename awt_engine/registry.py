@@ -2,8 +2,8 @@
 
 Templates are the ones the AWT paper evaluates with (docs/design.md section 4). Class names
 are public facts of each data set, kept in label order in the packaged file
-``awt_engine/data/classnames.json``; ImageNet's 1000 names come from open_clip and the
-200-class ImageNet-A / ImageNet-R entries are index subsets of them.
+``awt_engine/data/classnames.json``; ImageNet's 1000 names (open_clip's list, copied to
+``awt_engine/data/imagenet_classnames.json``) are data here too, and the 200-class ImageNet-A / ImageNet-R entries are index subsets of them.
 
 User-supplied class lists (``--classes``) go through :func:`read_class_list`.
 """
@@ -328,12 +328,20 @@ def _classnames_file() -> dict:
 def imagenet_classnames() -> tuple[str, ...]:
     """ImageNet-1k's 1000 class names in label order, as open_clip ships them.
 
-    (The curated CLIP names; note they contain two repeated names, "missile" at labels
-    657/744 and "sunglasses" at 836/837, exactly as CLIP evaluates.)
+    Data the registry owns (``awt_engine/data/imagenet_classnames.json``, a copy of
+    ``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES`` that a test keeps identical), so
+    the registry imports nothing above it. (The curated CLIP names; note they contain two
+    repeated names, "missile" at labels 657/744 and "sunglasses" at 836/837, exactly as
+    CLIP evaluates.)
     """
-    from awt_engine.backbone import open_clip_imagenet_classnames  # the only open_clip user
-
-    return open_clip_imagenet_classnames()
+    resource = importlib.resources.files("awt_engine") / "data" / "imagenet_classnames.json"
+    data = json.loads(resource.read_text(encoding="utf-8"))
+    assert data.get("format") == 1, (
+        f"unknown imagenet_classnames.json format {data.get('format')!r}"
+    )
+    names = tuple(data["classes"])
+    assert len(names) == 1000, f"imagenet_classnames.json holds {len(names)} names, not 1000"
+    return names
 
 
 # --------------------------------------------------------------------------- class lists

@@ -16,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from awt_engine._tensorfile import DamagedEntry, load_tensors, read_header, save_tensors
+from awt_engine.checkpoints import load_state, read_checkpoint, save_state
 from awt_engine.cli import app
 from awt_engine.training import CheckpointError, load_trained, train
-from awt_engine.training.checkpoint import load_state, read_checkpoint, save_state
 
 runner = CliRunner()
 

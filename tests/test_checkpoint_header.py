@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 
 import awt_engine.backbone
 from awt_engine._tensorfile import read_header, save_tensors
+from awt_engine.checkpoints import HEADER_KEY, read_checkpoint
 from awt_engine.cli import app
 from awt_engine.methods import get_method, list_methods
 from awt_engine.methods.base import TrainableBase, check_config, check_values
 from awt_engine.training import CheckpointError, apply_options, load_trained, train
-from awt_engine.training.checkpoint import HEADER_KEY, read_checkpoint
 
 runner = CliRunner()
 

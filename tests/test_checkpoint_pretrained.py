@@ -78,7 +78,7 @@ def test_the_api_takes_the_checkpoints_weights_as_the_cli(on_a_weights_file, tin
     """``create_classifier(checkpoint=..., model=...)`` without ``pretrained``: the weights
     the checkpoint names (it used to ask for OpenAI's); a given ``pretrained`` is obeyed."""
     from awt_engine import create_classifier
-    from awt_engine.training.checkpoint import CheckpointError
+    from awt_engine.checkpoints import CheckpointError
 
     model = str(tiny_clip.config_json)
     clf = create_classifier(model=model, checkpoint=on_a_weights_file, device="cpu", views=2)

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from awt_engine.backbone import load_backbone
+from awt_engine.checkpoints import read_checkpoint
 from awt_engine.classifier import Classifier
 from awt_engine.cli import app
 from awt_engine.evaluate import evaluate
@@ -22,7 +23,6 @@ from awt_engine.methods.base import TrainBatch
 from awt_engine.methods.clamp import CLAMP_WRAPPER, read_captions
 from awt_engine.models.llm import load_causal_lm
 from awt_engine.training import load_trained, train
-from awt_engine.training.checkpoint import read_checkpoint
 from awt_engine.training.data import fingerprint
 from tests.fixtures_llm import build_tiny_chat_model
 

@@ -5,6 +5,7 @@ text, CPU-side float64, and the eval record of a trained method."""
 import io
 import json
 import re
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -19,6 +20,7 @@ from awt_engine.classifier import Classifier
 from awt_engine.cli import app
 from awt_engine.evaluate import EvalResult, Metrics, result_records
 from awt_engine.labels import LabelSet
+from awt_engine.models.base import TrainedInfo
 from awt_engine.views import ViewConfig
 from tests.fixtures_embedders import ColourBackbone, ColourEmbedder, ColourLogitModel, solid
 
@@ -217,7 +219,7 @@ def test_explain_help_names_only_its_own_options():
 
 class _Trained(ColourEmbedder):
     method = "coop"
-    checkpoint_header: ClassVar[dict] = {"shots": 4}
+    checkpoint: ClassVar[TrainedInfo] = TrainedInfo(Path("coop.safetensors"), {"shots": 4})
 
 
 @pytest.mark.parametrize("model, task", [(ColourEmbedder(), "zeroshot"), (_Trained(), "fewshot")])

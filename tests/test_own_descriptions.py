@@ -15,9 +15,9 @@ import pytest
 from typer.testing import CliRunner
 
 from awt_engine import backbone as backbone_mod
+from awt_engine.checkpoints import read_checkpoint
 from awt_engine.cli import app
 from awt_engine.labelled import DatasetLayoutError, load_labelled
-from awt_engine.training.checkpoint import read_checkpoint
 from tests.fixtures_embedders import ColourBackbone, solid
 from tests.fixtures_training import TOY_CLASSES
 

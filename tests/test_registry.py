@@ -241,17 +241,23 @@ def test_imagenet_family():
         assert positions == sorted(positions), f"{sub} is not in ImageNet label order"
 
 
-def test_imagenet_names_do_not_import_open_clip(monkeypatch):
-    """ImageNet's names come from open_clip's metadata file without importing the package
-    (whose __init__ pulls in torch and timm: seconds)."""
-    for name in [m for m in sys.modules if m == "open_clip" or m.startswith("open_clip.")]:
-        monkeypatch.delitem(sys.modules, name)
-    from awt_engine.backbone import sources
+def test_imagenet_names_are_registry_data():
+    """ImageNet's names are data the registry ships (no open_clip, no backbone import),
+    identical to open_clip's IMAGENET_CLASSNAMES, bit for bit and in label order."""
+    import subprocess
 
-    module = sources.open_clip_metadata()
-    assert "open_clip" not in sys.modules
-    assert module.__name__ == "_awt_engine_open_clip_zero_shot_metadata"
-    assert tuple(module.IMAGENET_CLASSNAMES) == ds.imagenet_classnames()
+    code = (
+        "import sys; from awt_engine import registry as r; names = r.imagenet_classnames(); "
+        "assert len(names) == 1000; "
+        "bad = [m for m in sys.modules if m.startswith(('open_clip', 'torch', "
+        "'awt_engine.backbone'))]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import open_clip.zero_shot_metadata as metadata
+
+    shipped = ds.imagenet_classnames()
+    assert shipped == tuple(metadata.IMAGENET_CLASSNAMES)
+    assert [n.encode() for n in shipped] == [n.encode() for n in metadata.IMAGENET_CLASSNAMES]
 
 
 def test_only_known_duplicate_names():

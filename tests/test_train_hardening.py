@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from awt_engine.checkpoints import load_state, read_checkpoint, state_path
 from awt_engine.cli import app
 from awt_engine.training import loop as loop_module
 from awt_engine.training import output_lock, train
-from awt_engine.training.checkpoint import load_state, read_checkpoint, state_path
 from awt_engine.training.loop import _autocast, _grad_scaler, autocast_precision
 from tests.fixtures_training import make_toy_task
 

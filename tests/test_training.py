@@ -13,10 +13,10 @@ from awt_engine.backbone import load_backbone
 from awt_engine.labelled import load_labelled
 from awt_engine.labels import LabelSet
 from awt_engine.methods import get_method, list_methods
+from awt_engine.methods.train_config import Schedule, lr_at
 from awt_engine.training import CheckpointError, load_trained, train
 from awt_engine.training.data import few_shot, fingerprint, subsample_classes
 from awt_engine.training.loop import TrainConfig, fit
-from awt_engine.training.schedule import Schedule, lr_at
 
 CSC = {"csc": "true", "n_ctx": "4"}
 

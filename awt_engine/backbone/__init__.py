@@ -22,7 +22,7 @@ built-in name or config ``.json``  ``None``                         RANDOM (loud
 
 from awt_engine.backbone.devices import resolve_device, resolve_precision
 from awt_engine.backbone.model import ClipBackbone, load_backbone
-from awt_engine.backbone.sources import BackboneLoadError, open_clip_imagenet_classnames
+from awt_engine.backbone.sources import BackboneLoadError
 from awt_engine.models.base import PreprocessConfig
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
     "ClipBackbone",
     "PreprocessConfig",
     "load_backbone",
-    "open_clip_imagenet_classnames",
     "resolve_device",
     "resolve_precision",
 ]

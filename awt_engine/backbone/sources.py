@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -304,41 +302,3 @@ def resolve_source(model: str, pretrained: str | None, cache_dir: str | None) ->
     if model.endswith(".json"):
         return _resolve_config_file(model, pretrained)
     return _resolve_builtin(model, pretrained)
-
-
-# --------------------------------------------------------------------------- metadata
-
-
-def open_clip_imagenet_classnames() -> tuple[str, ...]:
-    """ImageNet-1k's 1000 class names in label order, as open_clip ships them."""
-    return tuple(open_clip_metadata().IMAGENET_CLASSNAMES)
-
-
-def open_clip_metadata() -> ModuleType:
-    """``open_clip.zero_shot_metadata`` without paying for ``import open_clip`` when possible.
-
-    The metadata module is plain data with no imports, but importing it the usual way runs
-    open_clip's package ``__init__`` (torch, timm, ...: seconds). When open_clip is not
-    loaded yet, load the file on its own; fall back to the normal import otherwise.
-    """
-    module = sys.modules.get("open_clip.zero_shot_metadata")
-    if module is not None:
-        return module
-    if "open_clip" not in sys.modules:
-        try:
-            spec = importlib.util.find_spec("open_clip")  # locates, does not import
-            if spec is not None and spec.submodule_search_locations:
-                path = Path(next(iter(spec.submodule_search_locations))) / "zero_shot_metadata.py"
-                file_spec = importlib.util.spec_from_file_location(
-                    "_awt_engine_open_clip_zero_shot_metadata", path
-                )
-                if file_spec is not None and file_spec.loader is not None and path.is_file():
-                    module = importlib.util.module_from_spec(file_spec)
-                    file_spec.loader.exec_module(module)
-                    if len(getattr(module, "IMAGENET_CLASSNAMES", ())) == 1000:
-                        return module
-        except Exception:  # any surprise: use the ordinary import below
-            pass
-    import open_clip.zero_shot_metadata as module  # lazy on purpose: see module docstring
-
-    return module

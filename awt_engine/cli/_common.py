@@ -164,7 +164,7 @@ def weights_arg(pretrained: str | None, checkpoint: Path | None = None) -> str |
     if pretrained is None:
         if checkpoint is None:
             return "openai"
-        from awt_engine.training.checkpoint import read_checkpoint_header
+        from awt_engine.checkpoints import read_checkpoint_header
 
         return read_checkpoint_header(checkpoint)["backbone"].get("pretrained")
     return None if pretrained.lower() == "none" else pretrained

@@ -182,8 +182,12 @@ def eval_command(
         device=device,
         precision=precision,
     )
-    header = getattr(net, "checkpoint_header", None)
-    model_name = model or (header["backbone"]["model"] if header else "ViT-B-16-quickgelu")
+    from awt_engine.models.base import trained_info
+    from awt_engine.models.factory import DEFAULT_MODEL
+
+    info = trained_info(net)
+    header = info.header if info is not None else None
+    model_name = model or (header["backbone"]["model"] if header else DEFAULT_MODEL)
     results = {}
     failed = False
     for part in parts:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from awt_engine.labelled import LabelledData
 from awt_engine.labels import LabelSet
-from awt_engine.models.base import learned_identity
+from awt_engine.models.base import TrainedInfo, learned_identity
 from awt_engine.views import ViewConfig
 
 
@@ -133,6 +133,8 @@ class TrainableBase(nn.Module):
         self.precision = str(backbone.dtype).removeprefix("torch.")
         self.dim = getattr(backbone, "embed_dim", None)
         self.train_labels: LabelSet | None = None
+        # the checkpoint this model was loaded from (set by models.factory.load_trained)
+        self.checkpoint: TrainedInfo | None = None
 
     def use_cache_root(self, root) -> None:
         """Where the method keeps what it derives from frozen models (LLaMP's K/V cache):

@@ -84,7 +84,7 @@ from awt_engine.backbone.devices import seeded_rng
 from awt_engine.labelled import LabelledData, LabelledItem
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
-from awt_engine.training.loop import TrainConfig
+from awt_engine.methods.train_config import TrainConfig
 from awt_engine.views import ViewConfig
 
 # CLAMP's --wrap-caption-long-list ends "... has the following visual attributes

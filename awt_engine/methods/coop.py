@@ -27,9 +27,9 @@ from torch import Tensor, nn
 
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
+from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.clip_text import ClipTextTower, PromptBatch
 from awt_engine.registry import display_name
-from awt_engine.training.loop import TrainConfig
 
 POSITIONS = ("end", "middle", "front")
 

@@ -56,7 +56,7 @@ model, not thread-safe, and not compatible with gradient checkpointing (not used
 Defaults (``configs/image/ePALM_caption.yaml``): OPT-2.7B, layers [19, 31), 6 levels,
 10 prompt tokens, AdamW lr 2e-5 (prompt 1e-5), wd 0.02, batch 16, 8 epochs with 4
 linear warm-up epochs from 1e-5, cosine to a floor of 1e-6 (the engine's epoch schedule,
-:mod:`awt_engine.training.schedule`).
+:mod:`awt_engine.methods.train_config`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from awt_engine.backbone.devices import seeded_rng
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableBase, TrainBatch, bounded
-from awt_engine.training.loop import TrainConfig
+from awt_engine.methods.train_config import TrainConfig
 
 _ATTENTION = ("sdpa", "eager")  # mask formats the hooks extend (bool or additive 4-D)
 

@@ -42,9 +42,9 @@ from torch import Tensor, nn
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainBatch
 from awt_engine.methods.coop import PromptLearner
+from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.clip_text import PromptBatch
 from awt_engine.registry import display_name
-from awt_engine.training.loop import TrainConfig
 
 
 @dataclass(frozen=True)

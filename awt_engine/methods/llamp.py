@@ -108,9 +108,9 @@ from awt_engine._io import (
 from awt_engine._tensorfile import DamagedEntry, load_tensors, save_tensors
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
+from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.clip_text import ClipTextTower
 from awt_engine.registry import display_name
-from awt_engine.training.loop import TrainConfig
 
 KV_FORMAT = "1"  # what a K/V cache file holds; part of its key
 DESCRIBE_FORMAT = 1

@@ -30,7 +30,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -47,6 +48,27 @@ class PreprocessConfig:
     mean: tuple[float, float, float]  # per-channel mean of [0, 1] RGB values
     std: tuple[float, float, float]  # per-channel std of [0, 1] RGB values
     interpolation: str  # "bicubic" | "bilinear": the model's resize interpolation
+
+
+@dataclass(frozen=True)
+class TrainedInfo:
+    """The checkpoint a model was loaded from (:func:`awt_engine.models.factory.load_model`).
+
+    Models declare it as their ``checkpoint`` field (``None`` when not loaded from a
+    checkpoint: zero-shot CLIP, a model being trained); read it with
+    :func:`trained_info`, which also answers ``None`` for a user's model that lacks it.
+    """
+
+    path: Path  # the checkpoint file
+    # its checked header (awt_engine.checkpoints.check_header): method, method_config,
+    # backbone, labels (classes, template, descriptions), shots, seed, ...
+    header: Mapping[str, Any]
+
+
+def trained_info(model) -> TrainedInfo | None:
+    """The checkpoint ``model`` was loaded from, None for one not loaded from a checkpoint."""
+    info = getattr(model, "checkpoint", None)
+    return info if isinstance(info, TrainedInfo) else None
 
 
 @runtime_checkable

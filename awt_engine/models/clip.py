@@ -12,11 +12,13 @@ import torch
 from torch import Tensor
 
 from awt_engine.labels import LabelSet
-from awt_engine.models.base import PreprocessConfig
+from awt_engine.models.base import PreprocessConfig, TrainedInfo
 
 
 class ClipEmbedder:
     """An open_clip backbone (:class:`~awt_engine.backbone.ClipBackbone`) as an Embedder."""
+
+    checkpoint: TrainedInfo | None = None  # zero-shot: never loaded from a checkpoint
 
     def __init__(self, backbone, *, text_batch_size: int = 256):
         self.backbone = backbone

@@ -4,8 +4,9 @@
 keeps ``shots`` images per class (CoOp's protocol, :mod:`~awt_engine.training.data`),
 builds the method's model on a frozen backbone, runs the one fit loop
 (:mod:`~awt_engine.training.loop`) and writes a checkpoint
-(:mod:`~awt_engine.training.checkpoint`). ``load_trained`` rebuilds the model from a
-checkpoint and the backbone weights it names.
+(:mod:`~awt_engine.checkpoints`). ``load_trained`` (the model factory's,
+:mod:`awt_engine.models.factory`, re-exported here) rebuilds the model from a checkpoint
+and the backbone weights it names.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from awt_engine._io import resolve_cache_root, sha256_hex, utc_now
-from awt_engine.training.checkpoint import (
+from awt_engine.checkpoints import (
     CheckpointError,
-    labels_from_record,
     labels_record,
-    read_checkpoint,
     save_checkpoint,
     state_path,
 )
+from awt_engine.models.factory import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_trained
 from awt_engine.training.data import check_classes, few_shot, fingerprint, subsample_classes
 from awt_engine.training.loop import (
     TrainConfig,
@@ -39,9 +39,6 @@ from awt_engine.training.loop import (
     deterministic_mode,
     fit,
 )
-
-DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT, CoOp and LAMM papers' backbone
-DEFAULT_PRETRAINED = "openai"
 
 log = logging.getLogger("awt_engine.training")
 
@@ -448,82 +445,6 @@ def _val_accuracy(
     with torch.inference_mode():
         res = evaluate(clf, val, ["clip"], cache_root=None)
     return res.metrics["clip"].acc1
-
-
-def load_trained(
-    path: str | Path,
-    *,
-    model: str | None = None,
-    pretrained: str | None = None,
-    llm: str | None = None,
-    device: str = "auto",
-    precision: str | None = None,
-    backbone=None,
-):
-    """The model a checkpoint describes, ready to score (eval mode, learned tensors in).
-
-    The backbone (and a method's LLM) are loaded as the checkpoint names them, or from
-    ``model``/``pretrained`` and ``llm`` (the same weights stored elsewhere; ``pretrained``
-    counts only with ``model``); weights other than the ones trained on are a
-    :class:`CheckpointError` naming both. The header (method, its settings and their
-    bounds, labels) is checked before any weights load.
-    """
-    header, tensors = read_checkpoint(path)
-    spec, config = _trained_config(path, header, llm)
-    bb = header["backbone"]
-    if backbone is None:
-        from awt_engine.backbone import load_backbone
-
-        name = model or bb["model"]
-        weights = pretrained if model else bb.get("pretrained")
-        backbone = load_backbone(name, weights, device=device, precision=precision)
-    if backbone.fingerprint != bb["fingerprint"]:
-        raise CheckpointError(
-            f"checkpoint {path} was trained on backbone {bb['fingerprint']} "
-            f"({bb['model']}); the backbone given is {backbone.fingerprint}"
-        )
-    net = spec.build(backbone, config)
-    recorded = header.get("frozen", {})
-    if net.frozen_parts() != recorded:
-        raise CheckpointError(
-            f"checkpoint {path} was trained with {recorded}; the models given are "
-            f"{net.frozen_parts()}"
-        )
-    net.prepare(labels_from_record(header["labels"]), int(header.get("seed", 0)))
-    try:
-        net.load_learned(tensors)
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
-    net.eval()
-    net.checkpoint_header = header
-    return net
-
-
-def _trained_config(path, header: dict[str, Any], llm: str | None):
-    """(method spec, config) of a checked header: the method known and every setting of
-    the right type and within its bounds, so nothing absurd is ever allocated."""
-    from awt_engine.methods import get_method
-    from awt_engine.methods.base import check_values
-
-    try:
-        spec = get_method(header["method"])
-    except ValueError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
-    fields = {f.name for f in dataclasses.fields(spec.config)}
-    values = {k: _tuple(v) for k, v in header["method_config"].items() if k in fields}
-    if llm is not None:
-        if "llm" not in fields:
-            raise CheckpointError(f"{spec.name} has no LLM; --llm does not apply to {path}")
-        values["llm"] = llm
-    try:
-        check_values(spec.config, values)
-        return spec, spec.config(**values)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {spec.name} setting {exc}") from None
-
-
-def _tuple(v):
-    return tuple(v) if isinstance(v, list) else v
 
 
 __all__ = ["CheckpointError", "TrainConfig", "Trained", "load_trained", "train"]

@@ -8,7 +8,7 @@ every epoch) ends with the same weights as an uninterrupted run: bit for bit on 
 equal up to rounding on CUDA (its attention backward adds atomically, in any order)
 unless ``deterministic`` is set (``torch.use_deterministic_algorithms`` and cuBLAS's
 fixed workspace, :func:`deterministic_env`). The learning rate is a function of the epoch
-(:mod:`awt_engine.training.schedule`), set at its start.
+(:mod:`awt_engine.methods.train_config`), set at its start.
 
 A loss or a learned tensor that stops being finite ends the run with a
 :class:`FloatingPointError` (checked at every step, and after each epoch's last update
@@ -34,71 +34,14 @@ import torch
 
 from awt_engine._io import sha256_hex
 from awt_engine._progress import progress_bar
+from awt_engine.checkpoints import CheckpointError, load_state, save_state
 from awt_engine.labelled import LabelledData
 from awt_engine.methods.base import TrainableModel, TrainBatch
-from awt_engine.training.checkpoint import CheckpointError, load_state, save_state
+from awt_engine.methods.train_config import TrainConfig, lr_at
 from awt_engine.training.data import DecodedCache
-from awt_engine.training.schedule import Schedule, lr_at
 from awt_engine.views import ViewConfig, make_views
 
-OPTIMIZERS = ("sgd", "adamw")
 _MASK = (1 << 63) - 1
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings; :class:`~awt_engine.methods.base.MethodSpec` gives each
-    method's paper defaults (``train_defaults``), every field can be overridden."""
-
-    epochs: int
-    lr: float
-    batch_size: int
-    optimizer: str = "sgd"  # CoOp, LAMM, AWT: SGD (Dassl); LLaMP, CLAMP, eP-ALM: AdamW
-    momentum: float = 0.9  # Dassl's SGD default
-    weight_decay: float = 5e-4  # Dassl configs of CoOp, LAMM and AWT
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
-    warmup_epochs: int = 1  # CoOp/LAMM: 1 constant epoch; AWT: 5 linear
-    warmup: str = "constant"
-    warmup_lr: float = 1e-5  # Dassl WARMUP_CONS_LR / WARMUP_MIN_LR
-    min_lr: float = 0.0
-    grad_clip: float | None = None  # CLAMP clips at 1.0
-    seed: int = 1  # CoOp's seeds are 1, 2, 3
-    # None: fp32 on CPU, autocast fp16 on CUDA (CoOp's fp16), bf16 over a bf16 LLM
-    precision: str | None = None
-    # off: CUDA's atomic-add kernels are faster and equal up to rounding; on:
-    # torch.use_deterministic_algorithms (an op without such a kernel is an error)
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
-        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "momentum"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}"
-            )
-        if self.grad_clip is not None and not (
-            math.isfinite(self.grad_clip) and self.grad_clip > 0
-        ):
-            raise ValueError(f"grad_clip must be a finite number > 0 or None, got {self.grad_clip}")
-        if self.precision not in (None, "fp32", "fp16", "bf16"):
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
-        if not isinstance(self.deterministic, bool):
-            raise ValueError(f"deterministic must be true or false, got {self.deterministic!r}")
-        Schedule(self.lr, self.epochs, self.warmup_epochs, self.warmup, self.warmup_lr)
-
-    @property
-    def schedule(self) -> Schedule:
-        return Schedule(
-            self.lr, self.epochs, self.warmup_epochs, self.warmup, self.warmup_lr, self.min_lr
-        )
 
 
 @dataclass
