@@ -25,14 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import awt_engine
-from awt_engine._io import resolve_cache_root, sha256_hex, utc_now
+from awt_engine._io import resolve_cache_root, sha256_hex
 from awt_engine._progress import progress_bar
 from awt_engine.describe.backends.base import ChatBackend, ChatRequest
 from awt_engine.describe.errors import NoUsableOutputError
 from awt_engine.describe.instructions import InstructionSet
 from awt_engine.describe.parsing import dedupe, interleave, parse_descriptions, parse_questions
-from awt_engine.describe.storage import Saver, open_cache
+from awt_engine.describe.storage import Saver, open_cache, provenance
 from awt_engine.describe.task import DescribeConfig, DescribeResult, DescribeTask
 from awt_engine.descriptions import (
     DescriptionSet,
@@ -150,114 +149,117 @@ def generate_descriptions(
     if not questions:
         raise ValueError("no questions to ask")
     existing = existing or {}
-    per_class = config.per_class
-    n_q = len(questions)
-    base_k = math.ceil(per_class / n_q)  # new sentences one answer must bring on average
-    ask_k = config.sentences_per_answer or base_k + 1
-    per_request = base_k * config.sampling.n
     descs = {c: list(existing.get(c, [])) for c in (classes or task.classes)}
-    seen = {c: {fold_key(d) for d in descs[c]} for c in descs}
-    # Continue the question cycle where earlier descriptions would have left it.
-    cursor = {c: math.ceil(len(descs[c]) / base_k) % n_q for c in descs}
-    pending = [c for c in descs if len(descs[c]) < per_class]
-    done: set[str] = set()
+    rounds = _Rounds(task, prompts, questions, config, descs, on_class_done, is_done, tally)
+    pending = [c for c in descs if len(descs[c]) < config.per_class]
+    for rnd in range(config.max_rounds):
+        if not pending:
+            break
+        rounds.run(backend, rnd, pending)
+        pending = [c for c in pending if c not in rounds.done]
+    return descs
 
-    def finish(c: str) -> None:
-        done.add(c)
-        if on_class_done is not None:
-            on_class_done(c, descs[c])
 
-    for c in [c for c in descs if c not in pending]:
-        done.add(c)
+class _Rounds:
+    """Step 2's state across its rounds (see :func:`generate_descriptions`): the classes'
+    descriptions so far, their folded keys, where each class is in the question cycle, and
+    the classes finished."""
 
-    def run_round(rnd: int, classes_now: list[str]) -> None:
-        last_round = rnd == config.max_rounds - 1
-        requests: list[ChatRequest] = []
-        owners: list[tuple[str, int]] = []
-        answers: dict[str, list[list[str]]] = {}
-        outstanding: dict[str, int] = {}
-        for c in classes_now:
-            if is_done is not None and is_done(c):
-                done.add(c)  # another run saved it in full meanwhile
-                continue
-            need = per_class - len(descs[c])
-            m = min(n_q, math.ceil(need / per_request))
-            for j in range(m):
-                qi = (cursor[c] + j) % n_q
-                conversation = prompts.description_conversation(
-                    task.dataset_description, c, questions[qi], ask_k
-                )
-                seed = request_seed(config.sampling.seed, c, qi, rnd, len(descs[c]))
-                wanted = None if is_done is None else (lambda c=c: not is_done(c))
-                requests.append(ChatRequest(conversation, seed=seed, wanted=wanted))
-                owners.append((c, j))
-            cursor[c] = (cursor[c] + m) % n_q
-            answers[c] = [[] for _ in range(m)]
-            outstanding[c] = m
+    def __init__(
+        self,
+        task: DescribeTask,
+        prompts: InstructionSet,
+        questions: Sequence[str],
+        config: DescribeConfig,
+        descs: dict[str, list[str]],
+        on_class_done: Callable[[str, list[str]], None] | None,
+        is_done: Callable[[str], bool] | None,
+        tally: AnswerTally | None,
+    ) -> None:
+        self.task, self.prompts, self.questions, self.config = task, prompts, questions, config
+        self.descs, self.on_class_done, self.is_done, self.tally = (
+            descs,
+            on_class_done,
+            is_done,
+            tally,
+        )
+        per_class, n_q = config.per_class, len(questions)
+        self.base_k = math.ceil(per_class / n_q)  # new sentences one answer must bring on average
+        self.ask_k = config.sentences_per_answer or self.base_k + 1
+        self.per_request = self.base_k * config.sampling.n
+        self.seen = {c: {fold_key(d) for d in descs[c]} for c in descs}
+        # Continue the question cycle where earlier descriptions would have left it.
+        self.cursor = {c: math.ceil(len(descs[c]) / self.base_k) % n_q for c in descs}
+        self.done: set[str] = {c for c in descs if len(descs[c]) >= per_class}
+
+    def finish(self, c: str) -> None:
+        self.done.add(c)
+        if self.on_class_done is not None:
+            self.on_class_done(c, self.descs[c])
+
+    def run(self, backend: ChatBackend, rnd: int, classes_now: list[str]) -> None:
+        """One round: every class of ``classes_now`` asked the questions it still needs."""
+        last_round = rnd == self.config.max_rounds - 1
+        requests, owners, answers = self._requests(rnd, classes_now)
+        outstanding = {c: len(lists) for c, lists in answers.items()}
 
         def on_result(i: int, completions: list) -> None:
             c, j = owners[i]
             for comp in completions:
                 parsed = parse_descriptions(comp.text, truncated=comp.truncated)
-                if tally is not None:
-                    tally.add(comp.text, len(parsed))
+                if self.tally is not None:
+                    self.tally.add(comp.text, len(parsed))
                 answers[c][j].extend(parsed)
             outstanding[c] -= 1
             if outstanding[c] == 0:  # the class's answers of this round are all in
-                if is_done is not None and is_done(c):
-                    done.add(c)  # another run saved it in full meanwhile: theirs is kept
-                    return
-                descs[c].extend(dedupe(interleave(answers[c]), seen[c]))
-                if len(descs[c]) >= per_class:
-                    del descs[c][per_class:]
-                    finish(c)
-                elif last_round:
-                    finish(c)
+                self._class_answered(c, answers[c], last_round)
 
         if requests:
-            backend.chat(requests, config.sampling, on_result)
+            backend.chat(requests, self.config.sampling, on_result)
 
-    for rnd in range(config.max_rounds):
-        if not pending:
-            break
-        run_round(rnd, pending)
-        pending = [c for c in pending if c not in done]
-    return descs
+    def _requests(
+        self, rnd: int, classes_now: list[str]
+    ) -> tuple[list[ChatRequest], list[tuple[str, int]], dict[str, list[list[str]]]]:
+        """The round's requests, the (class, answer slot) each fills, and the empty slots."""
+        n_q, is_done = len(self.questions), self.is_done
+        requests: list[ChatRequest] = []
+        owners: list[tuple[str, int]] = []
+        answers: dict[str, list[list[str]]] = {}
+        for c in classes_now:
+            if is_done is not None and is_done(c):
+                self.done.add(c)  # another run saved it in full meanwhile
+                continue
+            need = self.config.per_class - len(self.descs[c])
+            m = min(n_q, math.ceil(need / self.per_request))
+            for j in range(m):
+                qi = (self.cursor[c] + j) % n_q
+                conversation = self.prompts.description_conversation(
+                    self.task.dataset_description, c, self.questions[qi], self.ask_k
+                )
+                seed = request_seed(self.config.sampling.seed, c, qi, rnd, len(self.descs[c]))
+                wanted = None if is_done is None else (lambda c=c: not is_done(c))
+                requests.append(ChatRequest(conversation, seed=seed, wanted=wanted))
+                owners.append((c, j))
+            self.cursor[c] = (self.cursor[c] + m) % n_q
+            answers[c] = [[] for _ in range(m)]
+        return requests, owners, answers
+
+    def _class_answered(self, c: str, answers: list[list[str]], last_round: bool) -> None:
+        if self.is_done is not None and self.is_done(c):
+            self.done.add(c)  # another run saved it in full meanwhile: theirs is kept
+            return
+        descs, per_class = self.descs[c], self.config.per_class
+        descs.extend(dedupe(interleave(answers), self.seen[c]))
+        if len(descs) >= per_class:
+            del descs[per_class:]
+            self.finish(c)
+        elif last_round:
+            self.finish(c)
 
 
 def _snippet(text: str | None, limit: int = 160) -> str:
     text = " ".join((text or "").split())
     return text[:limit] + ("..." if len(text) > limit else "")
-
-
-def _provenance(
-    backend: ChatBackend, prompts: InstructionSet, config: DescribeConfig, previous: dict | None
-) -> dict:
-    prov = {
-        "backend": backend.name,
-        "model": backend.model,
-        "backend_settings": backend.settings(),
-        "sampling": config.sampling.to_json(),
-        "describe": config.to_json(),
-        "prompts_sha256": prompts.sha256,
-        "prompt_files_sha256": prompts.files_sha256,
-        "created": utc_now(),
-        "engine_version": awt_engine.__version__,
-    }
-    if previous:
-        history = list(previous.get("history", []))
-        prev = {k: v for k, v in previous.items() if k != "history"}
-        same = all(
-            prev.get(k) == prov[k] for k in ("backend", "model", "prompts_sha256", "sampling")
-        )
-        if same:  # a resumed run of the same recipe: keep its creation time
-            prov["created"] = prev.get("created", prov["created"])
-            prov["updated"] = utc_now()
-        else:
-            history.append(prev)
-        if history:
-            prov["history"] = history
-    return prov
 
 
 def describe_classes(
@@ -292,124 +294,163 @@ def describe_classes(
     existing, replaced, notes = open_cache(
         path, task.classes, task.dataset_description, force=force
     )
+    run = _CacheRun(task, backend, config, prompts, path, existing, notes)
+    final = run.ask(replaced, progress) if run.todo else None
+    result_set = final or (run.build() if (run.todo or existing is None) else existing)
+    return run.result(result_set, start)
 
-    descs: dict[str, list[str]] = {}
-    questions: tuple[str, ...] = ()
-    if existing is not None:
-        descs = {c: list(d) for c, d in existing.descriptions.items() if d}
-        questions = existing.questions
-    template = task.template if task.template is not None else (existing and existing.template)
-    todo = [c for c in task.classes if len(descs.get(c, ())) < config.per_class]
-    start_counts = {c: len(descs.get(c, ())) for c in todo}
-    stats0 = (
-        backend.stats.requests,
-        backend.stats.retries,
-        backend.stats.generated_tokens,
-        backend.stats.rejected,
-    )
-    tally = AnswerTally()
-    provenance = existing.provenance if existing is not None else {}
-    state = {"questions": questions, "provenance": provenance}
-    generated: list[str] = []
 
-    def build() -> DescriptionSet:
+class _CacheRun:
+    """One :func:`describe_classes` run on its cache file: this run's descriptions, what it
+    wrote, and the backend's counters at its start."""
+
+    def __init__(
+        self,
+        task: DescribeTask,
+        backend: ChatBackend,
+        config: DescribeConfig,
+        prompts: InstructionSet,
+        path: Path,
+        existing: DescriptionSet | None,
+        notes: list[str],
+    ) -> None:
+        self.task, self.backend, self.config, self.prompts = task, backend, config, prompts
+        self.path, self.existing, self.notes = path, existing, notes
+        self.descs: dict[str, list[str]] = {}
+        self.questions: tuple[str, ...] = ()
+        if existing is not None:
+            self.descs = {c: list(d) for c, d in existing.descriptions.items() if d}
+            self.questions = existing.questions
+        self.template = (
+            task.template if task.template is not None else (existing and existing.template)
+        )
+        self.todo = [c for c in task.classes if len(self.descs.get(c, ())) < config.per_class]
+        self.start_counts = {c: len(self.descs.get(c, ())) for c in self.todo}
+        stats = backend.stats
+        self.stats0 = (stats.requests, stats.retries, stats.generated_tokens, stats.rejected)
+        self.tally = AnswerTally()
+        self.provenance = existing.provenance if existing is not None else {}
+        self.generated: list[str] = []
+        self.questions_generated = False
+
+    def build(self) -> DescriptionSet:
         # Only what this run wrote: the rest is in the file, and a file replaced meanwhile
         # (--force by another run) must not get the old classes back.
         return DescriptionSet(
-            dataset=task.dataset,
-            classes=task.classes,
-            descriptions={c: descs[c] for c in generated},
-            template=template or None,
-            dataset_description=task.dataset_description,
-            questions=state["questions"],
-            provenance=state["provenance"],
+            dataset=self.task.dataset,
+            classes=self.task.classes,
+            descriptions={c: self.descs[c] for c in self.generated},
+            template=self.template or None,
+            dataset_description=self.task.dataset_description,
+            questions=self.questions,
+            provenance=self.provenance,
         )
 
-    questions_generated = False
-    final: DescriptionSet | None = None
-    if todo:
-        state["provenance"] = _provenance(
-            backend, prompts, config, existing and existing.provenance
+    def ask(self, replaced: tuple | None, progress: bool) -> DescriptionSet | None:
+        """Ask for the ``todo`` classes, saving as they finish; the file as it is after."""
+        self.provenance = provenance(
+            self.backend, self.prompts, self.config, self.existing and self.existing.provenance
         )
-        bar = _progress_bar(len(todo), task.dataset, progress)
-        saver = Saver(path, config.save_every_s, config.per_class, build, replaces=replaced)
-
-        def on_class_done(c: str, items: list[str]) -> None:
-            # A class that gained nothing is left as it was (missing classes stay missing, so
-            # a rerun asks again).
-            if len(items) > len(descs.get(c, ())):
-                with saver.lock:
-                    descs[c] = list(items)
-                    generated.append(c)
-                saver.save()
-            bar.update(1)
-
+        bar = _progress_bar(len(self.todo), self.task.dataset, progress)
+        saver = Saver(
+            self.path,
+            self.config.save_every_s,
+            self.config.per_class,
+            self.build,
+            replaces=replaced,
+        )
         try:
-            if not state["questions"]:
-                asked = tuple(
-                    generate_questions(backend, prompts, task.dataset_description, config, notes)
-                )
-                with saver.lock:
-                    state["questions"] = asked
-                questions_generated = True
-                merged = saver.save(force=True)  # a resumed run reuses these questions
-                with saver.lock:  # a parallel run that saved its questions first wins
-                    state["questions"] = merged.questions
-            generate_descriptions(
-                backend,
-                prompts,
-                task,
-                state["questions"],
-                config,
-                existing=descs,
-                classes=todo,
-                on_class_done=on_class_done,
-                is_done=saver.saved_full,
-                tally=tally,
-            )
+            self._ask(saver, bar)
         finally:
             try:
                 saver.close()
             finally:
                 bar.close()
         final = saver.current()
+        self._check_outcome(final)
+        return final
+
+    def _ask(self, saver: Saver, bar) -> None:
+        def on_class_done(c: str, items: list[str]) -> None:
+            # A class that gained nothing is left as it was (missing classes stay missing, so
+            # a rerun asks again).
+            if len(items) > len(self.descs.get(c, ())):
+                with saver.lock:
+                    self.descs[c] = list(items)
+                    self.generated.append(c)
+                saver.save()
+            bar.update(1)
+
+        if not self.questions:
+            asked = tuple(
+                generate_questions(
+                    self.backend,
+                    self.prompts,
+                    self.task.dataset_description,
+                    self.config,
+                    self.notes,
+                )
+            )
+            with saver.lock:
+                self.questions = asked
+            self.questions_generated = True
+            merged = saver.save(force=True)  # a resumed run reuses these questions
+            with saver.lock:  # a parallel run that saved its questions first wins
+                self.questions = merged.questions
+        generate_descriptions(
+            self.backend,
+            self.prompts,
+            self.task,
+            self.questions,
+            self.config,
+            existing=self.descs,
+            classes=self.todo,
+            on_class_done=on_class_done,
+            is_done=saver.saved_full,
+            tally=self.tally,
+        )
+
+    def _check_outcome(self, final: DescriptionSet | None) -> None:
+        """Note the classes another run described; refuse a run that brought nothing."""
         elsewhere = [
             c
-            for c in todo
-            if c not in generated
+            for c in self.todo
+            if c not in self.generated
             and final is not None
-            and len(final.descriptions.get(c, ())) > start_counts[c]
+            and len(final.descriptions.get(c, ())) > self.start_counts[c]
         ]
         if elsewhere:
-            notes.append(
+            self.notes.append(
                 f"{len(elsewhere)} class(es) were described meanwhile by another run on "
-                f"{path.name} and not asked again"
+                f"{self.path.name} and not asked again"
             )
-        rejected = backend.stats.rejected - stats0[3]
-        if not generated and not elsewhere:
+        backend = self.backend
+        rejected = backend.stats.rejected - self.stats0[3]
+        if not self.generated and not elsewhere:
             raise NoUsableOutputError(
                 f"the LLM ({backend.name}: {backend.model}) gave no new usable description for "
-                f"any of {len(todo)} class(es): {_why_nothing(tally, rejected, backend)}. "
-                f"Nothing already in {path} was lost."
+                f"any of {len(self.todo)} class(es): {_why_nothing(self.tally, rejected, backend)}. "
+                f"Nothing already in {self.path} was lost."
             )
-        notes.extend(_answer_notes(tally, rejected, backend))
+        self.notes.extend(_answer_notes(self.tally, rejected, backend))
 
-    result_set = final or (build() if (todo or existing is None) else existing)
-    counts = result_set.counts()
-    short = {c: n for c, n in counts.items() if n < config.per_class}
-    return DescribeResult(
-        descriptions=result_set,
-        path=path,
-        per_class=config.per_class,
-        generated=generated,
-        short=short,
-        questions_generated=questions_generated,
-        requests=backend.stats.requests - stats0[0],
-        retries=backend.stats.retries - stats0[1],
-        generated_tokens=backend.stats.generated_tokens - stats0[2],
-        seconds=time.perf_counter() - start,
-        notes=notes,
-    )
+    def result(self, result_set: DescriptionSet, start: float) -> DescribeResult:
+        counts = result_set.counts()
+        short = {c: n for c, n in counts.items() if n < self.config.per_class}
+        stats = self.backend.stats
+        return DescribeResult(
+            descriptions=result_set,
+            path=self.path,
+            per_class=self.config.per_class,
+            generated=self.generated,
+            short=short,
+            questions_generated=self.questions_generated,
+            requests=stats.requests - self.stats0[0],
+            retries=stats.retries - self.stats0[1],
+            generated_tokens=stats.generated_tokens - self.stats0[2],
+            seconds=time.perf_counter() - start,
+            notes=self.notes,
+        )
 
 
 def _rejection_text(rejected: int, backend: ChatBackend) -> str:

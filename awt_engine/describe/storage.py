@@ -18,7 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import awt_engine
+from awt_engine._io import utc_now
 from awt_engine.describe.errors import DescribeError
 from awt_engine.descriptions import (
     DescriptionSet,
@@ -29,11 +32,17 @@ from awt_engine.descriptions import (
     save_descriptions,
 )
 
+if TYPE_CHECKING:
+    from awt_engine.describe.backends.base import ChatBackend
+    from awt_engine.describe.instructions import InstructionSet
+    from awt_engine.describe.task import DescribeConfig
+
 __all__ = [
     "Saver",
     "check_resumable",
     "merge",
     "open_cache",
+    "provenance",
     "same_recipe",
     "saved_state",
     "signature",
@@ -297,3 +306,33 @@ def open_cache(
     existing = load_descriptions(path)  # ValueError naming the file if damaged
     check_resumable(existing, classes, dataset_description, path)
     return existing, None, notes
+
+
+def provenance(
+    backend: ChatBackend, prompts: InstructionSet, config: DescribeConfig, previous: dict | None
+) -> dict:
+    """The provenance a run records in the file: backend, model, sampling, prompts. A resumed
+    run of the ``previous`` recipe keeps its creation time; another recipe's goes to the
+    history."""
+    prov = {
+        "backend": backend.name,
+        "model": backend.model,
+        "backend_settings": backend.settings(),
+        "sampling": config.sampling.to_json(),
+        "describe": config.to_json(),
+        "prompts_sha256": prompts.sha256,
+        "prompt_files_sha256": prompts.files_sha256,
+        "created": utc_now(),
+        "engine_version": awt_engine.__version__,
+    }
+    if previous:
+        history = list(previous.get("history", []))
+        prev = {k: v for k, v in previous.items() if k != "history"}
+        if same_recipe(prev, prov):  # a resumed run of the same recipe: keep its creation time
+            prov["created"] = prev.get("created", prov["created"])
+            prov["updated"] = utc_now()
+        else:
+            history.append(prev)
+        if history:
+            prov["history"] = history
+    return prov
