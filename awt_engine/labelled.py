@@ -3,7 +3,8 @@
 :func:`load_labelled` returns the image paths of a data set with their label indices and
 the class names in label order; it never opens an image. It reads CoOp split files,
 FGVC-Aircraft's lists, folders of class folders (ImageFolder, with split subfolders) and
-ImageNet's layouts; :mod:`awt_engine._layouts` documents each and holds the readers.
+ImageNet's layouts, and own class folders described by a description cache: the layouts
+of :mod:`awt_engine.layouts`, asked in their list's order (that package documents each).
 :func:`subset` takes a fixed-seed random subset.
 """
 
@@ -11,9 +12,18 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
+from awt_engine.layouts import (
+    DatasetLayoutError,
+    LabelledData,
+    LabelledItem,
+    LayoutRequest,
+    find_layout,
+)
+from awt_engine.layouts.catalog import candidate_bases, files_for
+from awt_engine.layouts.folders import SPLIT_DIR_NAMES
 from awt_engine.registry import get_dataset, validate_class_names
 
 __all__ = [
@@ -23,26 +33,6 @@ __all__ = [
     "load_labelled",
     "subset",
 ]
-
-
-class DatasetLayoutError(ValueError):
-    """A data set folder is not laid out as expected (the message says where and what)."""
-
-
-@dataclass(frozen=True)
-class LabelledItem:
-    path: Path
-    label: int  # index into LabelledData.classes
-
-
-@dataclass(frozen=True)
-class LabelledData:
-    name: str  # data set name, or the folder's name
-    classes: tuple[str, ...]  # label order
-    items: tuple[LabelledItem, ...]  # deterministic order
-    source: str  # human-readable: layout, file or folder, notes
-    # class folders skipped for having no images (train refuses them: a class it cannot learn)
-    empty_folders: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- public API
@@ -67,7 +57,7 @@ def load_labelled(
     A ``dataset`` that the registry does not know may name a description cache under
     ``cache_dir`` (the cache root, default ``$AWT_ENGINE_CACHE`` or ``./cache``): then
     ``data_root`` is a folder of class folders, matched by folded name to the cache's
-    classes (see ``_layouts._load_described``: a folder the cache lacks is an error, a
+    classes (see :mod:`awt_engine.layouts.described`: a folder the cache lacks is an error, a
     cached class without a folder is left out with a warning).
 
     Raises :class:`DatasetLayoutError` (a ValueError) naming the folder or file and what
@@ -87,62 +77,51 @@ def load_labelled(
             raise TypeError("classes must be a sequence of class names, not one string")
         target = tuple(validate_class_names(classes, source="class list"))
 
-    from awt_engine._layouts import (
-        _LAYOUTS,
-        _candidate_bases,
-        _find_class_root,
-        _Layout,
-        _layout_hint,
-        _load_class_folders,
-        _load_coop_split,
-        _load_described,
-        _load_fgvc,
-        _resolve_class_root,
-    )
+    request = _request(root, dataset, target, split, cache_dir)
+    return find_layout(request).load(request)
 
-    if dataset is None:
-        folder, notes = _resolve_class_root(root, split)
-        return _load_class_folders(
-            folder, notes, name=_root_name(root), target=target, layout=_Layout()
-        )
 
-    try:
-        info = get_dataset(dataset)
-    except ValueError as exc:  # not a registry name: perhaps a description cache's
-        return _load_described(root, dataset, target, split, cache_dir, unknown=str(exc))
-    layout = _LAYOUTS.get(info.name, _Layout())
-    if target is None and info.classes is not None:
+def _request(
+    root: Path,
+    dataset: str | None,
+    target: tuple[str, ...] | None,
+    split: str,
+    cache_dir: str | Path | None,
+) -> LayoutRequest:
+    """What the layouts need to know of one call: the registry's entry, if any, and where
+    the data set's files are expected."""
+    given = target is not None
+    info, unknown = None, ""
+    if dataset is not None:
+        try:
+            info = get_dataset(dataset)
+        except ValueError as exc:  # not a registry name: perhaps a description cache's
+            unknown = str(exc)
+    files = files_for(info.name if info is not None else None)
+    if target is None and info is not None and info.classes is not None:
         target = info.classes
-    label = "given" if classes is not None else f"{info.name!r}"
-    bases = _candidate_bases(root, layout)
-
-    if layout.split_file is not None:
-        for base in bases:
-            path = base / layout.split_file
-            if path.is_file():
-                return _load_coop_split(path, base, root, layout, info.name, target, label, split)
-    if info.name == "fgvc_aircraft":
-        for base in bases:
-            if any(base.glob("images_variant_*.txt")):
-                return _load_fgvc(base, root, info.name, target, label, split)
-
-    try:
-        folder, notes = _find_class_root(root, bases, layout, split)
-        return _load_class_folders(
-            folder, notes, name=info.name, target=target, layout=layout, target_label=label
-        )
-    except DatasetLayoutError as exc:
-        hint = _layout_hint(info.name, layout, root)
-        raise DatasetLayoutError(f"{exc}{hint}") from None
+    name = info.name if info is not None else dataset if dataset is not None else _root_name(root)
+    return LayoutRequest(
+        root=root,
+        split=split,
+        dataset=dataset,
+        registered=info is not None,
+        name=name,
+        files=files,
+        target=target,
+        given=given,
+        label="given" if given else f"{name!r}",
+        bases=candidate_bases(root, files),
+        cache_dir=cache_dir,
+        unknown=unknown,
+    )
 
 
 def _root_name(root: Path) -> str:
     """The data set's name when none is given: the data root's own, or its parent's when
     the root is a split folder (``~/data/pets/val`` is "pets", not "val")."""
-    from awt_engine._layouts import _SPLIT_DIR_NAMES
-
     resolved = root.resolve()
-    if resolved.name.lower() in _SPLIT_DIR_NAMES and resolved.parent.name:
+    if resolved.name.lower() in SPLIT_DIR_NAMES and resolved.parent.name:
         return resolved.parent.name
     return resolved.name or str(root)
 

@@ -91,7 +91,7 @@ def resolve_task(
 
 def interrupted_message(path: str, per_class: int, force: bool) -> str:
     """What an interrupted run saved (read back from the file) and how to go on."""
-    from awt_engine.describe.pipeline import saved_state
+    from awt_engine.describe.storage import saved_state
 
     state, resumable = saved_state(path, per_class)
     if not resumable:

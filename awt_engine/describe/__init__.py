@@ -16,13 +16,11 @@ from awt_engine.describe.backends import (
 from awt_engine.describe.errors import BackendError, DescribeError, NoUsableOutputError
 from awt_engine.describe.instructions import InstructionSet, load_instruction
 from awt_engine.describe.pipeline import (
-    DescribeConfig,
-    DescribeResult,
-    DescribeTask,
     describe_classes,
     generate_descriptions,
     generate_questions,
 )
+from awt_engine.describe.task import DescribeConfig, DescribeResult, DescribeTask
 
 __all__ = [
     "BACKENDS",
