@@ -89,10 +89,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from awt_engine.images import IMAGE_EXTENSIONS
+from awt_engine.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from awt_engine.labelled import DatasetLayoutError, LabelledData, LabelledItem
 from awt_engine.registry import loose_key, match_key, validate_class_names
-from awt_engine.video import VIDEO_EXTENSIONS
 
 # --------------------------------------------------------------------------- layouts
 

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from awt_engine._io import resolve_cache_root
 from awt_engine._progress import progress_bar
-from awt_engine.batches import Failure, view_batches
+from awt_engine.inputs import Failure, view_batches
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet, resolve_label_set
 from awt_engine.models.base import check_model, is_embedder
 from awt_engine.scorers import (
@@ -43,7 +44,6 @@ from awt_engine.scorers import (
 )
 from awt_engine.shortlist import shortlisted_scores
 from awt_engine.text_cache import cached_class_embeddings
-from awt_engine.views import ViewConfig
 
 DEFAULT_MODEL = "ViT-B-16-quickgelu"  # the AWT paper's main backbone
 DEFAULT_PRETRAINED = "openai"

@@ -23,9 +23,9 @@ from torch import Tensor
 from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
-from awt_engine.batches import Failure, view_batches
 from awt_engine.classifier import NONFINITE_REASON, Classifier, nonfinite_rows
 from awt_engine.image_cache import ImageEmbeddingCache
+from awt_engine.inputs import Failure, view_batches
 from awt_engine.labelled import LabelledData
 from awt_engine.models.base import is_embedder
 from awt_engine.scorers import get_scorer, needs_embeddings_message
