@@ -118,16 +118,7 @@ def view_batches(
         views.clear()
         return batch
 
-    if cache is not None:
-        decoded: Iterable[DecodedImage] = cache.decode(inputs, workers=workers)
-    else:
-        decoded = decode_images(
-            inputs,
-            workers=workers,
-            target_size=preprocess.size,
-            pixel_budget=pixel_budget,
-            frames=view_config.frames,
-        )
+    decoded = _decoded(inputs, preprocess.size, view_config.frames, workers, pixel_budget, cache)
     for index, item in enumerate(decoded):
         if not item.ok:
             yield Failure(index, item.path, item.error)
@@ -147,3 +138,20 @@ def view_batches(
             yield flush()
     if indices:
         yield flush()
+
+
+def _decoded(
+    inputs: Iterable[Any],
+    size: int,
+    frames: int,
+    workers: int,
+    pixel_budget: int | None,
+    cache: DecodedCache | None,
+) -> Iterable[DecodedImage]:
+    """The inputs decoded for views of ``size`` R, in order: through ``cache`` when given
+    (images only), else on the budgeted scheduler (videos as ``frames`` sampled frames)."""
+    if cache is not None:
+        return cache.decode(inputs, workers=workers)
+    return decode_images(
+        inputs, workers=workers, target_size=size, pixel_budget=pixel_budget, frames=frames
+    )

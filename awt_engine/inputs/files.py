@@ -84,33 +84,38 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> FoundImages:
     for raw in inputs:
         if not isinstance(raw, (str, os.PathLike)):
             raise TypeError(f"image input must be a path or a pattern, got {type(raw).__name__}")
-        text = os.fspath(raw)
-        path = Path(text).expanduser()
-        if path.is_file():
-            add(path)
-        elif path.is_dir():
-            images, locked = _images_in_folder(path)
-            if not images and not locked:
-                problems.append(f"{text!r} (folder holds no {_extension_list()} files)")
-            for image in images:
-                add(image)
-            for folder in locked:
-                note(folder)
-        elif _GLOB_CHARS.search(text):
-            images, locked = _images_for_glob(os.path.expanduser(text))
-            if not images and not locked:
-                problems.append(f"{text!r} (pattern matched no image files)")
-            for image in images:
-                add(image)
-            for folder in locked:
-                note(folder)
-        elif path.exists():
-            problems.append(f"{text!r} (not a regular file or folder)")
-        else:
-            problems.append(f"{text!r} (does not exist)")
+        images, locked, problem = _one_input(os.fspath(raw))
+        if problem:
+            problems.append(problem)
+        for image in images:
+            add(image)
+        for folder in locked:
+            note(folder)
     if problems:
         raise ValueError("no images found for: " + ", ".join(problems))
     return FoundImages(found, sorted(unreadable.values()))
+
+
+def _one_input(text: str) -> tuple[list[Path], list[UnreadableFolder], str | None]:
+    """What one input names: (files, unreadable folders, the problem when none)."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return [path], [], None
+    if path.is_dir():
+        images, locked = _images_in_folder(path)
+        empty = not images and not locked
+        return (
+            images,
+            locked,
+            f"{text!r} (folder holds no {_extension_list()} files)" if empty else None,
+        )
+    if _GLOB_CHARS.search(text):
+        images, locked = _images_for_glob(os.path.expanduser(text))
+        empty = not images and not locked
+        return images, locked, f"{text!r} (pattern matched no image files)" if empty else None
+    if path.exists():
+        return [], [], f"{text!r} (not a regular file or folder)"
+    return [], [], f"{text!r} (does not exist)"
 
 
 def input_extensions() -> frozenset[str]:

@@ -45,7 +45,7 @@ from awt_engine.inputs.base import DEFAULT_FRAMES
 from awt_engine.inputs.frames import VideoFrames
 
 if TYPE_CHECKING:
-    from awt_engine.backbone import PreprocessConfig
+    from awt_engine.models.base import PreprocessConfig
 
 # Attempts before RandomResizedCrop falls back to a centre crop (torchvision's value).
 _CROP_ATTEMPTS = 10
