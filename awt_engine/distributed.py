@@ -18,7 +18,6 @@ imported only here.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,9 +222,6 @@ def _inputs(batch: dict) -> list:
     return paths
 
 
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # s3://, gs://, hdfs://, ...
-
-
 def _dataset(ray, inputs):
     """(Dataset, unreadable folders) from a Dataset, or local paths, folders and globs and
     remote URIs (``s3://bucket/prefix/``: read as binary files by Ray, on the workers)."""
@@ -233,9 +229,11 @@ def _dataset(ray, inputs):
         return inputs, []
     if isinstance(inputs, str | Path):
         inputs = [inputs]
+    from awt_engine.inputs.files import is_remote
+
     inputs = [str(p) for p in inputs]
-    remote = [p for p in inputs if _URI.match(p)]
-    local = [p for p in inputs if not _URI.match(p)]
+    remote = [p for p in inputs if is_remote(p)]
+    local = [p for p in inputs if not is_remote(p)]
     parts, unreadable = [], []
     if local:
         from awt_engine.inputs.files import find_images
