@@ -23,7 +23,7 @@ _EXPORTS = {
     "register_dataset": "awt_engine.registry",
     "AWTConfig": "awt_engine.scorers",
     "list_scorers": "awt_engine.scorers",
-    "ViewConfig": "awt_engine.views",
+    "ViewConfig": "awt_engine.inputs",
     "awt_scores": "awt_engine.scoring",
 }
 

@@ -1,6 +1,6 @@
 """The Python API: :func:`create_classifier` and the :class:`Classifier` it returns.
 
-Images -> decode -> views (:mod:`awt_engine.batches`) -> the model -> a scorer
+Images -> decode -> views (:mod:`awt_engine.inputs.batches`) -> the model -> a scorer
 (:mod:`awt_engine.scorers`) -> class scores. Every image is scored on its own (views
 seeded by the image's content, a per-image Sinkhorn stop), so results never depend on
 batch size, order, or which images ran together.
@@ -31,7 +31,8 @@ from torch import Tensor
 
 from awt_engine._io import resolve_cache_root
 from awt_engine._progress import progress_bar
-from awt_engine.batches import Failure, view_batches
+from awt_engine.inputs import Failure, view_batches
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet, resolve_label_set
 from awt_engine.models.base import check_model, is_embedder, trained_info
 from awt_engine.models.factory import DEFAULT_WEIGHTS, load_model
@@ -44,7 +45,6 @@ from awt_engine.scorers import (
 )
 from awt_engine.shortlist import shortlisted_scores
 from awt_engine.text_cache import cached_class_embeddings
-from awt_engine.views import ViewConfig
 
 NONFINITE_REASON = "scores are not finite (model weights diverged?)"
 

@@ -18,7 +18,6 @@ imported only here.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +184,7 @@ class _Classify:
         self.top_k = top_k
 
     def __call__(self, batch: dict) -> dict:
-        from awt_engine.images import input_label
+        from awt_engine.inputs import input_label
 
         inputs = _inputs(batch)
         # classify streams a failure at once and the rest per forward pass: rows are put
@@ -210,7 +209,7 @@ class _Classify:
 def _inputs(batch: dict) -> list:
     """The images of a Ray Data batch: decoded arrays (``read_images``' ``image``), file
     bytes (``read_binary_files``' ``bytes``, decoded as the file would be) or paths."""
-    from awt_engine.images import EncodedImage
+    from awt_engine.inputs import EncodedImage
 
     if "image" in batch:
         return list(batch["image"])
@@ -223,9 +222,6 @@ def _inputs(batch: dict) -> list:
     return paths
 
 
-_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")  # s3://, gs://, hdfs://, ...
-
-
 def _dataset(ray, inputs):
     """(Dataset, unreadable folders) from a Dataset, or local paths, folders and globs and
     remote URIs (``s3://bucket/prefix/``: read as binary files by Ray, on the workers)."""
@@ -233,22 +229,24 @@ def _dataset(ray, inputs):
         return inputs, []
     if isinstance(inputs, str | Path):
         inputs = [inputs]
+    from awt_engine.inputs.files import is_remote
+
     inputs = [str(p) for p in inputs]
-    remote = [p for p in inputs if _URI.match(p)]
-    local = [p for p in inputs if not _URI.match(p)]
+    remote = [p for p in inputs if is_remote(p)]
+    local = [p for p in inputs if not is_remote(p)]
     parts, unreadable = [], []
     if local:
-        from awt_engine.images import find_images
+        from awt_engine.inputs.files import find_images
 
         found = find_images(local)
         unreadable = found.unreadable
         parts.append(ray.data.from_items([{"path": str(p)} for p in found.images]))
     if remote:
-        from awt_engine.images import _input_extensions
+        from awt_engine.inputs.files import input_extensions
 
         # videos too, as a local folder's listing has them: each gets its row (an error
         # row for now: videos are decoded from local files), none is dropped unseen
-        exts = sorted(e.lstrip(".") for e in _input_extensions())
+        exts = sorted(e.lstrip(".") for e in input_extensions())
         parts.append(
             ray.data.read_binary_files(
                 remote, include_paths=True, file_extensions=exts

@@ -2,7 +2,7 @@
 
 Every image goes through the model once and every requested scorer is scored from the
 same output (view embeddings, or logits for a generative model), through the same batch
-path as ``classify`` (:mod:`awt_engine.batches`). View embeddings can be cached per
+path as ``classify`` (:mod:`awt_engine.inputs.batches`). View embeddings can be cached per
 (model identity, views, seed, image content) (:mod:`awt_engine.image_cache`), so an
 interrupted evaluation resumes where it stopped. Results are written one JSON per run and
 scorer in CLIP_benchmark's shape, plus everything that defines the run.
@@ -23,9 +23,9 @@ from torch import Tensor
 from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
-from awt_engine.batches import Failure, view_batches
 from awt_engine.classifier import NONFINITE_REASON, Classifier, nonfinite_rows
 from awt_engine.image_cache import ImageEmbeddingCache
+from awt_engine.inputs import Failure, view_batches
 from awt_engine.labelled import LabelledData
 from awt_engine.models.base import is_embedder, trained_info
 from awt_engine.scorers import get_scorer, needs_embeddings_message

@@ -405,6 +405,19 @@ def _wrap(text: str, width: int, lines: int) -> str:
     return "\n".join(out)
 
 
+def _views(rgb, model, cfg, source: str) -> torch.Tensor:
+    """The image's views [1, V, 3, R, R], from the one input pipeline (``view_batches``)
+    as classify makes them; ValueError naming ``source`` when none can be made."""
+    from awt_engine.inputs import Failure, view_batches
+
+    (item,) = view_batches(
+        [rgb], model.preprocess, cfg, batch_size=1, workers=1, device=model.device
+    )
+    if isinstance(item, Failure):
+        raise ValueError(f"{source}: {item.reason}")
+    return item.views
+
+
 def explain(clf, image, *, top_k: int = 2) -> Explanation:
     """Explain ``clf``'s scores for one image (path, PIL image, array or tensor).
 
@@ -412,9 +425,7 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     (nothing to explain: a diverged checkpoint, say).
     """
     from awt_engine.classifier import NONFINITE_REASON
-    from awt_engine.images import as_rgb_image
-    from awt_engine.video import is_video_path
-    from awt_engine.views import make_views, view_boxes
+    from awt_engine.inputs import as_rgb_image, is_video_path, view_boxes
 
     s = clf.scorer
     if s.awt is None:
@@ -428,7 +439,7 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
         raise ValueError(f"{source}: explain takes images; videos are not explained yet")
     rgb = as_rgb_image(image, target_size=model.preprocess.size)  # what the views see
     cfg = clf.view_config
-    views = make_views(rgb, model.preprocess, cfg, device=model.device)[None]  # [1,V,3,R,R]
+    views = _views(rgb, model, cfg, source)  # [1, V, 3, R, R]
     boxes = view_boxes(rgb, model.preprocess, cfg)  # [V, 5]
     labels = clf.labels_for([s])
     out, logits = _solve(clf, views, labels)

@@ -53,7 +53,7 @@ class ImageEmbeddingCache:
             raise ValueError(
                 f"image cache dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}"
             )
-        from awt_engine.views import VIDEO_SEED_VERSION, VIEW_SEED_VERSION
+        from awt_engine.inputs.views import VIDEO_SEED_VERSION, VIEW_SEED_VERSION
 
         views = json.dumps(dataclasses.asdict(view_config), sort_keys=True)
         seeds = f"{VIEW_SEED_VERSION}|{VIDEO_SEED_VERSION}"  # images' and videos' views

@@ -26,11 +26,11 @@ from _common import hardware, print_table, today
 
 from awt_engine.backbone import load_backbone
 from awt_engine.classifier import Classifier
-from awt_engine.images import load_image
+from awt_engine.inputs import load_image
+from awt_engine.inputs.views import ViewConfig, make_views
 from awt_engine.labels import LabelSet
 from awt_engine.models.clip import ClipEmbedder
 from awt_engine.scoring import awt_scores
-from awt_engine.views import ViewConfig, make_views
 
 
 def _images(folder: Path, n: int) -> list[Path]:

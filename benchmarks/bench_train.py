@@ -91,12 +91,12 @@ def run_one(
     scoring_layers: int = 0,
 ) -> dict:
     from awt_engine.backbone import load_backbone
+    from awt_engine.inputs.views import ViewConfig
     from awt_engine.labels import LabelSet
     from awt_engine.methods import get_method
     from awt_engine.methods.base import TrainBatch
     from awt_engine.registry import get_dataset
     from awt_engine.training.loop import _autocast, make_optimizer
-    from awt_engine.views import ViewConfig
 
     warnings.simplefilter("ignore")
     method, batch_size, _ = METHODS[row]

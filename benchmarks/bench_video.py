@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import hardware, print_table, timeit, today
 
-from awt_engine.video import decode_frames
-from awt_engine.views import ViewConfig, make_video_views
+from awt_engine.inputs import decode_frames
+from awt_engine.inputs.views import ViewConfig, make_video_views
 
 WIDTH, HEIGHT, FPS = 854, 480, 25
 

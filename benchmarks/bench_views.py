@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import hardware, print_table, timeit, today
 
 from awt_engine.backbone import PreprocessConfig
-from awt_engine.views import ViewConfig, crop_boxes, image_to_tensor, make_views, view_seed
+from awt_engine.inputs.views import ViewConfig, crop_boxes, image_to_tensor, make_views, view_seed
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -21,6 +21,7 @@ from awt_engine.checkpoints import labels_from_record
 from awt_engine.classifier import Classifier
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
 from awt_engine.evaluate import evaluate
+from awt_engine.inputs.views import ViewConfig, make_views
 from awt_engine.labelled import load_labelled
 from awt_engine.labels import LabelSet
 from awt_engine.methods import get_method
@@ -29,7 +30,6 @@ from awt_engine.models.clip import ClipEmbedder
 from awt_engine.models.layers import BranchAdapters
 from awt_engine.registry import DatasetInfo, register_dataset, unregister_dataset
 from awt_engine.training import load_trained, train
-from awt_engine.views import ViewConfig, make_views
 from tests.awt_reference import ref_awt_scores
 from tests.fixtures_clip import TRAIN_MODEL_CFG, write_local_dir
 from tests.fixtures_training import TOY_CLASSES

@@ -174,7 +174,7 @@ def _spy_to(monkeypatch, stop=False):
 
 
 def test_views_copy_to_mps_synchronously_and_to_cuda_asynchronously(monkeypatch):
-    from awt_engine.views import _on_device
+    from awt_engine.inputs.views import _on_device
 
     seen = _spy_to(monkeypatch)
     pixels = torch.zeros(3, 4, 4, dtype=torch.uint8)

@@ -16,6 +16,7 @@ from awt_engine.backbone import load_backbone
 from awt_engine.classifier import Classifier
 from awt_engine.cli import app
 from awt_engine.evaluate import evaluate
+from awt_engine.inputs.views import ViewConfig, make_views
 from awt_engine.labelled import load_labelled
 from awt_engine.labels import LabelSet
 from awt_engine.methods import get_method
@@ -25,7 +26,6 @@ from awt_engine.models.base import check_model, is_embedder
 from awt_engine.training import load_trained, train
 from awt_engine.training.data import few_shot
 from awt_engine.training.loop import TrainConfig, fit
-from awt_engine.views import ViewConfig, make_views
 from tests.fixtures_llm import build_tiny_chat_model
 
 # the tiny LM has 4 layers: [CLS] of the 2 vision blocks into layers [2, 4), one level each

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 import awt_engine
 from awt_engine.classifier import Classifier
 from awt_engine.cli import app
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet
 from awt_engine.scorers import AWTConfig
-from awt_engine.views import ViewConfig
 from tests.fixtures_embedders import ColourEmbedder, ColourLogitModel, solid
 
 W, H = 96, 64

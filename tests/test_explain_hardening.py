@@ -19,9 +19,9 @@ from awt_engine import backbone as backbone_mod
 from awt_engine.classifier import Classifier
 from awt_engine.cli import app
 from awt_engine.evaluate import EvalResult, Metrics, result_records
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet
 from awt_engine.models.base import TrainedInfo
-from awt_engine.views import ViewConfig
 from tests.fixtures_embedders import ColourBackbone, ColourEmbedder, ColourLogitModel, solid
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ import awt_engine
 from awt_engine._tensorfile import load_tensors, save_tensors
 from awt_engine.evaluate import evaluate
 from awt_engine.image_cache import ImageEmbeddingCache
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labelled import LabelledData, LabelledItem
-from awt_engine.views import ViewConfig
 from tests.fixtures_embedders import ColourEmbedder, solid
 
 CLASSES = ("red", "green", "blue")
@@ -159,7 +159,7 @@ def test_cli_eval_and_classify_with_an_unwritable_cache(colour_data, tmp_path, m
 
 @pytest.mark.parametrize("version", ["VIEW_SEED_VERSION", "VIDEO_SEED_VERSION"])
 def test_a_new_view_seeding_is_another_cache(tmp_path, monkeypatch, version):
-    import awt_engine.views as views
+    import awt_engine.inputs.views as views
 
     two = ViewConfig(n_views=2)
     cache = ImageEmbeddingCache(tmp_path, "id", two, dim=4)

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from awt_engine import images as images_mod
-from awt_engine.images import (
+from awt_engine.inputs import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     DecodedImage,
@@ -28,6 +27,7 @@ from awt_engine.images import (
     find_images,
     load_image,
 )
+from awt_engine.inputs import decode as decode_mod
 from tests.fixtures_images import (
     BOMB_SIZE,
     EXIF_DISPLAY_SIZE,
@@ -544,13 +544,13 @@ def test_reduction_depends_only_on_the_image(tmp_path):
 
 def _track_decodes(monkeypatch) -> list[str]:
     started: list[str] = []
-    real = images_mod._decode_opened
+    real = decode_mod.decode_opened
 
     def tracking(opened, target_size):
         started.append(opened.path.name)
         return real(opened, target_size)
 
-    monkeypatch.setattr(images_mod, "_decode_opened", tracking)
+    monkeypatch.setattr(decode_mod, "decode_opened", tracking)
     return started
 
 
@@ -658,7 +658,7 @@ def test_find_images_with_real_permissions(tmp_path):
     """chmod 000, checked where permissions apply (as root: capabilities dropped)."""
     locked = _locked_tree(tmp_path)
     code = (
-        "import json, sys; from awt_engine.images import find_images; "
+        "import json, sys; from awt_engine.inputs.files import find_images; "
         "f = find_images([sys.argv[1]]); "
         "print(json.dumps([[str(p) for p in f.images], [list(u) for u in f.unreadable]]))"
     )

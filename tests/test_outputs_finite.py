@@ -14,9 +14,9 @@ from awt_engine import backbone as backbone_mod
 from awt_engine.classifier import NONFINITE_REASON, Classifier, Prediction, nonfinite_rows
 from awt_engine.cli import app
 from awt_engine.evaluate import evaluate
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labelled import LabelledData, LabelledItem
 from awt_engine.labels import LabelSet
-from awt_engine.views import ViewConfig
 from tests.fixtures_embedders import ColourBackbone, ColourEmbedder, solid
 
 runner = CliRunner()

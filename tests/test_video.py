@@ -23,16 +23,22 @@ from typer.testing import CliRunner
 import awt_engine
 from awt_engine import backbone as backbone_mod
 from awt_engine.cli import app
-from awt_engine.images import ImageDecodeError, decode_images, find_images
-from awt_engine.labelled import load_labelled
-from awt_engine.video import VIDEO_EXTENSIONS, decode_frames, sample_times
-from awt_engine.views import (
+from awt_engine.inputs import (
+    VIDEO_EXTENSIONS,
+    ImageDecodeError,
+    decode_frames,
+    decode_images,
+    find_images,
+    sample_times,
+)
+from awt_engine.inputs.views import (
     ViewConfig,
     image_to_tensor,
     make_video_views,
     make_views,
     video_view_boxes,
 )
+from awt_engine.labelled import load_labelled
 from tests.fixtures_embedders import COLOURS, ColourBackbone, ColourEmbedder, solid
 
 av = pytest.importorskip("av")
@@ -164,7 +170,7 @@ def test_duration_of_a_stream_without_one_is_measured(tmp_path):
 def test_frames_ending_before_a_container_duration_are_the_videos_end(tmp_path, monkeypatch):
     """Sound may outlast the picture: an early end against the container's duration is
     the video's end (sampled again over it); against the video's own, truncation."""
-    from awt_engine import video as video_mod
+    from awt_engine.inputs import video as video_mod
 
     path = tmp_path / "with_sound.mkv"
     with av.open(str(path), "w") as out:
@@ -224,7 +230,7 @@ def test_enormous_frames_are_reduced_like_huge_images(tmp_path):
 
 _LONG_SCRIPT = """
 import resource, sys, time
-from awt_engine.video import decode_frames
+from awt_engine.inputs import decode_frames
 decode_frames(sys.argv[1], 8)  # warm up: codecs, allocator
 unit = 1024 if sys.platform == "darwin" else 1  # ru_maxrss: bytes on macOS, else KiB
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

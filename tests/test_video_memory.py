@@ -20,11 +20,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from awt_engine import views as views_mod
 from awt_engine.cli import app
-from awt_engine.images import DEFAULT_PIXEL_BUDGET, ImageDecodeError, decode_images
-from awt_engine.video import OpenedVideo, check_frame_count, decode_frames
-from awt_engine.views import ViewConfig, make_video_views, make_views
+from awt_engine.inputs import (
+    DEFAULT_PIXEL_BUDGET,
+    ImageDecodeError,
+    OpenedVideo,
+    check_frame_count,
+    decode_frames,
+    decode_images,
+)
+from awt_engine.inputs import views as views_mod
+from awt_engine.inputs.views import ViewConfig, make_video_views, make_views
 from tests.fixtures_embedders import ColourEmbedder
 from tests.test_video import NAMES, RGB, colour_backbone, write_video  # noqa: F401
 
@@ -236,9 +242,9 @@ def test_cli_refuses_a_frame_count_the_budget_cannot_hold(tmp_path, colour_backb
 
 _RSS_SCRIPT = """
 import resource, sys
-from awt_engine.batches import view_batches
+from awt_engine.inputs import view_batches
 from awt_engine.models.base import PreprocessConfig
-from awt_engine.views import ViewConfig
+from awt_engine.inputs.views import ViewConfig
 pp = PreprocessConfig(224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
 def run(path, n):
     for batch in view_batches([path], pp, ViewConfig(n_views=51, frames=n), batch_size=1):

@@ -11,7 +11,7 @@ import torch
 from torchvision import transforms as T
 
 from awt_engine.backbone import PreprocessConfig
-from awt_engine.views import ViewConfig, crop_boxes, image_to_tensor, make_views, view_seed
+from awt_engine.inputs.views import ViewConfig, crop_boxes, image_to_tensor, make_views, view_seed
 
 R = 64  # small input size: the same code paths as 224, a fraction of the time
 PP = PreprocessConfig(R, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), "bicubic")

@@ -118,7 +118,7 @@ class ClipBackbone:
         if not pixels.is_floating_point():
             raise ValueError(
                 f"encode_images expects normalised float pixels, got dtype {pixels.dtype} "
-                "(make them with awt_engine.views.make_views)"
+                "(make them with awt_engine.inputs.make_views)"
             )
         bs = self.image_batch_size if batch_size is None else batch_size
         if bs < 1:

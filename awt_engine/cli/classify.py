@@ -123,7 +123,7 @@ def classify(
     are not finite numbers (each named on stderr and as an error row); 2: a usage error or
     an output that cannot be written.
     """
-    from awt_engine.images import find_images
+    from awt_engine.inputs.files import find_images
 
     # Everything that needs no model is checked first: a typo is answered at once.
     (scorer_name,) = _one_scorer(scorer, method)

@@ -34,7 +34,7 @@ this order:
 
 4. **Folders of class folders** (ImageFolder; the fallback, asked last): every immediate subfolder holding images is
    a class, its images (and videos) found recursively by extension
-   (:data:`IMAGE_EXTENSIONS`, :data:`~awt_engine.video.VIDEO_EXTENSIONS`). The
+   (:data:`IMAGE_EXTENSIONS`, :data:`~awt_engine.inputs.VIDEO_EXTENSIONS`). The
    folder used is, in order: a data set's known image folder (``imagenet/images``,
    ``imagenetv2/imagenetv2-matched-frequency-format-val``, ``imagenet-sketch/images`` or
    ``sketch``, ``imagenet-adversarial/imagenet-a``, ``imagenet-rendition/imagenet-r``,

@@ -7,10 +7,9 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from awt_engine.images import IMAGE_EXTENSIONS
+from awt_engine.inputs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from awt_engine.layouts.base import DatasetFiles, DatasetLayoutError
 from awt_engine.layouts.matching import listing
-from awt_engine.video import VIDEO_EXTENSIONS
 
 SPLIT_DIR_NAMES = frozenset(
     {"train", "training", "trainval", "val", "valid", "validation", "test", "testing"}

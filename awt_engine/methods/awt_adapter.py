@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.layers import BranchAdapters
 from awt_engine.scorers import AWTConfig
-from awt_engine.views import ViewConfig
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labelled import LabelledData
 from awt_engine.labels import LabelSet
 from awt_engine.models.base import TrainedInfo, learned_identity
-from awt_engine.views import ViewConfig
 
 
 def bounded(default, low, high):

@@ -81,11 +81,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from awt_engine.backbone.devices import seeded_rng
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labelled import LabelledData, LabelledItem
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.methods.train_config import TrainConfig
-from awt_engine.views import ViewConfig
 
 # CLAMP's --wrap-caption-long-list ends "... has the following visual attributes
 # ASSISTANT: 1."; our captions are whole sentences ("a photo of a dog. It barks."), so the

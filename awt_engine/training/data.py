@@ -10,8 +10,9 @@
   half, ``base`` the first ceil(C/2), ``new`` the rest, each relabelled from 0.
 * :func:`fingerprint`: a SHA-256 over the class names and every (label, file content),
   recorded in checkpoints so a checkpoint says exactly what it learned from.
-* :class:`DecodedCache`: decoded training images kept in memory across epochs, up to a
-  byte budget (a few-shot set usually fits; the rest is decoded again each epoch).
+
+Decoding and views come from the one input pipeline (:mod:`awt_engine.inputs`:
+``view_batches`` with a ``DecodedCache`` kept across epochs).
 """
 
 from __future__ import annotations
@@ -20,11 +21,8 @@ import math
 import random
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
-
-from PIL import Image
 
 from awt_engine._io import file_sha256, sha256_hex
 from awt_engine.labelled import LabelledData, LabelledItem
@@ -114,32 +112,3 @@ def fingerprint(data: LabelledData) -> str:
     """SHA-256 over the class names and each item's (label, file SHA-256), order-free."""
     rows = sorted(f"{it.label}:{file_sha256(it.path)}" for it in data.items)
     return sha256_hex("awt-engine/training-data/v1", *data.classes, "|", *rows)
-
-
-class DecodedCache:
-    """Decoded (RGB, reduced for the views' size) training images, by path, in memory up
-    to ``budget`` bytes; beyond it images are decoded again when needed."""
-
-    def __init__(self, target_size: int, budget: int = 2 << 30):
-        self.target_size = target_size
-        self.budget = budget
-        self.used = 0
-        self._images: dict[str, Image.Image] = {}
-
-    def get_many(self, paths: Iterable[Path], workers: int = 2) -> list[Image.Image | str]:
-        """Images for ``paths`` in order; a str is the reason one could not be read."""
-        from awt_engine.images import decode_images
-
-        paths = [str(p) for p in paths]
-        todo = [p for p in paths if p not in self._images]
-        fresh: dict[str, Image.Image | str] = {}
-        for item in decode_images(todo, workers=workers, target_size=self.target_size):
-            if not item.ok:
-                fresh[item.path] = item.error
-                continue
-            fresh[item.path] = item.image
-            size = item.image.width * item.image.height * 3
-            if self.used + size <= self.budget:
-                self._images[item.path] = item.image
-                self.used += size
-        return [self._images.get(p) or fresh[p] for p in paths]

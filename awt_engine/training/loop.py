@@ -35,11 +35,10 @@ import torch
 from awt_engine._io import sha256_hex
 from awt_engine._progress import progress_bar
 from awt_engine.checkpoints import CheckpointError, load_state, save_state
+from awt_engine.inputs import DecodedCache, Failure, ViewConfig, view_batches
 from awt_engine.labelled import LabelledData
 from awt_engine.methods.base import TrainableModel, TrainBatch
 from awt_engine.methods.train_config import TrainConfig, lr_at
-from awt_engine.training.data import DecodedCache
-from awt_engine.views import ViewConfig, make_views
 
 _MASK = (1 << 63) - 1
 
@@ -139,9 +138,17 @@ def fit(
                 sums: dict[str, float] = {}
                 for step in range(steps_per_epoch):
                     idx = order[step * B : (step + 1) * B].tolist()
-                    pix = images.get_many([items[i].path for i in idx], workers=workers)
                     batch = _batch(
-                        model, items, idx, pix, labels_all, views, config.seed, epoch, step
+                        model,
+                        items,
+                        idx,
+                        images,
+                        labels_all,
+                        views,
+                        config.seed,
+                        epoch,
+                        step,
+                        workers,
                     )
                     with amp:
                         out = model.training_loss(batch)
@@ -200,27 +207,28 @@ def _resume(state_file: Path, run_key: str, model, optimizer, scaler, result) ->
     return start_epoch
 
 
-def _batch(model, items, idx, pix, labels_all, views, seed, epoch, step) -> TrainBatch:
+def _batch(model, items, idx, images, labels_all, views, seed, epoch, step, workers) -> TrainBatch:
     """The step's views ([B, V, 3, R, R], each image's seeded by (seed, epoch, index)),
+    from the one input pipeline (``view_batches`` over the decoded-image cache ``images``),
     labels and generator; ValueError naming an image that cannot be read."""
-    bad = [(items[i].path, p) for i, p in zip(idx, pix, strict=True) if isinstance(p, str)]
-    if bad:
-        raise ValueError(f"training image {bad[0][0]} cannot be read: {bad[0][1]}")
     device = model.device
-    v = torch.stack(
-        [
-            make_views(
-                im,
-                model.preprocess,
-                views,
-                device=device,
-                seed=derive_seed(seed, "views", epoch, i),
-            )
-            for im, i in zip(pix, idx, strict=True)
-        ]
-    )
+    got = []
+    for item in view_batches(
+        [items[i].path for i in idx],
+        model.preprocess,
+        views,
+        batch_size=len(idx),
+        workers=workers,
+        device=device,
+        seed_for=lambda k: derive_seed(seed, "views", epoch, idx[k]),
+        cache=images,
+    ):
+        if isinstance(item, Failure):
+            raise ValueError(f"training image {item.source} cannot be read: {item.reason}")
+        got.append(item)
+    (batch,) = got  # one ViewBatch: the step's B images, in the step's order
     return TrainBatch(
-        v,
+        batch.views,
         labels_all[idx].to(device),
         epoch,
         step,

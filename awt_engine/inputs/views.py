@@ -15,14 +15,14 @@ normalise) runs on ``device`` with tensor ops, so it can run on a GPU. (On CUDA 
 resizes uint8 images in float and rounds, so pixels may differ from the CPU's by a level.)
 
 Videos (:func:`make_video_views`): from the n frames sampled over the clip
-(:mod:`awt_engine.video`), view 0 is the middle frame (index n // 2) prepared exactly like
+(:mod:`awt_engine.inputs.video`), view 0 is the middle frame (index n // 2) prepared exactly like
 an image's view 0, views 1..n-1 are the other frames in time order prepared the same way,
 and the remaining V - n views are random resized crops of random frames (the frame drawn
 from the same generator before each box), seeded by :func:`video_view_seed` over all the
 frames' pixels. With V < n only the first V of those frame views are made; without
 ``raw_view`` every view is a crop of a random frame. The frames are turned into tensors
 one at a time (for the seed's hash, then for their views), never all together: a
-video holds its decoded frames (within the pixel budget, :mod:`awt_engine.video`) and
+video holds its decoded frames (within the pixel budget, :mod:`awt_engine.inputs.video`) and
 at most two frames' tensors beside them.
 """
 
@@ -41,10 +41,11 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from awt_engine.video import DEFAULT_FRAMES, VideoFrames
+from awt_engine.inputs.base import DEFAULT_FRAMES
+from awt_engine.inputs.frames import VideoFrames
 
 if TYPE_CHECKING:
-    from awt_engine.backbone import PreprocessConfig
+    from awt_engine.models.base import PreprocessConfig
 
 # Attempts before RandomResizedCrop falls back to a centre crop (torchvision's value).
 _CROP_ATTEMPTS = 10
@@ -443,7 +444,7 @@ def make_video_views(
 ) -> torch.Tensor:
     """The V views of one video, float32 [V, 3, R, R] (the module docstring says which).
 
-    ``frames``: a :class:`~awt_engine.video.VideoFrames` or its frames (PIL images or
+    ``frames``: a :class:`~awt_engine.inputs.frames.VideoFrames` or its frames (PIL images or
     uint8 RGB tensors [3, H, W]) in time order. ``seed`` seeds the crop draws directly;
     None derives it from all the frames' pixels and ``config.seed``
     (:func:`video_view_seed`), so the views depend only on the frames and the settings.
