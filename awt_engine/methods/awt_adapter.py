@@ -112,11 +112,6 @@ def awt_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
     )
 
 
-def _text_tower(model):
-    """The open_clip module whose ``transformer`` is the text transformer."""
-    return model if hasattr(model, "token_embedding") else getattr(model, "text", model)
-
-
 class AWTAdapter(TrainableModel):
     method = "awt-adapter"
 
@@ -145,11 +140,11 @@ class AWTAdapter(TrainableModel):
         for old in (self.visual_adapters, self.text_adapters):
             if old is not None:
                 old.remove()  # a second prepare must not leave the first hooks behind
-        model = self.backbone.model
+        bb = self.backbone
         g = torch.Generator().manual_seed(seed)
         kw = {"learn_scale": cfg.learn_scale, "generator": g}
-        self.visual_adapters = BranchAdapters(model.visual, cfg.down_rate, **kw).to(self.device)
-        self.text_adapters = BranchAdapters(_text_tower(model), cfg.down_rate, **kw).to(self.device)
+        self.visual_adapters = BranchAdapters(bb.vision_blocks, cfg.down_rate, **kw).to(self.device)
+        self.text_adapters = BranchAdapters(bb.text_blocks, cfg.down_rate, **kw).to(self.device)
         # The backbone may be shared (a ClipEmbedder on it, the frozen features below):
         # the adapters act only inside this model's own encode calls.
         self.visual_adapters.enabled = False

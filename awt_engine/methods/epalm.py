@@ -182,15 +182,15 @@ class EPALM(TrainableBase):
                 f"injection layers [{config.start_layer}, {config.end_layer}) do not fit "
                 f"{config.llm}'s {n_layers} layers (set start_layer / end_layer)"
             )
-        visual = getattr(backbone.model, "visual", None)
-        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-        if blocks is None or not hasattr(visual, "forward_intermediates"):
-            raise ValueError("eP-ALM needs a CLIP whose vision tower is a ViT (open_clip)")
-        if config.n_levels > len(blocks):
+        try:
+            blocks = backbone.vision_blocks
+        except ValueError as e:
+            raise ValueError("eP-ALM needs a CLIP whose vision tower is a ViT (open_clip)") from e
+        if config.n_levels > len(blocks.blocks):
             raise ValueError(
-                f"n_levels {config.n_levels} > the vision tower's {len(blocks)} blocks"
+                f"n_levels {config.n_levels} > the vision tower's {len(blocks.blocks)} blocks"
             )
-        self.vision_width = int(visual.transformer.width)
+        self.vision_width = blocks.width
         self.hidden = int(lm.config.hidden_size)
         self.embed_width = int(lm.get_input_embeddings().embedding_dim)
         self.step = max(1, (config.end_layer - config.start_layer) // config.n_levels)
@@ -246,17 +246,9 @@ class EPALM(TrainableBase):
     def visual_levels(self, pixels: Tensor) -> Tensor:
         """[N, 3, R, R] -> the mapped [CLS] of the last ``n_levels`` blocks, shallowest
         first: [N, n_levels, hidden] (gradients to the connectors only)."""
-        visual = self.backbone.model.visual
         x = pixels.to(self.device, self.backbone.dtype)
-        with torch.no_grad():
-            out = visual.forward_intermediates(
-                x,
-                indices=self.config.n_levels,
-                output_extra_tokens=True,
-                normalize_intermediates=True,
-                intermediates_only=True,
-            )
-        cls = [t[:, 0].float() for t in out["image_intermediates_prefix"]]  # [N, W] each
+        levels = self.backbone.vision_intermediates(x, self.config.n_levels)
+        cls = [t.float() for t in levels]  # [N, W] each
         return torch.stack([c(t) for c, t in zip(self.connectors, cls, strict=True)], dim=1)
 
     # -- the hooks ------------------------------------------------------------------------

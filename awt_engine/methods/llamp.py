@@ -31,7 +31,7 @@ Llama-2-7B in float16.
 * ``text_ctx`` [depth, n_ctx, W]: the context slots of those layers (layer 0 starts as the
   token + position embeddings of "a photo of a", deeper ones kaiming-uniform);
 * ``visual_prompts`` [visual_prompt_depth, n_visual_ctx, Wv]: appended after the patch tokens
-  before ``ln_pre`` and replaced at the input of vision layers 1..depth-1 (the [CLS] token
+  before the ViT's pre-norm and replaced at the input of vision layers 1..depth-1 (the [CLS] token
   stays first, so pooling is unchanged);
 * LoRA (rank r, alpha) on the q and v rows of ``in_proj_weight`` of vision layers
   [lora_start, lora_end), as a ``torch.nn.utils.parametrize`` parametrisation registered
@@ -251,17 +251,6 @@ def _first_sentence(text: str) -> str:
     return (m.group(1) if m else line).strip()
 
 
-def _blocks_of(tower: nn.Module, what: str) -> tuple[list[nn.Module], bool]:
-    transformer = getattr(tower, "transformer", None)
-    blocks = getattr(transformer, "resblocks", None)
-    if blocks is None:
-        raise ValueError(
-            f"LLaMP needs open_clip's own {what} transformer (transformer.resblocks); "
-            f"this model has {type(tower).__name__}"
-        )
-    return list(blocks), bool(getattr(transformer, "batch_first", True))
-
-
 # ----------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------
@@ -318,24 +307,22 @@ class LLaMP(TrainableModel):
 
     def _check_clip(self) -> None:
         cfg = self.config
-        self.text = ClipTextTower(self.backbone)
-        model = self.backbone.model
-        tower = model if hasattr(model, "token_embedding") else model.text
-        object.__setattr__(self, "_text_tower", tower)  # frozen CLIP: never a submodule
-        self._text_blocks, self._text_bf = _blocks_of(self._text_tower, "text")
+        bb = self.backbone
+        self.text = ClipTextTower(bb)
+        text = bb.text_blocks  # frozen CLIP's modules: never submodules of this model
+        self._text_blocks, self._text_bf = list(text.blocks), text.batch_first
         if cfg.prompt_depth > len(self._text_blocks):
             raise ValueError(
                 f"prompt_depth {cfg.prompt_depth} exceeds the {len(self._text_blocks)} text "
                 "layers of this CLIP"
             )
-        visual = model.visual
-        if not all(hasattr(visual, n) for n in ("ln_pre", "positional_embedding")):
+        if bb.vision_pre_norm is None or bb.vision_positional_embedding is None:
             raise ValueError(
-                f"LLaMP needs open_clip's VisionTransformer (ln_pre, positional_embedding); "
-                f"this model has {type(visual).__name__}"
+                "LLaMP needs open_clip's VisionTransformer (a norm before the first block and "
+                f"a positional embedding); this model has {type(bb.vision_tower).__name__}"
             )
-        object.__setattr__(self, "_visual", visual)
-        self._vision_blocks, self._vision_bf = _blocks_of(visual, "vision")
+        vision = bb.vision_blocks
+        self._vision_blocks, self._vision_bf = list(vision.blocks), vision.batch_first
         n = len(self._vision_blocks)
         if cfg.visual_prompt_depth > n or (cfg.lora_rank and cfg.lora_end > n):
             raise ValueError(
@@ -343,20 +330,17 @@ class LLaMP(TrainableModel):
                 f"{cfg.visual_prompt_depth} and LoRA layers [{cfg.lora_start}, "
                 f"{cfg.lora_end}) must fit"
             )
-        if cfg.visual_prompt_depth and (
-            getattr(visual, "pool_type", "tok") != "tok"
-            or getattr(visual, "attn_pool", None) is not None
-        ):
+        if cfg.visual_prompt_depth and not bb.vision_pools_cls:
             raise ValueError(
-                "visual prompts need a ViT pooled by its [CLS] token (pool_type 'tok', no "
-                "attention pooling); set visual_prompt_depth=0 for this CLIP"
+                "visual prompts need a ViT pooled by its [CLS] token (no attention "
+                "pooling); set visual_prompt_depth=0 for this CLIP"
             )
         if cfg.lora_rank:
             for i in range(cfg.lora_start, cfg.lora_end):
                 w = getattr(self._vision_blocks[i].attn, "in_proj_weight", None)
                 if w is None or w.shape[0] != 3 * w.shape[1]:
                     raise ValueError(f"vision layer {i} has no fused q/k/v in_proj_weight for LoRA")
-        self.visual_width = int(visual.positional_embedding.shape[-1])
+        self.visual_width = int(bb.vision_positional_embedding.shape[-1])
 
     def frozen_parts(self) -> dict[str, str]:
         return {"llm": self.llm.fingerprint}
@@ -401,7 +385,7 @@ class LLaMP(TrainableModel):
         if not ctx_ids:
             raise ValueError(f"ctx_init {cfg.ctx_init!r} has no tokens")
         self.n_ctx = len(ctx_ids)
-        pos = self._text_tower.positional_embedding.detach().float().cpu()
+        pos = self.backbone.text_positional_embedding.detach().float().cpu()
         first = self.text.word_embeddings(ctx_ids).cpu() + pos[1 : 1 + self.n_ctx]
         deeper = [_kaiming((self.n_ctx, W), g) for _ in range(depth - 1)]
         self.text_ctx = nn.Parameter(torch.stack([first, *deeper]).to(dev))  # [depth, n, W]
@@ -765,7 +749,7 @@ class LLaMP(TrainableModel):
             for i in range(depth)
         ]
         try:
-            feats = self.backbone.model.encode_text(ids.to(dev))
+            feats = self.backbone.text_forward(ids.to(dev))
         finally:
             for h in handles:
                 h.remove()
@@ -813,11 +797,11 @@ class LLaMP(TrainableModel):
                 vp, n = self.visual_prompts, cfg.n_visual_ctx
 
                 def append(module, args):
-                    x = args[0]  # [B, 1 + HW, Wv] before ln_pre
+                    x = args[0]  # [B, 1 + HW, Wv] before the pre-norm
                     extra = vp[0].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
                     return (torch.cat([x, extra], dim=1), *args[1:])
 
-                handles.append(self._visual.ln_pre.register_forward_pre_hook(append))
+                handles.append(self.backbone.vision_pre_norm.register_forward_pre_hook(append))
 
                 def replace(i):
                     def hook(module, args, kwargs):
