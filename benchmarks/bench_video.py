@@ -9,7 +9,7 @@ beside the image encoder's time for those views (ViT-B-32, random weights, on
 ``--device``). The long clip must cost about what the short one does: decoding seeks,
 it never reads the whole file. "frames held" is the bytes of decoded pixels the clip's
 frames keep (``VideoFrames.nbytes``, Pillow's 4 bytes a pixel), what the 512 MiB pixel
-budget bounds: frames that would not fit are reduced (awt_engine/video.py).
+budget bounds: frames that would not fit are reduced (awt_engine/inputs/video.py).
 
     uv run python benchmarks/bench_video.py [--frames 8] [--views 51] [--gop 50 250]
 """

@@ -17,6 +17,7 @@ from torch import nn
 import awt_engine
 from awt_engine import scoring
 from awt_engine.backbone import load_backbone
+from awt_engine.backbone.model import tower_blocks
 from awt_engine.checkpoints import labels_from_record
 from awt_engine.classifier import Classifier
 from awt_engine.descriptions import descriptions_path, from_plain, save_descriptions
@@ -186,7 +187,10 @@ def test_vit_b16_sizes_and_defaults_are_the_papers():
     def count(down_rate):
         n = 0
         for width in (768, 512):  # ViT-B/16 image and text towers, 12 blocks each
-            n += sum(p.numel() for p in BranchAdapters(_Tower(width, 12), down_rate).parameters())
+            n += sum(
+                p.numel()
+                for p in BranchAdapters(tower_blocks(_Tower(width, 12)), down_rate).parameters()
+            )
         return n
 
     # 24 adapters per tower; hidden 2 / 1 at rate 384, 3 / 2 at 256 (the paper's 0.13M / 0.19M)

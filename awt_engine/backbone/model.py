@@ -13,6 +13,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,6 +58,39 @@ def _grad_mode(grad: bool):
     return torch.no_grad() if torch.is_grad_enabled() else torch.inference_mode()
 
 
+@dataclass(frozen=True)
+class TowerBlocks:
+    """The residual blocks of one open_clip tower, as the methods reach into them.
+
+    ``blocks[i]`` is block i (a forward pre-hook on it sees the block's input, in the
+    tower's own layout: [B, L, W] when ``batch_first``, else [L, B, W]);
+    ``branches[i]`` the modules whose outputs are block i's attention and MLP branch
+    outputs before the residual add (open_clip's LayerScale or Identity), for forward
+    hooks; ``width`` the tower's width W.
+    """
+
+    blocks: tuple[torch.nn.Module, ...]
+    branches: tuple[tuple[torch.nn.Module, torch.nn.Module], ...]
+    width: int
+    batch_first: bool
+
+
+def tower_blocks(tower: torch.nn.Module, what: str = "tower") -> TowerBlocks:
+    """The :class:`TowerBlocks` of an open_clip text transformer or ViT (ValueError naming
+    ``what`` when the tower is not open_clip's own transformer)."""
+    transformer = getattr(tower, "transformer", None)
+    blocks = getattr(transformer, "resblocks", None)
+    if blocks is None or not all(hasattr(b, "ls_1") and hasattr(b, "ls_2") for b in blocks):
+        raise ValueError(
+            f"the {what} ({type(tower).__name__}) is not open_clip's own transformer (residual "
+            "blocks with attention and MLP branches): this method needs one"
+        )
+    blocks = tuple(blocks)
+    width = int(blocks[0].ln_1.normalized_shape[0])  # the real width, from the model
+    branches = tuple((b.ls_1, b.ls_2) for b in blocks)
+    return TowerBlocks(blocks, branches, width, bool(getattr(transformer, "batch_first", True)))
+
+
 class ClipBackbone:
     """A loaded CLIP model in eval mode, plus what the rest of the engine needs to know.
 
@@ -93,6 +127,85 @@ class ClipBackbone:
             f"ClipBackbone(identity={self.identity!r}, device={self.device}, dtype={self.dtype}, "
             f"R={self.preprocess.size}, D={self.embed_dim})"
         )
+
+    # -- the towers' parts, for methods that reach inside the frozen model ---------------
+    # The one place that knows open_clip's layout (as its ``lock_image_tower`` does): every
+    # part returned is the model's own module or parameter, never a copy.
+
+    @property
+    def text_tower(self) -> torch.nn.Module:
+        """The module holding the text transformer: the CLIP model itself (OpenAI layout)
+        or its ``text`` tower (CustomTextCLIP)."""
+        model = self.model
+        return model if hasattr(model, "token_embedding") else getattr(model, "text", model)
+
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        """The image tower (open_clip's ``visual``)."""
+        return self.model.visual
+
+    @property
+    def text_token_embedding(self) -> torch.nn.Embedding | None:
+        """The text tower's token embedding table [vocab, W] (None: the tower has none)."""
+        emb = getattr(self.text_tower, "token_embedding", None)
+        return emb if isinstance(emb, torch.nn.Embedding) else None
+
+    @property
+    def text_positional_embedding(self) -> torch.Tensor:
+        """The text tower's positional embedding [L, W] (a frozen parameter)."""
+        return self.text_tower.positional_embedding
+
+    @property
+    def text_blocks(self) -> TowerBlocks:
+        """The text transformer's residual blocks (:class:`TowerBlocks`)."""
+        return tower_blocks(self.text_tower, "text tower")
+
+    @property
+    def vision_blocks(self) -> TowerBlocks:
+        """The vision transformer's residual blocks (:class:`TowerBlocks`)."""
+        return tower_blocks(self.vision_tower, "vision tower")
+
+    @property
+    def vision_pre_norm(self) -> torch.nn.Module | None:
+        """The ViT's norm before its first block (``ln_pre``): a pre-hook on it sees the
+        token sequence [B, 1 + HW, Wv] ([CLS] first). None: not a ViT."""
+        return getattr(self.vision_tower, "ln_pre", None)
+
+    @property
+    def vision_positional_embedding(self) -> torch.Tensor | None:
+        """The ViT's positional embedding [1 + HW, Wv] (None: not a ViT)."""
+        return getattr(self.vision_tower, "positional_embedding", None)
+
+    @property
+    def vision_pools_cls(self) -> bool:
+        """Whether the image embedding is read from the [CLS] token (no attention pool)."""
+        tower = self.vision_tower
+        return (
+            getattr(tower, "pool_type", "tok") == "tok"
+            and getattr(tower, "attn_pool", None) is None
+        )
+
+    def text_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text tower on token ids [N, L] (on the model's device): [N, D] features,
+        unnormalised, in the compute dtype, with a graph when the caller's context keeps
+        one (hooks on :attr:`text_token_embedding` or :attr:`text_blocks` act inside)."""
+        return self.model.encode_text(ids)
+
+    def vision_intermediates(self, pixels: torch.Tensor, n_levels: int) -> list[torch.Tensor]:
+        """The [CLS] token after each of the last ``n_levels`` ViT blocks, normalised by the
+        tower's final norm, shallowest first: ``n_levels`` tensors [N, Wv] (no graph)."""
+        tower = self.vision_tower
+        if not hasattr(tower, "forward_intermediates"):
+            raise ValueError(f"the vision tower ({type(tower).__name__}) is not an open_clip ViT")
+        with torch.no_grad():
+            out = tower.forward_intermediates(
+                pixels,
+                indices=n_levels,
+                output_extra_tokens=True,
+                normalize_intermediates=True,
+                intermediates_only=True,
+            )
+        return [t[:, 0] for t in out["image_intermediates_prefix"]]
 
     def _find_embed_dim(self) -> int:
         dim = getattr(getattr(self.model, "visual", None), "output_dim", None)

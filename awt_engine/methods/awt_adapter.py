@@ -56,7 +56,13 @@ from torch import Tensor
 
 from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
+from awt_engine.methods.base import (
+    LossOutput,
+    MethodSpec,
+    TrainableModel,
+    TrainBatch,
+    option,
+)
 from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.layers import BranchAdapters
 from awt_engine.scorers import AWTConfig
@@ -66,17 +72,32 @@ from awt_engine.scorers import AWTConfig
 class AWTAdapterConfig:
     # Adapter.Down_Rate: 384 in vit_b16_1_2_4_shot.yaml; train() uses 256 from 8 shots on
     # (vit_b16_8_16_shot.yaml), see awt_config_defaults
-    down_rate: int = bounded(384, 1, 1 << 16)
-    learn_scale: bool = True  # Adapter.Scale: -1.0, a learnable scale starting at 1
+    down_rate: int = option(
+        384,
+        "adapter hidden width = tower width // down_rate (AWT: 384 for 1-4 shots, 256 for 8-16; set from --shots)",
+        bounds=(1, 1 << 16),
+    )
+    # Adapter.Scale: -1.0, a learnable scale starting at 1
+    learn_scale: bool = option(True, "learn each adapter's output scale (AWT: true, starting at 1)")
     # DATALOADER.K_TRANSFORMS: augmented views per training image
-    train_views: int = bounded(8, 1, 256)
+    train_views: int = option(8, "augmented views per training image (AWT: 8)", bounds=(1, 256))
     # LLM.Desc_Per_Batch: the bare prompt plus 7 sampled descriptions per step (the
     # authors' config comment: 4 for ImageNet, to fit memory)
-    prompts_per_step: int = bounded(8, 1, 1024)
-    train_view_temperature: float = 1.0  # ot_tools.Wasserstein_Distance(is_train=True)
-    train_prompt_temperature: float = 1.0  # the same
-    l1_image_weight: float = 10.0  # forward_backward: L1(image features) * 10
-    l1_text_weight: float = 25.0  # forward_backward: L1(text features) * 25
+    prompts_per_step: int = option(
+        8, "bare prompt + sampled descriptions per step (AWT: 8; 4 for ImageNet)", bounds=(1, 1024)
+    )
+    # ot_tools.Wasserstein_Distance(is_train=True)
+    train_view_temperature: float = option(
+        1.0, "AWT view-weight temperature in training (AWT: 1.0)"
+    )
+    # the same
+    train_prompt_temperature: float = option(
+        1.0, "AWT prompt-weight temperature in training (AWT: 1.0)"
+    )
+    # forward_backward: L1(image features) * 10
+    l1_image_weight: float = option(10.0, "weight of L1(image features, frozen CLIP) (AWT: 10)")
+    # forward_backward: L1(text features) * 25
+    l1_text_weight: float = option(25.0, "weight of L1(text features, frozen CLIP) (AWT: 25)")
 
     def __post_init__(self) -> None:
         for name in ("down_rate", "train_views", "prompts_per_step"):
@@ -112,11 +133,6 @@ def awt_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
     )
 
 
-def _text_tower(model):
-    """The open_clip module whose ``transformer`` is the text transformer."""
-    return model if hasattr(model, "token_embedding") else getattr(model, "text", model)
-
-
 class AWTAdapter(TrainableModel):
     method = "awt-adapter"
 
@@ -145,11 +161,11 @@ class AWTAdapter(TrainableModel):
         for old in (self.visual_adapters, self.text_adapters):
             if old is not None:
                 old.remove()  # a second prepare must not leave the first hooks behind
-        model = self.backbone.model
+        bb = self.backbone
         g = torch.Generator().manual_seed(seed)
         kw = {"learn_scale": cfg.learn_scale, "generator": g}
-        self.visual_adapters = BranchAdapters(model.visual, cfg.down_rate, **kw).to(self.device)
-        self.text_adapters = BranchAdapters(_text_tower(model), cfg.down_rate, **kw).to(self.device)
+        self.visual_adapters = BranchAdapters(bb.vision_blocks, cfg.down_rate, **kw).to(self.device)
+        self.text_adapters = BranchAdapters(bb.text_blocks, cfg.down_rate, **kw).to(self.device)
         # The backbone may be shared (a ClipEmbedder on it, the frozen features below):
         # the adapters act only inside this model's own encode calls.
         self.visual_adapters.enabled = False
@@ -261,15 +277,4 @@ METHOD = MethodSpec(
     paper="Zhu et al., AWT: Transferring Vision-Language Models via Augmentation, Weighting, "
     "and Transportation, NeurIPS 2024 (MCG-NJU/AWT, AWT_few_shot/MM_Adapter)",
     needs_descriptions=True,
-    options={
-        "down_rate": "adapter hidden width = tower width // down_rate (AWT: 384 for 1-4 "
-        "shots, 256 for 8-16; set from --shots)",
-        "learn_scale": "learn each adapter's output scale (AWT: true, starting at 1)",
-        "train_views": "augmented views per training image (AWT: 8)",
-        "prompts_per_step": "bare prompt + sampled descriptions per step (AWT: 8; 4 for ImageNet)",
-        "train_view_temperature": "AWT view-weight temperature in training (AWT: 1.0)",
-        "train_prompt_temperature": "AWT prompt-weight temperature in training (AWT: 1.0)",
-        "l1_image_weight": "weight of L1(image features, frozen CLIP) (AWT: 10)",
-        "l1_text_weight": "weight of L1(text features, frozen CLIP) (AWT: 25)",
-    },
 )

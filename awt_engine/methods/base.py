@@ -4,8 +4,9 @@ A method supplies three things and nothing else (:mod:`awt_engine.training` does
 data, the one fit loop, the schedule, checkpoints):
 
 * a frozen ``Config`` dataclass of its hyper-parameters, each default with its source,
-  sizes declared with :func:`bounded` (checked by :func:`check_values` before anything
-  is allocated: for ``--set`` options, a checkpoint's header and every build);
+  each option declared once with :func:`option` (its help text, and for sizes the
+  bounds checked by :func:`check_values` before anything is allocated: for ``--set``
+  options, a checkpoint's header and every build);
 * a :class:`TrainableModel` subclass (an Embedder; a LogitModel derives from
   :class:`TrainableBase`): its modules (the only parameters that learn), the
   interface calls (``encode_images`` / ``class_embeddings``, or ``logits`` for a
@@ -38,11 +39,25 @@ from awt_engine.labels import LabelSet
 from awt_engine.models.base import TrainedInfo, learned_identity
 
 
-def bounded(default, low, high):
-    """A Config field whose value must lie in [``low``, ``high``]: the sizes a method
-    allocates from, so that an absurd value (``--set n_ctx=100000000``, a crafted
-    checkpoint) is refused by :func:`check_values` before any tensor is made."""
-    return field(default=default, metadata={"bounds": (low, high)})
+def option(default, help: str = "", *, bounds: tuple | None = None):
+    """A Config field with its help text (what ``awt-engine methods --verbose`` prints, as
+    peft's ``LoraConfig`` keeps its help on its fields) and, for the sizes a method
+    allocates from, the ``bounds`` [low, high] its value must lie in: an absurd value
+    (``--set n_ctx=100000000``, a crafted checkpoint) is refused by :func:`check_values`
+    before any tensor is made."""
+    metadata = {"help": help} if bounds is None else {"help": help, "bounds": tuple(bounds)}
+    return field(default=default, metadata=metadata)
+
+
+def bounded(default, low, high, help: str = ""):
+    """:func:`option` with ``bounds=(low, high)``."""
+    return option(default, help, bounds=(low, high))
+
+
+def option_help(config_type: type) -> dict[str, str]:
+    """Field name -> help text of the Config dataclass ``config_type`` (its :func:`option`
+    metadata; "" where a field has none)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_type)}
 
 
 def check_config(config) -> None:
@@ -255,10 +270,14 @@ class MethodSpec:
     paper: str = ""  # where the defaults come from
     needs: tuple[str, ...] = ()  # extra inputs beyond CLIP (e.g. "llm")
     needs_descriptions: bool = False  # trains on the LLM descriptions (the AWT adapter)
-    options: dict[str, str] = field(default_factory=dict)  # config field -> help
     # (shots, dataset) -> method config fields whose paper default depends on them (the AWT
     # adapter's down rate); None: the Config's own defaults serve every shot count
     config_defaults: Callable[[int, str | None], dict[str, Any]] | None = None
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Config field -> help, read from the fields themselves (:func:`option`)."""
+        return option_help(self.config)
 
     def default_config(self, shots: int, dataset: str | None = None):
         """The method's config with the paper's defaults for ``shots`` (and ``dataset``)."""

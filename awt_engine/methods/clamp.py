@@ -84,8 +84,15 @@ from awt_engine.backbone.devices import seeded_rng
 from awt_engine.inputs.views import ViewConfig
 from awt_engine.labelled import LabelledData, LabelledItem
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
+from awt_engine.methods.base import (
+    LossOutput,
+    MethodSpec,
+    TrainableModel,
+    TrainBatch,
+    option,
+)
 from awt_engine.methods.train_config import TrainConfig
+from awt_engine.models.lora import inject_lora, lora_state_name, reset_lora
 
 # CLAMP's --wrap-caption-long-list ends "... has the following visual attributes
 # ASSISTANT: 1."; our captions are whole sentences ("a photo of a dog. It barks."), so the
@@ -96,26 +103,53 @@ CLAMP_WRAPPER = "USER: A photo of a {}.A {} has the following visual attributes 
 
 @dataclass(frozen=True)
 class CLAMPConfig:
-    llm: str = "lmsys/vicuna-13b-v1.5"  # clamp.json hf_model_name
-    llm_dtype: str = "auto"  # the checkpoint's dtype on a GPU, float32 on CPU (models/llm.py)
-    n_prompt_tokens: int = bounded(24, 1, 512)  # clamp.json num_prompt_tokens
-    lora_r: int = bounded(16, 1, 1024)  # hf_model.py LoraConfig
-    lora_alpha: float = 16.0  # hf_model.py LoraConfig
+    # clamp.json hf_model_name
+    llm: str = option(
+        "lmsys/vicuna-13b-v1.5", "causal LM: hub id or local folder (CLAMP: lmsys/vicuna-13b-v1.5)"
+    )
+    # the checkpoint's dtype on a GPU, float32 on CPU (models/llm.py)
+    llm_dtype: str = option("auto", "auto, float32, float16 or bfloat16")
+    # clamp.json num_prompt_tokens
+    n_prompt_tokens: int = option(
+        24, "read-only prompt tokens appended to the caption (CLAMP: 24)", bounds=(1, 512)
+    )
+    # hf_model.py LoraConfig
+    lora_r: int = option(16, "LoRA rank", bounds=(1, 1024))
+    # hf_model.py LoraConfig
+    lora_alpha: float = option(16.0, "LoRA alpha")
     # hf_model.py: 0.1. Drawn from the step's generator (torch.random.fork_rng), never
     # from the global RNG, so a run is reproduced by its seed.
-    lora_dropout: float = 0.1
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj"  # hf_model.py: q, k, v, o
+    lora_dropout: float = option(0.1, "LoRA dropout (drawn from the step's seed)")
+    # hf_model.py: q, k, v, o
+    lora_targets: str = option(
+        "q_proj,k_proj,v_proj,o_proj", "comma-separated LM modules that get LoRA"
+    )
     # hf_model.py EosAttentionPooler: 8-head MHA over the LM width
-    pool_heads: int = bounded(8, 1, 256)
-    wrapper: str = DEFAULT_WRAPPER  # see above; CLAMP_WRAPPER is the paper's own
+    pool_heads: int = option(
+        8, "attention-pooler heads (must divide the LM width)", bounds=(1, 256)
+    )
+    # see above; CLAMP_WRAPPER is the paper's own
+    wrapper: str = option(
+        DEFAULT_WRAPPER, "how a caption is put to the LM; every {} is the caption"
+    )
     # CLAMP's HF tokenizer: max_length 77, right truncation
-    context_length: int = bounded(77, 1, 4096)
-    distill_weight: float = 1.0  # DistillClipLoss: the two terms summed
-    distill_scale: float = 100.0  # DistillClipLoss: 100 cos for teacher and student
-    max_logit_scale: float = 100.0  # train.py clamps logit_scale to ln(100) after a step
-    init_logit_scale: float | None = None  # None: the backbone's (CLIP's image tower is its)
-    captions: str | None = None  # a JSONL of {"image", "caption"}: train on those pairs
-    text_batch_size: int = bounded(64, 1, 4096)  # LM sequences per forward pass in class_embeddings
+    context_length: int = option(77, "LM tokens kept per caption", bounds=(1, 4096))
+    # DistillClipLoss: the two terms summed
+    distill_weight: float = option(
+        1.0, "weight of the distillation from CLIP's text tower (0: off)"
+    )
+    # DistillClipLoss: 100 cos for teacher and student
+    distill_scale: float = option(100.0, "teacher and student temperature of the distillation")
+    # train.py clamps logit_scale to ln(100) after a step
+    max_logit_scale: float = option(100.0, "cap of the learned logit scale")
+    # None: the backbone's (CLIP's image tower is its)
+    init_logit_scale: float | None = option(None, "initial logit scale (none: the backbone's)")
+    # a JSONL of {"image", "caption"}: train on those pairs
+    captions: str | None = option(
+        None, 'JSONL of {"image": path, "caption": text}: train on these pairs'
+    )
+    # LM sequences per forward pass in class_embeddings
+    text_batch_size: int = option(64, "LM sequences per forward pass", bounds=(1, 4096))
 
     def __post_init__(self) -> None:
         for name in ("n_prompt_tokens", "lora_r", "pool_heads", "context_length"):
@@ -245,30 +279,10 @@ class CLAMP(TrainableModel):
     # -- construction ------------------------------------------------------------------
 
     def _add_lora(self, lm):
-        import peft
-
         cfg = self.config
-        present = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
-        missing = [t for t in cfg.targets if t not in present]
-        if missing:
-            raise ValueError(
-                f"lora_targets {', '.join(missing)} are not modules of {cfg.llm!r} "
-                f"({type(lm).__name__}); its attention projections are named otherwise"
-            )
-        lora = peft.LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            target_modules=cfg.targets,
-            lora_dropout=cfg.lora_dropout,
-            bias="none",
+        return inject_lora(
+            lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.targets, name=cfg.llm
         )
-        lm = peft.inject_adapter_in_model(lora, lm)
-        for name, p in lm.named_parameters():  # the LM and its lm_head stay frozen
-            learned = ".lora_A." in name or ".lora_B." in name
-            p.requires_grad_(learned)
-            if learned:  # float32 masters under a half LM (peft's autocast_adapter_dtype)
-                p.data = p.data.float()
-        return lm
 
     def frozen_parts(self) -> dict[str, str]:
         return {"llm": self.llm_fingerprint}
@@ -289,9 +303,7 @@ class CLAMP(TrainableModel):
 
     def state_name(self, name: str) -> str:
         """peft's ``lm.<path>.lora_A.default.weight`` -> ``lora.<path>.lora_A.weight``."""
-        if name.startswith("lm."):
-            return "lora." + name.removeprefix("lm.").replace(".default.", ".")
-        return name
+        return lora_state_name(name, "lm")
 
     def prepare(self, labels: LabelSet, seed: int = 0) -> None:
         """Every learned tensor from ``seed``: LoRA A Kaiming-uniform (peft's), B zero; the
@@ -301,13 +313,7 @@ class CLAMP(TrainableModel):
         super().prepare(labels, seed)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
-            for _, module in sorted(self.lm.named_modules(), key=lambda t: t[0]):
-                if "default" in getattr(module, "lora_A", {}):
-                    a = module.lora_A["default"].weight
-                    a.copy_(
-                        nn.init.kaiming_uniform_(torch.empty(a.shape), a=math.sqrt(5), generator=g)
-                    )
-                    module.lora_B["default"].weight.zero_()
+            reset_lora(self.lm, g)
             vocab = self.lm.get_input_embeddings().weight.float()
             std = float(getattr(self.lm.config, "initializer_range", 0.02))
             noise = torch.randn(self.prompts.shape, generator=g) * std
@@ -502,21 +508,4 @@ METHOD = MethodSpec(
     train_defaults=clamp_train_defaults,
     paper="Teterwak et al., CLAMP: Contrastive LAnguage Model Prompt-tuning (piotr-teterwak/clamp)",
     needs=("llm",),
-    options={
-        "llm": "causal LM: hub id or local folder (CLAMP: lmsys/vicuna-13b-v1.5)",
-        "llm_dtype": "auto, float32, float16 or bfloat16",
-        "n_prompt_tokens": "read-only prompt tokens appended to the caption (CLAMP: 24)",
-        "lora_r": "LoRA rank",
-        "lora_alpha": "LoRA alpha",
-        "lora_dropout": "LoRA dropout (drawn from the step's seed)",
-        "lora_targets": "comma-separated LM modules that get LoRA",
-        "pool_heads": "attention-pooler heads (must divide the LM width)",
-        "wrapper": "how a caption is put to the LM; every {} is the caption",
-        "context_length": "LM tokens kept per caption",
-        "distill_weight": "weight of the distillation from CLIP's text tower (0: off)",
-        "distill_scale": "teacher and student temperature of the distillation",
-        "max_logit_scale": "cap of the learned logit scale",
-        "captions": 'JSONL of {"image": path, "caption": text}: train on these pairs',
-        "text_batch_size": "LM sequences per forward pass",
-    },
 )

@@ -26,7 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
+from awt_engine.methods.base import (
+    LossOutput,
+    MethodSpec,
+    TrainableModel,
+    TrainBatch,
+    option,
+)
 from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.clip_text import ClipTextTower, PromptBatch
 from awt_engine.registry import display_name
@@ -37,10 +43,13 @@ POSITIONS = ("end", "middle", "front")
 @dataclass(frozen=True)
 class CoOpConfig:
     # CoOp N_CTX (main results); set by ctx_init's length when one is given
-    n_ctx: int = bounded(16, 1, 256)
-    ctx_init: str = ""  # "": N(0, 0.02) (CoOp); a phrase, e.g. "a photo of a" (CoOp ctxv1)
-    csc: bool = False  # class-specific contexts (CoOp's CSC variant)
-    class_position: str = "end"  # CoOp CLASS_TOKEN_POSITION: end, middle or front
+    n_ctx: int = option(16, "context tokens (CoOp: 16)", bounds=(1, 256))
+    # "": N(0, 0.02) (CoOp); a phrase, e.g. "a photo of a" (CoOp ctxv1)
+    ctx_init: str = option("", 'initial context phrase, e.g. "a photo of a" ("" = random)')
+    # class-specific contexts (CoOp's CSC variant)
+    csc: bool = option(False, "class-specific contexts")
+    # CoOp CLASS_TOKEN_POSITION: end, middle or front
+    class_position: str = option("end", "end, middle or front")
 
     def __post_init__(self) -> None:
         if isinstance(self.n_ctx, bool) or not isinstance(self.n_ctx, int) or self.n_ctx < 1:
@@ -175,10 +184,4 @@ METHOD = MethodSpec(
     model=CoOp,
     train_defaults=coop_train_defaults,
     paper="Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022",
-    options={
-        "n_ctx": "context tokens (CoOp: 16)",
-        "ctx_init": 'initial context phrase, e.g. "a photo of a" ("" = random)',
-        "csc": "class-specific contexts",
-        "class_position": "end, middle or front",
-    },
 )

@@ -61,7 +61,6 @@ linear warm-up epochs from 1e-5, cosine to a floor of 1e-6 (the engine's epoch s
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,7 +69,14 @@ from torch import Tensor, nn
 
 from awt_engine.backbone.devices import seeded_rng
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainableBase, TrainBatch, bounded
+from awt_engine.methods._epalm_scoring import GenerativeScoring, scoring_cost
+from awt_engine.methods.base import (
+    LossOutput,
+    MethodSpec,
+    TrainableBase,
+    TrainBatch,
+    option,
+)
 from awt_engine.methods.train_config import TrainConfig
 
 _ATTENTION = ("sdpa", "eager")  # mask formats the hooks extend (bool or additive 4-D)
@@ -78,18 +84,40 @@ _ATTENTION = ("sdpa", "eager")  # mask formats the hooks extend (bool or additiv
 
 @dataclass(frozen=True)
 class EPALMConfig:
-    llm: str = "facebook/opt-2.7b"  # eP-ALM's main LM (text_model in its scripts)
+    # eP-ALM's main LM (text_model in its scripts)
+    llm: str = option(
+        "facebook/opt-2.7b",
+        "the frozen causal LM: a hub id or a local folder (eP-ALM: facebook/opt-2.7b)",
+    )
     # start_layer_idx (ePALM_caption.yaml, OPT-2.7B's 32 layers)
-    start_layer: int = bounded(19, 0, 1024)
-    end_layer: int = bounded(31, 0, 1024)  # end_layer_idx, exclusive
-    n_levels: int = bounded(6, 1, 256)  # injected_hidden_states: [CLS] of the last 6 vision blocks
-    prompt_len: int = bounded(10, 1, 512)  # prompt_len (prompt_tuning: True)
-    question: str = "What is in the image?"  # the prefix before the class text ("": none)
-    lm_loss_weight: float = 0.1  # lm_loss_weight
-    prompt_lr: float = 1e-5  # optimizer.prompt_lr (the connectors use the main lr)
-    logit_scale: float = 100.0  # CLIP's: logits of the size AWT's temperatures expect
+    start_layer: int = option(
+        19, "first LM layer that gets the visual slot (eP-ALM: 19)", bounds=(0, 1024)
+    )
+    # end_layer_idx, exclusive
+    end_layer: int = option(
+        31, "LM layer after the last injection (exclusive; eP-ALM: 31)", bounds=(0, 1024)
+    )
+    # injected_hidden_states: [CLS] of the last 6 vision blocks
+    n_levels: int = option(
+        6, "vision blocks whose [CLS] is injected, one connector each (eP-ALM: 6)", bounds=(1, 256)
+    )
+    # prompt_len (prompt_tuning: True)
+    prompt_len: int = option(10, "soft prompt tokens (eP-ALM: 10)", bounds=(1, 512))
+    # the prefix before the class text ("": none)
+    question: str = option(
+        "What is in the image?",
+        "the text before the class text ('' for eP-ALM's captioning layout)",
+    )
+    # lm_loss_weight
+    lm_loss_weight: float = option(0.1, "weight of the causal-LM loss (eP-ALM: 0.1)")
+    # optimizer.prompt_lr (the connectors use the main lr)
+    prompt_lr: float = option(1e-5, "learning rate of the soft prompt (eP-ALM: 1e-5)")
+    # CLIP's: logits of the size AWT's temperatures expect
+    logit_scale: float = option(100.0, "logits = scale * exp(mean token log-prob) (CLIP's 100)")
     # 0: score every class; k: rank_answer's first-token shortlist
-    shortlist_k: int = bounded(0, 0, 1 << 20)
+    shortlist_k: int = option(
+        0, "score only the k classes likeliest by first token (0: all)", bounds=(0, 1 << 20)
+    )
 
     def __post_init__(self) -> None:
         for name in ("start_layer", "end_layer", "n_levels", "prompt_len", "shortlist_k"):
@@ -141,7 +169,7 @@ class _InjectionState:
         self.slot_pe: tuple[Tensor, Tensor] | None = None  # rotary cos/sin at position 0
 
 
-class EPALM(TrainableBase):
+class EPALM(GenerativeScoring, TrainableBase):
     method = "epalm"
     score_batch: int = 64  # (view, text) rows per LM call when scoring: bounds memory
     prefill_batch: int = 64  # views whose shared prefix (and its cache) is held at once
@@ -182,15 +210,15 @@ class EPALM(TrainableBase):
                 f"injection layers [{config.start_layer}, {config.end_layer}) do not fit "
                 f"{config.llm}'s {n_layers} layers (set start_layer / end_layer)"
             )
-        visual = getattr(backbone.model, "visual", None)
-        blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-        if blocks is None or not hasattr(visual, "forward_intermediates"):
-            raise ValueError("eP-ALM needs a CLIP whose vision tower is a ViT (open_clip)")
-        if config.n_levels > len(blocks):
+        try:
+            blocks = backbone.vision_blocks
+        except ValueError as e:
+            raise ValueError("eP-ALM needs a CLIP whose vision tower is a ViT (open_clip)") from e
+        if config.n_levels > len(blocks.blocks):
             raise ValueError(
-                f"n_levels {config.n_levels} > the vision tower's {len(blocks)} blocks"
+                f"n_levels {config.n_levels} > the vision tower's {len(blocks.blocks)} blocks"
             )
-        self.vision_width = int(visual.transformer.width)
+        self.vision_width = blocks.width
         self.hidden = int(lm.config.hidden_size)
         self.embed_width = int(lm.get_input_embeddings().embedding_dim)
         self.step = max(1, (config.end_layer - config.start_layer) // config.n_levels)
@@ -246,17 +274,9 @@ class EPALM(TrainableBase):
     def visual_levels(self, pixels: Tensor) -> Tensor:
         """[N, 3, R, R] -> the mapped [CLS] of the last ``n_levels`` blocks, shallowest
         first: [N, n_levels, hidden] (gradients to the connectors only)."""
-        visual = self.backbone.model.visual
         x = pixels.to(self.device, self.backbone.dtype)
-        with torch.no_grad():
-            out = visual.forward_intermediates(
-                x,
-                indices=self.config.n_levels,
-                output_extra_tokens=True,
-                normalize_intermediates=True,
-                intermediates_only=True,
-            )
-        cls = [t[:, 0].float() for t in out["image_intermediates_prefix"]]  # [N, W] each
+        levels = self.backbone.vision_intermediates(x, self.config.n_levels)
+        cls = [t.float() for t in levels]  # [N, W] each
         return torch.stack([c(t) for c, t in zip(self.connectors, cls, strict=True)], dim=1)
 
     # -- the hooks ------------------------------------------------------------------------
@@ -432,107 +452,6 @@ class EPALM(TrainableBase):
         sim = (total / count).exp()  # (0, 1]; -inf (unscored) -> 0
         return (self.logit_scale * sim).view(B, V, labels.n_classes, labels.n_prompts)
 
-    def score_texts(
-        self,
-        levels: Tensor,
-        texts: list[list[int]],
-        n_prompts: int = 1,
-        prefix_cache: bool = True,
-        k: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        """(summed log-probabilities [N, T], token counts [T]) of every text (class-major,
-        ``n_prompts`` per class) given every row of ``levels``; the texts of classes left
-        out by a shortlist of ``k`` classes get -inf."""
-        N, T = levels.shape[0], len(texts)
-        P, C = n_prompts, len(texts) // n_prompts
-        lengths = torch.tensor([len(t) for t in texts], device=self.device, dtype=torch.float)
-        total = torch.full((N, T), float("-inf"), device=self.device)
-        if not prefix_cache and not 0 < k < C:
-            self._whole(levels, texts, *_grid(N, T, self.device), total)
-            return total, lengths
-        common = _common_prefix(texts)
-        rest = [t[common:] for t in texts]  # each >= 1 token
-        prefix = self.question_ids + texts[0][:common]
-        for a in range(0, N, self.prefill_batch):  # the cache of these rows' prefixes at once
-            rows, block = levels[a : a + self.prefill_batch], total[a : a + self.prefill_batch]
-            head, first, past = self._prefill(rows, prefix, common)
-            first_lp = first[:, [t[0] for t in rest]]  # [n, T] first distinguishing token
-            n = rows.shape[0]
-            if 0 < k < C:  # k classes per view, by their best first token; all their prompts
-                best = first_lp.view(n, C, P).amax(-1).topk(k, dim=1).indices  # [n, k]
-                ti = (best.unsqueeze(-1) * P + torch.arange(P, device=self.device)).reshape(-1)
-                vi = torch.arange(n, device=self.device).repeat_interleave(k * P)
-            else:
-                vi, ti = _grid(n, T, self.device)
-            if not prefix_cache:  # the shortlist only; then whole sequences
-                self._whole(rows, texts, vi, ti, block)
-                continue
-            start = len(prefix) + self.config.prompt_len
-            tail = torch.zeros(vi.shape[0], device=self.device)
-            for s in range(0, vi.shape[0], self.score_batch):
-                v, t = vi[s : s + self.score_batch], ti[s : s + self.score_batch]
-                seqs = [rest[j] for j in t.tolist()]
-                if max(len(x) for x in seqs) > 1:
-                    tail[s : s + v.shape[0]] = self._continue(rows, past, v, seqs, start)
-            block[vi, ti] = head[vi] + first_lp[vi, ti] + tail
-        return total, lengths
-
-    def _whole(self, levels, texts, vi: Tensor, ti: Tensor, total: Tensor) -> None:
-        for s in range(0, vi.shape[0], self.score_batch):
-            v, t = vi[s : s + self.score_batch], ti[s : s + self.score_batch]
-            logp, _ = self.text_logprobs(levels[v], [texts[j] for j in t.tolist()])
-            total[v, t] = logp
-
-    def _prefill(self, levels: Tensor, prefix: list[int], common: int):
-        """One pass over ``[prompt] prefix`` per row: (log-prob of the ``common`` text
-        tokens at the prefix's end [N], log-probs of the next token [N, vocab], cache)."""
-        from transformers import DynamicCache
-
-        N = levels.shape[0]
-        ids = torch.tensor([prefix], dtype=torch.long, device=self.device).expand(N, -1)
-        emb = self._embed(ids, prompt=True)
-        past = DynamicCache()
-        with self._injecting("full", levels):
-            out = self.llm.model(
-                inputs_embeds=emb,
-                position_ids=self._positions(0, emb.shape[1], True),
-                past_key_values=past,
-                use_cache=True,
-                logits_to_keep=common + 1,
-            )
-        logp = out.logits.float().log_softmax(-1)  # [N, common + 1, vocab]
-        head = torch.zeros(N, device=self.device)
-        if common:
-            target = ids[:, len(prefix) - common :]
-            head = logp[:, :-1].gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
-        return head, logp[:, -1], out.past_key_values
-
-    def _continue(self, levels, past, rows: Tensor, seqs: list[list[int]], start: int) -> Tensor:
-        """Summed log-probs of tokens 1.. of each of ``seqs``, continuing the cached
-        prefix of view ``rows[i]`` (its K/V gathered per row; input rows from ``start``)."""
-        from transformers import DynamicCache
-
-        for layer in past.layers:
-            if getattr(layer, "is_sliding", False):
-                raise RuntimeError("sliding-window caches are not supported")
-        cache = DynamicCache(
-            ddp_cache_data=[(ly.keys[rows], ly.values[rows]) for ly in past.layers]
-        )
-        lengths = torch.tensor([len(x) for x in seqs], device=self.device)
-        ids = self._pad(seqs)  # [n, L], right-padded (causal: pads never reach real tokens)
-        inputs = ids[:, :-1]
-        with self._injecting("continue", levels[rows]):
-            out = self.llm.model(
-                inputs_embeds=self._embed(inputs, prompt=False),
-                position_ids=self._positions(start, inputs.shape[1], False),
-                past_key_values=cache,
-                use_cache=True,
-            )
-        logp = out.logits.float().log_softmax(-1)  # predicts tokens 1..L-1
-        tok = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        keep = torch.arange(1, ids.shape[1], device=self.device)[None] < lengths[:, None]
-        return (tok * keep).sum(-1)
-
 
 def _with_slot(mask: Tensor, full: bool) -> Tensor:
     """A 4-D mask (bool: True attends; or additive) with a key column for the visual
@@ -549,44 +468,6 @@ def _with_slot(mask: Tensor, full: bool) -> Tensor:
     return mask
 
 
-def _common_prefix(texts: list[list[int]]) -> int:
-    """Tokens every text starts with, leaving each at least one of its own."""
-    n = min(len(t) for t in texts) - 1
-    first = texts[0]
-    for i in range(max(n, 0)):
-        if any(t[i] != first[i] for t in texts):
-            return i
-    return max(n, 0)
-
-
-def _grid(N: int, T: int, device) -> tuple[Tensor, Tensor]:
-    return (
-        torch.arange(N, device=device).repeat_interleave(T),
-        torch.arange(T, device=device).repeat(N),
-    )
-
-
-def scoring_cost(model: EPALM, views: Tensor, labels: LabelSet, repeats: int = 1) -> dict:
-    """Seconds per :meth:`EPALM.logits` call with and without the shared-prefix cache
-    (best of ``repeats``), and the largest difference of their logits."""
-    out, secs = {}, {}
-    with torch.inference_mode():
-        for cached in (True, False):
-            best = float("inf")
-            for _ in range(max(1, repeats)):
-                t0 = time.perf_counter()
-                out[cached] = model.logits(views, labels, use_prefix_cache=cached)
-                if out[cached].is_cuda:
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-            secs[cached] = best
-    return {
-        "prefix_cache_s": secs[True],
-        "whole_sequences_s": secs[False],
-        "max_abs_diff": float((out[True] - out[False]).abs().max()),
-    }
-
-
 METHOD = MethodSpec(
     name="epalm",
     summary="eP-ALM: a frozen causal LM reading CLIP's [CLS] tokens; generative scores",
@@ -595,16 +476,7 @@ METHOD = MethodSpec(
     train_defaults=epalm_train_defaults,
     paper="Shukor et al., eP-ALM: Efficient Perceptual Augmentation of Language Models, ICCV 2023",
     needs=("llm",),
-    options={
-        "llm": "the frozen causal LM: a hub id or a local folder (eP-ALM: facebook/opt-2.7b)",
-        "start_layer": "first LM layer that gets the visual slot (eP-ALM: 19)",
-        "end_layer": "LM layer after the last injection (exclusive; eP-ALM: 31)",
-        "n_levels": "vision blocks whose [CLS] is injected, one connector each (eP-ALM: 6)",
-        "prompt_len": "soft prompt tokens (eP-ALM: 10)",
-        "question": "the text before the class text ('' for eP-ALM's captioning layout)",
-        "lm_loss_weight": "weight of the causal-LM loss (eP-ALM: 0.1)",
-        "prompt_lr": "learning rate of the soft prompt (eP-ALM: 1e-5)",
-        "logit_scale": "logits = scale * exp(mean token log-prob) (CLIP's 100)",
-        "shortlist_k": "score only the k classes likeliest by first token (0: all)",
-    },
 )
+
+
+__all__ = ["EPALM", "METHOD", "EPALMConfig", "epalm_train_defaults", "scoring_cost"]

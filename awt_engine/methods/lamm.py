@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from awt_engine.labels import LabelSet
-from awt_engine.methods.base import LossOutput, MethodSpec, TrainBatch
+from awt_engine.methods.base import LossOutput, MethodSpec, TrainBatch, option
 from awt_engine.methods.coop import PromptLearner
 from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.clip_text import PromptBatch
@@ -49,15 +49,24 @@ from awt_engine.registry import display_name
 
 @dataclass(frozen=True)
 class LAMMConfig:
-    ctx_init: str = "a photo of a"  # LAMM's ctxv1 config
-    learn_ctx: bool = False  # False: pure LAMM (--origin-clip); True: CoOp + LAMM
-    random_init: bool = False  # labels from N(0, 0.02) instead of the word embeddings
-    hierarchical: bool = True  # LAMM's --triplet-loss (its released scripts all use it)
-    param_weight: float = 1.0  # 1/shots with shots = 1 in the few-shot script (see above)
-    feature_weight: float = 1.0  # LAMM trainers/coop.py
-    logit_weight: float = 0.05  # LAMM trainers/coop.py
-    temperature: float = 2.0  # LAMM helpers.distillation
-    logit_loss: str = "kl"  # "kl": the paper's term; "ce": the code's soft-target CE
+    # LAMM's ctxv1 config
+    ctx_init: str = option("a photo of a", "context phrase")
+    # False: pure LAMM (--origin-clip); True: CoOp + LAMM
+    learn_ctx: bool = option(False, "also learn the context (CoOp + LAMM)")
+    # labels from N(0, 0.02) instead of the word embeddings
+    random_init: bool = option(False, "labels from N(0, 0.02)")
+    # LAMM's --triplet-loss (its released scripts all use it)
+    hierarchical: bool = option(True, "the hierarchical loss (parameter, feature, logit terms)")
+    # 1/shots with shots = 1 in the few-shot script (see above)
+    param_weight: float = option(1.0, "parameter-space term weight")
+    # LAMM trainers/coop.py
+    feature_weight: float = option(1.0, "feature-space term weight")
+    # LAMM trainers/coop.py
+    logit_weight: float = option(0.05, "logit-space term weight")
+    # LAMM helpers.distillation
+    temperature: float = option(2.0, "logit distillation temperature")
+    # "kl": the paper's term; "ce": the code's soft-target CE
+    logit_loss: str = option("kl", "kl (the paper) or ce (the released code)")
 
     def __post_init__(self) -> None:
         if not self.ctx_init.strip():
@@ -176,15 +185,4 @@ METHOD = MethodSpec(
     model=LAMM,
     train_defaults=lamm_train_defaults,
     paper="Gao et al., LAMM: Label Alignment for Multi-Modal Prompt Learning, AAAI 2024",
-    options={
-        "ctx_init": "context phrase",
-        "learn_ctx": "also learn the context (CoOp + LAMM)",
-        "random_init": "labels from N(0, 0.02)",
-        "hierarchical": "the hierarchical loss (parameter, feature, logit terms)",
-        "param_weight": "parameter-space term weight",
-        "feature_weight": "feature-space term weight",
-        "logit_weight": "logit-space term weight",
-        "temperature": "logit distillation temperature",
-        "logit_loss": "kl (the paper) or ce (the released code)",
-    },
 )

@@ -4,7 +4,7 @@ Prompt-learning methods (CoOp, LAMM, LLaMP's first layer) replace some token
 embeddings of a prompt with learned vectors and run the frozen text transformer
 unchanged. Here that is done the least fragile way: token ids are built with an
 ordinary placeholder token at every learned position (so open_clip's pooling still
-finds the end-of-text token), and a forward hook on the tower's ``token_embedding``
+finds the end-of-text token), and a forward hook on the tower's token embedding table
 replaces those rows with the learned values for one call. The model's own
 ``encode_text`` then runs as it is, whatever its mask, pooling or projection.
 
@@ -45,17 +45,15 @@ class ClipTextTower:
 
     def __init__(self, backbone):
         self.backbone = backbone
-        model = backbone.model
-        tower = model if hasattr(model, "token_embedding") else getattr(model, "text", None)
-        emb = getattr(tower, "token_embedding", None)
+        emb = backbone.text_token_embedding
         tok = backbone._tokenizer
-        if not isinstance(emb, torch.nn.Embedding) or not hasattr(tok, "encode"):
+        if emb is None or not hasattr(tok, "encode"):
             raise ValueError(
                 f"{backbone.identity}: prompt learning needs open_clip's own text transformer "
-                "(a token_embedding table) and CLIP's BPE tokenizer; this model has "
-                f"{type(tower).__name__} with {type(tok).__name__}"
+                "(a token embedding table) and CLIP's BPE tokenizer; this model has "
+                f"{type(backbone.text_tower).__name__} with {type(tok).__name__}"
             )
-        self.token_embedding = emb
+        self.embedding = emb
         self.tokenizer = tok
         self.width = emb.embedding_dim  # W
         self.context_length = int(tok.context_length)  # L
@@ -70,10 +68,8 @@ class ClipTextTower:
     def word_embeddings(self, ids: Sequence[int]) -> Tensor:
         """The frozen token embeddings of ``ids``: [len(ids), W]."""
         with torch.no_grad():
-            idx = torch.tensor(
-                list(ids), dtype=torch.long, device=self.token_embedding.weight.device
-            )
-            return self.token_embedding(idx).float().clone()
+            idx = torch.tensor(list(ids), dtype=torch.long, device=self.embedding.weight.device)
+            return self.embedding(idx).float().clone()
 
     def batch(self, prompts: Sequence[Sequence[str | tuple[str, int] | list[int]]]) -> PromptBatch:
         """Token ids for prompts given as pieces: a string is text, ``(name, n)`` is n slot
@@ -131,11 +127,11 @@ class ClipTextTower:
                 out[slot.rows.to(device), slot.cols.to(device)] = values.to(out.dtype)
             return out
 
-        handle = self.token_embedding.register_forward_hook(splice)
+        handle = self.embedding.register_forward_hook(splice)
         try:
             ctx = torch.enable_grad() if grad and torch.is_grad_enabled() else torch.no_grad()
             with ctx:
-                feats = self.backbone.model.encode_text(batch.ids.to(device))  # [N, D]
+                feats = self.backbone.text_forward(batch.ids.to(device))  # [N, D]
         finally:
             handle.remove()
         return F.normalize(feats.float(), dim=-1)

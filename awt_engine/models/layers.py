@@ -4,8 +4,8 @@
   output (AWT's multimodal adapter). ``up`` starts at zero, so an attached adapter
   starts as the identity and the tower as the frozen one.
 * :class:`BranchAdapters`: one adapter per attention and per MLP branch of every
-  residual block of a tower, attached by forward hooks on open_clip's ``ls_1`` /
-  ``ls_2`` modules (Identity or LayerScale: the branch outputs). The tower's own
+  residual block of a tower, attached by forward hooks on the branch-output modules the
+  backbone exposes (:class:`~awt_engine.backbone.model.TowerBlocks`). The tower's own
   parameters and state dict are untouched; :meth:`BranchAdapters.disabled` runs the
   frozen tower (for regularisers towards it), :meth:`BranchAdapters.active` switches
   them on or off for one block (a method whose backbone is shared keeps them off outside
@@ -54,24 +54,18 @@ class BottleneckAdapter(nn.Module):
         return (self.up(h) * self.scale).to(x.dtype)
 
 
-def residual_blocks(tower: nn.Module) -> list[nn.Module]:
-    """The residual blocks of an open_clip tower (text transformer or ViT), in order."""
-    transformer = getattr(tower, "transformer", None)
-    blocks = getattr(transformer, "resblocks", None)
-    if blocks is None or not all(hasattr(b, "ls_1") and hasattr(b, "ls_2") for b in blocks):
-        raise ValueError(
-            f"{type(tower).__name__} has no open_clip residual blocks (transformer.resblocks with "
-            "ls_1/ls_2 branches): adapters need open_clip's own transformer"
-        )
-    return list(blocks)
-
-
 class BranchAdapters(nn.Module):
-    """Adapters on the attention and MLP branch of every residual block of a tower."""
+    """Adapters on the attention and MLP branch of every residual block of a tower.
+
+    ``tower``: the tower's blocks as the backbone exposes them
+    (:attr:`~awt_engine.backbone.model.ClipBackbone.vision_blocks` / ``text_blocks``):
+    ``.branches`` (per block, the modules whose outputs are its attention and MLP branch
+    outputs) and ``.width``.
+    """
 
     def __init__(
         self,
-        tower: nn.Module,
+        tower,
         down_rate: int,
         *,
         learn_scale: bool = True,
@@ -80,18 +74,18 @@ class BranchAdapters(nn.Module):
         super().__init__()
         if isinstance(down_rate, bool) or not isinstance(down_rate, int) or down_rate < 1:
             raise ValueError(f"down_rate must be a whole number >= 1, got {down_rate!r}")
-        blocks = residual_blocks(tower)
-        width = blocks[0].ln_1.normalized_shape[0]  # the real width, from the model
+        branches = tower.branches
+        width = tower.width  # the real width, from the model
         hidden = max(1, width // down_rate)  # AWT: d // Down_Rate (guarded for tiny towers)
-        self.width, self.hidden, self.depth = width, hidden, len(blocks)
+        self.width, self.hidden, self.depth = width, hidden, len(branches)
         kw = {"learn_scale": learn_scale, "generator": generator}
-        self.attn = nn.ModuleList(BottleneckAdapter(width, hidden, **kw) for _ in blocks)
-        self.mlp = nn.ModuleList(BottleneckAdapter(width, hidden, **kw) for _ in blocks)
+        self.attn = nn.ModuleList(BottleneckAdapter(width, hidden, **kw) for _ in branches)
+        self.mlp = nn.ModuleList(BottleneckAdapter(width, hidden, **kw) for _ in branches)
         self.enabled = True
         self._handles = []
-        for block, a, m in zip(blocks, self.attn, self.mlp, strict=True):
-            self._handles.append(block.ls_1.register_forward_hook(self._hook(a)))
-            self._handles.append(block.ls_2.register_forward_hook(self._hook(m)))
+        for (attn_out, mlp_out), a, m in zip(branches, self.attn, self.mlp, strict=True):
+            self._handles.append(attn_out.register_forward_hook(self._hook(a)))
+            self._handles.append(mlp_out.register_forward_hook(self._hook(m)))
 
     def _hook(self, adapter: BottleneckAdapter):
         def add(module, inputs, output):
