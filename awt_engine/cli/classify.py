@@ -129,20 +129,7 @@ def classify(
     # Everything that needs no model is checked first: a typo is answered at once.
     (scorer_name,) = _one_scorer(scorer, method)
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
-    to_stdout = output is not None and str(output) == "-"
-    if output is not None and not to_stdout and output.suffix.lower() not in OUTPUT_FORMATS:
-        raise fail(
-            f"--output {output}: unknown format {output.suffix or '(none)'!r}; use a "
-            f"file ending in {' or '.join(OUTPUT_FORMATS)}, or - for JSONL on stdout"
-        )
-    if output is not None and output.suffix.lower() == ".parquet":
-        import importlib.util
-
-        if importlib.util.find_spec("pyarrow") is None:
-            raise fail(
-                f"--output {output}: Parquet output needs pyarrow: uv sync --extra ray (or "
-                "pip install pyarrow)"
-            )
+    to_stdout = _check_output(output)
     if classes is None and dataset is None and checkpoint is None:
         raise fail("say what the classes are: --dataset NAME, --classes LIST or --checkpoint")
     budget = parse_size(memory_budget) if memory_budget else None
@@ -185,6 +172,25 @@ def classify(
         total=None if remote else len(paths),
     )
     _write_predictions(predictions, unreadable, output, to_stdout)
+
+
+def _check_output(output: Path | None) -> bool:
+    """Whether --output is '-' (JSONL on stdout); a usage error for a format it cannot write."""
+    to_stdout = output is not None and str(output) == "-"
+    if output is not None and not to_stdout and output.suffix.lower() not in OUTPUT_FORMATS:
+        raise fail(
+            f"--output {output}: unknown format {output.suffix or '(none)'!r}; use a "
+            f"file ending in {' or '.join(OUTPUT_FORMATS)}, or - for JSONL on stdout"
+        )
+    if output is not None and output.suffix.lower() == ".parquet":
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            raise fail(
+                f"--output {output}: Parquet output needs pyarrow: uv sync --extra ray (or "
+                "pip install pyarrow)"
+            )
+    return to_stdout
 
 
 def _write_predictions(predictions, unreadable, output, to_stdout) -> None:
