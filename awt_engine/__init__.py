@@ -25,6 +25,10 @@ _EXPORTS = {
     "list_scorers": "awt_engine.scorers",
     "ViewConfig": "awt_engine.inputs",
     "awt_scores": "awt_engine.scoring",
+    "evaluate_base_to_new": "awt_engine.protocols",
+    "BaseToNewResult": "awt_engine.protocols",
+    "ModelSource": "awt_engine.dispatch",
+    "RayOptions": "awt_engine.dispatch",
 }
 
 

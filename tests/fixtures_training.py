@@ -54,3 +54,20 @@ def make_toy_task(
 @pytest.fixture(scope="session")
 def toy_task(tmp_path_factory) -> ToyTask:
     return make_toy_task(tmp_path_factory.mktemp("toy-task"))
+
+
+# The one trained checkpoint the tests share: CoOp, one shot, one epoch on the toy task.
+COOP_SETTINGS = dict(shots=1, seed=1, device="cpu", epochs=1, batch_size=4, options={"n_ctx": "4"})
+
+
+@pytest.fixture(scope="session")
+def coop_checkpoint(toy_task, train_clip_dir, tmp_path_factory) -> Path:
+    """A CoOp checkpoint trained once per session on :func:`toy_task` with
+    ``train_clip_dir`` (:data:`COOP_SETTINGS`). Read-only: a test that damages or edits
+    one works on a copy."""
+    from awt_engine.training import train
+
+    out = tmp_path_factory.mktemp("coop-checkpoint") / "coop.safetensors"
+    train("coop", data_root=toy_task.root, output=out, model=train_clip_dir, **COOP_SETTINGS)
+    out.chmod(0o444)
+    return out

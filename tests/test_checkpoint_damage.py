@@ -18,27 +18,14 @@ from typer.testing import CliRunner
 from awt_engine._tensorfile import DamagedEntry, load_tensors, read_header, save_tensors
 from awt_engine.checkpoints import load_state, read_checkpoint, save_state
 from awt_engine.cli import app
-from awt_engine.training import CheckpointError, load_trained, train
+from awt_engine.training import CheckpointError, load_trained
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained(toy_task, train_clip_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "coop.safetensors"
-    train(
-        "coop",
-        data_root=toy_task.root,
-        output=out,
-        shots=1,
-        seed=1,
-        model=train_clip_dir,
-        device="cpu",
-        epochs=1,
-        batch_size=4,
-        options={"n_ctx": "4"},
-    )
-    return out
+def trained(coop_checkpoint):
+    return coop_checkpoint
 
 
 def _layout(data: bytes) -> tuple[int, dict]:

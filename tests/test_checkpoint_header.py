@@ -26,27 +26,14 @@ from awt_engine.checkpoints import HEADER_KEY, read_checkpoint
 from awt_engine.cli import app
 from awt_engine.methods import get_method, list_methods
 from awt_engine.methods.base import TrainableBase, check_config, check_values
-from awt_engine.training import CheckpointError, apply_options, load_trained, train
+from awt_engine.training import CheckpointError, apply_options, load_trained
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def trained(toy_task, train_clip_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ckpt") / "coop.safetensors"
-    train(
-        "coop",
-        data_root=toy_task.root,
-        output=out,
-        shots=1,
-        seed=1,
-        model=train_clip_dir,
-        device="cpu",
-        epochs=1,
-        batch_size=4,
-        options={"n_ctx": "4"},
-    )
-    return out
+def trained(coop_checkpoint):
+    return coop_checkpoint
 
 
 @pytest.fixture

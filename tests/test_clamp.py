@@ -361,7 +361,9 @@ def test_train_from_a_captions_file_through_the_cli(toy_task, train_clip_dir, cl
     header, _ = read_checkpoint(out)
     assert header["data"]["images"] == 11 and "10 distinct captions" in header["data"]["source"]
     assert header["method_config"]["captions"] == str(path.resolve())
-    assert all(math.isfinite(x["total"]) for x in header["losses"]) and len(header["losses"]) == 2
+    losses = [x["total"] for x in header["losses"]]  # per-epoch means
+    assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses), losses
+    assert f"loss {losses[0]:.4f} -> {losses[1]:.4f}" in res.stdout  # the run's own line
     coop = ["train", "--method", "coop", "--data-root", str(toy_task.root), "--model"]
     coop += [train_clip_dir, "--output", str(tmp_path / "coop.safetensors")]
     res = runner.invoke(app, [*coop, "--captions", str(path), "--device", "cpu"])

@@ -596,7 +596,10 @@ def test_the_default_share_of_gpu_memory_is_documented_and_settable(stub_vllm):
 def test_vllm_refuses_devices_it_cannot_use_before_loading(stub_vllm, tmp_path, device):
     result = runner.invoke(app, vllm_args(tmp_path, "--device", device))
     assert result.exit_code == 2
-    assert f"--device {device}" in result.stderr or f"--device {device!r}" in result.stderr
+    if device.split(":")[0] in ("cpu", "mps"):  # a real device, not a GPU
+        assert f"--device {device}: the vllm backend runs on CUDA GPUs only" in result.stderr
+    else:  # not a device name at all
+        assert f"--device {device!r}: the vllm backend takes cuda or cuda:N" in result.stderr
     assert RecordingLLM.seen == []  # refused before any engine started
     if device.startswith(("cpu", "mps")):
         assert "CUDA GPUs only" in result.stderr and "--backend transformers" in result.stderr

@@ -87,27 +87,13 @@ def test_rows_equal_the_local_run_bit_for_bit(
 
 
 def test_cli_classify_ray_parquet_with_a_trained_checkpoint(
-    local_ray, toy_task, train_clip_dir, tmp_path, folder
+    local_ray, toy_task, coop_checkpoint, tmp_path, folder
 ):
     """A trained CoOp checkpoint on the actor pool, through the CLI, into Parquet: the
     rows in input order, the broken file an error row, exit 1 (as locally)."""
     import pyarrow.parquet as pq
 
-    from awt_engine.training import train
-
-    ckpt = tmp_path / "coop.safetensors"
-    train(
-        "coop",
-        data_root=toy_task.root,
-        output=ckpt,
-        shots=1,
-        seed=1,
-        model=train_clip_dir,
-        device="cpu",
-        epochs=1,
-        batch_size=4,
-        options={"n_ctx": "4"},
-    )
+    ckpt = coop_checkpoint
     out = tmp_path / "preds.parquet"
     res = CliRunner().invoke(
         app,

@@ -96,22 +96,8 @@ def test_scorers_without_a_plan_are_refused():
         assert exp.prediction.plan.shape == (51, 3)
 
 
-def test_cli_explain_and_a_trained_checkpoint(tmp_path, toy_task, train_clip_dir):
-    from awt_engine.training import train
-
-    out = tmp_path / "coop.safetensors"
-    train(
-        "coop",
-        data_root=toy_task.root,
-        output=out,
-        shots=1,
-        seed=1,
-        model=train_clip_dir,
-        device="cpu",
-        epochs=1,
-        batch_size=4,
-        options={"n_ctx": "4"},
-    )
+def test_cli_explain_and_a_trained_checkpoint(tmp_path, toy_task, coop_checkpoint):
+    out = coop_checkpoint
     image = next((toy_task.root / "test").rglob("*.png"))
     runner = CliRunner()
     res = runner.invoke(

@@ -173,6 +173,22 @@ def weights_arg(pretrained: str | None, checkpoint: Path | None = None) -> str |
 # --------------------------------------------------------------------------------------
 # Scorers and their hyper-parameters (classify, eval, explain)
 
+
+def scorer_help(prefix: str = "", default: str = "awt") -> str:
+    """The --scorer help: the registry's scorer names (AWT first), then the default."""
+    from awt_engine.scorers import list_scorers  # names only: imports no torch
+
+    return f"{prefix}{', '.join(list_scorers())} [default: {default}]."
+
+
+def transport_scorer_help() -> str:
+    """The scorers with an AWT transport plan (explain's choices), from the registry."""
+    from awt_engine.scorers import get_scorer, list_scorers
+
+    names = [n for n in list_scorers() if get_scorer(n).awt is not None]
+    return f"{', '.join(names[:-1])} or {names[-1]}." if len(names) > 1 else f"{names[0]}."
+
+
 Eps = Annotated[
     float | None,
     typer.Option(help="Sinkhorn entropic regularisation eps [default: 0.1, the AWT paper's]."),

@@ -217,43 +217,7 @@ def import_(
                 f"{target} already exists; use --force to replace it (the old file is kept as "
                 "a dated .bak beside it)"
             )
-        source = load_descriptions(file)
-        info = None
-        try:
-            info = get_dataset(dataset)
-        except (ValueError, ImportError, KeyError):
-            info = None  # not a registered data set: the file's own class order is used
-        classes = info.classes if info is not None and info.classes else None
-        try:
-            ds = from_plain(
-                source.descriptions,
-                dataset,
-                template=template or source.template or (info.template if info else None),
-                dataset_description=dataset_description
-                or source.dataset_description
-                or (info.description if info else None),
-                classes=classes if classes is not None else source.classes,
-            )
-        except ValueError as e:
-            raise ValueError(f"{file}: {e}") from None
-        provenance = dict(source.provenance)
-        provenance.update(
-            {
-                "source": "import",
-                "file": str(file),
-                "sha256": file_sha256(file),
-                "imported": utc_now(),
-            }
-        )
-        ds = DescriptionSet(
-            dataset=ds.dataset,
-            classes=ds.classes,
-            descriptions=ds.descriptions,
-            template=ds.template,
-            dataset_description=ds.dataset_description,
-            questions=source.questions,
-            provenance=provenance,
-        )
+        ds, info = _imported_set(file, dataset, template, dataset_description)
         backup = None
         with locked(target):  # a describe run on this cache merges under the same lock
             if target.exists():
@@ -263,6 +227,48 @@ def import_(
             save_descriptions(ds, target)
     except (ValueError, FileNotFoundError, CacheLockTimeout) as e:
         raise fail(str(e)) from None
+    _say_imported(file, dataset, ds, target, backup, registered=info is not None)
+
+
+def _imported_set(file: Path, dataset: str, template, dataset_description):
+    """The DescriptionSet a file imports as ``dataset`` (in the registry's label order for a
+    registered data set), and the registry entry (None: not registered)."""
+    source = load_descriptions(file)
+    try:
+        info = get_dataset(dataset)
+    except (ValueError, ImportError, KeyError):
+        info = None  # not a registered data set: the file's own class order is used
+    classes = info.classes if info is not None and info.classes else None
+    try:
+        ds = from_plain(
+            source.descriptions,
+            dataset,
+            template=template or source.template or (info.template if info else None),
+            dataset_description=dataset_description
+            or source.dataset_description
+            or (info.description if info else None),
+            classes=classes if classes is not None else source.classes,
+        )
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    provenance = dict(source.provenance)
+    provenance.update(
+        {"source": "import", "file": str(file), "sha256": file_sha256(file), "imported": utc_now()}
+    )
+    imported = DescriptionSet(
+        dataset=ds.dataset,
+        classes=ds.classes,
+        descriptions=ds.descriptions,
+        template=ds.template,
+        dataset_description=ds.dataset_description,
+        questions=source.questions,
+        provenance=provenance,
+    )
+    return imported, info
+
+
+def _say_imported(file, dataset, ds, target, backup, *, registered: bool) -> None:
+    """The import's summary on stdout, and notes on what it kept or lacks."""
     s = ds.count_summary()
     missing = [c for c, n in ds.counts().items() if n == 0]
     typer.echo(
@@ -272,7 +278,7 @@ def import_(
     )
     if backup is not None:
         typer.echo(f"note: the previous cache was kept as {backup}", err=True)
-    if info is None:
+    if not registered:
         typer.echo(
             f"note: {dataset!r} is not a registered data set; label order is the file's", err=True
         )

@@ -47,6 +47,7 @@ from awt_engine.cli._common import (
     awt_config,
     fail,
     parse_size,
+    scorer_help,
     scorer_names,
     usage_errors,
     weights_arg,
@@ -81,7 +82,7 @@ def classify(
         typer.Option(
             "--scorer",
             "-s",
-            help="awt, clip, clip-descriptions, awt-uniform, awt-no-transport [default: awt].",
+            help=scorer_help(),
         ),
     ] = None,
     method: MethodAlias = None,
@@ -128,6 +129,53 @@ def classify(
     # Everything that needs no model is checked first: a typo is answered at once.
     (scorer_name,) = _one_scorer(scorer, method)
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
+    to_stdout = _check_output(output)
+    if classes is None and dataset is None and checkpoint is None:
+        raise fail("say what the classes are: --dataset NAME, --classes LIST or --checkpoint")
+    budget = parse_size(memory_budget) if memory_budget else None
+    use_ray = ray or ray_address is not None
+    remote = [i for i in inputs if use_ray and _is_uri(i)]
+    found = (
+        find_images([i for i in inputs if i not in remote]) if len(remote) < len(inputs) else None
+    )
+    paths = found.images if found else []
+    unreadable = found.unreadable if found else []
+
+    from awt_engine.dispatch import ModelSource, RayOptions, classify_stream
+
+    source = ModelSource(
+        model, weights_arg(pretrained, checkpoint), checkpoint, llm, device, precision
+    )
+    options = dict(
+        dataset=dataset,
+        classes=classes,
+        template=template,
+        descriptions=descriptions,
+        views=views,
+        frames=frames,
+        seed=seed,
+        scorer=scorer_name,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        workers=workers,
+        shortlist=shortlist,
+        memory_budget=budget,
+        awt_config=config,
+    )
+    predictions = classify_stream(
+        [*map(str, paths), *remote] if use_ray else paths,
+        source,
+        options,
+        top_k=top_k,
+        ray=RayOptions(ray_address, concurrency, num_gpus) if use_ray else None,
+        progress=progress,
+        total=None if remote else len(paths),
+    )
+    _write_predictions(predictions, unreadable, output, to_stdout)
+
+
+def _check_output(output: Path | None) -> bool:
+    """Whether --output is '-' (JSONL on stdout); a usage error for a format it cannot write."""
     to_stdout = output is not None and str(output) == "-"
     if output is not None and not to_stdout and output.suffix.lower() not in OUTPUT_FORMATS:
         raise fail(
@@ -142,55 +190,13 @@ def classify(
                 f"--output {output}: Parquet output needs pyarrow: uv sync --extra ray (or "
                 "pip install pyarrow)"
             )
-    if classes is None and dataset is None and checkpoint is None:
-        raise fail("say what the classes are: --dataset NAME, --classes LIST or --checkpoint")
-    budget = parse_size(memory_budget) if memory_budget else None
-    use_ray = ray or ray_address is not None
-    remote = [i for i in inputs if use_ray and _is_uri(i)]
-    found = (
-        find_images([i for i in inputs if i not in remote]) if len(remote) < len(inputs) else None
-    )
-    paths = found.images if found else []
-    unreadable = found.unreadable if found else []
+    return to_stdout
 
-    from awt_engine.classifier import Prediction, create_classifier
 
-    settings = dict(
-        pretrained=weights_arg(pretrained, checkpoint),
-        checkpoint=checkpoint,
-        llm=llm,
-        dataset=dataset,
-        classes=classes,
-        template=template,
-        descriptions=descriptions,
-        views=views,
-        frames=frames,
-        seed=seed,
-        scorer=scorer_name,
-        device=device,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        workers=workers,
-        precision=precision,
-        shortlist=shortlist,
-        memory_budget=budget,
-        awt_config=config,
-    )
-    if use_ray:
-        predictions = _ray_predictions(
-            [*map(str, paths), *remote],
-            model,
-            settings,
-            top_k,
-            ray_address,
-            concurrency,
-            num_gpus,
-            progress,
-            None if remote else len(paths),
-        )
-    else:
-        clf = create_classifier(model, **settings, progress=progress)
-        predictions = clf.classify(paths, top_k=top_k, progress=progress, total=len(paths))
+def _write_predictions(predictions, unreadable, output, to_stdout) -> None:
+    """Each row to --output (and its line to stdout or stderr), then the exit code."""
+    from awt_engine.classifier import Prediction
+
     n_failed = n_inputs = 0
     with _Writer(output) as writer:
         for folder in unreadable:  # an error row each, as for an unreadable file
@@ -238,29 +244,6 @@ def _finite_or_error(pred):
 
 def _is_uri(text: str) -> bool:
     return bool(_URI.match(text))
-
-
-def _ray_predictions(
-    inputs, model, settings, top_k, address, concurrency, num_gpus, progress, total
-):
-    """The predictions of a Ray Data actor pool, in input order, as a local run yields them."""
-    from awt_engine import distributed
-    from awt_engine._progress import progress_bar
-
-    distributed.init(address)
-    ds = distributed.classify_dataset(
-        inputs,
-        model=model,
-        **settings,
-        top_k=top_k,
-        concurrency=concurrency,
-        num_gpus=num_gpus,
-        preserve_order=True,
-    )
-    with progress_bar(total, progress, desc="classify (ray)") as bar:
-        for pred in distributed.iter_predictions(ds.iter_rows()):
-            bar.update(1)
-            yield pred
 
 
 def _one_scorer(scorer: str | None, method: list[str] | None) -> list[str]:

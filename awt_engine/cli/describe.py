@@ -227,15 +227,7 @@ def describe(
     summary; running again tops them up); 2: bad input or the LLM failed; 130: Ctrl-C;
     143: SIGTERM (finished classes are saved in both cases, and the message says how many).
     """
-    from awt_engine.describe import (
-        BackendSpec,
-        DescribeConfig,
-        DescribeError,
-        InstructionSet,
-        SamplingConfig,
-        describe_classes,
-        make_backend,
-    )
+    from awt_engine.describe import DescribeError, InstructionSet, describe_classes, make_backend
     from awt_engine.descriptions import CacheLockTimeout
 
     llm = None
@@ -243,25 +235,26 @@ def describe(
     restore_sigterm = sigterm_as_interrupt()
     try:
         task = resolve_task(dataset, classes, name, dataset_description, template)
-        sampling = SamplingConfig(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, n=samples
+        config = _describe_config(
+            per_class,
+            questions,
+            max_rounds,
+            save_every,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            samples,
         )
-        config = DescribeConfig(
-            per_class=per_class,
-            num_questions=questions,
-            max_rounds=max_rounds,
-            sampling=sampling,
-            save_every_s=save_every,
-        )
-        spec = BackendSpec(
-            name=backend.value if backend is not None else None,
+        spec = _backend_spec(
+            backend=backend,
             model=model,
             base_url=base_url,
             api_key_env=api_key_env,
             concurrency=concurrency,
-            timeout_s=timeout,
+            timeout=timeout,
             max_retries=max_retries,
-            max_answer_bytes=max(1024, round(max_answer_mib * 2**20)),
+            max_answer_mib=max_answer_mib,
             device=device,
             dtype=dtype,
             batch_size=batch_size,
@@ -272,10 +265,7 @@ def describe(
         )
         prompts = InstructionSet.load(instructions_dir)
         llm = make_backend(spec, seed=seed)
-        from awt_engine._io import resolve_cache_root
-        from awt_engine.descriptions import descriptions_path
-
-        path_hint = str(descriptions_path(task.dataset, resolve_cache_root(cache_dir)))
+        path_hint = _cache_file(task, cache_dir)
         result = describe_classes(
             task,
             llm,
@@ -295,10 +285,53 @@ def describe(
         restore_sigterm()
         if llm is not None:
             llm.close()
+    _report(result, task.dataset, per_class)
+
+
+def _describe_config(
+    per_class, questions, max_rounds, save_every, max_tokens, temperature, top_p, seed, samples
+):
+    """The DescribeConfig of the options (ValueError naming a bad one)."""
+    from awt_engine.describe import DescribeConfig, SamplingConfig
+
+    sampling = SamplingConfig(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, n=samples
+    )
+    return DescribeConfig(
+        per_class=per_class,
+        num_questions=questions,
+        max_rounds=max_rounds,
+        sampling=sampling,
+        save_every_s=save_every,
+    )
+
+
+def _backend_spec(*, backend, timeout, max_answer_mib, **options):
+    """The BackendSpec of the LLM options (the CLI's names, mapped to the spec's)."""
+    from awt_engine.describe import BackendSpec
+
+    return BackendSpec(
+        name=backend.value if backend is not None else None,
+        timeout_s=timeout,
+        max_answer_bytes=max(1024, round(max_answer_mib * 2**20)),
+        **options,
+    )
+
+
+def _cache_file(task, cache_dir) -> str:
+    """The description file the run writes (named when it is interrupted)."""
+    from awt_engine._io import resolve_cache_root
+    from awt_engine.descriptions import descriptions_path
+
+    return str(descriptions_path(task.dataset, resolve_cache_root(cache_dir)))
+
+
+def _report(result, dataset: str, per_class: int) -> None:
+    """Notes on stderr, the summary on stdout; exit 1 when some classes are short."""
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     if not result.generated and not result.questions_generated:
-        typer.echo(f"{task.dataset}: nothing to do, every class has >= {per_class} descriptions")
+        typer.echo(f"{dataset}: nothing to do, every class has >= {per_class} descriptions")
     typer.echo(result.summary())
     sys.stdout.flush()
     if result.short:  # like classify: finished, but not everything asked for (exit 1)

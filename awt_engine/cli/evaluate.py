@@ -40,6 +40,7 @@ from awt_engine.cli._common import (
     awt_config,
     fail,
     parse_size,
+    scorer_help,
     scorer_names,
     usage_errors,
     weights_arg,
@@ -72,8 +73,7 @@ def eval_command(
         typer.Option(
             "--scorer",
             "-s",
-            help="Repeatable: awt, clip, clip-descriptions, awt-uniform, awt-no-transport "
-            "[default: awt].",
+            help=scorer_help("Repeatable: "),
         ),
     ] = None,
     method: MethodAlias = None,
@@ -143,125 +143,120 @@ def eval_command(
     are not finite numbers (named on stderr; the metrics cover the rest); 2: a usage error
     or results that cannot be written.
     """
-    from awt_engine._io import resolve_cache_root
-    from awt_engine.labelled import load_labelled, subset
-    from awt_engine.registry import read_class_list
-    from awt_engine.training.data import SUBSAMPLES, subsample_classes
-
     scorers = scorer_names(scorer, method)  # checked before anything heavy is imported
-    use_ray = ray or ray_address is not None
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
     budget = parse_size(memory_budget) if memory_budget else None
-    parts = ["base", "new"] if subsample == "base-new" else [subsample]
-    if any(p not in SUBSAMPLES for p in parts):
+    if subsample not in ("all", "base", "new", "base-new"):
         raise fail(f"--subsample must be all, base, new or base-new, got {subsample!r}")
-    class_list = read_class_list(classes) if classes else None
-    full = subset(
-        load_labelled(
-            data_root, dataset=dataset, classes=class_list, split=split, cache_dir=cache_dir
-        ),
-        limit,
-        seed,
-    )
+    full = _labelled(data_root, dataset, classes, split, cache_dir, limit, seed)
 
-    from awt_engine.classifier import create_classifier, load_model
-    from awt_engine.evaluate import (
-        evaluate,
-        format_table,
-        harmonic_means,
-        result_records,
-        write_results,
-    )
+    from awt_engine import protocols
+    from awt_engine._io import resolve_cache_root
+    from awt_engine.dispatch import ModelSource, RayOptions
 
     root = resolve_cache_root(cache_dir)
-    net = load_model(
-        model,
-        weights_arg(pretrained, checkpoint),
-        checkpoint=checkpoint,
-        llm=llm,
-        device=device,
-        precision=precision,
+    source = ModelSource(
+        model, weights_arg(pretrained, checkpoint), checkpoint, llm, device, precision
     )
-    from awt_engine.models.base import trained_info
-    from awt_engine.models.factory import DEFAULT_MODEL
+    net = source.load()
+    options = dict(
+        template=template,
+        descriptions=descriptions,
+        views=views,
+        frames=frames,
+        seed=seed,
+        cache_dir=root,
+        batch_size=batch_size,
+        workers=workers,
+        shortlist=shortlist,
+        memory_budget=budget,
+        awt_config=config,
+    )
+    use_ray = ray or ray_address is not None  # each actor loads the model as this process did
+    report = _Report(
+        output=output,
+        model=protocols.model_name(net, model),
+        records=dict(data_root=data_root, split=split, limit=limit, checkpoint=checkpoint),
+        several=subsample == "base-new",
+    )
+    run = dict(
+        dataset=dataset,
+        options=options,
+        source=source,
+        ray=RayOptions(ray_address, concurrency, num_gpus) if use_ray else None,
+        cache_root=root,
+        image_cache=image_cache,
+        progress=progress,
+        before=report.before,
+        after=report.after,
+    )
+    if subsample == "base-new":
+        both = protocols.evaluate_base_to_new(net, full, scorers, **run)
+        report.harmonic(both.harmonic)
+    else:
+        protocols.evaluate_subsamples(net, full, [subsample], scorers, **run)
+    if report.failed:
+        raise typer.Exit(1)
 
-    info = trained_info(net)
-    header = info.header if info is not None else None
-    model_name = model or (header["backbone"]["model"] if header else DEFAULT_MODEL)
-    results = {}
-    failed = False
-    for part in parts:
-        data = subsample_classes(full, part)
+
+def _labelled(data_root, dataset, classes, split, cache_dir, limit, seed):
+    """The labelled images (a fixed-seed subset of ``limit`` of them)."""
+    from awt_engine.labelled import load_labelled, subset
+    from awt_engine.registry import read_class_list
+
+    class_list = read_class_list(classes) if classes else None
+    data = load_labelled(
+        data_root, dataset=dataset, classes=class_list, split=split, cache_dir=cache_dir
+    )
+    return subset(data, limit, seed)
+
+
+class _Report:
+    """Prints each class subset's table (and its failures), writes its JSON records."""
+
+    def __init__(self, output: Path | None, model: str, records: dict, several: bool):
+        self.output, self.model, self.records, self.several = output, model, records, several
+        self.failed = False
+
+    def before(self, part: str, data) -> None:
         typer.echo(
             f"{data.name}: {len(data.items)} images, {len(data.classes)} classes ({data.source})",
             err=True,
         )
-        same_as_trained = header is not None and tuple(header["labels"]["classes"]) == data.classes
-        settings = dict(
-            # a checkpoint's own label set (with its descriptions) when the classes are its own
-            dataset=None if same_as_trained else dataset,
-            classes=None if same_as_trained else list(data.classes),
-            template=template,
-            descriptions=descriptions,
-            views=views,
-            frames=frames,
-            seed=seed,
-            scorer=scorers[0],
-            cache_dir=root,
-            batch_size=batch_size,
-            workers=workers,
-            shortlist=shortlist,
-            memory_budget=budget,
-            awt_config=config,
-        )
-        clf = create_classifier(embedder=net, **settings, progress=progress)
-        if use_ray:  # each actor loads the model as this process did
-            from awt_engine import distributed
 
-            distributed.init(ray_address)
-            loading = dict(
-                model=model,
-                pretrained=weights_arg(pretrained, checkpoint),
-                checkpoint=checkpoint,
-                llm=llm,
-                device=device,
-                precision=precision,
-            )
-            result = distributed.evaluate_dataset(
-                {**loading, **settings},
-                data,
-                scorers,
-                concurrency=concurrency,
-                num_gpus=num_gpus,
-                progress=progress,
-            )
-        else:
-            result = evaluate(
-                clf, data, scorers, cache_root=root, image_cache=image_cache, progress=progress
-            )
-        results[part] = result
+    def after(self, run) -> None:
+        from awt_engine.evaluate import format_table
+
+        result = run.result
         for path, reason in result.failed:
             typer.echo(f"error: {path}: {reason}", err=True)
-        if len(parts) > 1:
-            typer.echo(f"{part} classes:")
+        if self.several:
+            typer.echo(f"{run.part} classes:")
         typer.echo(format_table(result))
-        failed = failed or bool(result.failed)
-        if output is not None:
-            records = result_records(
-                result,
-                clf,
-                model=model_name,
-                data_root=data_root,
-                split=split,
-                limit=limit,
-                subsample=part,
-                checkpoint=str(checkpoint) if checkpoint else None,
+        self.failed = self.failed or bool(result.failed)
+        if self.output is not None:
+            self._write(run)
+
+    def _write(self, run) -> None:
+        from awt_engine.evaluate import result_records, write_results
+
+        checkpoint = self.records["checkpoint"]
+        records = result_records(
+            run.result,
+            run.classifier,
+            model=self.model,
+            data_root=self.records["data_root"],
+            split=self.records["split"],
+            limit=self.records["limit"],
+            subsample=run.part,
+            checkpoint=str(checkpoint) if checkpoint else None,
+        )
+        for p in write_results(records, self.output):
+            typer.echo(f"wrote {p}", err=True)
+
+    def harmonic(self, report: dict) -> None:
+        for name, h in report.items():
+            show = "-" if h.harmonic_mean is None else f"{100 * h.harmonic_mean:.2f}%"
+            typer.echo(
+                f"{name}: base {100 * h.base:.2f}%, new {100 * h.new:.2f}%, harmonic mean {show}"
             )
-            for p in write_results(records, output):
-                typer.echo(f"wrote {p}", err=True)
-    if len(parts) > 1:
-        for name, (b, n, hm) in harmonic_means(results["base"], results["new"]).items():
-            show = "-" if hm is None else f"{100 * hm:.2f}%"
-            typer.echo(f"{name}: base {100 * b:.2f}%, new {100 * n:.2f}%, harmonic mean {show}")
-    if failed:
-        raise typer.Exit(1)

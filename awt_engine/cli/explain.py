@@ -29,6 +29,7 @@ from awt_engine.cli._common import (
     awt_config,
     fail,
     scorer_names,
+    transport_scorer_help,
     usage_errors,
     weights_arg,
 )
@@ -64,9 +65,7 @@ def explain(
     descriptions: Descriptions = None,
     views: Views = 51,
     seed: ExplainSeed = 0,
-    scorer: Annotated[
-        str, typer.Option("--scorer", "-s", help="awt, awt-uniform or awt-no-transport.")
-    ] = "awt",
+    scorer: Annotated[str, typer.Option("--scorer", "-s", help=transport_scorer_help())] = "awt",
     top: Annotated[
         int,
         typer.Option("--top", "--top-k", min=1, help="Classes explained (the best first)."),

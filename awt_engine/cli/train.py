@@ -125,13 +125,7 @@ def train(
     from awt_engine.methods import get_method
 
     get_method(method)  # an unknown name is answered before anything heavy is imported
-    options = _options(set_)
-    if csc:
-        options.setdefault("csc", "true")
-    if llm is not None:
-        options.setdefault("llm", llm)
-    if captions is not None:
-        options.setdefault("captions", str(captions.resolve()))
+    options = _method_options(set_, csc, llm, captions)
     if output.suffix != ".safetensors":
         raise fail(f"--output {output}: a checkpoint is a .safetensors file")
 
@@ -176,6 +170,23 @@ def train(
             err=True,
         )
         raise typer.Exit(130) from None
+    _say_done(method, done)
+
+
+def _method_options(set_, csc: bool, llm: str | None, captions: Path | None) -> dict[str, str]:
+    """The --set NAME=VALUE options, with the shorthand flags added unless --set gave them."""
+    options = _options(set_)
+    if csc:
+        options.setdefault("csc", "true")
+    if llm is not None:
+        options.setdefault("llm", llm)
+    if captions is not None:
+        options.setdefault("captions", str(captions.resolve()))
+    return options
+
+
+def _say_done(method: str, done) -> None:
+    """One line on the run (images, epochs, steps, time, loss, val top-1), then the file."""
     r = done.result
     val = f", val top-1 {100 * done.val_accuracy:.2f}%" if done.val_accuracy is not None else ""
     typer.echo(
