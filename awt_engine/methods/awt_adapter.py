@@ -57,7 +57,7 @@ from torch import Tensor
 from awt_engine.labels import LabelSet
 from awt_engine.methods.base import LossOutput, MethodSpec, TrainableModel, TrainBatch, bounded
 from awt_engine.models.layers import BranchAdapters
-from awt_engine.scorers import AWTConfig
+from awt_engine.scoring.config import AWTConfig
 from awt_engine.training.loop import TrainConfig
 from awt_engine.views import ViewConfig
 
