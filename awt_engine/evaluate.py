@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,11 +25,13 @@ from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
 from awt_engine.batches import Failure, ViewBatch, view_batches
-from awt_engine.classifier import Classifier
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.labelled import LabelledData
 from awt_engine.runner import NONFINITE_REASON, Runner, Scored, nonfinite_rows
 from awt_engine.scorers import get_scorer
+
+if TYPE_CHECKING:  # the classifier is the layer above: evaluate takes one, never imports it
+    from awt_engine.classifier import Classifier
 
 
 @dataclass(frozen=True)

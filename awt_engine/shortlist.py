@@ -10,14 +10,12 @@ is opt-in; it changes results (AWT's weights look at the whole label set), which
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from awt_engine.scorers import ScoreOutput
+from awt_engine.scorers import ScoreOutput
 
 
 def class_prototypes(class_embeds: Tensor) -> Tensor:
@@ -87,8 +85,6 @@ def shortlisted_output(
 
     score_fn(image_embeds [1, V, D], class_embeds [K, P, D]) -> ScoreOutput with [1, K].
     """
-    from awt_engine.scorers import ScoreOutput
-
     if not explain:
         scores = shortlisted_scores(
             lambda i, t: score_fn(i, t).scores, image_embeds, class_embeds, k

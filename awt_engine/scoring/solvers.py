@@ -54,16 +54,8 @@ def solve(
     # With whole blocks in memory, the entropy weights come from the block itself (view 0
     # and the prompt mean are in it); otherwise from their own small matmuls first.
     weights_from_blocks = transport and per_block >= 1 and weighting == "entropy"
-    for b0 in range(0, B, per_weight_block) if not weights_from_blocks else ():
-        bs = slice(b0, min(B, b0 + per_weight_block))
-        if weighting == "entropy":
-            u_all[bs], w_all[bs] = _entropy_weights(
-                src.prompt_mean(bs), src.raw_view(bs), scale, cfg
-            )
-        else:
-            assert weighting == "uniform", weighting
-            u_all[bs] = 1.0 / V
-            w_all[bs] = 1.0 / P
+    if not weights_from_blocks:
+        _fill_weights(src, u_all, w_all, weighting, scale, cfg, per_weight_block)
 
     if not transport:
         for b0 in range(0, B, per_weight_block):
@@ -79,33 +71,55 @@ def solve(
             f"fit memory_budget ({budget / 2**20:.0f} MiB); raise it to keep plans"
         )
     plans = torch.empty(B, C, V, P, dtype=dtype, device=device) if keep_plans else None
+    out = AWTOutput(scores, u_all, w_all, iters, conv, plans)
     if per_block >= 1:
-        for b0 in range(0, B, per_block):
-            bs = slice(b0, min(B, b0 + per_block))
-            sim_t = src.block(bs, slice(None))  # [G,C,P,V]
-            if weights_from_blocks:
-                u_all[bs], w_all[bs] = _entropy_weights(
-                    sim_t.mean(dim=2).transpose(1, 2), sim_t[..., 0], scale, cfg
-                )
-            scores[bs], iters[bs], conv[bs] = _transport_block(
-                sim_t,
-                u_all[bs],
-                w_all[bs],
-                scale,
-                cfg,
-                log_domain,
-                sync_every,
-                plan_out=plans[bs] if keep_plans else None,
-            )
-            del sim_t
+        _transport_blocks(src, out, scale, cfg, plan, sync_every, weights_from_blocks)
     else:
-        cc = plan.classes_per_chunk
         for b in range(B):
             bs = slice(b, b + 1)
             scores[bs], iters[bs], conv[bs] = _transport_class_chunked(
-                src, bs, u_all[bs], w_all[bs], scale, cfg, log_domain, cc
+                src, bs, u_all[bs], w_all[bs], scale, cfg, log_domain, plan.classes_per_chunk
             )
-    return AWTOutput(scores, u_all, w_all, iters, conv, plans)
+    return out
+
+
+def _fill_weights(src, u_all, w_all, weighting, scale, cfg, per_weight_block) -> None:
+    """Entropy (or uniform) weights into u_all [B, V] and w_all [B, C, P], in blocks."""
+    B, V, P = src.B, src.V, src.P
+    for b0 in range(0, B, per_weight_block):
+        bs = slice(b0, min(B, b0 + per_weight_block))
+        if weighting == "entropy":
+            u_all[bs], w_all[bs] = _entropy_weights(
+                src.prompt_mean(bs), src.raw_view(bs), scale, cfg
+            )
+        else:
+            assert weighting == "uniform", weighting
+            u_all[bs] = 1.0 / V
+            w_all[bs] = 1.0 / P
+
+
+def _transport_blocks(src, out: AWTOutput, scale, cfg, plan, sync_every, weights_from_blocks):
+    """Transport block by block of ``plan.images_per_block`` images, into ``out``'s
+    tensors (and its weights too when ``weights_from_blocks``)."""
+    u_all, w_all, plans = out.view_weights, out.prompt_weights, out.plans
+    for b0 in range(0, src.B, plan.images_per_block):
+        bs = slice(b0, min(src.B, b0 + plan.images_per_block))
+        sim_t = src.block(bs, slice(None))  # [G,C,P,V]
+        if weights_from_blocks:
+            u_all[bs], w_all[bs] = _entropy_weights(
+                sim_t.mean(dim=2).transpose(1, 2), sim_t[..., 0], scale, cfg
+            )
+        out.scores[bs], out.iterations[bs], out.converged[bs] = _transport_block(
+            sim_t,
+            u_all[bs],
+            w_all[bs],
+            scale,
+            cfg,
+            plan.log_domain,
+            sync_every,
+            plan_out=plans[bs] if plans is not None else None,
+        )
+        del sim_t
 
 
 def _entropy_weights(prompt_mean: Tensor, raw_view: Tensor, scale: float, cfg: AWTConfig):
