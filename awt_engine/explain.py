@@ -381,6 +381,25 @@ def _pyplot():
     return plt
 
 
+def _class_explanation(c, out, logits_c, scores, probs, name, prompts, source):
+    """Class c's part of image 0's score, from the scorer's output and its logits [V, P]."""
+    plan = out.plans[0, c].cpu().double()  # [V, P]; float64 on the CPU (MPS has none)
+    contrib = (plan * logits_c).float()
+    weights = out.prompt_weights[0, c].cpu().float()
+    if not all(torch.isfinite(t).all() for t in (plan, contrib, weights)):
+        raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
+    return ClassExplanation(
+        index=c,
+        name=name,
+        score=float(scores[c]),
+        probability=float(probs[c]),
+        prompts=prompts,
+        prompt_weights=weights,
+        plan=plan.float(),
+        contributions=contrib,
+    )
+
+
 def _plain(text: str) -> str:
     """``text`` drawn as is by matplotlib: every ``$`` escaped, so a class named
     ``$\\frac{$`` is never read as mathtext (matplotlib shows ``\\$`` as ``$``)."""
@@ -440,27 +459,12 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     if nonfinite_rows(scores[None], clf.shortlist)[0] or not torch.isfinite(view_weights).all():
         raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
     probs = torch.softmax(scores, dim=-1)
-    k = max(1, min(top_k, scores.numel()))
+    k = max(1, min(top_k, int(torch.isfinite(scores).sum())))  # shortlisted classes only
     texts = labels.prompt_texts()
-    explained = []
-    for c in scores.topk(k).indices.tolist():
-        plan = out.plans[0, c].cpu().double()  # [V, P]; float64 on the CPU (MPS has none)
-        contrib = (plan * logits[c]).float()
-        weights = out.prompt_weights[0, c].cpu().float()
-        if not all(torch.isfinite(t).all() for t in (plan, contrib, weights)):
-            raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
-        explained.append(
-            ClassExplanation(
-                index=c,
-                name=labels.classes[c],
-                score=float(scores[c]),
-                probability=float(probs[c]),
-                prompts=texts[c],
-                prompt_weights=weights,
-                plan=plan.float(),
-                contributions=contrib,
-            )
-        )
+    explained = [
+        _class_explanation(c, out, logits[c], scores, probs, labels.classes[c], texts[c], source)
+        for c in scores.topk(k).indices.tolist()
+    ]
     return Explanation(
         source=source,
         image=rgb,
