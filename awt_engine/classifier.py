@@ -34,35 +34,11 @@ from awt_engine._progress import progress_bar
 from awt_engine.inputs import Failure, view_batches
 from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet, resolve_label_set
-from awt_engine.models.base import check_model, is_embedder, trained_info
+from awt_engine.models.base import check_model, trained_info
 from awt_engine.models.factory import DEFAULT_WEIGHTS, load_model
-from awt_engine.scorers import (
-    AWTConfig,
-    Scorer,
-    get_scorer,
-    needs_embeddings_message,
-    score,
-)
-from awt_engine.shortlist import shortlisted_scores
+from awt_engine.runner import NONFINITE_REASON, RunConfig, Runner, Scored, nonfinite_rows
+from awt_engine.scorers import AWTConfig, Scorer, get_scorer
 from awt_engine.text_cache import cached_class_embeddings
-
-NONFINITE_REASON = "scores are not finite (model weights diverged?)"
-
-
-def nonfinite_rows(scores: Tensor, shortlist: int | None = None) -> Tensor:
-    """[B, C] scores -> [B] bool: rows that are not usable numbers.
-
-    A row is usable when every class has a finite score, or with a ``shortlist`` of K,
-    when its K shortlisted classes do (the rest are ``-inf`` by design): NaN, ``+inf``
-    or a shortlisted ``-inf`` makes the row unusable. The softmax of a usable row is
-    always finite.
-    """
-    n_classes = scores.shape[-1]
-    expected = n_classes if shortlist is None else min(shortlist, n_classes)
-    finite = torch.isfinite(scores).sum(dim=-1)
-    usable = (finite >= expected) & ~torch.isnan(scores).any(dim=-1)
-    usable &= ~torch.isposinf(scores).any(dim=-1)
-    return ~usable
 
 
 @dataclass(frozen=True)
@@ -79,7 +55,12 @@ class Prediction:
 
 
 class Classifier:
-    """A model, a label set and a scorer; see :func:`create_classifier`."""
+    """A model, a label set, a scorer and their settings, over the run loop
+    (:mod:`awt_engine.runner`); see :func:`create_classifier`.
+
+    ``run_config`` groups batch_size, workers, memory_budget, shortlist and progress
+    (each also accepted as its own keyword, which wins).
+    """
 
     def __init__(
         self,
@@ -89,37 +70,39 @@ class Classifier:
         scorer: str | Scorer = "awt",
         view_config: ViewConfig = ViewConfig(),
         awt_config: AWTConfig | None = None,
-        batch_size: int = 4,
-        workers: int = 2,
+        run_config: RunConfig | None = None,
+        batch_size: int | None = None,
+        workers: int | None = None,
         memory_budget: int | None = None,
         shortlist: int | None = None,
         cache_root: str | Path | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
     ):
         check_model(model)
-        if shortlist is not None and shortlist < 1:
-            raise ValueError(f"shortlist must be >= 1 classes, got {shortlist}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
+        given = {
+            "batch_size": batch_size,
+            "workers": workers,
+            "memory_budget": memory_budget,
+            "shortlist": shortlist,
+            "progress": progress,
+        }
+        self.run_config = replace(
+            run_config or RunConfig(), **{k: v for k, v in given.items() if v is not None}
+        )
         self.model = model
         self.labels = labels
         self.scorer = get_scorer(scorer)
         self.base_view_config = view_config
         self.awt_config = awt_config or AWTConfig()
-        self.batch_size = batch_size
-        self.workers = workers
-        self.memory_budget = memory_budget
-        self.shortlist = shortlist
-        if not is_embedder(model):
-            if shortlist is not None:
-                raise ValueError("--shortlist needs class embeddings; this model gives logits only")
-            if self.scorer.needs_embeddings:
-                raise ValueError(needs_embeddings_message(self.scorer))
+        self.runner_for([self.scorer])  # refuses what the model and scorer cannot do
         self.cache_root = Path(cache_root) if cache_root is not None else None
-        self.progress = progress
         self._class_embeds: dict[str, Tensor] = {}  # LabelSet.key() -> [C, P, D]
+
+    batch_size = property(lambda self: self.run_config.batch_size)
+    workers = property(lambda self: self.run_config.workers)
+    memory_budget = property(lambda self: self.run_config.memory_budget)
+    shortlist = property(lambda self: self.run_config.shortlist)
+    progress = property(lambda self: self.run_config.progress)
 
     # -- what the scorers need ------------------------------------------------------------
 
@@ -142,6 +125,21 @@ class Classifier:
         labels = labels or self.labels
         uses = any(get_scorer(s).uses_descriptions for s in scorers)
         return labels if uses else labels.bare()
+
+    def runner_for(
+        self, scorers: Sequence[str | Scorer] | None = None, labels: LabelSet | None = None
+    ) -> Runner:
+        """The run loop for ``scorers`` (default: this classifier's) against ``labels``
+        (default: the classifier's), with the label set those scorers need."""
+        scorers = [get_scorer(s) for s in (scorers or [self.scorer])]
+        return Runner(
+            self.model,
+            self.labels_for(scorers, labels),
+            scorers,
+            awt_config=self.awt_config,
+            run_config=self.run_config,
+            class_embeddings=self.class_embeddings,
+        )
 
     def class_embeddings(self, labels: LabelSet | None = None) -> Tensor:
         """[C, P, D] on the model's device, computed once per label set (and cached on
@@ -180,67 +178,12 @@ class Classifier:
         with torch.inference_mode():
             return self.model.embed_views(views.to(self.model.device))
 
-    def logits(self, views: Tensor, labels: LabelSet) -> Tensor:
-        """[b, V, 3, R, R] -> [b, V, C, P] from a :class:`LogitModel`."""
-        from awt_engine.scorers import check_logits
-
-        with torch.inference_mode():
-            out = self.model.logits(views.to(self.model.device), labels)
-        check_logits(out, labels.n_classes, labels.n_prompts)
-        return out
-
-    def scores_from_embeddings(
-        self,
-        image_embeds: Tensor,
-        scorer: str | Scorer | None = None,
-        *,
-        class_embeds: Tensor | None = None,
-    ) -> Tensor:
-        """[B, V, D] -> [B, C] by ``scorer`` (default: this classifier's)."""
-        s = get_scorer(scorer or self.scorer)
-        txt = class_embeds if class_embeds is not None else self.class_embeddings()
-        if not s.uses_descriptions:
-            txt = txt[:, :1]
-
-        def run(img: Tensor, t: Tensor) -> Tensor:
-            return score(
-                s,
-                scale=self.model.logit_scale,
-                image_embeds=img,
-                class_embeds=t,
-                config=self.awt_config,
-                memory_budget=self.memory_budget,
-            )
-
-        image_embeds = image_embeds.to(txt.device)
-        with torch.inference_mode():
-            if self.shortlist is not None and self.shortlist < txt.shape[0]:
-                return shortlisted_scores(run, image_embeds, txt, self.shortlist)
-            return run(image_embeds, txt)
-
-    def scores_from_logits(self, logits: Tensor, scorer: str | Scorer | None = None) -> Tensor:
-        """[B, V, C, P] -> [B, C] by ``scorer`` (default: this classifier's)."""
-        s = get_scorer(scorer or self.scorer)
-        with torch.inference_mode():
-            return score(
-                s,
-                scale=self.model.logit_scale,
-                logits=logits,
-                config=self.awt_config,
-                memory_budget=self.memory_budget,
-            )
-
     def scores_for_views(
         self, views: Tensor, scorers: Sequence[str | Scorer] | None = None, labels=None
     ) -> dict[str, Tensor]:
         """[b, V, 3, R, R] -> {scorer name: [b, C]}, the model run once for all scorers."""
-        scorers = [get_scorer(s) for s in (scorers or [self.scorer])]
-        if is_embedder(self.model):
-            txt = self.class_embeddings(self.labels_for(scorers, labels))
-            img = self.embed_views(views)
-            return {s.name: self.scores_from_embeddings(img, s, class_embeds=txt) for s in scorers}
-        logits = self.logits(views, self.labels_for(scorers, labels))
-        return {s.name: self.scores_from_logits(logits, s) for s in scorers}
+        runner = self.runner_for(scorers, labels)
+        return {n: o.scores for n, o in runner.score(runner.outputs(views)).items()}
 
     # -- public calls -------------------------------------------------------------------
 
@@ -254,22 +197,27 @@ class Classifier:
             device=self.model.device,
         )
 
-    def scores(self, images, *, candidate_labels: Sequence[str] | None = None) -> Tensor:
+    def scores(
+        self, images, *, candidate_labels: Sequence[str] | None = None, state: Any = None
+    ) -> Tensor:
         """Raw class scores [B, C] (logit scale, see the module docstring) for images:
         paths, PIL images, numpy arrays or torch tensors. Raises ValueError for an
-        unreadable one, or one whose scores are not finite (naming it)."""
-        labels = self._candidates(candidate_labels)
+        unreadable one, or one whose scores are not finite (naming it). ``state``: a
+        stateful scorer's state object (it is updated; default a fresh one)."""
+        runner = self.runner_for(None, self._candidates(candidate_labels))
         rows = []
-        for item in self._batches(_as_list(images)):
+        for item in runner.run(self._batches(_as_list(images)), self._states(state)):
             if isinstance(item, Failure):
                 raise ValueError(f"{item.source}: {item.reason}")
-            out = self.scores_for_views(item.views, labels=labels)[self.scorer.name]
-            out = out.float().cpu()
+            out = item.scores[self.scorer.name]
             bad = nonfinite_rows(out, self.shortlist).tolist()
             if any(bad):
                 raise ValueError(f"{item.sources[bad.index(True)]}: {NONFINITE_REASON}")
             rows.append(out)
         return torch.cat(rows)
+
+    def _states(self, state: Any) -> dict[str, Any] | None:
+        return None if state is None else {self.scorer.name: state}
 
     def _candidates(self, candidate_labels: Sequence[str] | None) -> LabelSet | None:
         if candidate_labels is None:
@@ -288,7 +236,12 @@ class Classifier:
         ]
 
     def predict(
-        self, images, top_k: int = 5, *, candidate_labels: Sequence[str] | None = None
+        self,
+        images,
+        top_k: int = 5,
+        *,
+        candidate_labels: Sequence[str] | None = None,
+        state: Any = None,
     ) -> list:
         """Per image, ``[{"label": ..., "score": probability}, ...]`` best first.
 
@@ -300,7 +253,8 @@ class Classifier:
         single = not isinstance(images, list | tuple)
         labels = self._candidates(candidate_labels)
         classes = labels.classes if labels is not None else self.classes
-        preds = self._top(self.scores(images, candidate_labels=candidate_labels), top_k, classes)
+        scores = self.scores(images, candidate_labels=candidate_labels, state=state)
+        preds = self._top(scores, top_k, classes)
         return preds[0] if single else preds
 
     def explain(self, image, top_k: int = 2):
@@ -318,31 +272,32 @@ class Classifier:
         top_k: int = 5,
         progress: bool | None = None,
         total: int | None = None,
+        state: Any = None,
     ) -> Iterator[Prediction]:
         """Stream :class:`Prediction` s for many inputs, decoding in parallel workers.
 
         An unreadable image, or one whose scores are not finite (:data:`NONFINITE_REASON`),
-        yields a Prediction with ``error`` set; the run goes on.
+        yields a Prediction with ``error`` set; the run goes on. ``state``: a stateful
+        scorer's state object (updated in input order; default a fresh one).
         """
         bar = progress_bar(total, self.progress if progress is None else progress)
         try:
-            for item in self._batches(inputs):
+            for item in self.runner_for().run(self._batches(inputs), self._states(state)):
                 if isinstance(item, Failure):
                     bar.update(1)
                     yield Prediction(item.source, None, item.reason)
                     continue
-                scores = self.scores_for_views(item.views)[self.scorer.name].float().cpu()
-                bad = nonfinite_rows(scores, self.shortlist).tolist()
-                top = self._top(scores, top_k, self.classes)
-                for source, preds, nan in zip(item.sources, top, bad, strict=True):
-                    yield (
-                        Prediction(source, None, NONFINITE_REASON)
-                        if nan
-                        else Prediction(source, preds)
-                    )
+                yield from self._predictions(item, top_k)
                 bar.update(len(item))
         finally:
             bar.close()
+
+    def _predictions(self, item: Scored, top_k: int) -> Iterator[Prediction]:
+        scores = item.scores[self.scorer.name]
+        bad = nonfinite_rows(scores, self.shortlist).tolist()
+        top = self._top(scores, top_k, self.classes)
+        for source, preds, nan in zip(item.sources, top, bad, strict=True):
+            yield Prediction(source, None, NONFINITE_REASON) if nan else Prediction(source, preds)
 
 
 def _as_list(images) -> list:
@@ -382,16 +337,17 @@ def create_classifier(
     scorer: str = "awt",
     device: str = "auto",
     cache_dir: str | Path | None = None,
-    batch_size: int = 4,
-    workers: int = 2,
+    batch_size: int | None = None,
+    workers: int | None = None,
     precision: str | None = None,
     memory_budget: int | None = None,
     shortlist: int | None = None,
     embedder=None,
     awt_config: AWTConfig | None = None,
     view_config: ViewConfig | None = None,
-    progress: bool = False,
+    progress: bool | None = None,
     method: str | None = None,
+    run_config: RunConfig | None = None,
 ) -> Classifier:
     """A ready classifier. Keyword names mirror ``awt-engine classify``'s options.
 
@@ -412,6 +368,11 @@ def create_classifier(
     paper's ablations. shortlist: score only each image's K nearest classes (large label
     sets; changes results). memory_budget: bytes the scorer's blocks may use (results do
     not depend on it). ``method`` is the old name of ``scorer`` (deprecated).
+
+    The settings group into the config objects: ``view_config`` (views, seed, frames),
+    ``awt_config`` and ``run_config`` (:class:`~awt_engine.runner.RunConfig`: batch_size
+    4, workers 2, memory_budget, shortlist, progress); a keyword given on its own
+    overrides its config's field.
     """
     if method is not None:
         import warnings
@@ -423,15 +384,17 @@ def create_classifier(
         )
         scorer = method
     get_scorer(scorer)
-    view_config = view_config or ViewConfig()
-    if views is not None:
-        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-            raise ValueError(f"views must be an integer >= 1, got {views!r}")
-        view_config = replace(view_config, n_views=views)
-    if seed is not None:
-        view_config = replace(view_config, seed=seed)
-    if frames is not None:
-        view_config = replace(view_config, frames=frames)
+    view_config = _view_config(view_config, views, seed, frames)
+    run_config = replace(
+        run_config or RunConfig(),
+        **_given(
+            batch_size=batch_size,
+            workers=workers,
+            memory_budget=memory_budget,
+            shortlist=shortlist,
+            progress=progress,
+        ),
+    )
     root = resolve_cache_root(cache_dir)
     if embedder is None:
         embedder = load_model(
@@ -439,6 +402,34 @@ def create_classifier(
         )
     if cache_dir is not None and hasattr(embedder, "use_cache_root"):
         embedder.use_cache_root(root)  # a method's derived caches go there too (LLaMP's K/V)
+    labels = _labels_of(embedder, dataset, classes, template, descriptions, root)
+    return Classifier(
+        embedder,
+        labels,
+        scorer=scorer,
+        view_config=view_config,
+        awt_config=awt_config,
+        run_config=run_config,
+        cache_root=root,
+    )
+
+
+def _given(**settings) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _view_config(
+    view_config: ViewConfig | None, views: int | None, seed: int | None, frames: int | None
+) -> ViewConfig:
+    """``view_config`` (default ViewConfig()) with the views, seed and frames given."""
+    if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+        raise ValueError(f"views must be an integer >= 1, got {views!r}")
+    return replace(view_config or ViewConfig(), **_given(n_views=views, seed=seed, frames=frames))
+
+
+def _labels_of(embedder, dataset, classes, template, descriptions, root) -> LabelSet:
+    """The label set: a checkpoint's own (unless a data set or classes are named), else
+    the one named; ValueError when a trained model cannot score these classes."""
     trained = trained_info(embedder)
     if trained is not None and dataset is None and classes is None:
         from awt_engine.checkpoints import labels_from_record
@@ -451,25 +442,14 @@ def create_classifier(
     why = embedder.unseen_classes(labels.classes) if hasattr(embedder, "unseen_classes") else None
     if why is not None:
         raise ValueError(why)
-    return Classifier(
-        embedder,
-        labels,
-        scorer=scorer,
-        view_config=view_config,
-        awt_config=awt_config,
-        batch_size=batch_size,
-        workers=workers,
-        memory_budget=memory_budget,
-        shortlist=shortlist,
-        cache_root=root,
-        progress=progress,
-    )
+    return labels
 
 
 __all__ = [
     "NONFINITE_REASON",
     "Classifier",
     "Prediction",
+    "RunConfig",
     "create_classifier",
     "load_model",
     "nonfinite_rows",

@@ -133,6 +133,19 @@ class ClassifierSpec:
         return clf
 
 
+def refuse_split(scorers) -> None:
+    """ValueError for a scorer whose images cannot be split across actors: one that keeps
+    state across images, depends on their order, or needs the whole set."""
+    from awt_engine.scorers import get_scorer
+
+    for s in map(get_scorer, scorers):
+        if s.stateful or s.order_dependent or s.needs_whole_set:
+            raise ValueError(
+                f"scorer {s.name!r} keeps state across images or depends on their order; "
+                "Ray splits the images across actors, so run it locally (without --ray)"
+            )
+
+
 def actor_device(device, gpu_ids) -> str:
     """The device an actor (or task) computes on, from the request and the GPUs Ray gave
     it (``ray.get_gpu_ids()`` there).
@@ -390,6 +403,7 @@ def classify_dataset(
     same thread count, and equal to rounding otherwise, the same noise as changing
     ``--batch-size`` locally.
     """
+    refuse_split([scorer])
     ray = import_ray()
     init(classifier_kwargs.pop("address", None))
     ds, unreadable = _dataset(ray, inputs)
@@ -465,9 +479,10 @@ def evaluate_dataset(
 
     from awt_engine.evaluate import EvalResult, metrics_from_topk
 
+    scorers = list(scorers)
+    refuse_split(scorers)
     ray = import_ray()
     init(address)
-    scorers = list(scorers)
     device = clf_kwargs.get("device", "auto")
     concurrency, num_gpus, num_cpus = pool(device, num_gpus, num_cpus, concurrency)
     spec = ClassifierSpec(dict(clf_kwargs))

@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,12 +24,15 @@ from torch import Tensor
 from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
-from awt_engine.classifier import NONFINITE_REASON, Classifier, nonfinite_rows
 from awt_engine.image_cache import ImageEmbeddingCache
-from awt_engine.inputs import Failure, view_batches
+from awt_engine.inputs import Failure, ViewBatch, view_batches
 from awt_engine.labelled import LabelledData
-from awt_engine.models.base import is_embedder, trained_info
-from awt_engine.scorers import get_scorer, needs_embeddings_message
+from awt_engine.models.base import trained_info
+from awt_engine.runner import NONFINITE_REASON, Runner, Scored, nonfinite_rows
+from awt_engine.scorers import get_scorer
+
+if TYPE_CHECKING:  # the classifier is the layer above: evaluate takes one, never imports it
+    from awt_engine.classifier import Classifier
 
 
 @dataclass(frozen=True)
@@ -149,26 +153,25 @@ def evaluate(
     cache_root: Path | None,
     image_cache: bool = True,
     progress: bool = False,
+    states: dict[str, Any] | None = None,
 ) -> EvalResult:
     """Run the model once per image; score every scorer from the same output.
 
     ``image_cache`` (with a ``cache_root``, for embedding models) keeps view embeddings
-    on disk so a rerun or a resumed run skips the encoder.
+    on disk so a rerun or a resumed run skips the encoder; cached images are scored first
+    unless a scorer keeps state or depends on order (then every image goes in input
+    order, through the model). ``states``: scorer name -> a stateful scorer's state.
     """
-    scorers = [get_scorer(s) for s in scorers]
-    if not is_embedder(clf.model):
-        for s in scorers:
-            if s.needs_embeddings:
-                raise ValueError(needs_embeddings_message(s))
+    runner = clf.runner_for(scorers)  # refuses what the model cannot do with a scorer
     items = list(data.items)
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
-    view_config = clf.view_config_for(scorers)
-    labels = clf.labels_for(scorers)
+    view_config = clf.view_config_for(runner.scorers)
     failed: dict[int, str] = {}
     bar = progress_bar(len(items), progress)
-    tally = _Tally(clf, scorers, bar, failed)
+    tally = _Tally(clf, runner.scorers, bar, failed)
 
     def batches(idx: list[int]):
+        """View batches of items ``idx``, numbered by item; failures recorded."""
         stream = view_batches(
             (items[i].path for i in idx),
             clf.model.preprocess,
@@ -182,29 +185,22 @@ def evaluate(
                 failed[idx[b.index]] = b.reason
                 bar.update(1)
             else:
-                yield [idx[j] for j in b.indices], b.views
+                yield ViewBatch(tuple(idx[j] for j in b.indices), b.sources, b.views)
 
-    def score_embeds(img: Tensor, txt: Tensor) -> dict[str, Tensor]:
-        return {s.name: clf.scores_from_embeddings(img, s, class_embeds=txt) for s in scorers}
-
+    cache = None
+    if runner.embeds and image_cache and cache_root is not None and not runner.in_order:
+        txt = clf.class_embeddings(runner.labels)
+        cache = ImageEmbeddingCache(cache_root, clf.model.identity, view_config, dim=txt.shape[-1])
     try:
-        if not is_embedder(clf.model):  # a generative model: logits straight from the views
-            for idx, views in batches(list(range(len(items)))):
-                logits = clf.logits(views, labels)
-                tally.add(idx, {s.name: clf.scores_from_logits(logits, s) for s in scorers})
-        else:
-            txt = clf.class_embeddings(labels)
-            cache = None
-            if image_cache and cache_root is not None:
-                cache = ImageEmbeddingCache(
-                    cache_root, clf.model.identity, view_config, dim=txt.shape[-1]
-                )
-            try:
-                _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embeds, txt)
-            finally:
-                if cache is not None:
-                    cache.close()
+        if cache is not None:
+            _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner)
+        else:  # every image in input order, through the run loop
+            for out in runner.run(batches(list(range(len(items)))), runner.new_states(states)):
+                assert isinstance(out, Scored)  # failures were taken out by batches()
+                tally.add(list(out.indices), out.scores)
     finally:
+        if cache is not None:
+            cache.close()
         bar.close()
     top5, scored = tally.top5()
     return EvalResult(
@@ -217,14 +213,17 @@ def evaluate(
     )
 
 
-def _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embeds, txt):
-    """Cached images first (shard by shard, no encoding), then the rest as they embed."""
+def _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner: Runner):
+    """Cached images first (shard by shard, no encoding), then the rest as they embed
+    (stateless, order-free scorers only: the order depends on what the cache holds)."""
+
+    def score_embeds(idx: list[int], img: Tensor) -> None:
+        out = runner.score(runner.embedded(img), idx)
+        tally.add(idx, {name: o.scores for name, o in out.items()})
+
     keys: list[str | None] = [None] * len(items)
     hits, misses = [], []
     for i, it in enumerate(items):
-        if cache is None:
-            misses.append(i)
-            continue
         try:
             keys[i] = cache.content_key(it.path)
         except OSError as exc:
@@ -244,18 +243,18 @@ def _embed_and_score(items, cache, batches, failed, bar, tally, clf, score_embed
                 idx.append(i)
                 rows.append(row)
         if idx:
-            tally.add(idx, score_embeds(torch.stack(rows), txt))
+            score_embeds(idx, torch.stack(rows))
     misses.sort()
 
-    for idx, views in batches(misses):
-        out = clf.embed_views(views).float().cpu()  # [b,V,D]
-        if cache is not None:
-            out = cache.stored(out)  # score what a resumed run will read back
-            finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
-            for j, i in enumerate(idx):
-                if finite[j]:  # a NaN row is this run's failure, not worth keeping
-                    cache.put(keys[i], out[j])
-        tally.add(idx, score_embeds(out, txt))
+    for batch in batches(misses):
+        idx = list(batch.indices)
+        out = clf.embed_views(batch.views).float().cpu()  # [b,V,D]
+        out = cache.stored(out)  # score what a resumed run will read back
+        finite = torch.isfinite(out).flatten(1).all(dim=1).tolist()
+        for j, i in enumerate(idx):
+            if finite[j]:  # a NaN row is this run's failure, not worth keeping
+                cache.put(keys[i], out[j])
+        score_embeds(idx, out)
 
 
 def _slug(text: str) -> str:

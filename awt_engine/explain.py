@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from awt_engine._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from awt_engine.runner import NONFINITE_REASON, nonfinite_rows
 
 
 @dataclass
@@ -380,6 +381,25 @@ def _pyplot():
     return plt
 
 
+def _class_explanation(c, out, logits_c, scores, probs, name, prompts, source):
+    """Class c's part of image 0's score, from the scorer's output and its logits [V, P]."""
+    plan = out.plans[0, c].cpu().double()  # [V, P]; float64 on the CPU (MPS has none)
+    contrib = (plan * logits_c).float()
+    weights = out.prompt_weights[0, c].cpu().float()
+    if not all(torch.isfinite(t).all() for t in (plan, contrib, weights)):
+        raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
+    return ClassExplanation(
+        index=c,
+        name=name,
+        score=float(scores[c]),
+        probability=float(probs[c]),
+        prompts=prompts,
+        prompt_weights=weights,
+        plan=plan.float(),
+        contributions=contrib,
+    )
+
+
 def _plain(text: str) -> str:
     """``text`` drawn as is by matplotlib: every ``$`` escaped, so a class named
     ``$\\frac{$`` is never read as mathtext (matplotlib shows ``\\$`` as ``$``)."""
@@ -424,11 +444,10 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     Raises ValueError for a scorer without a plan, a video, or scores that are not finite
     (nothing to explain: a diverged checkpoint, say).
     """
-    from awt_engine.classifier import NONFINITE_REASON
     from awt_engine.inputs import as_rgb_image, is_video_path, view_boxes
 
     s = clf.scorer
-    if s.awt is None:
+    if not s.explains:
         raise ValueError(
             f"explain shows AWT's transport plan; the {s.name!r} scorer has none: use awt, "
             "awt-uniform or awt-no-transport"
@@ -441,34 +460,22 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
     cfg = clf.view_config
     views = _views(rgb, model, cfg, source)  # [1, V, 3, R, R]
     boxes = view_boxes(rgb, model.preprocess, cfg)  # [V, 5]
-    labels = clf.labels_for([s])
-    out, logits = _solve(clf, views, labels)
+    runner = clf.runner_for([s])
+    labels = runner.labels
+    output = runner.outputs(views)
+    out = runner.score(output, (0,), explain=True)[s.name]  # the scorer's own call, plans kept
+    logits = output.pair_logits(0)  # [C, V, P] float64 on the CPU
     scores = out.scores[0].float().cpu()  # [C]
     view_weights = out.view_weights[0].cpu().float()
-    if not (torch.isfinite(scores).all() and torch.isfinite(view_weights).all()):
+    if nonfinite_rows(scores[None], clf.shortlist)[0] or not torch.isfinite(view_weights).all():
         raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
     probs = torch.softmax(scores, dim=-1)
-    k = max(1, min(top_k, scores.numel()))
+    k = max(1, min(top_k, int(torch.isfinite(scores).sum())))  # shortlisted classes only
     texts = labels.prompt_texts()
-    explained = []
-    for c in scores.topk(k).indices.tolist():
-        plan = out.plans[0, c].cpu().double()  # [V, P]; float64 on the CPU (MPS has none)
-        contrib = (plan * logits[c]).float()
-        weights = out.prompt_weights[0, c].cpu().float()
-        if not all(torch.isfinite(t).all() for t in (plan, contrib, weights)):
-            raise ValueError(f"{source}: {NONFINITE_REASON}; there is nothing to explain")
-        explained.append(
-            ClassExplanation(
-                index=c,
-                name=labels.classes[c],
-                score=float(scores[c]),
-                probability=float(probs[c]),
-                prompts=texts[c],
-                prompt_weights=weights,
-                plan=plan.float(),
-                contributions=contrib,
-            )
-        )
+    explained = [
+        _class_explanation(c, out, logits[c], scores, probs, labels.classes[c], texts[c], source)
+        for c in scores.topk(k).indices.tolist()
+    ]
     return Explanation(
         source=source,
         image=rgb,
@@ -476,39 +483,14 @@ def explain(clf, image, *, top_k: int = 2) -> Explanation:
         boxes=boxes,
         view_weights=view_weights,
         classes=explained,
-        all_scores={n: float(x) for n, x in zip(labels.classes, scores.tolist(), strict=True)},
+        # every class's score; with a shortlist, the shortlisted classes' (the rest are -inf)
+        all_scores={
+            n: float(x)
+            for n, x in zip(labels.classes, scores.tolist(), strict=True)
+            if x != float("-inf")
+        },
         model=getattr(model, "identity", ""),
     )
-
-
-def _solve(clf, views: torch.Tensor, labels):
-    """The scorer's own AWT solve with its plans kept, and the pair logits [C, V, P] the
-    contributions are made of: float64 on the CPU (an accelerator such as MPS may have no
-    float64, so tensors move to the CPU before they are widened)."""
-    from awt_engine.models.base import is_embedder
-    from awt_engine.scoring import awt_scores_from_logits, awt_solve
-
-    weighting, transport = clf.scorer.awt
-    scale = float(clf.model.logit_scale)
-    common = dict(
-        config=clf.awt_config,
-        weighting=weighting,
-        transport=transport,
-        memory_budget=clf.memory_budget,
-        keep_plans=True,
-    )
-    with torch.inference_mode():
-        if is_embedder(clf.model):
-            img = clf.embed_views(views)  # [1, V, D]
-            txt = clf.class_embeddings(labels)  # [C, P, D]
-            img = img.to(txt.device)
-            out = awt_solve(img, txt, scale, **common)
-            logits = scale * torch.einsum("vd,cpd->cvp", img[0].cpu().double(), txt.cpu().double())
-        else:
-            lg = clf.logits(views, labels)  # [1, V, C, P]
-            out = awt_scores_from_logits(lg, scale, **common)
-            logits = lg[0].cpu().double().permute(1, 0, 2)  # [C, V, P]
-    return out, logits
 
 
 __all__ = ["ClassExplanation", "Explanation", "explain"]

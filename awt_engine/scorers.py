@@ -4,12 +4,22 @@ A scorer is one way of turning a model's outputs into class scores: AWT itself, 
 zero-shot CLIP baselines and the AWT ablations. Every model behind the interface
 (zero-shot CLIP, a trained method, a generative model) is scored by the same scorers.
 
-Each scorer declares what it needs, so callers never special-case names:
+A scorer is a :class:`Scorer` subclass registered by name with :func:`register_scorer`
+(as timm registers models): it is called with a :class:`ScoreInput` (embeddings or
+logits, the scale, the images' input indices) and returns a :class:`ScoreOutput`
+(scores, and with ``explain=True`` the plans and weights an explanation draws). Each
+scorer declares what it needs, so callers never special-case names:
 
 * ``uses_views``: the random crops; when False only view 0 is made and encoded;
 * ``uses_descriptions``: prompts past the bare one; when False only prompt 0 is encoded;
 * ``needs_embeddings``: it cannot work from logits alone (``clip-descriptions`` averages
-  prompt embeddings), so a :class:`~awt_engine.models.base.LogitModel` cannot use it.
+  prompt embeddings), so a :class:`~awt_engine.models.base.LogitModel` cannot use it;
+* ``stateful``: it keeps state across images (test-time adaptation, a cache). The caller
+  owns the state: :meth:`Scorer.new_state` makes one, and every call gets it as
+  ``state=`` (as Hugging Face passes a ``Cache`` as ``past_key_values``);
+* ``order_dependent``: its result depends on the order it sees the images in, so the
+  run loop keeps input order (no cached-first reordering, no splitting across workers);
+* ``needs_whole_set``: it needs every image before it can score any (transduction).
 
 Axes::
 
@@ -21,134 +31,168 @@ Logits are ``[B, V, C, P]`` everywhere in the engine (``scale * similarity``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from awt_engine.scoring.config import AWTConfig
 
 if TYPE_CHECKING:  # torch is imported on first scoring, so naming scorers stays cheap
     from torch import Tensor
 
 
 @dataclass(frozen=True)
-class AWTConfig:
-    """Hyper-parameters of the AWT computation; defaults are the AWT paper's (test time).
+class ScoreInput:
+    """What a scorer scores: embeddings, or ``[B, V, C, P]`` logits, at a scale."""
 
-    The AWT few-shot adapter trains with both temperatures at 1.0 (its configs).
-    """
+    scale: float  # the model's logit scale (CLIP's logit_scale.exp())
+    image_embeds: Tensor | None = None  # [B, V, D] L2-normalised, view 0 the raw image
+    class_embeds: Tensor | None = None  # [C, P, D] L2-normalised, prompt 0 the bare one
+    logits: Tensor | None = None  # [B, V, C, P] = scale * similarity
+    indices: tuple[int, ...] | None = None  # [B] input positions (None: not known)
 
-    eps: float = 0.1  # entropic regularisation (paper); keeps exp(-M/eps) in float32 range
-    view_temperature: float = 0.5  # softmax temperature over -entropy of each view (paper)
-    prompt_temperature: float = 0.5  # softmax temperature over -entropy of each prompt (paper)
-    tol: float = 1e-2  # stop once mean |r - r_prev| over an image's classes and views < tol
-    max_iter: int = 100  # hard cap on Sinkhorn iterations per image (paper's code)
-
-    def __post_init__(self):
-        for name in ("eps", "view_temperature", "prompt_temperature", "tol"):
-            v = getattr(self, name)
-            if not (isinstance(v, int | float) and v > 0 and math.isfinite(v)):
-                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+    @property
+    def n_images(self) -> int:
+        return (self.logits if self.logits is not None else self.image_embeds).shape[0]
 
 
 @dataclass(frozen=True)
-class Scorer:
-    name: str
-    summary: str
-    uses_views: bool  # the random crops (False: view 0 only)
-    uses_descriptions: bool  # prompts past the bare one (False: prompt 0 only)
-    from_embeddings: Callable[..., Tensor]  # (img [B,V,D], txt [C,P,D], scale, config, budget)
-    from_logits: Callable[..., Tensor] | None  # (logits [B,V,C,P], scale, config, budget)
-    awt: tuple[str, bool] | None = None  # (weighting, transport) of AWT and its ablations
+class ScoreOutput:
+    """Scores, and on ``explain=True`` what produced them (None where a scorer has none)."""
 
-    @property
-    def needs_embeddings(self) -> bool:
-        """It cannot score from [B, V, C, P] logits alone."""
-        return self.from_logits is None
+    scores: Tensor  # [B, C] on the logit scale
+    view_weights: Tensor | None = None  # [B, V]
+    prompt_weights: Tensor | None = None  # [B, C, P]
+    plans: Tensor | None = None  # [B, C, V, P] transport plans (each sums to 1)
+
+
+class Scorer:
+    """The scorer protocol: subclass, set the class attributes, implement ``__call__``,
+    and decorate with :func:`register_scorer`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    uses_views: ClassVar[bool] = True  # the random crops (False: view 0 only)
+    uses_descriptions: ClassVar[bool] = True  # prompts past the bare one
+    needs_embeddings: ClassVar[bool] = False  # cannot score from [B, V, C, P] logits
+    explains: ClassVar[bool] = False  # gives plans and weights on explain=True
+    stateful: ClassVar[bool] = False  # keeps state across images (the caller holds it)
+    order_dependent: ClassVar[bool] = False  # results depend on the order of images
+    needs_whole_set: ClassVar[bool] = False  # needs every image before scoring any
+
+    def new_state(self) -> Any:
+        """A fresh state for a stateful scorer (None for a stateless one)."""
+        return None
+
+    def __call__(
+        self,
+        inputs: ScoreInput,
+        *,
+        config: AWTConfig,
+        memory_budget: int | None = None,
+        state: Any = None,
+        explain: bool = False,
+    ) -> ScoreOutput:
+        raise NotImplementedError
 
     def views_needed(self, n_views: int) -> int:
         return n_views if self.uses_views else 1
 
-
-def _clip(img: Tensor, txt: Tensor, scale: float, config, budget) -> Tensor:
-    return scale * img[:, 0] @ txt[:, 0].T  # raw view vs bare prompt: [B, C]
-
-
-def _clip_logits(logits: Tensor, scale: float, config, budget) -> Tensor:
-    return logits[:, 0, :, 0]
+    def __repr__(self) -> str:
+        return f"<scorer {self.name!r}>"
 
 
-def _clip_descriptions(img: Tensor, txt: Tensor, scale: float, config, budget) -> Tensor:
-    import torch.nn.functional as F
-
-    proto = F.normalize(txt.mean(dim=1), dim=-1)  # [C,D] normalised mean prompt
-    return scale * img[:, 0] @ proto.T
+SCORERS: dict[str, Scorer] = {}
 
 
-def _awt(weighting: str, transport: bool):
-    """AWT or one of its ablations, from embeddings and from logits."""
-    kw = {"weighting": weighting, "transport": transport}
-
-    def from_embeddings(img, txt, scale, config, budget):
-        from awt_engine.scoring import awt_solve
-
-        return awt_solve(img, txt, scale, config=config, memory_budget=budget, **kw).scores
-
-    def from_logits(logits, scale, config, budget):
-        from awt_engine.scoring import awt_scores_from_logits
-
-        out = awt_scores_from_logits(logits, scale, config=config, memory_budget=budget, **kw)
-        return out.scores
-
-    return from_embeddings, from_logits
+def register_scorer(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    if cls.name in SCORERS:
+        raise ValueError(f"a scorer named {cls.name!r} is already registered")
+    SCORERS[cls.name] = cls()
+    return cls
 
 
-SCORERS: dict[str, Scorer] = {
-    s.name: s
-    for s in (
-        Scorer(
-            "awt",
-            "entropy weights + optimal transport (AWT)",
-            True,
-            True,
-            *_awt("entropy", True),
-            ("entropy", True),
-        ),
-        Scorer(
-            "clip",
-            "raw view vs bare prompt (zero-shot CLIP)",
-            False,
-            False,
-            _clip,
-            _clip_logits,
-        ),
-        Scorer(
-            "clip-descriptions",
-            "raw view vs normalised mean prompt embedding",
-            False,
-            True,
-            _clip_descriptions,
-            None,
-        ),
-        Scorer(
-            "awt-uniform",
-            "ablation: uniform weights + transport",
-            True,
-            True,
-            *_awt("uniform", True),
-            ("uniform", True),
-        ),
-        Scorer(
-            "awt-no-transport",
-            "ablation: entropy-weighted mean, no transport",
-            True,
-            True,
-            *_awt("entropy", False),
-            ("entropy", False),
-        ),
-    )
-}
+def unregister_scorer(name: str) -> None:
+    """Remove a registered scorer (tests that register their own)."""
+    SCORERS.pop(name, None)
+
+
+def _check_logits_given(inputs: ScoreInput) -> Tensor:
+    if inputs.logits is None:
+        raise ValueError("this scorer reads embeddings or logits; give one of them")
+    return inputs.logits
+
+
+@register_scorer
+class AWTScorer(Scorer):
+    """AWT: entropy view and prompt weights, then optimal transport (docs/design.md 2)."""
+
+    name = "awt"
+    summary = "entropy weights + optimal transport (AWT)"
+    explains = True
+    weighting: ClassVar[str] = "entropy"
+    transport: ClassVar[bool] = True
+
+    def __call__(self, inputs, *, config, memory_budget=None, state=None, explain=False):
+        from awt_engine.scoring import awt_scores_from_logits, awt_solve
+
+        kw = {
+            "config": config,
+            "weighting": self.weighting,
+            "transport": self.transport,
+            "memory_budget": memory_budget,
+            "keep_plans": explain,
+        }
+        if inputs.logits is not None:
+            out = awt_scores_from_logits(inputs.logits, inputs.scale, **kw)
+        else:
+            out = awt_solve(inputs.image_embeds, inputs.class_embeds, inputs.scale, **kw)
+        if not explain:
+            return ScoreOutput(out.scores)
+        return ScoreOutput(out.scores, out.view_weights, out.prompt_weights, out.plans)
+
+
+@register_scorer
+class ClipScorer(Scorer):
+    name = "clip"
+    summary = "raw view vs bare prompt (zero-shot CLIP)"
+    uses_views = False
+    uses_descriptions = False
+
+    def __call__(self, inputs, *, config, memory_budget=None, state=None, explain=False):
+        if inputs.image_embeds is not None:
+            img, txt = inputs.image_embeds, inputs.class_embeds
+            return ScoreOutput(inputs.scale * img[:, 0] @ txt[:, 0].T)  # [B, C]
+        return ScoreOutput(_check_logits_given(inputs)[:, 0, :, 0])
+
+
+@register_scorer
+class ClipDescriptionsScorer(Scorer):
+    name = "clip-descriptions"
+    summary = "raw view vs normalised mean prompt embedding"
+    uses_views = False
+    needs_embeddings = True
+
+    def __call__(self, inputs, *, config, memory_budget=None, state=None, explain=False):
+        import torch.nn.functional as F
+
+        img, txt = inputs.image_embeds, inputs.class_embeds
+        proto = F.normalize(txt.mean(dim=1), dim=-1)  # [C,D] normalised mean prompt
+        return ScoreOutput(inputs.scale * img[:, 0] @ proto.T)
+
+
+@register_scorer
+class AWTUniformScorer(AWTScorer):
+    name = "awt-uniform"
+    summary = "ablation: uniform weights + transport"
+    weighting = "uniform"
+
+
+@register_scorer
+class AWTNoTransportScorer(AWTScorer):
+    name = "awt-no-transport"
+    summary = "ablation: entropy-weighted mean, no transport"
+    transport = False
 
 
 def list_scorers() -> list[str]:
@@ -198,8 +242,13 @@ def score(
     logits: Tensor | None = None,
     config: AWTConfig | None = None,
     memory_budget: int | None = None,
-) -> Tensor:
-    """Scores ``[B, C]`` by ``scorer`` from embeddings, or from ``[B, V, C, P]`` logits."""
+    state: Any = None,
+    indices: tuple[int, ...] | None = None,
+    explain: bool = False,
+) -> Tensor | ScoreOutput:
+    """Scores ``[B, C]`` by ``scorer`` from embeddings, or from ``[B, V, C, P]`` logits
+    (the whole :class:`ScoreOutput` with ``explain=True``). A stateful scorer updates
+    ``state`` (default: a fresh one, kept by nobody)."""
     from awt_engine.scoring import check_embeddings
 
     s = get_scorer(scorer)
@@ -210,8 +259,29 @@ def score(
         if s.needs_embeddings:
             raise ValueError(needs_embeddings_message(s))
         check_logits(logits)
-        return s.from_logits(logits, float(scale), config, memory_budget)
-    if image_embeds is None or class_embeds is None:
-        raise ValueError("give image_embeds [B, V, D] and class_embeds [C, P, D], or logits")
-    check_embeddings(image_embeds, class_embeds)
-    return s.from_embeddings(image_embeds, class_embeds, float(scale), config, memory_budget)
+        inputs = ScoreInput(float(scale), logits=logits, indices=indices)
+    else:
+        if image_embeds is None or class_embeds is None:
+            raise ValueError("give image_embeds [B, V, D] and class_embeds [C, P, D], or logits")
+        check_embeddings(image_embeds, class_embeds)
+        inputs = ScoreInput(float(scale), image_embeds, class_embeds, indices=indices)
+    if s.stateful and state is None:
+        state = s.new_state()
+    out = s(inputs, config=config, memory_budget=memory_budget, state=state, explain=explain)
+    return out if explain else out.scores
+
+
+__all__ = [
+    "SCORERS",
+    "AWTConfig",
+    "ScoreInput",
+    "ScoreOutput",
+    "Scorer",
+    "check_logits",
+    "get_scorer",
+    "list_scorers",
+    "needs_embeddings_message",
+    "register_scorer",
+    "score",
+    "unregister_scorer",
+]

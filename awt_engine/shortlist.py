@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from awt_engine.scorers import ScoreOutput
+
 
 def class_prototypes(class_embeds: Tensor) -> Tensor:
     """Normalised mean prompt embedding of each class: [C, P, D] -> [C, D]."""
@@ -67,3 +69,41 @@ def shortlisted_scores(
         sub = class_embeds[idx[b].to(class_embeds.device)]  # [K,P,D]
         out[b, idx[b]] = score_fn(image_embeds[b : b + 1], sub)[0].float()
     return out
+
+
+def shortlisted_output(
+    score_fn: Callable[[Tensor, Tensor], ScoreOutput],
+    image_embeds: Tensor,
+    class_embeds: Tensor,
+    k: int,
+    *,
+    explain: bool = False,
+) -> ScoreOutput:
+    """A scorer's output on each image's shortlist, put back on the whole label set:
+    scores [B, C] (``-inf`` outside the shortlist) and, with ``explain``, prompt weights
+    [B, C, P] and plans [B, C, V, P] (zero outside it), view weights [B, V] as given.
+
+    score_fn(image_embeds [1, V, D], class_embeds [K, P, D]) -> ScoreOutput with [1, K].
+    """
+    if not explain:
+        scores = shortlisted_scores(
+            lambda i, t: score_fn(i, t).scores, image_embeds, class_embeds, k
+        )
+        return ScoreOutput(scores)
+    B, V = image_embeds.shape[:2]
+    C, P = class_embeds.shape[:2]
+    idx = shortlist(image_embeds[:, 0], class_prototypes(class_embeds).to(image_embeds.device), k)
+    dev = image_embeds.device
+    scores = torch.full((B, C), float("-inf"), dtype=torch.float32, device=dev)
+    u, w, plans = None, torch.zeros(B, C, P, device=dev), torch.zeros(B, C, V, P, device=dev)
+    for b in range(B):
+        one = score_fn(image_embeds[b : b + 1], class_embeds[idx[b].to(class_embeds.device)])
+        scores[b, idx[b]] = one.scores[0].float()
+        if one.view_weights is not None:
+            u = torch.zeros(B, V, device=dev) if u is None else u
+            u[b] = one.view_weights[0].float()
+        if one.prompt_weights is not None:
+            w[b, idx[b]] = one.prompt_weights[0].float()
+        if one.plans is not None:
+            plans[b, idx[b]] = one.plans[0].float()
+    return ScoreOutput(scores, u, w, plans)

@@ -282,13 +282,13 @@ def test_plan_has_no_gradient_and_only_the_adapters_learn(train_clip_dir, toy_ta
     bb = load_backbone(train_clip_dir, device="cpu")
     net = _net(bb, _labels(), down_rate=16, **FAST)
     plans = []
-    real = scoring._plan_t
+    real = scoring.solvers._plan_t
 
     def spy(*args):
         plans.append(real(*args))
         return plans[-1]
 
-    monkeypatch.setattr(scoring, "_plan_t", spy)
+    monkeypatch.setattr(scoring.solvers, "_plan_t", spy)
     views = _views(toy_task, bb)
     batch = TrainBatch(views, torch.tensor([0, 1, 2]), 0, 0, torch.Generator().manual_seed(0))
     out = net.training_loss(batch)

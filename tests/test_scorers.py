@@ -51,7 +51,7 @@ def test_logits_give_the_same_scores_as_embeddings_for_every_logit_scorer():
     for name in list_scorers():
         s = get_scorer(name)
         from_embeds = score(s, scale=100.0, image_embeds=_t(img), class_embeds=_t(txt))
-        if s.from_logits is None:
+        if s.needs_embeddings:
             with pytest.raises(ValueError, match="needs class embeddings"):
                 score(s, scale=100.0, logits=logits)
             continue

@@ -185,7 +185,7 @@ def transport_scorer_help() -> str:
     """The scorers with an AWT transport plan (explain's choices), from the registry."""
     from awt_engine.scorers import get_scorer, list_scorers
 
-    names = [n for n in list_scorers() if get_scorer(n).awt is not None]
+    names = [n for n in list_scorers() if get_scorer(n).explains]
     return f"{', '.join(names[:-1])} or {names[-1]}." if len(names) > 1 else f"{names[0]}."
 
 

@@ -65,7 +65,7 @@ from awt_engine.methods.base import (
 )
 from awt_engine.methods.train_config import TrainConfig
 from awt_engine.models.layers import BranchAdapters
-from awt_engine.scorers import AWTConfig
+from awt_engine.scoring.config import AWTConfig
 
 
 @dataclass(frozen=True)
