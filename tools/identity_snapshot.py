@@ -41,7 +41,7 @@ def _hex(x):
     if isinstance(x, float):
         return x.hex()
     if isinstance(x, str):
-        return x.replace(WORK[0], "<work>")
+        return x.replace(WORK[0], "<work>").replace(str(ROOT), "<repo>")
     if isinstance(x, dict):
         return {k: _hex(v) for k, v in x.items() if k not in VOLATILE}
     if isinstance(x, list | tuple):
