@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from awt_engine.ray_inputs import batch_inputs, input_dataset
+
 INSTALL_HINT = "Ray is an optional extra: uv sync --extra ray (or pip install 'awt-engine[ray]')"
 
 
@@ -199,7 +201,7 @@ class _Classify:
     def __call__(self, batch: dict) -> dict:
         from awt_engine.inputs import input_label
 
-        inputs = _inputs(batch)
+        inputs = batch_inputs(batch)
         # classify streams a failure at once and the rest per forward pass: rows are put
         # back in batch order by the label each input is reported under
         rows_of: dict[str, list[int]] = {}
@@ -217,69 +219,6 @@ class _Classify:
             "scores": [[x["score"] for x in p.predictions] if p.ok else [] for p in preds],
             "error": [p.error for p in preds],
         }
-
-
-def _inputs(batch: dict) -> list:
-    """The images of a Ray Data batch: decoded arrays (``read_images``' ``image``), file
-    bytes (``read_binary_files``' ``bytes``, decoded as the file would be) or paths."""
-    from awt_engine.inputs import EncodedImage
-
-    if "image" in batch:
-        return list(batch["image"])
-    paths = [str(p) for p in batch["path"]]
-    if "bytes" in batch:  # None where a row is a local path (a union with local inputs)
-        return [
-            p if raw is None else EncodedImage(p, bytes(raw))
-            for p, raw in zip(paths, batch["bytes"], strict=True)
-        ]
-    return paths
-
-
-def _dataset(ray, inputs):
-    """(Dataset, unreadable folders) from a Dataset, or local paths, folders and globs and
-    remote URIs (``s3://bucket/prefix/``: read as binary files by Ray, on the workers)."""
-    if isinstance(inputs, ray.data.Dataset):
-        return inputs, []
-    if isinstance(inputs, str | Path):
-        inputs = [inputs]
-    from awt_engine.inputs.files import is_remote
-
-    inputs = [str(p) for p in inputs]
-    remote = [p for p in inputs if is_remote(p)]
-    local = [p for p in inputs if not is_remote(p)]
-    parts, unreadable = [], []
-    if local:
-        from awt_engine.inputs.files import find_images
-
-        found = find_images(local)
-        unreadable = found.unreadable
-        parts.append(ray.data.from_items([{"path": str(p)} for p in found.images]))
-    if remote:
-        from awt_engine.inputs.files import input_extensions
-
-        # videos too, as a local folder's listing has them: each gets its row (an error
-        # row for now: videos are decoded from local files), none is dropped unseen
-        exts = sorted(e.lstrip(".") for e in input_extensions())
-        parts.append(
-            ray.data.read_binary_files(
-                remote, include_paths=True, file_extensions=exts
-            ).select_columns(["path", "bytes"])
-        )
-    if len(parts) == 2:  # a union's columns must agree: local rows get no bytes
-        parts[0] = parts[0].map_batches(_with_no_bytes, batch_format="pyarrow")
-        parts[1] = parts[1].map_batches(_local_first, batch_format="pyarrow")
-    ds = parts[0] if len(parts) == 1 else parts[0].union(parts[1])
-    return ds, unreadable
-
-
-def _with_no_bytes(table):
-    import pyarrow as pa
-
-    return table.append_column("bytes", pa.nulls(table.num_rows, pa.binary()))
-
-
-def _local_first(table):
-    return table.select(["path", "bytes"])
 
 
 # Default CPU actors at most: each holds its own copy of the model (and of the class
@@ -406,7 +345,7 @@ def classify_dataset(
     refuse_split([scorer])
     ray = import_ray()
     init(classifier_kwargs.pop("address", None))
-    ds, unreadable = _dataset(ray, inputs)
+    ds, unreadable = input_dataset(ray, inputs)
     if preserve_order:  # rows in input order (the CLI's lines), at some cost in throughput
         # this pipeline's context (a dataset keeps a copy of the global one), not the process's
         ds.context.execution_options.preserve_order = True

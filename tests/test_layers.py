@@ -90,7 +90,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("run", ("awt_engine.runner",)),
     ("api", ("awt_engine.classifier", "awt_engine.evaluate", "awt_engine.explain")),
     ("training", ("awt_engine.training", "awt_engine.training.*")),
-    ("distributed", ("awt_engine.distributed",)),
+    ("distributed", ("awt_engine.ray_inputs", "awt_engine.distributed")),
     ("protocols", ("awt_engine.dispatch", "awt_engine.protocols")),
     ("describe", ("awt_engine.describe", "awt_engine.describe.*")),
     ("cli", ("awt_engine.cli", "awt_engine.cli.*")),
@@ -106,11 +106,7 @@ MAX_LINES = 500
 # Modules over MAX_LINES being split by the other branches of issue 18, with their
 # present length as a ceiling: a listed module may only shrink, and one that fits fails
 # the test until it is taken off the list. The lead empties this after the merge.
-LONG_PENDING: dict[str, int] = {
-    "awt_engine.describe.backends.openai_backend": 606,
-    "awt_engine.distributed": 525,
-    "awt_engine.methods.clamp": 511,
-}
+LONG_PENDING: dict[str, int] = {}
 
 
 def modules() -> dict[str, Path]:

@@ -16,7 +16,6 @@ so, that request is given up (no completions: its class may end short) and the r
 
 from __future__ import annotations
 
-import email.utils
 import http.client
 import json
 import logging
@@ -34,6 +33,16 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from awt_engine.describe.backends._http import (
+    ERROR_BODY_BYTES,
+    Deadline,
+    HTTPHandler,
+    HTTPSHandler,
+    Rejected,
+    Retryable,
+    parse_retry_after,
+    read_capped,
+)
 from awt_engine.describe.backends.base import (
     ChatBackend,
     ChatRequest,
@@ -46,7 +55,6 @@ from awt_engine.describe.errors import BackendError
 log = logging.getLogger("awt_engine.describe")
 
 RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-ERROR_BODY_BYTES = 4096  # read of an error answer: enough for its message, never a flood
 
 # userinfo ("user:secret@") of a URL, with or without its scheme
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
@@ -171,139 +179,6 @@ _SKIPPED = object()  # a request whose answer was no longer wanted
 _GAVE_UP = object()  # a request whose answer stayed too large or too slow (it gets none)
 
 
-class _Retryable(Exception):
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class _Rejected(_Retryable):
-    """The answer itself failed (too large, too slow): retried, then only this request is
-    given up, where a failing server (refused, unreachable, silent) stops the run."""
-
-
-# ----------------------------------------------------------------------------------------------
-# the total deadline of one request
-# ----------------------------------------------------------------------------------------------
-_current = threading.local()  # .deadline: the _Deadline of the request this thread is sending
-
-
-class _Deadline:
-    """Shuts the sockets of one request when its time is up, which makes any blocked read of
-    it fail at once. A socket timeout bounds each read only: a server sending one byte per
-    read would otherwise hold the request (and its worker) forever."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.expired = False
-        self._finished = False
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-
-    def __enter__(self) -> _Deadline:
-        _current.deadline = self
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.finish()
-
-    def finish(self) -> None:
-        """Stop watching (call before the sockets are closed, so none is shut after)."""
-        with self._lock:
-            self._finished = True
-            self._socks.clear()
-        self._timer.cancel()
-        _current.deadline = None
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self._finished:
-                return
-            if self.expired:
-                _shut(sock)
-            else:
-                self._socks.append(sock)
-
-    def _expire(self) -> None:
-        with self._lock:
-            if self._finished:
-                return
-            self.expired = True
-            for sock in self._socks:
-                _shut(sock)
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:  # already closed
-        pass
-
-
-def _watched(connect: Callable[[], None], conn: http.client.HTTPConnection) -> None:
-    connect()
-    deadline = getattr(_current, "deadline", None)
-    if deadline is not None and conn.sock is not None:
-        deadline.watch(conn.sock)
-
-
-class _HTTPConnection(http.client.HTTPConnection):
-    def connect(self) -> None:
-        _watched(super().connect, self)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        _watched(super().connect, self)  # the TLS socket, once wrapped
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def http_open(self, req):
-        return self.do_open(_HTTPConnection, req)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def https_open(self, req):
-        # No context given: http.client's default one (certificates and host name checked).
-        return self.do_open(_HTTPSConnection, req)
-
-
-def read_capped(resp, limit: int) -> bytes:
-    """The whole body of ``resp``; :class:`_Rejected` as soon as it exceeds ``limit`` bytes
-    (never more than ``limit`` + 64 KiB is held)."""
-    declared = resp.headers.get("Content-Length", "")
-    if declared.strip().isdigit() and int(declared) > limit:
-        raise _Rejected(f"answer of {int(declared)} bytes is larger than the {limit}-byte cap")
-    chunks, size = [], 0
-    while True:
-        chunk = resp.read(min(65536, limit + 1 - size))
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise _Rejected(f"answer is larger than the {limit}-byte cap")
-        chunks.append(chunk)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class OpenAIBackend(ChatBackend):
     name = "openai"
 
@@ -326,7 +201,7 @@ class OpenAIBackend(ChatBackend):
         self._pause_until = 0.0
         self._api_key = self._read_key()
         self._opener = urllib.request.build_opener(
-            _SameOriginRedirects(_origin(config.url)), _HTTPHandler(), _HTTPSHandler()
+            _SameOriginRedirects(_origin(config.url)), HTTPHandler(), HTTPSHandler()
         )
 
     def _read_key(self) -> str | None:
@@ -387,7 +262,7 @@ class OpenAIBackend(ChatBackend):
     def _post(self, data: bytes) -> dict:
         try:
             return self._post_raw(data)
-        except (_Retryable, BackendError) as e:  # no message may carry the key
+        except (Retryable, BackendError) as e:  # no message may carry the key
             e.args = (self._redact(str(e)),)
             raise
 
@@ -400,19 +275,19 @@ class OpenAIBackend(ChatBackend):
         try:
             obj = json.loads(payload.decode("utf-8"))
         except ValueError:  # not UTF-8, not JSON, an integer of 5000 digits, ...
-            raise _Retryable(f"answer is not JSON: {self._snippet(payload)}") from None
+            raise Retryable(f"answer is not JSON: {self._snippet(payload)}") from None
         except RecursionError:  # nested deeper than the parser's stack
-            raise _Retryable(
+            raise Retryable(
                 f"answer is not usable JSON (nested too deeply): {self._snippet(payload)}"
             ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
-            raise _Retryable(f"answer has no 'choices': {self._snippet(payload)}")
+            raise Retryable(f"answer has no 'choices': {self._snippet(payload)}")
         return obj
 
     def _exchange(self, request: urllib.request.Request) -> bytes:
         """The answer's body, all of it within the deadline and the size cap."""
         c = self.config
-        deadline = _Deadline(c.timeout_s)
+        deadline = Deadline(c.timeout_s)
         answered = False  # the status line and headers arrived: the answer itself is slow
         resp = None
         try:
@@ -438,16 +313,16 @@ class OpenAIBackend(ChatBackend):
             if resp is not None:
                 resp.close()
 
-    def _late(self, answered: bool) -> _Retryable:
+    def _late(self, answered: bool) -> Retryable:
         t = self.config.timeout_s
         if answered:
-            return _Rejected(f"answer not complete within {t:g} s (it arrived too slowly)")
-        return _Retryable(f"no answer within {t:g} s")
+            return Rejected(f"answer not complete within {t:g} s (it arrived too slowly)")
+        return Retryable(f"no answer within {t:g} s")
 
     def _refused(self, e: urllib.error.HTTPError, body: bytes) -> Exception:
         detail = self._snippet(body)
         if e.code in RETRY_STATUS:
-            return _Retryable(
+            return Retryable(
                 f"HTTP {e.code} {detail}", parse_retry_after(e.headers.get("Retry-After"))
             )
         hint = {
@@ -462,7 +337,7 @@ class OpenAIBackend(ChatBackend):
         when its answer stayed too large or too slow through every retry."""
         data = json.dumps(self._body(req, sampling)).encode("utf-8")
         c = self.config
-        last: _Retryable | None = None
+        last: Retryable | None = None
         for attempt in range(c.max_retries + 1):
             with self._pause_lock:
                 pause = self._pause_until - self._clock()
@@ -473,7 +348,7 @@ class OpenAIBackend(ChatBackend):
                 return _SKIPPED
             try:
                 obj = self._post(data)
-            except _Retryable as e:
+            except Retryable as e:
                 last = e
                 if attempt == c.max_retries or abort.is_set():
                     break
@@ -488,7 +363,7 @@ class OpenAIBackend(ChatBackend):
                 self._wait(delay, abort)
                 continue
             return _completions(obj, sampling.n)
-        if isinstance(last, _Rejected) and not abort.is_set():
+        if isinstance(last, Rejected) and not abort.is_set():
             reason = f"{c.max_retries + 1} attempt(s), the last: {last}"
             if self.stats.reject(reason):
                 log.warning(
@@ -574,14 +449,14 @@ class OpenAIBackend(ChatBackend):
         return [r if r is not None else [] for r in results]
 
 
-def _broken(e: BaseException, timeout_s: float) -> _Retryable:
+def _broken(e: BaseException, timeout_s: float) -> Retryable:
     """A failure of the connection (not of the deadline) as a retryable error."""
     reason = e.reason if isinstance(e, urllib.error.URLError) else e
     if isinstance(reason, (TimeoutError, socket.timeout)):
-        return _Retryable(f"no answer within {timeout_s:g} s")
+        return Retryable(f"no answer within {timeout_s:g} s")
     if isinstance(e, urllib.error.URLError):
-        return _Retryable(f"cannot connect ({reason})")
-    return _Retryable(f"connection broken ({type(e).__name__}: {e})")
+        return Retryable(f"cannot connect ({reason})")
+    return Retryable(f"connection broken ({type(e).__name__}: {e})")
 
 
 def _snippet(payload: bytes, limit: int = 200) -> str:
