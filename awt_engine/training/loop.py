@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -126,6 +127,10 @@ def fit(
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
     bar = progress_bar(steps_per_epoch * (config.epochs - start_epoch), progress, unit="step")
     diverged = _Divergence(model.method, state_file, result)
+    make_batch = partial(
+        _batch, model, items, images=images, labels_all=labels_all, views=views,
+        seed=config.seed, workers=workers,
+    )  # fmt: skip
     model.train()
     try:
         with deterministic_mode(config.deterministic):
@@ -138,29 +143,12 @@ def fit(
                 sums: dict[str, float] = {}
                 for step in range(steps_per_epoch):
                     idx = order[step * B : (step + 1) * B].tolist()
-                    batch = _batch(
-                        model,
-                        items,
-                        idx,
-                        images,
-                        labels_all,
-                        views,
-                        config.seed,
-                        epoch,
-                        step,
-                        workers,
-                    )
-                    with amp:
-                        out = model.training_loss(batch)
-                    total = out.total.item()
-                    if not math.isfinite(total):
-                        raise diverged(f"the loss became {total}", epoch, step, lr)
-                    _update(out.total, optimizer, scaler, config.grad_clip)
-                    terms = {"total": total, **{k: t.item() for k, t in out.terms.items()}}
+                    batch = make_batch(idx=idx, epoch=epoch, step=step)
+                    terms = _step(model, batch, amp, optimizer, scaler, config, diverged, lr)
                     for k, x in terms.items():
                         sums[k] = sums.get(k, 0.0) + x
                     result.steps += 1
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{total:.4f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{terms['total']:.4f}", lr=f"{lr:.2e}")
                     bar.update(1)
                 problem = _after_update(model, batch, amp)
                 if problem is not None:
@@ -168,17 +156,9 @@ def fit(
                 mean = {k: x / steps_per_epoch for k, x in sums.items()}
                 result.losses.append(mean)
                 if state_file is not None:
-                    save_state(
-                        state_file,
-                        model.learned_state(),
-                        optimizer.state_dict(),
-                        {
-                            "run_key": run_key,
-                            "epochs_done": epoch + 1,
-                            "losses": result.losses,
-                            "scaler": scaler.state_dict(),  # {} when no loss scaling
-                        },
-                    )
+                    meta = {"run_key": run_key, "epochs_done": epoch + 1, "losses": result.losses}
+                    meta["scaler"] = scaler.state_dict()  # {} when no loss scaling
+                    save_state(state_file, model.learned_state(), optimizer.state_dict(), meta)
                 if after_epoch is not None:
                     after_epoch(epoch, mean)
     finally:
@@ -186,6 +166,18 @@ def fit(
         model.eval()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _step(model, batch, amp, optimizer, scaler, config, diverged, lr) -> dict[str, float]:
+    """One optimisation step on ``batch``: its loss terms (``total`` first), checked finite
+    before the update (else ``diverged``'s FloatingPointError)."""
+    with amp:
+        out = model.training_loss(batch)
+    total = out.total.item()
+    if not math.isfinite(total):
+        raise diverged(f"the loss became {total}", batch.epoch, batch.step, lr)
+    _update(out.total, optimizer, scaler, config.grad_clip)
+    return {"total": total, **{k: t.item() for k, t in out.terms.items()}}
 
 
 def _resume(state_file: Path, run_key: str, model, optimizer, scaler, result) -> int:
