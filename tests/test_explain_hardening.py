@@ -284,3 +284,10 @@ def test_explain_widens_to_float64_on_the_cpu_only(model):
     want = plain.explain(solid("green", (40, 30)), top_k=2)
     for a, b in zip(exp.classes, want.classes, strict=True):
         torch.testing.assert_close(a.contributions, b.contributions)
+
+
+@pytest.mark.parametrize("command", ["classify", "eval", "explain", "describe", "train"])
+def test_every_command_with_long_work_takes_no_progress(command):
+    """The README: --no-progress turns bars off on every command that draws one."""
+    res = runner.invoke(app, [command, "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "--no-progress" in res.output, res.output

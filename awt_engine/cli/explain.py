@@ -20,6 +20,7 @@ from awt_engine.cli._common import (
     Model,
     Precision,
     Pretrained,
+    Progress,
     PromptTemperature,
     SinkhornIters,
     SinkhornTol,
@@ -78,6 +79,7 @@ def explain(
     prompt_temperature: PromptTemperature = None,
     sinkhorn_tol: SinkhornTol = None,
     sinkhorn_iters: SinkhornIters = None,
+    progress: Progress = True,
 ) -> None:
     """Explain a prediction: which crops were matched to which descriptions, and how much
     each pair added to the score (AWT's transport plan).
@@ -109,6 +111,7 @@ def explain(
         cache_dir=cache_dir,
         precision=precision,
         awt_config=config,
+        progress=progress,
     )
     exp = clf.explain(str(image), top_k=top)  # one model run for every format
     written = exp.save_all(target) if folder else [exp.save(target)]
