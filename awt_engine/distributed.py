@@ -391,12 +391,15 @@ class _Evaluate:
         failed = dict(res.failed)
         out: dict[str, list] = {"index": [], "error": []}
         out.update({f"top5/{s}": [] for s in self.scorers})
+        out.update({f"calib/{s}": [] for s in self.scorers})
         rows = {i: r for r, i in enumerate(scored)}
         for j, (path, index) in enumerate(zip(batch["path"], batch["index"], strict=True)):
             out["index"].append(int(index))
             out["error"].append(failed.get(str(path)))
             for s in self.scorers:
                 out[f"top5/{s}"].append(res.top5[s][rows[j]].tolist() if j in rows else [])
+                t = res.terms[s][rows[j]].tolist() if j in rows else []
+                out[f"calib/{s}"].append(t)
         return out
 
 
@@ -449,16 +452,20 @@ def evaluate_dataset(
     out.sort(key=lambda r: r["index"])
     ok = [r for r in out if r["error"] is None]
     labels = torch.tensor([items[r["index"]].label for r in ok], dtype=torch.long)
+    terms = {  # [N, 4] per scorer: the per-image calibration terms
+        s: torch.tensor([list(r[f"calib/{s}"]) for r in ok], dtype=torch.float64).reshape(-1, 4)
+        for s in scorers
+    }
     metrics = {}
     for s in scorers:
         top = torch.tensor([list(r[f"top5/{s}"]) for r in ok], dtype=torch.long)
         if not ok:
             top = torch.empty(0, 5, dtype=torch.long)
-        metrics[s] = metrics_from_topk(top, labels, n_failed=len(out) - len(ok))
+        metrics[s] = metrics_from_topk(top, labels, n_failed=len(out) - len(ok), terms=terms[s])
     failed = [(str(items[r["index"]].path), r["error"]) for r in out if r["error"] is not None]
     top5 = {s: torch.tensor([list(r[f"top5/{s}"]) for r in ok], dtype=torch.long) for s in scorers}
     scored = torch.tensor([r["index"] for r in ok], dtype=torch.long)
-    return EvalResult(data.name, metrics, failed, data.classes, top5, scored)
+    return EvalResult(data.name, metrics, failed, data.classes, top5, scored, terms)
 
 
 __all__ = ["ClassifierSpec", "classify_dataset", "evaluate_dataset", "import_ray", "init"]

@@ -1,4 +1,5 @@
-"""Evaluation on labelled data: top-1, top-5 and mean per-class recall per scorer.
+"""Evaluation on labelled data: top-1, top-5, mean per-class recall and calibration
+(:mod:`awt_engine.calibration`) per scorer.
 
 Every image goes through the model once and every requested scorer is scored from the
 same output (view embeddings, or logits for a generative model), through the same batch
@@ -24,6 +25,7 @@ from torch import Tensor
 from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
+from awt_engine.calibration import calibration_metrics, image_terms
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.inputs import Failure, ViewBatch, view_batches
 from awt_engine.labelled import LabelledData
@@ -45,12 +47,23 @@ class Metrics:
     n_images: int  # images scored
     n_failed: int  # images that could not be read or scored (not in the metrics)
     per_class_recall: dict[int, float] = field(default_factory=dict)  # label -> top-1 recall
+    # calibration of the softmax probabilities (awt_engine.calibration); None: no image
+    ece: float | None = None
+    ece_adaptive: float | None = None
+    nll: float | None = None
+    brier: float | None = None
+    aurc: float | None = None
 
     def as_dict(self) -> dict[str, float | None]:
         return {
             "acc1": self.acc1,
             "acc5": self.acc5,
             "mean_per_class_recall": self.mean_per_class_recall,
+            "ece": self.ece,
+            "ece_adaptive": self.ece_adaptive,
+            "nll": self.nll,
+            "brier": self.brier,
+            "aurc": self.aurc,
         }
 
 
@@ -59,7 +72,9 @@ def compute_metrics(scores: Tensor, labels: Tensor, n_failed: int = 0) -> Metric
 
     Mean per-class recall averages the top-1 recall of the classes that have images.
     """
-    return metrics_from_topk(top_classes(scores), labels, n_failed)
+    return metrics_from_topk(
+        top_classes(scores), labels, n_failed, terms=image_terms(scores, labels)
+    )
 
 
 def top_classes(scores: Tensor, k: int = 5) -> Tensor:
@@ -67,8 +82,11 @@ def top_classes(scores: Tensor, k: int = 5) -> Tensor:
     return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
 
 
-def metrics_from_topk(top: Tensor, labels: Tensor, n_failed: int = 0, k: int = 5) -> Metrics:
-    """Metrics from :func:`top_classes` output [N, min(k, C)] and labels [N].
+def metrics_from_topk(
+    top: Tensor, labels: Tensor, n_failed: int = 0, k: int = 5, terms: Tensor | None = None
+) -> Metrics:
+    """Metrics from :func:`top_classes` output [N, min(k, C)] and labels [N]; with
+    ``terms`` [N, 4] (:func:`~awt_engine.calibration.image_terms`), calibration too.
 
     Fractions are computed from integer counts (1 of 3 is 1/3, not a float32 mean).
     Top-k needs at least k classes: with fewer it is None, as CLIP_benchmark leaves it
@@ -85,7 +103,8 @@ def metrics_from_topk(top: Tensor, labels: Tensor, n_failed: int = 0, k: int = 5
         mask = labels == c
         per_class[c] = int(hit1[mask].sum()) / int(mask.sum())
     mean_recall = sum(per_class.values()) / len(per_class)
-    return Metrics(n1 / N, acc5, mean_recall, N, n_failed, per_class)
+    calib = calibration_metrics(terms) if terms is not None else {}
+    return Metrics(n1 / N, acc5, mean_recall, N, n_failed, per_class, **calib)
 
 
 class ResultsWriteError(OSError):
@@ -100,18 +119,23 @@ class EvalResult:
     classes: tuple[str, ...] = ()
     top5: dict[str, Tensor] = field(default_factory=dict)  # scorer -> [N, <=5] in item order
     scored: Tensor | None = None  # [N] item indices of the rows of top5
+    # scorer -> [N, 4] calibration terms (awt_engine.calibration.image_terms), as top5
+    terms: dict[str, Tensor] = field(default_factory=dict)
 
 
 class _Tally:
-    """Top-5 class indices per scorer and image (never [N, C] scores).
+    """Top-5 class indices and calibration terms [4] per scorer and image (never [N, C]
+    scores).
 
     An image whose scores are not finite under any scorer is a failed image (in
     ``failed``, with :data:`~awt_engine.classifier.NONFINITE_REASON`), not a prediction.
     """
 
-    def __init__(self, clf: Classifier, scorers, bar, failed: dict[int, str]):
+    def __init__(self, clf: Classifier, scorers, bar, failed: dict[int, str], labels_all):
         self.clf, self.scorers, self.bar, self.failed = clf, scorers, bar, failed
         self.tops: dict[str, list[Tensor]] = {s.name: [] for s in scorers}
+        self.terms: dict[str, list[Tensor]] = {s.name: [] for s in scorers}
+        self.labels = labels_all
         self.order: list[int] = []
 
     def add(self, idx: list[int], scores: dict[str, Tensor]) -> None:
@@ -122,8 +146,11 @@ class _Tally:
             if b:
                 self.failed[i] = NONFINITE_REASON
         keep = ~bad
+        labels = self.labels[torch.tensor(idx, dtype=torch.long)[keep]]
         for name, sc in scores.items():
-            self.tops[name].append(top_classes(sc[keep.to(sc.device)]).cpu())
+            kept = sc[keep.to(sc.device)]
+            self.tops[name].append(top_classes(kept).cpu())
+            self.terms[name].append(image_terms(kept, labels))
         self.order.extend(i for i, b in zip(idx, bad.tolist(), strict=True) if not b)
         self.bar.update(len(idx))
 
@@ -137,11 +164,21 @@ class _Tally:
         }
         return tops, order[sort]
 
-    def metrics(self, labels_all: Tensor, n_failed: int) -> dict[str, Metrics]:
-        tops, order = self.top5()
-        labels = labels_all[order]
+    def image_terms(self) -> dict[str, Tensor]:
+        """Per scorer the [N, 4] calibration terms of the scored items, in item order."""
+        sort = torch.tensor(self.order, dtype=torch.long).argsort()
         return {
-            name: metrics_from_topk(top, labels, n_failed=n_failed) for name, top in tops.items()
+            name: (torch.cat(t) if t else torch.empty(0, 4, dtype=torch.float64))[sort]
+            for name, t in self.terms.items()
+        }
+
+    def metrics(self, n_failed: int) -> dict[str, Metrics]:
+        tops, order = self.top5()
+        terms = self.image_terms()
+        labels = self.labels[order]
+        return {
+            name: metrics_from_topk(top, labels, n_failed=n_failed, terms=terms[name])
+            for name, top in tops.items()
         }
 
 
@@ -168,7 +205,7 @@ def evaluate(
     view_config = clf.view_config_for(runner.scorers)
     failed: dict[int, str] = {}
     bar = progress_bar(len(items), progress)
-    tally = _Tally(clf, runner.scorers, bar, failed)
+    tally = _Tally(clf, runner.scorers, bar, failed, labels_all)
 
     def batches(idx: list[int]):
         """View batches of items ``idx``, numbered by item; failures recorded."""
@@ -205,11 +242,12 @@ def evaluate(
     top5, scored = tally.top5()
     return EvalResult(
         data.name,
-        tally.metrics(labels_all, len(failed)),
+        tally.metrics(len(failed)),
         [(str(items[i].path), r) for i, r in sorted(failed.items())],
         data.classes,
         top5,
         scored,
+        tally.image_terms(),
     )
 
 

@@ -158,7 +158,10 @@ def test_cli_eval_writes_clip_benchmark_json(colour_set, tmp_path, monkeypatch):
     # CLIP_benchmark's fields
     assert rec["task"] == "zeroshot_classification" and rec["dataset"] == "colours"
     assert rec["model"] == "ViT-B-16-quickgelu" and rec["pretrained"] == "openai"
-    assert rec["metrics"] == {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0}
+    accuracy = {k: rec["metrics"][k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+    assert accuracy == {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0}
+    # calibration (tests/test_calibration.py checks the values)
+    assert set(rec["metrics"]) - set(accuracy) == {"ece", "ece_adaptive", "nll", "brier", "aurc"}
     # and everything that defines the run
     assert rec["scorer"] == "awt" and rec["views"] == 3 and rec["seed"] == 0
     assert rec["descriptions"] == 0 and "engine_version" in rec
@@ -222,7 +225,8 @@ def test_eval_with_no_readable_image_writes_null_and_exits_1(tmp_path, monkeypat
     assert res.exit_code == 1, res.output
     (path,) = out.iterdir()
     rec = json.loads(path.read_text())  # strict JSON: a bare NaN would not parse back as null
-    assert rec["metrics"] == {"acc1": None, "acc5": None, "mean_per_class_recall": None}
+    names = ("acc1", "acc5", "mean_per_class_recall", "ece", "ece_adaptive", "nll", "brier")
+    assert rec["metrics"] == dict.fromkeys((*names, "aurc"))  # all null: nothing scored
     assert "NaN" not in path.read_text()
     assert rec["n_images"] == 0 and rec["n_failed"] == 3
 

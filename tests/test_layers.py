@@ -82,6 +82,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "awt_engine.scorers",
             "awt_engine.scorers.*",
             "awt_engine.shortlist",
+            "awt_engine.calibration",
         ),
     ),
     ("models", ("awt_engine.models.*", "awt_engine.methods", "awt_engine.methods.*")),
