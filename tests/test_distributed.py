@@ -153,7 +153,14 @@ def test_cli_eval_ray_writes_the_same_json(local_ray, toy_task, tiny_clip_dir, t
     assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
     (fa,), (fb,) = list((tmp_path / "local").iterdir()), list((tmp_path / "ray").iterdir())
     ra, rb = json.loads(fa.read_text()), json.loads(fb.read_text())
-    assert ra["metrics"] == rb["metrics"] and ra["per_class_recall"] == rb["per_class_recall"]
+    calib = ("ece", "ece_adaptive", "nll", "brier", "aurc")
+    exact = {k: v for k, v in ra["metrics"].items() if k not in calib}
+    assert exact == {k: v for k, v in rb["metrics"].items() if k not in calib}
+    assert ra["per_class_recall"] == rb["per_class_recall"]
+    # calibration is a float function of the scores, which agree to rounding across
+    # batch compositions (docs/design.md 1.2): equal to about float32 precision
+    for k in calib:
+        assert ra["metrics"][k] == pytest.approx(rb["metrics"][k], rel=1e-5, abs=1e-6), k
     assert fa.name == fb.name  # the same run: the same file name
 
 
