@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 import awt_engine
@@ -79,26 +78,6 @@ def test_zero_shot_model_has_no_checkpoint(tiny_clip_dir):
     assert trained_info(object()) is None  # a user's model without the field
 
 
-@pytest.fixture(scope="module")
-def coop_checkpoint(toy_task, train_clip_dir, tmp_path_factory) -> Path:
-    from awt_engine.training import train
-
-    out = tmp_path_factory.mktemp("factory") / "coop.safetensors"
-    train(
-        "coop",
-        data_root=toy_task.root,
-        output=out,
-        shots=1,
-        seed=1,
-        model=train_clip_dir,
-        device="cpu",
-        epochs=1,
-        lr=0.05,
-        batch_size=4,
-    )
-    return out
-
-
 def test_checkpoint_loads_into_the_typed_field(coop_checkpoint):
     net = factory.load_model(checkpoint=coop_checkpoint, device="cpu")
     assert isinstance(net, TrainableBase) and isinstance(net, Embedder)
@@ -118,3 +97,16 @@ def test_classifier_takes_a_checkpoints_labels_from_its_field(coop_checkpoint):
     header = read_checkpoint_header(coop_checkpoint)
     assert clf.labels.classes == tuple(header["labels"]["classes"])
     assert clf.labels.template == header["labels"]["template"]
+
+
+def test_the_default_weights_survive_pickling_as_the_same_object():
+    """A ModelSource left at its default crosses to Ray actors by pickle; the factory
+    tests the default by identity, so the copy must be the module's one instance."""
+    import pickle
+
+    from awt_engine.dispatch import ModelSource
+
+    source = pickle.loads(pickle.dumps(ModelSource("RN50")))
+    assert source.pretrained is factory.DEFAULT_WEIGHTS
+    assert factory.weights_for("local-dir:/m", source.pretrained) is None
+    assert factory.weights_for("RN50", source.pretrained) == "openai"

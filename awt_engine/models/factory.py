@@ -32,6 +32,11 @@ class _DefaultWeights:
     def __repr__(self) -> str:
         return "<openai, or the checkpoint's weights>"
 
+    def __reduce__(self) -> str:
+        # pickled as the module's one instance, so ``is DEFAULT_WEIGHTS`` still holds in a
+        # Ray actor that unpickles a ModelSource left at its default
+        return "DEFAULT_WEIGHTS"
+
 
 DEFAULT_WEIGHTS: Any = _DefaultWeights()
 

@@ -30,7 +30,12 @@ from awt_engine.checkpoints import (
     save_checkpoint,
     state_path,
 )
-from awt_engine.models.factory import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_trained
+from awt_engine.models.factory import (
+    DEFAULT_MODEL,
+    DEFAULT_PRETRAINED,
+    load_trained,
+    weights_for,
+)
 from awt_engine.training.data import check_classes, few_shot, fingerprint, subsample_classes
 from awt_engine.training.loop import (
     TrainConfig,
@@ -184,8 +189,7 @@ def train(
         )
         _check_labels(spec, method_config, labels)
         model_name = model or (DEFAULT_MODEL if backbone is None else backbone.identity)
-        if pretrained == DEFAULT_PRETRAINED and model_name.startswith(("local-dir:", "hf-hub:")):
-            pretrained = None  # those ids carry their own weights (also when a backbone is given)
+        pretrained = weights_for(model_name, pretrained)  # local-dir:/hf-hub: carry their own
         if backbone is None:
             from awt_engine.backbone import load_backbone
 
