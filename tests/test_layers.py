@@ -49,7 +49,13 @@ ROOT = "awt_engine"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "foundation",
-        ("awt_engine", "awt_engine._io", "awt_engine._progress", "awt_engine._tensorfile"),
+        (
+            "awt_engine",
+            "awt_engine._io",
+            "awt_engine._progress",
+            "awt_engine._tensorfile",
+            "awt_engine.options",
+        ),
     ),
     (
         "names",

@@ -23,11 +23,8 @@ Axes: B images, V views, C classes, P prompts, D width, R input size.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -37,75 +34,13 @@ from awt_engine.inputs.views import ViewConfig
 from awt_engine.labelled import LabelledData
 from awt_engine.labels import LabelSet
 from awt_engine.models.base import TrainedInfo, learned_identity
-
-
-def option(default, help: str = "", *, bounds: tuple | None = None):
-    """A Config field with its help text (what ``awt-engine methods --verbose`` prints, as
-    peft's ``LoraConfig`` keeps its help on its fields) and, for the sizes a method
-    allocates from, the ``bounds`` [low, high] its value must lie in: an absurd value
-    (``--set n_ctx=100000000``, a crafted checkpoint) is refused by :func:`check_values`
-    before any tensor is made."""
-    metadata = {"help": help} if bounds is None else {"help": help, "bounds": tuple(bounds)}
-    return field(default=default, metadata=metadata)
-
-
-def bounded(default, low, high, help: str = ""):
-    """:func:`option` with ``bounds=(low, high)``."""
-    return option(default, help, bounds=(low, high))
-
-
-def option_help(config_type: type) -> dict[str, str]:
-    """Field name -> help text of the Config dataclass ``config_type`` (its :func:`option`
-    metadata; "" where a field has none)."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(config_type)}
-
-
-def check_config(config) -> None:
-    """:func:`check_values` of every field of the Config dataclass instance ``config``."""
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    check_values(type(config), values)
-
-
-def check_values(config_type: type, values: Mapping[str, Any]) -> None:
-    """ValueError naming the first of ``values`` (field name -> value) that does not fit
-    its field of the Config dataclass ``config_type``: not of the field's type (str, int,
-    float, bool or None as annotated), a number that is not finite, or outside the field's
-    :func:`bounded` range. Cheap: run before the Config is built (a checkpoint's header)
-    and before any model is."""
-    hints = typing.get_type_hints(config_type)
-    fields = {f.name: f for f in dataclasses.fields(config_type)}
-    for name, value in values.items():
-        if name not in fields:
-            continue
-        hint = hints.get(name)
-        if not _fits(value, hint):
-            raise ValueError(f"{name} must be {_kind(hint)}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        bounds = fields[name].metadata.get("bounds")
-        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
-            raise ValueError(f"{name} must be between {bounds[0]} and {bounds[1]}, got {value!r}")
-
-
-_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a text"}
-
-
-def _fits(value, hint) -> bool:
-    if isinstance(hint, types.UnionType):
-        return any(_fits(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint in (int, float) and isinstance(value, bool):
-        return False
-    if hint is float:
-        return isinstance(value, int | float)
-    return isinstance(value, hint) if hint in _KINDS else True  # others: the Config's own
-
-
-def _kind(hint) -> str:
-    if isinstance(hint, types.UnionType):
-        return " or ".join(_kind(h) for h in typing.get_args(hint))
-    return "none" if hint is type(None) else _KINDS.get(hint, str(hint))
+from awt_engine.options import (  # re-exported: methods declare their options here
+    bounded as bounded,
+)
+from awt_engine.options import check_config as check_config
+from awt_engine.options import check_values as check_values
+from awt_engine.options import option as option
+from awt_engine.options import option_help as option_help
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import errno
 import json
 import logging
 import os
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from awt_engine.models.factory import (
     load_trained,
     weights_for,
 )
+from awt_engine.options import convert
 from awt_engine.training.data import check_classes, few_shot, fingerprint, subsample_classes
 from awt_engine.training.loop import (
     TrainConfig,
@@ -90,30 +90,7 @@ def apply_options(spec, method_config, train_config: TrainConfig, options: dict[
 
 
 def _convert(config, f: dataclasses.Field, value):
-    if not isinstance(value, str):
-        return value
-    hints = typing.get_type_hints(type(config))
-    kind = hints.get(f.name, str)
-    text = value.strip()
-    try:
-        if kind is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if text.lower() == "none":
-            return None
-        for candidate in typing.get_args(kind):
-            if candidate in (int, float):
-                return candidate(text)
-        if typing.get_origin(kind) is tuple:
-            return tuple(float(x) for x in text.split(","))
-        return text
-    except ValueError:
-        raise ValueError(f"option {f.name}: cannot read {value!r} as {kind}") from None
+    return convert(type(config), f.name, value)
 
 
 def train(
