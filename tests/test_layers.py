@@ -89,6 +89,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "awt_engine.scorers.*",
             "awt_engine.shortlist",
             "awt_engine.calibration",
+            "awt_engine.adapt",
+            "awt_engine.adapt.*",
         ),
     ),
     ("models", ("awt_engine.models.*", "awt_engine.methods", "awt_engine.methods.*")),
