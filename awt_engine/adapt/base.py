@@ -114,6 +114,9 @@ class TransductiveAdaptation(Adaptation):
         raise NotImplementedError
 
 
+# Filled by @register_adaptation. The built-in ones register when the package is
+# imported (awt_engine/adapt/__init__.py imports each module), which Python does before
+# any of its modules, so the registry is complete whenever this module is in use.
 ADAPTATIONS: dict[str, Adaptation] = {}
 
 
@@ -129,14 +132,12 @@ def get_adaptation(name: str | Adaptation) -> Adaptation:
     """The adaptation called ``name``; ValueError listing the choices otherwise."""
     if isinstance(name, Adaptation):
         return name
-    _discover()
     if name not in ADAPTATIONS:
         raise ValueError(f"unknown adaptation {name!r}; choose one of: {', '.join(ADAPTATIONS)}")
     return ADAPTATIONS[name]
 
 
 def list_adaptations() -> list[str]:
-    _discover()
     return list(ADAPTATIONS)
 
 
@@ -147,11 +148,6 @@ def adapt_config(name: str | Adaptation, options: dict[str, Any] | None = None):
     if isinstance(options, a.Config):
         return options
     return apply_options(a.default_config(), options, f"adaptation {a.name!r}")
-
-
-def _discover() -> None:
-    """Import the built-in adaptations (each registers itself)."""
-    import awt_engine.adapt  # noqa: F401  (the package imports its modules)
 
 
 __all__ = [
