@@ -31,13 +31,14 @@ from torch import Tensor
 
 from awt_engine._io import resolve_cache_root
 from awt_engine._progress import progress_bar
+from awt_engine.adapt.scorer import adapted_scorer, resolve_scorer
 from awt_engine.inputs import Failure, view_batches
 from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet, resolve_label_set
 from awt_engine.models.base import check_model, trained_info
 from awt_engine.models.factory import DEFAULT_WEIGHTS, load_model
 from awt_engine.runner import NONFINITE_REASON, RunConfig, Runner, Scored, nonfinite_rows
-from awt_engine.scorers import AWTConfig, Scorer, get_scorer
+from awt_engine.scorers import AWTConfig, Scorer
 from awt_engine.text_cache import cached_class_embeddings
 
 
@@ -91,7 +92,7 @@ class Classifier:
         )
         self.model = model
         self.labels = labels
-        self.scorer = get_scorer(scorer)
+        self.scorer = resolve_scorer(scorer)
         self.base_view_config = view_config
         self.awt_config = awt_config or AWTConfig()
         self.runner_for([self.scorer])  # refuses what the model and scorer cannot do
@@ -116,14 +117,14 @@ class Classifier:
         return self.view_config_for([self.scorer])
 
     def view_config_for(self, scorers: Sequence[str | Scorer]) -> ViewConfig:
-        n = max(get_scorer(s).views_needed(self.base_view_config.n_views) for s in scorers)
+        n = max(resolve_scorer(s).views_needed(self.base_view_config.n_views) for s in scorers)
         return replace(self.base_view_config, n_views=n)
 
     def labels_for(self, scorers: Sequence[str | Scorer], labels: LabelSet | None = None):
         """``labels`` (default: the classifier's) without descriptions when no scorer uses
         them, so only the bare prompts are encoded."""
         labels = labels or self.labels
-        uses = any(get_scorer(s).uses_descriptions for s in scorers)
+        uses = any(resolve_scorer(s).uses_descriptions for s in scorers)
         return labels if uses else labels.bare()
 
     def runner_for(
@@ -131,7 +132,7 @@ class Classifier:
     ) -> Runner:
         """The run loop for ``scorers`` (default: this classifier's) against ``labels``
         (default: the classifier's), with the label set those scorers need."""
-        scorers = [get_scorer(s) for s in (scorers or [self.scorer])]
+        scorers = [resolve_scorer(s) for s in (scorers or [self.scorer])]
         return Runner(
             self.model,
             self.labels_for(scorers, labels),
@@ -334,7 +335,7 @@ def create_classifier(
     views: int | None = None,
     seed: int | None = None,
     frames: int | None = None,
-    scorer: str = "awt",
+    scorer: str | Scorer = "awt",
     device: str = "auto",
     cache_dir: str | Path | None = None,
     batch_size: int | None = None,
@@ -348,6 +349,8 @@ def create_classifier(
     progress: bool | None = None,
     method: str | None = None,
     run_config: RunConfig | None = None,
+    adapt: str | None = None,
+    adapt_options: dict[str, Any] | None = None,
 ) -> Classifier:
     """A ready classifier. Keyword names mirror ``awt-engine classify``'s options.
 
@@ -368,6 +371,10 @@ def create_classifier(
     paper's ablations. shortlist: score only each image's K nearest classes (large label
     sets; changes results). memory_budget: bytes the scorer's blocks may use (results do
     not depend on it). ``method`` is the old name of ``scorer`` (deprecated).
+    adapt: a test-time adaptation on top of the scorer (``tda``, ``dota`` online: images
+    are scored in the order given, each one updating the state; ``transclip``
+    transductive: scores come once every image is in), with ``adapt_options`` (option name
+    -> value, as ``--set``); see :mod:`awt_engine.adapt`.
 
     The settings group into the config objects: ``view_config`` (views, seed, frames),
     ``awt_config`` and ``run_config`` (:class:`~awt_engine.runner.RunConfig`: batch_size
@@ -383,7 +390,8 @@ def create_classifier(
             stacklevel=2,
         )
         scorer = method
-    get_scorer(scorer)
+    # checked before any model loads: the scorer, the adaptation and its options
+    scorer = adapted_scorer(scorer, adapt, adapt_options) if adapt else resolve_scorer(scorer)
     view_config = _view_config(view_config, views, seed, frames)
     run_config = replace(
         run_config or RunConfig(),

@@ -117,13 +117,22 @@ def evaluate_with(
     cache_root: Path | None = None,
     image_cache: bool = True,
     progress: bool = False,
+    eval_options: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """:func:`~awt_engine.evaluate.evaluate` of ``clf`` here, or (``ray``) on an actor
     pool whose actors build the classifier from ``source`` and ``options`` (the keywords
-    ``clf`` was made with; the image cache is not used there)."""
+    ``clf`` was made with; the image cache is not used there). ``eval_options``:
+    evaluate's ``orders``, ``order_seed`` and ``ood``."""
+    eval_options = dict(eval_options or {})
     if ray is None:
         return evaluate(
-            clf, data, scorers, cache_root=cache_root, image_cache=image_cache, progress=progress
+            clf,
+            data,
+            scorers,
+            cache_root=cache_root,
+            image_cache=image_cache,
+            progress=progress,
+            **eval_options,
         )
     if source is None or options is None:
         raise ValueError("a Ray evaluation needs the model's source and the classifier options")
@@ -137,6 +146,7 @@ def evaluate_with(
         concurrency=ray.concurrency,
         num_gpus=ray.num_gpus,
         progress=progress,
+        **eval_options,
     )
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,86 +25,25 @@ from torch import Tensor
 from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
-from awt_engine.calibration import calibration_metrics, image_terms
+from awt_engine.adapt.scorer import AdaptedScorer, Collected, resolve_scorer
+from awt_engine.calibration import image_terms
+from awt_engine.evaluate_adapted import AdaptedRun, adapted_runs, ood_confidence, plain_ood
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.inputs import Failure, ViewBatch, view_batches
 from awt_engine.labelled import LabelledData
+from awt_engine.metrics import (  # re-exported: evaluation's results are these
+    Metrics as Metrics,
+)
+from awt_engine.metrics import compute_metrics as compute_metrics
+from awt_engine.metrics import mean_metrics, metrics_std
+from awt_engine.metrics import metrics_from_topk as metrics_from_topk
+from awt_engine.metrics import top_classes as top_classes
 from awt_engine.models.base import trained_info
 from awt_engine.runner import NONFINITE_REASON, Runner, Scored, nonfinite_rows
-from awt_engine.scorers import get_scorer
+from awt_engine.scorers import Scorer
 
 if TYPE_CHECKING:  # the classifier is the layer above: evaluate takes one, never imports it
     from awt_engine.classifier import Classifier
-
-
-@dataclass(frozen=True)
-class Metrics:
-    """Accuracies as exact fractions of counts; None where a metric is not defined."""
-
-    acc1: float | None  # None when no image was scored
-    acc5: float | None  # None also when there are fewer than 5 classes (as CLIP_benchmark)
-    mean_per_class_recall: float | None
-    n_images: int  # images scored
-    n_failed: int  # images that could not be read or scored (not in the metrics)
-    per_class_recall: dict[int, float] = field(default_factory=dict)  # label -> top-1 recall
-    # calibration of the softmax probabilities (awt_engine.calibration); None: no image
-    ece: float | None = None
-    ece_adaptive: float | None = None
-    nll: float | None = None
-    brier: float | None = None
-    aurc: float | None = None
-
-    def as_dict(self) -> dict[str, float | None]:
-        return {
-            "acc1": self.acc1,
-            "acc5": self.acc5,
-            "mean_per_class_recall": self.mean_per_class_recall,
-            "ece": self.ece,
-            "ece_adaptive": self.ece_adaptive,
-            "nll": self.nll,
-            "brier": self.brier,
-            "aurc": self.aurc,
-        }
-
-
-def compute_metrics(scores: Tensor, labels: Tensor, n_failed: int = 0) -> Metrics:
-    """scores [N, C], labels [N] -> top-1, top-5, mean per-class recall.
-
-    Mean per-class recall averages the top-1 recall of the classes that have images.
-    """
-    return metrics_from_topk(
-        top_classes(scores), labels, n_failed, terms=image_terms(scores, labels)
-    )
-
-
-def top_classes(scores: Tensor, k: int = 5) -> Tensor:
-    """Indices [N, min(k, C)] of the best classes, best first: all the metrics need."""
-    return scores.topk(min(k, scores.shape[-1]), dim=-1).indices
-
-
-def metrics_from_topk(
-    top: Tensor, labels: Tensor, n_failed: int = 0, k: int = 5, terms: Tensor | None = None
-) -> Metrics:
-    """Metrics from :func:`top_classes` output [N, min(k, C)] and labels [N]; with
-    ``terms`` [N, 4] (:func:`~awt_engine.calibration.image_terms`), calibration too.
-
-    Fractions are computed from integer counts (1 of 3 is 1/3, not a float32 mean).
-    Top-k needs at least k classes: with fewer it is None, as CLIP_benchmark leaves it
-    undefined rather than reporting a trivial 1.0.
-    """
-    N = top.shape[0]
-    if N == 0:
-        return Metrics(None, None, None, 0, n_failed)
-    hit1 = top[:, 0] == labels
-    n1 = int(hit1.sum())
-    acc5 = int((top == labels[:, None]).any(dim=-1).sum()) / N if top.shape[1] >= k else None
-    per_class = {}
-    for c in labels.unique().tolist():
-        mask = labels == c
-        per_class[c] = int(hit1[mask].sum()) / int(mask.sum())
-    mean_recall = sum(per_class.values()) / len(per_class)
-    calib = calibration_metrics(terms) if terms is not None else {}
-    return Metrics(n1 / N, acc5, mean_recall, N, n_failed, per_class, **calib)
 
 
 class ResultsWriteError(OSError):
@@ -121,6 +60,16 @@ class EvalResult:
     scored: Tensor | None = None  # [N] item indices of the rows of top5
     # scorer -> [N, 4] calibration terms (awt_engine.calibration.image_terms), as top5
     terms: dict[str, Tensor] = field(default_factory=dict)
+    # adapted scorer -> its runs (one per seeded order; one for a transductive one); its
+    # metrics above are their mean, its top5 and terms the first run's
+    runs: dict[str, list[AdaptedRun]] = field(default_factory=dict)
+    scorers: dict[str, Scorer] = field(default_factory=dict)  # name -> the scorer
+    ood_root: str | None = None  # where the OOD images came from (eval --ood-root)
+
+    def add_runs(self, name: str, runs: list[AdaptedRun]) -> None:
+        self.runs[name] = runs
+        self.metrics[name] = mean_metrics([r.metrics for r in runs])
+        self.top5[name], self.terms[name] = runs[0].top5, runs[0].terms
 
 
 class _Tally:
@@ -133,6 +82,7 @@ class _Tally:
 
     def __init__(self, clf: Classifier, scorers, bar, failed: dict[int, str], labels_all):
         self.clf, self.scorers, self.bar, self.failed = clf, scorers, bar, failed
+        self.names = [s.name for s in scorers]
         self.tops: dict[str, list[Tensor]] = {s.name: [] for s in scorers}
         self.terms: dict[str, list[Tensor]] = {s.name: [] for s in scorers}
         self.labels = labels_all
@@ -147,7 +97,8 @@ class _Tally:
                 self.failed[i] = NONFINITE_REASON
         keep = ~bad
         labels = self.labels[torch.tensor(idx, dtype=torch.long)[keep]]
-        for name, sc in scores.items():
+        for name in self.names:
+            sc = scores[name]
             kept = sc[keep.to(sc.device)]
             self.tops[name].append(top_classes(kept).cpu())
             self.terms[name].append(image_terms(kept, labels))
@@ -185,12 +136,16 @@ class _Tally:
 def evaluate(
     clf: Classifier,
     data: LabelledData,
-    scorers: Sequence[str],
+    scorers: Sequence[str | Scorer],
     *,
     cache_root: Path | None,
     image_cache: bool = True,
     progress: bool = False,
     states: dict[str, Any] | None = None,
+    orders: int = 1,
+    order_seed: int = 0,
+    ood: Sequence[str | Path] | None = None,
+    ood_root: str | None = None,
 ) -> EvalResult:
     """Run the model once per image; score every scorer from the same output.
 
@@ -198,14 +153,66 @@ def evaluate(
     on disk so a rerun or a resumed run skips the encoder; cached images are scored first
     unless a scorer keeps state or depends on order (then every image goes in input
     order, through the model). ``states``: scorer name -> a stateful scorer's state.
+
+    Adapted scorers (``awt+tda``, ...) collect during the pass and are replayed after it
+    (:mod:`awt_engine.evaluate_adapted`): an online one over ``orders`` permutations of
+    the images seeded ``order_seed``, ``order_seed + 1``, ...; ``ood``: images of none of
+    the classes, for ``ood_auroc`` / ``ood_fpr95`` of every scorer (``ood_root``: where
+    they came from, for the record).
     """
+    if orders < 1:
+        raise ValueError(f"orders must be >= 1, got {orders}")
     runner = clf.runner_for(scorers)  # refuses what the model cannot do with a scorer
     items = list(data.items)
     labels_all = torch.tensor([it.label for it in items], dtype=torch.long)
-    view_config = clf.view_config_for(runner.scorers)
+    adapted = [s for s in runner.scorers if isinstance(s, AdaptedScorer)]
+    states = {**(states or {}), **{s.name: s.collector() for s in adapted}}
     failed: dict[int, str] = {}
-    bar = progress_bar(len(items), progress)
-    tally = _Tally(clf, runner.scorers, bar, failed, labels_all)
+    bar = progress_bar(len(items) + len(ood or ()), progress)
+    plain = [s for s in runner.scorers if not isinstance(s, AdaptedScorer)]
+    tally = _Tally(clf, plain, bar, failed, labels_all)
+    try:
+        _score_all(clf, runner, items, states, failed, bar, tally, cache_root, image_cache)
+        ood_scores = _score_ood(clf, runner, ood, bar) if ood is not None else None
+    finally:
+        bar.close()
+    top5, scored = tally.top5()
+    terms = tally.image_terms()
+    metrics = tally.metrics(len(failed))
+    fails = [(str(items[i].path), r) for i, r in sorted(failed.items())]
+    if ood_scores is not None:
+        fails += ood_scores.failed
+        for s in plain:
+            metrics[s.name] = replace(
+                metrics[s.name], **plain_ood(terms[s.name], ood_scores.conf[s.name])
+            )
+    result = EvalResult(data.name, metrics, fails, data.classes, top5, scored, terms)
+    result.scorers = {s.name: s for s in runner.scorers}
+    result.ood_root = ood_root
+    for s in adapted:
+        runs = adapted_runs(
+            s,
+            states[s.name],
+            labels_all,
+            scored,
+            len(failed),
+            orders=orders,
+            order_seed=order_seed,
+            ood=ood_scores.collected[s.name] if ood_scores is not None else None,
+            memory_budget=clf.memory_budget,
+        )
+        result.add_runs(s.name, runs)
+    return result
+
+
+def _score_all(clf, runner: Runner, items, states, failed, bar, tally, cache_root, image_cache):
+    """The pass over the labelled images: through the image cache when every scorer is
+    order-free during the pass (adapted ones only collect), else in input order."""
+    view_config = clf.view_config_for(runner.scorers)
+    in_order = any(
+        (s.stateful or s.order_dependent) and not isinstance(s, AdaptedScorer)
+        for s in runner.scorers
+    )
 
     def batches(idx: list[int]):
         """View batches of items ``idx``, numbered by item; failures recorded."""
@@ -225,38 +232,80 @@ def evaluate(
                 yield ViewBatch(tuple(idx[j] for j in b.indices), b.sources, b.views)
 
     cache = None
-    if runner.embeds and image_cache and cache_root is not None and not runner.in_order:
+    if runner.embeds and image_cache and cache_root is not None and not in_order:
         txt = clf.class_embeddings(runner.labels)
         cache = ImageEmbeddingCache(cache_root, clf.model.identity, view_config, dim=txt.shape[-1])
     try:
         if cache is not None:
-            _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner)
+            _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner, states)
         else:  # every image in input order, through the run loop
-            for out in runner.run(batches(list(range(len(items)))), runner.new_states(states)):
+            everything = batches(list(range(len(items))))
+            for out in runner.run(everything, runner.new_states(states), finish=False):
                 assert isinstance(out, Scored)  # failures were taken out by batches()
                 tally.add(list(out.indices), out.scores)
     finally:
         if cache is not None:
             cache.close()
-        bar.close()
-    top5, scored = tally.top5()
-    return EvalResult(
-        data.name,
-        tally.metrics(len(failed)),
-        [(str(items[i].path), r) for i, r in sorted(failed.items())],
-        data.classes,
-        top5,
-        scored,
-        tally.image_terms(),
+
+
+@dataclass
+class _OODScores:
+    conf: dict[str, Tensor]  # plain scorer -> [M] maximum class probability
+    collected: dict[str, Collected]  # adapted scorer -> its OOD images' parts
+    failed: list[tuple[str, str]]  # (path, reason)
+
+
+def _score_ood(clf, runner: Runner, paths, bar) -> _OODScores:
+    """Every scorer on the OOD images (no labels; through the run loop, input order)."""
+    paths = [str(p) for p in paths]
+    adapted = [s for s in runner.scorers if isinstance(s, AdaptedScorer)]
+    collected = {s.name: s.collector() for s in adapted}
+    confs: dict[str, list[Tensor]] = {s.name: [] for s in runner.scorers if s not in adapted}
+    failed = []
+    stream = view_batches(
+        paths,
+        clf.model.preprocess,
+        clf.view_config_for(runner.scorers),
+        batch_size=clf.batch_size,
+        workers=clf.workers,
+        device=clf.model.device,
     )
+    for out in runner.run(stream, runner.new_states(dict(collected)), finish=False):
+        bar.update(len(out) if isinstance(out, Scored) else 1)
+        if isinstance(out, Failure):
+            failed.append((out.source, out.reason))
+            continue
+        bad = torch.zeros(len(out), dtype=torch.bool)
+        for sc in out.scores.values():
+            bad |= nonfinite_rows(sc, clf.shortlist)
+        failed += [
+            (src, NONFINITE_REASON) for src, b in zip(out.sources, bad.tolist(), strict=True) if b
+        ]
+        for name in confs:
+            confs[name].append(ood_confidence(out.scores[name][~bad]))
+    for s in adapted:  # OOD images whose scores were not finite stay out of the stream
+        _drop(collected[s.name], {paths.index(src) for src, _ in failed if src in paths})
+    conf = {n: torch.cat(c) if c else torch.empty(0, dtype=torch.float64) for n, c in confs.items()}
+    return _OODScores(conf, collected, failed)
 
 
-def _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner: Runner):
+def _drop(collected: Collected, indices: set[int]) -> None:
+    """Take images out of a collected set (in place)."""
+    if not indices or not len(collected):
+        return
+    keep = [i not in indices for i in collected.indices]
+    mask = torch.tensor(keep, dtype=torch.bool)
+    scores, feats = torch.cat(collected.scores)[mask], torch.cat(collected.features)[mask]
+    collected.indices = [i for i, k in zip(collected.indices, keep, strict=True) if k]
+    collected.scores, collected.features = [scores], [feats]
+
+
+def _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner: Runner, states):
     """Cached images first (shard by shard, no encoding), then the rest as they embed
     (stateless, order-free scorers only: the order depends on what the cache holds)."""
 
     def score_embeds(idx: list[int], img: Tensor) -> None:
-        out = runner.score(runner.embedded(img), idx)
+        out = runner.score(runner.embedded(img), idx, states)
         tally.add(idx, {name: o.scores for name, o in out.items()})
 
     keys: list[str | None] = [None] * len(items)
@@ -337,11 +386,17 @@ def result_records(
         "subsample": subsample,
         "checkpoint": checkpoint,
         "method": method,
+        "ood_root": result.ood_root,
+        "adapt_configs": {
+            n: dataclasses.asdict(x.config)
+            for n, x in result.scorers.items()
+            if isinstance(x, AdaptedScorer)
+        },
     }
     run_id = sha256_hex(json.dumps({**base, "model": model}, sort_keys=True, default=str))[:10]
     out = {}
     for name, m in result.metrics.items():
-        s = get_scorer(name)
+        s = result.scorers.get(name) or resolve_scorer(name)
         out[name] = {
             "dataset": result.dataset,
             "model": model,
@@ -351,7 +406,8 @@ def result_records(
             "metrics": m.as_dict(),
             "language": "en",
             # awt-engine's own fields
-            "scorer": name,
+            "scorer": s.base.name if isinstance(s, AdaptedScorer) else name,
+            **_adapt_record(s, result.runs.get(name)),
             "views": clf.base_view_config.n_views if s.uses_views else 1,
             "descriptions": labels.n_descriptions if s.uses_descriptions else 0,
             "per_class_recall": {
@@ -366,6 +422,22 @@ def result_records(
             "created": now,
         }
     return out
+
+
+def _adapt_record(s: Scorer, runs: list[AdaptedRun] | None) -> dict[str, Any]:
+    """The adaptation fields of a record: which (None for a plain scorer), its options,
+    and for an online one each seeded order's metrics with their standard deviation."""
+    if not isinstance(s, AdaptedScorer):
+        return {"adapt": None}
+    rec: dict[str, Any] = {
+        "adapt": s.adaptation.name,
+        "adapt_kind": "online" if s.adaptation.online else "transductive",
+        "adapt_config": dataclasses.asdict(s.config),
+    }
+    if s.adaptation.online and runs:
+        rec["orders"] = [{"seed": r.seed, "metrics": r.metrics.as_dict()} for r in runs]
+        rec["metrics_std"] = metrics_std([r.metrics for r in runs])
+    return rec
 
 
 def write_results(records: dict[str, dict], output: Path) -> list[Path]:
@@ -400,16 +472,21 @@ def _percent(x: float | None) -> str:
 
 
 def format_table(result: EvalResult) -> str:
-    rows = [("scorer", "top-1", "top-5", "mean recall", "images")]
+    """One row per scorer: accuracy, calibration (ECE, NLL) and, when measured, OOD
+    detection; an online adaptation's numbers are the mean over its orders, with
+    the standard deviation of top-1 beside it."""
+    ood = any(m.ood_auroc is not None for m in result.metrics.values())
+    head = ["scorer", "top-1", "top-5", "mean recall", "ECE", "NLL", "images"]
+    rows = [head + (["OOD AUROC", "FPR95"] if ood else [])]
     for name, m in result.metrics.items():
-        rows.append(
-            (
-                name,
-                _percent(m.acc1),
-                _percent(m.acc5),
-                _percent(m.mean_per_class_recall),
-                str(m.n_images),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        runs = result.runs.get(name, [])
+        top1 = _percent(m.acc1)
+        if len(runs) > 1:
+            top1 += f" ± {100 * metrics_std([r.metrics for r in runs])['acc1']:.2f}"
+        row = [name, top1, _percent(m.acc5), _percent(m.mean_per_class_recall)]
+        row += [_percent(m.ece), "-" if m.nll is None else f"{m.nll:.3f}", str(m.n_images)]
+        if ood:
+            row += [_percent(m.ood_auroc), _percent(m.ood_fpr95)]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(r, widths, strict=True)) for r in rows)

@@ -90,13 +90,15 @@ def evaluate_split(
     cache_root: Path | None = None,
     image_cache: bool = True,
     progress: bool = False,
+    eval_options: Mapping[str, Any] | None = None,
 ) -> SplitRun:
     """``data`` (already subset to ``part``'s classes) scored by ``net`` with each scorer.
 
     ``options`` are create_classifier's keywords other than the model and the labels
     (template, descriptions, views, frames, seed, cache_dir, batches, budgets,
     awt_config); ``scorer`` defaults to the first of ``scorers``. With ``ray`` the actors
-    load the model from ``source``."""
+    load the model from ``source``. ``eval_options``: evaluate's ``orders``,
+    ``order_seed`` and ``ood`` (:func:`~awt_engine.evaluate.evaluate`)."""
     settings = {"scorer": scorers[0], **(options or {}), **label_options(net, data, dataset)}
     clf = create_classifier(embedder=net, **settings, progress=progress)
     result = evaluate_with(
@@ -109,6 +111,7 @@ def evaluate_split(
         cache_root=cache_root,
         image_cache=image_cache,
         progress=progress,
+        eval_options=eval_options,
     )
     return SplitRun(part, data, clf, result)
 

@@ -16,7 +16,11 @@ knows the two kinds of model:
 Scorers that keep state get it from the caller (``states``: scorer name -> the state
 object, made by :meth:`~awt_engine.scorers.Scorer.new_state` when not given), and the
 loop scores batches in the order it receives them, which is input order. A scorer that
-needs the whole set before scoring is refused (none is registered yet).
+needs the whole set before scoring (transduction, :mod:`awt_engine.adapt`) collects
+every batch into its state; the loop holds the scored rows (``[b, C]`` per scorer, never
+the views) until the last batch, calls the scorer's ``finish(state)`` once, and then
+yields every row with its final scores: with such a scorer nothing comes out before the
+end.
 
 Axes: b images in a batch, V views, C classes, P prompts, D embedding width.
 """
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from awt_engine.adapt.scorer import resolve_scorer
 from awt_engine.inputs import Failure, ViewBatch
 from awt_engine.labels import LabelSet
 from awt_engine.models.base import is_embedder
@@ -38,7 +43,6 @@ from awt_engine.scorers import (
     ScoreOutput,
     Scorer,
     check_logits,
-    get_scorer,
     needs_embeddings_message,
 )
 from awt_engine.scoring.config import AWTConfig
@@ -131,7 +135,7 @@ class Runner:
     ):
         self.model, self.labels = model, labels
         self.awt_config, self.run_config = awt_config, run_config
-        self.scorers = [get_scorer(s) for s in scorers]
+        self.scorers = [resolve_scorer(s) for s in scorers]
         self.embeds = is_embedder(model)  # the one place the two kinds differ
         check_run(model, self.scorers, run_config.shortlist)
         if self.embeds and class_embeddings is None:
@@ -210,17 +214,46 @@ class Runner:
             return s(ScoreInput(out.scale, img, txt, indices=idx), **kw)
 
     def run(
-        self, batches: Iterable[ViewBatch | Failure], states: dict[str, Any] | None = None
+        self,
+        batches: Iterable[ViewBatch | Failure],
+        states: dict[str, Any] | None = None,
+        *,
+        finish: bool = True,
     ) -> Iterator[Scored | Failure]:
-        """Score each :class:`ViewBatch` as it comes; pass each :class:`Failure` on."""
+        """Score each :class:`ViewBatch` as it comes; pass each :class:`Failure` on.
+
+        With a whole-set scorer (and ``finish``), every item is held until the last batch,
+        then the scorer's ``finish`` gives its scores and all items come out in the order
+        they came in. ``finish=False``: the caller finishes (evaluation replays the
+        collected set itself); that scorer's rows are then its stand-in scores."""
         states = self.new_states(states)
+        whole = [s for s in self.scorers if s.needs_whole_set] if finish else []
+        held: list[Scored | Failure] = []
         for item in batches:
             if isinstance(item, Failure):
-                yield item
-                continue
-            scores = self.score(self.outputs(item.views), item.indices, states)
-            rows = {name: o.scores.float().cpu() for name, o in scores.items()}
-            yield Scored(tuple(item.indices), tuple(item.sources), rows)
+                out: Scored | Failure = item
+            else:
+                scores = self.score(self.outputs(item.views), item.indices, states)
+                rows = {name: o.scores.float().cpu() for name, o in scores.items()}
+                out = Scored(tuple(item.indices), tuple(item.sources), rows)
+            if whole:
+                held.append(out)
+            else:
+                yield out
+        if whole:
+            yield from self._finished(held, whole, states)
+
+    def _finished(self, held, whole: list[Scorer], states) -> Iterator[Scored | Failure]:
+        """``held`` items with each whole-set scorer's rows replaced by its solve."""
+        budget = self.run_config.memory_budget
+        final = {s.name: s.finish(states[s.name], budget) for s in whole}  # index -> [C]
+        for item in held:
+            if isinstance(item, Scored):
+                rows = dict(item.scores)
+                for name, by_index in final.items():
+                    rows[name] = torch.stack([by_index[i] for i in item.indices])
+                item = Scored(item.indices, item.sources, rows)
+            yield item
 
 
 def check_run(model, scorers: Sequence[Scorer], shortlist: int | None) -> None:
@@ -228,10 +261,10 @@ def check_run(model, scorers: Sequence[Scorer], shortlist: int | None) -> None:
     if shortlist is not None and shortlist < 1:
         raise ValueError(f"shortlist must be >= 1 classes, got {shortlist}")
     for s in scorers:
-        if s.needs_whole_set:
+        if s.needs_whole_set and not hasattr(s, "finish"):
             raise ValueError(
-                f"scorer {s.name!r} needs the whole set of images before scoring any; the "
-                "run loop scores as images arrive and does not collect them yet"
+                f"scorer {s.name!r} needs the whole set of images but has no finish(state) "
+                "to score them once collected"
             )
         if s.stateful and shortlist is not None:
             raise ValueError(

@@ -97,6 +97,22 @@ class Scorer:
     def views_needed(self, n_views: int) -> int:
         return n_views if self.uses_views else 1
 
+    def image_features(self, inputs: ScoreInput, config: AWTConfig) -> Tensor:
+        """[B, D] L2-normalised: the one embedding per image an adaptation reads
+        (:mod:`awt_engine.adapt`). Here view 0, the un-augmented image (what zero-shot CLIP
+        scores); a scorer that weighs its views overrides this with their weighted mean."""
+        return _need_embeds(self, inputs)[:, 0]
+
+    def class_features(self, inputs: ScoreInput) -> Tensor:
+        """[C, D] L2-normalised: one embedding per class, what this scorer's prompts say
+        about it: the normalised mean of the prompts it uses (prompt 0 alone without
+        descriptions)."""
+        import torch.nn.functional as F
+
+        _need_embeds(self, inputs)
+        txt = inputs.class_embeds if self.uses_descriptions else inputs.class_embeds[:, :1]
+        return F.normalize(txt.mean(dim=1), dim=-1)  # [C, D]
+
     def __repr__(self) -> str:
         return f"<scorer {self.name!r}>"
 
@@ -115,6 +131,15 @@ def register_scorer(cls: type[Scorer]) -> type[Scorer]:
 def unregister_scorer(name: str) -> None:
     """Remove a registered scorer (tests that register their own)."""
     SCORERS.pop(name, None)
+
+
+def _need_embeds(s: Scorer, inputs: ScoreInput) -> Tensor:
+    if inputs.image_embeds is None or inputs.class_embeds is None:
+        raise ValueError(
+            f"scorer {s.name!r}: image and class embeddings are needed for features (this "
+            "model gives logits only)"
+        )
+    return inputs.image_embeds
 
 
 def _check_logits_given(inputs: ScoreInput) -> Tensor:
@@ -150,6 +175,25 @@ class AWTScorer(Scorer):
         if not explain:
             return ScoreOutput(out.scores)
         return ScoreOutput(out.scores, out.view_weights, out.prompt_weights, out.plans)
+
+    def image_features(self, inputs, config):
+        """[B, D]: the views' mean weighted by AWT's own view weights (entropy weights at
+        ``config.view_temperature``; uniform for the uniform ablation), L2-normalised.
+
+        The official TDA/DOTA code feeds its caches the mean embedding of the most
+        confident augmented views (the 10% of lowest entropy); AWT's entropy weights are
+        the soft form of that choice, over the views AWT itself scored."""
+        import torch.nn.functional as F
+
+        from awt_engine.scoring import view_weights
+
+        img = _need_embeds(self, inputs)  # [B, V, D]
+        if self.weighting == "uniform":
+            u = img.new_full(img.shape[:2], 1.0 / img.shape[1])  # [B, V]
+        else:
+            t = config.view_temperature
+            u = view_weights(img, inputs.class_embeds, inputs.scale, t)  # [B, V]
+        return F.normalize((u.unsqueeze(-1) * img).sum(dim=1), dim=-1)  # [B, D]
 
 
 @register_scorer
@@ -210,6 +254,9 @@ def get_scorer(name: str | Scorer) -> Scorer:
 
 
 def needs_embeddings_message(s: Scorer) -> str:
+    reason = getattr(s, "needs_embeddings_reason", None)
+    if reason:
+        return f"scorer {s.name!r}: {reason}"
     usable = ", ".join(n for n, x in SCORERS.items() if not x.needs_embeddings)
     return (
         f"scorer {s.name!r} needs class embeddings, and this model gives logits only; "

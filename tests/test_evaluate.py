@@ -161,7 +161,16 @@ def test_cli_eval_writes_clip_benchmark_json(colour_set, tmp_path, monkeypatch):
     accuracy = {k: rec["metrics"][k] for k in ("acc1", "acc5", "mean_per_class_recall")}
     assert accuracy == {"acc1": 1.0, "acc5": None, "mean_per_class_recall": 1.0}
     # calibration (tests/test_calibration.py checks the values)
-    assert set(rec["metrics"]) - set(accuracy) == {"ece", "ece_adaptive", "nll", "brier", "aurc"}
+    assert set(rec["metrics"]) - set(accuracy) == {
+        "ece",
+        "ece_adaptive",
+        "nll",
+        "brier",
+        "aurc",
+        "ood_auroc",
+        "ood_fpr95",
+    }
+    assert rec["metrics"]["ood_auroc"] is None and rec["adapt"] is None  # no --ood-root, --adapt
     # and everything that defines the run
     assert rec["scorer"] == "awt" and rec["views"] == 3 and rec["seed"] == 0
     assert rec["descriptions"] == 0 and "engine_version" in rec
@@ -226,7 +235,7 @@ def test_eval_with_no_readable_image_writes_null_and_exits_1(tmp_path, monkeypat
     (path,) = out.iterdir()
     rec = json.loads(path.read_text())  # strict JSON: a bare NaN would not parse back as null
     names = ("acc1", "acc5", "mean_per_class_recall", "ece", "ece_adaptive", "nll", "brier")
-    assert rec["metrics"] == dict.fromkeys((*names, "aurc"))  # all null: nothing scored
+    assert rec["metrics"] == dict.fromkeys((*names, "aurc", "ood_auroc", "ood_fpr95"))  # all null
     assert "NaN" not in path.read_text()
     assert rec["n_images"] == 0 and rec["n_failed"] == 3
 

@@ -290,3 +290,52 @@ def scorer_names(scorers: list[str] | None, methods: list[str] | None, default: 
     for n in names:
         get_scorer(n)  # ValueError listing the choices
     return names
+
+
+def set_options(pairs: list[str] | None) -> dict[str, str]:
+    """``--set NAME=VALUE`` pairs -> {name: value} (strings; the config reads them)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set n_ctx=4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+# The adaptations' names are written here (the help must not import torch); a test checks
+# that this line names every registered adaptation.
+ADAPT_NAMES = ("tda", "dota", "transclip")
+
+Adapt = Annotated[
+    str | None,
+    typer.Option(
+        "--adapt",
+        help="Test-time adaptation on top of the scorer, learned from the images themselves "
+        "(no labels): tda or dota (online: images are taken in the order given, each one "
+        "updating the state the next is scored with), or transclip (transductive: every "
+        "image first, then all scores at once). Options: --set; `awt-engine scorers "
+        "--verbose` lists them.",
+    ),
+]
+AdaptSet = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="An adaptation option NAME=VALUE (repeatable), e.g. --set pos_alpha=2.0.",
+    ),
+]
+
+
+def adapt_settings(adapt: str | None, pairs: list[str] | None) -> dict:
+    """``adapt`` and ``adapt_options`` for create_classifier, checked now (before any model
+    loads): an unknown adaptation or option is a usage error naming it."""
+    options = set_options(pairs)
+    if adapt is None:
+        if options:
+            raise ValueError("--set sets an adaptation's options: give --adapt too")
+        return {}
+    from awt_engine.adapt import adapt_config
+
+    adapt_config(adapt, options)  # ValueError naming the bad name or value
+    return {"adapt": adapt, "adapt_options": options}

@@ -15,6 +15,8 @@ from awt_engine.cli._app import app
 from awt_engine.cli._common import (
     EXIT_OK,
     EXIT_PARTIAL,
+    Adapt,
+    AdaptSet,
     BatchSize,
     CacheDir,
     Checkpoint,
@@ -44,6 +46,7 @@ from awt_engine.cli._common import (
     Views,
     ViewTemperature,
     Workers,
+    adapt_settings,
     awt_config,
     fail,
     parse_size,
@@ -86,6 +89,8 @@ def classify(
         ),
     ] = None,
     method: MethodAlias = None,
+    adapt: Adapt = None,
+    set_: AdaptSet = None,
     device: Device = "auto",
     cache_dir: CacheDir = None,
     batch_size: BatchSize = 4,
@@ -120,6 +125,11 @@ def classify(
     With --ray the images are classified by a pool of Ray Data actors (inputs may then
     also be s3:// or gs:// prefixes); the lines and rows are the local run's.
 
+    With --adapt tda or dota the inputs are processed in the order given (folders sorted,
+    then the rest as listed), each image updating the state the next one is scored
+    with: the same images in another order give other scores. With --adapt transclip
+    nothing is written until every input has been read, then all rows at once.
+
     Exit 0: every input was classified; 1: some could not be read, or gave scores that
     are not finite numbers (each named on stderr and as an error row); 2: a usage error or
     an output that cannot be written.
@@ -128,12 +138,19 @@ def classify(
 
     # Everything that needs no model is checked first: a typo is answered at once.
     (scorer_name,) = _one_scorer(scorer, method)
+    adapting = adapt_settings(adapt, set_)
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
     to_stdout = _check_output(output)
     if classes is None and dataset is None and checkpoint is None:
         raise fail("say what the classes are: --dataset NAME, --classes LIST or --checkpoint")
     budget = parse_size(memory_budget) if memory_budget else None
     use_ray = ray or ray_address is not None
+    if use_ray and adapting:
+        raise fail(
+            "--adapt with --ray: classify streams rows from many actors, and an adaptation "
+            "needs one ordered stream (tda, dota) or every image before any row (transclip); "
+            "run it without --ray (eval --ray gathers the images and adapts once)"
+        )
     remote = [i for i in inputs if use_ray and _is_uri(i)]
     found = (
         find_images([i for i in inputs if i not in remote]) if len(remote) < len(inputs) else None
@@ -161,6 +178,7 @@ def classify(
         shortlist=shortlist,
         memory_budget=budget,
         awt_config=config,
+        **adapting,
     )
     predictions = classify_stream(
         [*map(str, paths), *remote] if use_ray else paths,

@@ -9,6 +9,8 @@ import typer
 
 from awt_engine.cli._app import app
 from awt_engine.cli._common import (
+    Adapt,
+    AdaptSet,
     BatchSize,
     CacheDir,
     Checkpoint,
@@ -37,6 +39,7 @@ from awt_engine.cli._common import (
     Views,
     ViewTemperature,
     Workers,
+    adapt_settings,
     awt_config,
     fail,
     parse_size,
@@ -77,6 +80,36 @@ def eval_command(
         ),
     ] = None,
     method: MethodAlias = None,
+    adapt: Adapt = None,
+    set_: AdaptSet = None,
+    orders: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="With an online --adapt (tda, dota): run it over K seeded random orders of "
+            "the images and report each run, their mean and standard deviation (the model "
+            "runs once).",
+        ),
+    ] = 1,
+    order_seed: Annotated[
+        int, typer.Option(help="Seed of the first order (run k uses this + k).")
+    ] = 0,
+    ood_root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images of none of the classes (searched recursively): adds ood_auroc and "
+            "ood_fpr95 by each scorer's maximum class probability (MCM).",
+            exists=True,
+            file_okay=False,
+        ),
+    ] = None,
+    plots: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for a reliability diagram PNG per scorer.",
+            file_okay=False,
+        ),
+    ] = None,
     output: Annotated[
         Path | None,
         typer.Option(
@@ -139,16 +172,32 @@ def eval_command(
     With --ray the images are scored by a pool of Ray Data actors (no image cache) and
     the metrics and JSON are the local run's.
 
+    With --adapt, each scorer is also reported adapted (awt+tda, ...): the model runs
+    once, then the adaptation is replayed over --orders seeded orders of the images
+    (tda, dota) or solved once over all of them (transclip). Calibration (ece,
+    ece_adaptive, nll, brier, aurc) is in every JSON; test-time adaptation often worsens
+    it, and the table shows it beside the accuracy.
+
     Exit 0: every image was scored; 1: some images could not be read, or gave scores that
     are not finite numbers (named on stderr; the metrics cover the rest); 2: a usage error
     or results that cannot be written.
     """
     scorers = scorer_names(scorer, method)  # checked before anything heavy is imported
+    adapting = adapt_settings(adapt, set_)
+    if orders > 1 and adapt is None:
+        raise fail("--orders replays an online adaptation over seeded orders: give --adapt")
     config = awt_config(eps, view_temperature, prompt_temperature, sinkhorn_tol, sinkhorn_iters)
     budget = parse_size(memory_budget) if memory_budget else None
     if subsample not in ("all", "base", "new", "base-new"):
         raise fail(f"--subsample must be all, base, new or base-new, got {subsample!r}")
     full = _labelled(data_root, dataset, classes, split, cache_dir, limit, seed)
+    ood = _ood_images(ood_root) if ood_root is not None else None
+    if adapting:
+        from awt_engine.adapt.scorer import adapted_scorer
+
+        scorers = scorers + [
+            adapted_scorer(n, adapting["adapt"], adapting["adapt_options"]) for n in scorers
+        ]
 
     from awt_engine import protocols
     from awt_engine._io import resolve_cache_root
@@ -178,6 +227,7 @@ def eval_command(
         model=protocols.model_name(net, model),
         records=dict(data_root=data_root, split=split, limit=limit, checkpoint=checkpoint),
         several=subsample == "base-new",
+        plots=plots,
     )
     run = dict(
         dataset=dataset,
@@ -189,6 +239,12 @@ def eval_command(
         progress=progress,
         before=report.before,
         after=report.after,
+        eval_options={
+            "orders": orders,
+            "order_seed": order_seed,
+            "ood": ood,
+            "ood_root": str(ood_root) if ood_root is not None else None,
+        },
     )
     if subsample == "base-new":
         both = protocols.evaluate_base_to_new(net, full, scorers, **run)
@@ -197,6 +253,18 @@ def eval_command(
         protocols.evaluate_subsamples(net, full, [subsample], scorers, **run)
     if report.failed:
         raise typer.Exit(1)
+
+
+def _ood_images(root: Path) -> list:
+    """The images under --ood-root; a usage error when there are none."""
+    from awt_engine.inputs.files import find_images
+
+    found = find_images([root])
+    for folder in found.unreadable:
+        typer.echo(f"warning: {folder.path}: {folder.reason}; skipped", err=True)
+    if not found.images:
+        raise fail(f"--ood-root {root}: no images found in it")
+    return found.images
 
 
 def _labelled(data_root, dataset, classes, split, cache_dir, limit, seed):
@@ -214,8 +282,9 @@ def _labelled(data_root, dataset, classes, split, cache_dir, limit, seed):
 class _Report:
     """Prints each class subset's table (and its failures), writes its JSON records."""
 
-    def __init__(self, output: Path | None, model: str, records: dict, several: bool):
+    def __init__(self, output: Path | None, model: str, records: dict, several: bool, plots=None):
         self.output, self.model, self.records, self.several = output, model, records, several
+        self.plots = plots
         self.failed = False
 
     def before(self, part: str, data) -> None:
@@ -236,6 +305,11 @@ class _Report:
         self.failed = self.failed or bool(result.failed)
         if self.output is not None:
             self._write(run)
+        if self.plots is not None:
+            from awt_engine.reliability import write_reliability_plots
+
+            for p in write_reliability_plots(run.result, self.plots, part=run.part):
+                typer.echo(f"wrote {p}", err=True)
 
     def _write(self, run) -> None:
         from awt_engine.evaluate import result_records, write_results

@@ -37,8 +37,14 @@ def datasets(
 
 
 @app.command()
-def scorers() -> None:
-    """List the scorers: how embeddings (or logits) become class scores."""
+def scorers(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Also the adaptations' options and defaults."),
+    ] = False,
+) -> None:
+    """List the scorers (how embeddings or logits become class scores) and the
+    adaptations that go on top of any of them (--adapt)."""
     from awt_engine.scorers import SCORERS
 
     width = max(len(n) for n in SCORERS)
@@ -49,6 +55,28 @@ def scorers() -> None:
         typer.echo(
             f"{name.ljust(width)}  {s.summary} (uses: {', '.join(needs) or 'view 0, prompt 0'})"
         )
+    _adaptations(verbose)
+
+
+def _adaptations(verbose: bool) -> None:
+    """The --adapt choices, one line each; with ``verbose`` each option's default and help."""
+    import dataclasses
+
+    from awt_engine.adapt import ADAPTATIONS
+
+    typer.echo("\nadaptations (--adapt, on top of any scorer; options: --set NAME=VALUE):")
+    width = max(len(n) for n in ADAPTATIONS)
+    for name, a in ADAPTATIONS.items():
+        kind = "online" if a.online else "transductive"
+        typer.echo(f"{name.ljust(width)}  {a.summary} ({kind}; {a.paper})")
+        if not verbose:
+            continue
+        helps, config = a.options(), a.default_config()
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            typer.echo(
+                f"{'':{width}}    --set {f.name}={value!r}  {helps.get(f.name, '')}".rstrip()
+            )
 
 
 __all__ = ["datasets", "scorers"]

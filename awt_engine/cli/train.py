@@ -20,19 +20,10 @@ from awt_engine.cli._common import (
     Template,
     Workers,
     fail,
+    set_options,
     usage_errors,
     weights_arg,
 )
-
-
-def _options(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set n_ctx=4")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @app.command()
@@ -175,7 +166,7 @@ def train(
 
 def _method_options(set_, csc: bool, llm: str | None, captions: Path | None) -> dict[str, str]:
     """The --set NAME=VALUE options, with the shorthand flags added unless --set gave them."""
-    options = _options(set_)
+    options = set_options(set_)
     if csc:
         options.setdefault("csc", "true")
     if llm is not None:

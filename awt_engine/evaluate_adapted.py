@@ -1,0 +1,131 @@
+"""Evaluation of adapted scorers (:mod:`awt_engine.adapt`): replays over seeded orders.
+
+During the pass over the images an adapted scorer only collects what its adaptation
+reads (:class:`~awt_engine.adapt.scorer.Collected`: base scores and features per image),
+so the model runs once and the image cache's order is free. Then:
+
+* an **online** adaptation (TDA, DOTA) is replayed from a fresh state over ``orders``
+  seeded permutations of the scored images (seed ``order_seed + k`` for run k, the
+  permutation ``torch.randperm(N, generator=torch.Generator().manual_seed(seed))`` over
+  the images ascending by input index): each run's metrics are kept, and the reported
+  metrics are their mean (their standard deviation beside them);
+* a **transductive** one (TransCLIP) is solved once: its result does not depend on order.
+
+Out-of-distribution images (``eval --ood-root``) join the adaptation's stream: each run
+is replayed a second time over the in-distribution and OOD images together (permuted by
+the same seed), and the maximum class probability of each group gives ``ood_auroc`` and
+``ood_fpr95``; the accuracy and calibration metrics come from the in-distribution-only
+run, so they do not change when OOD images are added.
+
+Axes: N images, M OOD images, C classes, D embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from awt_engine.adapt.scorer import AdaptedScorer, Collected
+from awt_engine.calibration import CONF, image_terms
+from awt_engine.metrics import Metrics, metrics_from_topk, top_classes
+
+
+@dataclass(frozen=True)
+class AdaptedRun:
+    """One replay of an adapted scorer: its order's seed (None: order-free) and results."""
+
+    seed: int | None
+    metrics: Metrics
+    top5: Tensor  # [N, <=5] in ascending input index
+    terms: Tensor  # [N, 4] calibration terms (awt_engine.calibration.image_terms)
+
+
+def order_of(n: int, seed: int) -> Tensor:
+    """The permutation [n] of run seed ``seed`` (positions in ascending input index)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def adapted_runs(
+    s: AdaptedScorer,
+    collected: Collected,
+    labels_all: Tensor,
+    scored: Tensor,
+    n_failed: int,
+    *,
+    orders: int = 1,
+    order_seed: int = 0,
+    ood: Collected | None = None,
+    memory_budget: int | None = None,
+) -> list[AdaptedRun]:
+    """The runs of ``s`` over the collected images that were scored (``scored`` [N]:
+    ascending input indices; images that failed elsewhere are left out)."""
+    wanted = set(scored.tolist())
+    keep = torch.tensor([i in wanted for i in sorted(collected.indices)], dtype=torch.bool)
+    seeds: list[int | None] = (
+        [order_seed + k for k in range(orders)] if s.adaptation.online else [None]
+    )
+    runs = []
+    for seed in seeds:
+        order = order_of(int(keep.sum()), seed) if seed is not None else None
+        idx, scores = s.replay(collected, order, keep, memory_budget)  # [N, C]
+        _check_finite(s, scores)
+        labels = labels_all[torch.tensor(idx, dtype=torch.long)]
+        terms = image_terms(scores, labels)
+        top = top_classes(scores)
+        m = metrics_from_topk(top, labels, n_failed=n_failed, terms=terms)
+        if ood is not None:
+            m = dataclasses.replace(m, **_ood_run(s, collected, keep, ood, seed, memory_budget))
+        runs.append(AdaptedRun(seed, m, top, terms))
+    return runs
+
+
+def _ood_run(s, collected, keep, ood: Collected, seed, memory_budget) -> dict:
+    """``ood_auroc`` / ``ood_fpr95`` of ``s`` replayed over the kept images and the OOD
+    images together (OOD indices placed after every in-distribution one)."""
+    from awt_engine.calibration import ood_metrics
+
+    idx, batch = collected.batch(keep)
+    o_idx, o_batch = ood.batch()
+    if not o_idx:
+        return ood_metrics(torch.empty(0), torch.empty(0))
+    offset = max(idx, default=-1) + 1
+    both = Collected(
+        idx + [offset + j for j in range(len(o_idx))],
+        [batch.scores, o_batch.scores],
+        [batch.features, o_batch.features],
+        batch.class_features,
+        batch.scale,
+    )
+    n_all = len(both)
+    order = order_of(n_all, seed) if seed is not None else None
+    _, scores = s.replay(both, order, None, memory_budget)  # [N + M, C], ID rows first
+    _check_finite(s, scores)
+    conf = torch.softmax(scores.float(), dim=-1).max(dim=-1).values.double()
+    return ood_metrics(conf[: len(idx)], conf[len(idx) :])
+
+
+def _check_finite(s: AdaptedScorer, scores: Tensor) -> None:
+    if not torch.isfinite(scores).all():
+        raise ValueError(
+            f"adaptation {s.adaptation.name!r} gave scores that are not finite numbers; "
+            f"check its options ({s.config})"
+        )
+
+
+def ood_confidence(scores: Tensor) -> Tensor:
+    """[B, C] scores -> [B] maximum class probability (MCM), float64."""
+    return torch.softmax(scores.float(), dim=-1).max(dim=-1).values.double()
+
+
+def plain_ood(id_terms: Tensor, ood_conf: Tensor) -> dict:
+    """OOD metrics of a plain scorer from its in-distribution terms [N, 4] and the OOD
+    images' maximum class probabilities [M]."""
+    from awt_engine.calibration import ood_metrics
+
+    return ood_metrics(id_terms[:, CONF], ood_conf)
+
+
+__all__ = ["AdaptedRun", "adapted_runs", "ood_confidence", "order_of", "plain_ood"]
