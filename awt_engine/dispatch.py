@@ -136,10 +136,10 @@ def evaluate_with(
         )
     if source is None or options is None:
         raise ValueError("a Ray evaluation needs the model's source and the classifier options")
-    from awt_engine import distributed
+    from awt_engine import distributed, ray_eval
 
     distributed.init(ray.address)
-    return distributed.evaluate_dataset(
+    return ray_eval.evaluate_dataset(
         {**source.kwargs(), **options},
         data,
         scorers,

@@ -18,9 +18,8 @@ imported only here.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from awt_engine.ray_inputs import batch_inputs, input_dataset
@@ -366,106 +365,4 @@ def classify_dataset(
     return out
 
 
-class _Evaluate:
-    """The actor of :func:`evaluate_dataset`: scores a shard of labelled items."""
-
-    def __init__(self, spec: ClassifierSpec, class_embeds, scorers: list[str], classes, threads):
-        import ray
-
-        if isinstance(class_embeds, ray.ObjectRef):
-            class_embeds = ray.get(class_embeds)
-        self.clf = spec.build(class_embeds, scorers, threads=threads)
-        self.scorers, self.classes = scorers, tuple(classes)
-
-    def __call__(self, batch: dict) -> dict:
-        from awt_engine.evaluate import evaluate
-        from awt_engine.labelled import LabelledData, LabelledItem
-
-        items = tuple(
-            LabelledItem(Path(p), int(y))
-            for p, y in zip(batch["path"], batch["label"], strict=True)
-        )
-        data = LabelledData("shard", self.classes, items, "ray shard")
-        res = evaluate(self.clf, data, self.scorers, cache_root=None)
-        scored = res.scored.tolist()
-        failed = dict(res.failed)
-        out: dict[str, list] = {"index": [], "error": []}
-        out.update({f"top5/{s}": [] for s in self.scorers})
-        out.update({f"calib/{s}": [] for s in self.scorers})
-        rows = {i: r for r, i in enumerate(scored)}
-        for j, (path, index) in enumerate(zip(batch["path"], batch["index"], strict=True)):
-            out["index"].append(int(index))
-            out["error"].append(failed.get(str(path)))
-            for s in self.scorers:
-                out[f"top5/{s}"].append(res.top5[s][rows[j]].tolist() if j in rows else [])
-                t = res.terms[s][rows[j]].tolist() if j in rows else []
-                out[f"calib/{s}"].append(t)
-        return out
-
-
-def evaluate_dataset(
-    clf_kwargs: dict[str, Any],
-    data,
-    scorers: Iterable[str],
-    *,
-    concurrency: int | None = None,
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
-    rows_per_batch: int | None = None,
-    address: str | None = None,
-    progress: bool = False,
-):
-    """:func:`~awt_engine.evaluate.evaluate` on an actor pool: the same metrics and
-    EvalResult as the local run (the image-embedding cache is not used)."""
-    import torch
-
-    from awt_engine.evaluate import EvalResult, metrics_from_topk
-
-    scorers = list(scorers)
-    refuse_split(scorers)
-    ray = import_ray()
-    init(address)
-    device = clf_kwargs.get("device", "auto")
-    concurrency, num_gpus, num_cpus = pool(device, num_gpus, num_cpus, concurrency)
-    spec = ClassifierSpec(dict(clf_kwargs))
-    embeds = _embed_task(ray, num_gpus).remote(spec, scorers)
-    items = list(data.items)
-    rows = [{"index": i, "path": str(it.path), "label": it.label} for i, it in enumerate(items)]
-    kwargs = {
-        "spec": spec,
-        "class_embeds": embeds,
-        "scorers": scorers,
-        "classes": data.classes,
-        "threads": _threads(num_gpus, num_cpus),
-    }
-    ds = ray.data.from_items(rows)
-    scored_rows = _map_actors(
-        ds, _Evaluate, kwargs, concurrency, num_gpus, num_cpus, rows_per_batch
-    )
-    from awt_engine._progress import progress_bar
-
-    out = []
-    with progress_bar(len(rows), progress, desc=f"eval {data.name} (ray)") as bar:
-        for r in scored_rows.iter_rows():
-            out.append(r)
-            bar.update(1)
-    out.sort(key=lambda r: r["index"])
-    ok = [r for r in out if r["error"] is None]
-    labels = torch.tensor([items[r["index"]].label for r in ok], dtype=torch.long)
-    terms = {  # [N, 4] per scorer: the per-image calibration terms
-        s: torch.tensor([list(r[f"calib/{s}"]) for r in ok], dtype=torch.float64).reshape(-1, 4)
-        for s in scorers
-    }
-    metrics = {}
-    for s in scorers:
-        top = torch.tensor([list(r[f"top5/{s}"]) for r in ok], dtype=torch.long)
-        if not ok:
-            top = torch.empty(0, 5, dtype=torch.long)
-        metrics[s] = metrics_from_topk(top, labels, n_failed=len(out) - len(ok), terms=terms[s])
-    failed = [(str(items[r["index"]].path), r["error"]) for r in out if r["error"] is not None]
-    top5 = {s: torch.tensor([list(r[f"top5/{s}"]) for r in ok], dtype=torch.long) for s in scorers}
-    scored = torch.tensor([r["index"] for r in ok], dtype=torch.long)
-    return EvalResult(data.name, metrics, failed, data.classes, top5, scored, terms)
-
-
-__all__ = ["ClassifierSpec", "classify_dataset", "evaluate_dataset", "import_ray", "init"]
+__all__ = ["ClassifierSpec", "classify_dataset", "import_ray", "init"]

@@ -65,6 +65,7 @@ class EvalResult:
     runs: dict[str, list[AdaptedRun]] = field(default_factory=dict)
     scorers: dict[str, Scorer] = field(default_factory=dict)  # name -> the scorer
     ood_root: str | None = None  # where the OOD images came from (eval --ood-root)
+    collected: dict[str, Collected] = field(default_factory=dict)  # evaluate(replay=False)
 
     def add_runs(self, name: str, runs: list[AdaptedRun]) -> None:
         self.runs[name] = runs
@@ -146,6 +147,7 @@ def evaluate(
     order_seed: int = 0,
     ood: Sequence[str | Path] | None = None,
     ood_root: str | None = None,
+    replay: bool = True,
 ) -> EvalResult:
     """Run the model once per image; score every scorer from the same output.
 
@@ -158,7 +160,8 @@ def evaluate(
     (:mod:`awt_engine.evaluate_adapted`): an online one over ``orders`` permutations of
     the images seeded ``order_seed``, ``order_seed + 1``, ...; ``ood``: images of none of
     the classes, for ``ood_auroc`` / ``ood_fpr95`` of every scorer (``ood_root``: where
-    they came from, for the record).
+    they came from, for the record). ``replay=False``: adapted scorers are only
+    collected (``result.collected``), for a caller that gathers sets (Ray's driver).
     """
     if orders < 1:
         raise ValueError(f"orders must be >= 1, got {orders}")
@@ -189,6 +192,9 @@ def evaluate(
     result = EvalResult(data.name, metrics, fails, data.classes, top5, scored, terms)
     result.scorers = {s.name: s for s in runner.scorers}
     result.ood_root = ood_root
+    if not replay:
+        result.collected = {s.name: states[s.name] for s in adapted}
+        return result
     for s in adapted:
         runs = adapted_runs(
             s,

@@ -345,10 +345,10 @@ def test_the_default_pool_fits_the_cluster(cluster, resources, device, want):
 def test_the_api_and_cli_leave_the_pool_size_to_the_cluster():
     import inspect
 
-    from awt_engine import distributed
+    from awt_engine import distributed, ray_eval
     from awt_engine.cli import classify, evaluate
 
-    for fn in (distributed.classify_dataset, distributed.evaluate_dataset):
+    for fn in (distributed.classify_dataset, ray_eval.evaluate_dataset):
         assert inspect.signature(fn).parameters["concurrency"].default is None
     for fn in (classify.classify, evaluate.eval_command):
         assert inspect.signature(fn).parameters["concurrency"].default is None

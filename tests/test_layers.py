@@ -108,7 +108,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("training", ("awt_engine.training", "awt_engine.training.*")),
-    ("distributed", ("awt_engine.ray_inputs", "awt_engine.distributed")),
+    ("distributed", ("awt_engine.ray_inputs", "awt_engine.distributed", "awt_engine.ray_eval")),
     ("protocols", ("awt_engine.dispatch", "awt_engine.protocols")),
     ("describe", ("awt_engine.describe", "awt_engine.describe.*")),
     ("cli", ("awt_engine.cli", "awt_engine.cli.*")),

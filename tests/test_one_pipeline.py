@@ -22,6 +22,7 @@ import awt_engine.classifier
 import awt_engine.distributed
 import awt_engine.evaluate
 import awt_engine.explain
+import awt_engine.ray_eval
 import awt_engine.training.loop
 from awt_engine.inputs import batches as batches_mod
 from awt_engine.inputs import decode as decode_mod
@@ -162,7 +163,7 @@ def test_ray_actors_take_their_views_from_the_pipeline(
     _only_pipeline(spy, "awt_engine.classifier", len(test_paths))
     spy.reset()
     batch = {"path": np.array(test_paths), "label": np.arange(4) % 2, "index": np.arange(4)}
-    dist._Evaluate(spec, None, ["awt"], toy_task.classes, threads=None)(batch)
+    awt_engine.ray_eval._Evaluate(spec, None, ["awt"], toy_task.classes, threads=None)(batch)
     _only_pipeline(spy, "awt_engine.evaluate", len(test_paths))
 
 
