@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "awt_engine",
             "awt_engine._io",
+            "awt_engine._plotting",
             "awt_engine._progress",
             "awt_engine._tensorfile",
             "awt_engine.options",
@@ -97,7 +98,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("factory", ("awt_engine.models.factory",)),
     ("caches", ("awt_engine.text_cache", "awt_engine.image_cache")),
     ("run", ("awt_engine.runner",)),
-    ("api", ("awt_engine.classifier", "awt_engine.evaluate", "awt_engine.explain")),
+    (
+        "api",
+        (
+            "awt_engine.classifier",
+            "awt_engine.evaluate",
+            "awt_engine.explain",
+            "awt_engine.reliability",
+        ),
+    ),
     ("training", ("awt_engine.training", "awt_engine.training.*")),
     ("distributed", ("awt_engine.ray_inputs", "awt_engine.distributed")),
     ("protocols", ("awt_engine.dispatch", "awt_engine.protocols")),
