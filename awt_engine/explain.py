@@ -37,7 +37,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from awt_engine._io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from awt_engine._plotting import pyplot
 from awt_engine.runner import NONFINITE_REASON, nonfinite_rows
+
+# what needs matplotlib, and what does not (its ImportError says both)
+_PICTURE = ("the explanation picture", ".html and .json need nothing more")
 
 
 @dataclass
@@ -173,7 +177,7 @@ class Explanation:
         """One matplotlib figure: the image with its crops, the score decomposition that
         sets the two best classes apart, the view weights; then for every explained class
         (all of :attr:`classes`) the plan, the weighted descriptions, the strongest pairs."""
-        plt = _pyplot()
+        plt = pyplot(*_PICTURE)
         from matplotlib.ticker import MaxNLocator
 
         shown = self.classes
@@ -254,7 +258,7 @@ class Explanation:
         )
 
     def png_bytes(self, dpi: int = 90) -> bytes:
-        plt = _pyplot()
+        plt = pyplot(*_PICTURE)
         fig = self.figure()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
@@ -364,21 +368,6 @@ class Explanation:
         atomic_write_text(paths[1], page)
         atomic_write_json(paths[2], data)
         return paths
-
-
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend, or an ImportError that says what to install."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError(
-            "the explanation picture needs matplotlib: uv sync --extra explain "
-            "(or pip install 'awt-engine[explain]'); .html and .json need nothing more"
-        ) from exc
-    return plt
 
 
 def _class_explanation(c, out, logits_c, scores, probs, name, prompts, source):

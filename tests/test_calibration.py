@@ -5,13 +5,21 @@ import itertools
 import json
 import math
 import random
+from fractions import Fraction
 
 import pytest
 import torch
 from PIL import Image
 
 import awt_engine
-from awt_engine.calibration import P_FLOOR, calibration_metrics, image_terms
+from awt_engine.calibration import (
+    CONF,
+    P_FLOOR,
+    calibration_metrics,
+    image_terms,
+    max_prob,
+    ood_metrics,
+)
 from awt_engine.evaluate import compute_metrics, evaluate, result_records, write_results
 from awt_engine.labelled import LabelledData, LabelledItem
 from tests.fixtures_embedders import ColourEmbedder, solid
@@ -223,3 +231,88 @@ def test_eval_json_carries_the_five_metrics(noisy_six, tmp_path, shortlist):
         assert set(NAMES) <= set(got)
         for metric in NAMES:
             assert got[metric] == pytest.approx(want[metric], rel=1e-5, abs=1e-6), (name, metric)
+
+
+# -- out-of-distribution detection ---------------------------------------------------------
+
+
+def ref_auroc(id_scores, ood_scores):
+    """P(ID > OOD) + P(tie) / 2 over every pair (the definition, O(N M))."""
+    total = 0.0
+    for a in id_scores:
+        for b in ood_scores:
+            total += 1.0 if a > b else 0.5 if a == b else 0.0
+    return total / (len(id_scores) * len(ood_scores))
+
+
+def ref_fpr95(id_scores, ood_scores):
+    """OpenOOD's fpr_recall (ID positive, roc_curve(gt, conf), the first ROC point with
+    tpr >= 0.95) over every threshold: scan the distinct scores from the highest down,
+    accept score >= t, stop at the first t keeping at least 95% of ID (exact fractions)."""
+    for t in sorted(set(id_scores) | set(ood_scores), reverse=True):
+        tpr = Fraction(sum(1 for a in id_scores if a >= t), len(id_scores))
+        if tpr >= Fraction(95, 100):
+            return sum(1 for b in ood_scores if b >= t) / len(ood_scores)
+    raise AssertionError("unreachable: the lowest score accepts every ID image")
+
+
+def check_ood(id_scores, ood_scores):
+    got = ood_metrics(torch.tensor(id_scores), torch.tensor(ood_scores))
+    a, b = torch.tensor(id_scores).double().tolist(), torch.tensor(ood_scores).double().tolist()
+    assert got["ood_auroc"] == pytest.approx(ref_auroc(a, b), rel=1e-12, abs=1e-15)
+    assert got["ood_fpr95"] == ref_fpr95(a, b)  # a count over M: exact
+    return got
+
+
+def test_ood_random_sets_match_the_pairwise_and_scanning_references():
+    gen = torch.Generator().manual_seed(3)
+    for n, m in [(1, 1), (1, 5), (7, 3), (19, 20), (20, 17), (21, 40), (100, 33), (157, 90)]:
+        for ties in (False, True):
+            a = torch.rand(n, generator=gen, dtype=torch.float64)
+            b = torch.rand(m, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+            if ties:  # a coarse grid: many ties within and across the sets
+                a, b = (a * 6).round() / 6, (b * 6).round() / 6
+            check_ood(a.tolist(), b.tolist())
+
+
+def test_ood_float32_confidences_and_the_threshold_tie_rule():
+    gen = torch.Generator().manual_seed(4)
+    check_ood(torch.rand(60, generator=gen).tolist(), torch.rand(45, generator=gen).tolist())
+    # 20 ID images: the 19th highest (0.5, shared by 3 ID and 2 OOD) is the threshold,
+    # every image tied with it accepted: 2 + the OOD above it (1) = 3 of 4
+    id_scores = [0.9] * 16 + [0.5] * 3 + [0.1]
+    got = check_ood(id_scores, [0.95, 0.5, 0.5, 0.2])
+    assert got["ood_fpr95"] == 0.75
+
+
+def test_ood_known_answers():
+    sep = check_ood([0.9, 0.8, 0.95, 0.7], [0.1, 0.3, 0.2])
+    assert sep == {"ood_auroc": 1.0, "ood_fpr95": 0.0}
+    rev = check_ood([0.1, 0.3, 0.2], [0.9, 0.8, 0.95, 0.7])
+    assert rev == {"ood_auroc": 0.0, "ood_fpr95": 1.0}
+    same = [0.2, 0.5, 0.5, 0.9, 0.3]
+    assert check_ood(same, same)["ood_auroc"] == 0.5  # identical sets: exactly 1/2
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.rand(4000, generator=gen), torch.rand(3000, generator=gen)
+    got = ood_metrics(a, b)  # same distribution: chance
+    assert got["ood_auroc"] == pytest.approx(0.5, abs=0.02)
+    assert got["ood_fpr95"] == pytest.approx(0.95, abs=0.02)
+
+
+def test_ood_empty_sets_and_nan():
+    none = {"ood_auroc": None, "ood_fpr95": None}
+    assert ood_metrics(torch.empty(0), torch.rand(3)) == none
+    assert ood_metrics(torch.rand(3), torch.empty(0)) == none
+    with pytest.raises(ValueError, match="NaN"):
+        ood_metrics(torch.tensor([0.5, math.nan]), torch.rand(3))
+
+
+def test_max_prob_is_the_conf_column():
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randn(9, 5, generator=gen) * 4
+    scores[0, 2] = -math.inf  # a shortlist's excluded class
+    want = [max(p) for p in torch.softmax(scores.float(), -1).double().tolist()]
+    got = max_prob(scores)
+    assert got.dtype == torch.float64 and got.tolist() == pytest.approx(want, rel=1e-12)
+    labels = torch.randint(0, 5, (9,), generator=gen)
+    assert torch.equal(got, image_terms(scores, labels)[:, CONF])

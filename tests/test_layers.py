@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "awt_engine",
             "awt_engine._io",
+            "awt_engine._plotting",
             "awt_engine._progress",
             "awt_engine._tensorfile",
             "awt_engine.options",
@@ -105,6 +106,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "awt_engine.evaluate",
             "awt_engine.evaluate_adapted",
             "awt_engine.explain",
+            "awt_engine.reliability",
         ),
     ),
     ("training", ("awt_engine.training", "awt_engine.training.*")),
