@@ -147,7 +147,8 @@ def ood_metrics(id_conf: Tensor, ood_conf: Tensor) -> dict[str, float | None]:
     """
     if id_conf.numel() == 0 or ood_conf.numel() == 0:
         return dict.fromkeys(OOD_NAMES)
-    pos, neg = id_conf.double().flatten().cpu(), ood_conf.double().flatten().cpu()
+    pos = id_conf.double().flatten().cpu().contiguous()  # [N]
+    neg = ood_conf.double().flatten().cpu()  # [M]
     if pos.isnan().any() or neg.isnan().any():
         raise ValueError("ood_metrics: a confidence is NaN")
     N, M = pos.numel(), neg.numel()

@@ -26,8 +26,8 @@ from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
 from awt_engine.adapt.scorer import AdaptedScorer, Collected, resolve_scorer
-from awt_engine.calibration import image_terms
-from awt_engine.evaluate_adapted import AdaptedRun, adapted_runs, ood_confidence, plain_ood
+from awt_engine.calibration import image_terms, max_prob
+from awt_engine.evaluate_adapted import AdaptedRun, adapted_runs, plain_ood
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.inputs import Failure, ViewBatch, view_batches
 from awt_engine.labelled import LabelledData
@@ -288,7 +288,7 @@ def _score_ood(clf, runner: Runner, paths, bar) -> _OODScores:
             (src, NONFINITE_REASON) for src, b in zip(out.sources, bad.tolist(), strict=True) if b
         ]
         for name in confs:
-            confs[name].append(ood_confidence(out.scores[name][~bad]))
+            confs[name].append(max_prob(out.scores[name][~bad]))
     for s in adapted:  # OOD images whose scores were not finite stay out of the stream
         _drop(collected[s.name], {paths.index(src) for src, _ in failed if src in paths})
     conf = {n: torch.cat(c) if c else torch.empty(0, dtype=torch.float64) for n, c in confs.items()}

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from awt_engine.adapt.scorer import AdaptedScorer, Collected
-from awt_engine.calibration import CONF, image_terms
+from awt_engine.calibration import CONF, image_terms, max_prob, ood_metrics
 from awt_engine.metrics import Metrics, metrics_from_topk, top_classes
 
 
@@ -85,8 +85,6 @@ def adapted_runs(
 def _ood_run(s, collected, keep, ood: Collected, seed, memory_budget) -> dict:
     """``ood_auroc`` / ``ood_fpr95`` of ``s`` replayed over the kept images and the OOD
     images together (OOD indices placed after every in-distribution one)."""
-    from awt_engine.calibration import ood_metrics
-
     idx, batch = collected.batch(keep)
     o_idx, o_batch = ood.batch()
     if not o_idx:
@@ -103,7 +101,7 @@ def _ood_run(s, collected, keep, ood: Collected, seed, memory_budget) -> dict:
     order = order_of(n_all, seed) if seed is not None else None
     _, scores = s.replay(both, order, None, memory_budget)  # [N + M, C], ID rows first
     _check_finite(s, scores)
-    conf = torch.softmax(scores.float(), dim=-1).max(dim=-1).values.double()
+    conf = max_prob(scores)  # [N + M]
     return ood_metrics(conf[: len(idx)], conf[len(idx) :])
 
 
@@ -115,17 +113,10 @@ def _check_finite(s: AdaptedScorer, scores: Tensor) -> None:
         )
 
 
-def ood_confidence(scores: Tensor) -> Tensor:
-    """[B, C] scores -> [B] maximum class probability (MCM), float64."""
-    return torch.softmax(scores.float(), dim=-1).max(dim=-1).values.double()
-
-
 def plain_ood(id_terms: Tensor, ood_conf: Tensor) -> dict:
     """OOD metrics of a plain scorer from its in-distribution terms [N, 4] and the OOD
     images' maximum class probabilities [M]."""
-    from awt_engine.calibration import ood_metrics
-
     return ood_metrics(id_terms[:, CONF], ood_conf)
 
 
-__all__ = ["AdaptedRun", "adapted_runs", "ood_confidence", "order_of", "plain_ood"]
+__all__ = ["AdaptedRun", "adapted_runs", "order_of", "plain_ood"]

@@ -226,3 +226,24 @@ def _draw_counts(ax, bins: ReliabilityBins) -> None:
     ax.set_xlabel("confidence (top-1 softmax probability, 0..1)")
     ax.set_ylabel("images")
     ax.grid(alpha=0.25, axis="y", zorder=0)
+
+
+def write_reliability_plots(result, folder: str | Path, *, part: str = "all") -> list[Path]:
+    """One reliability diagram per scorer of an :class:`~awt_engine.evaluate.EvalResult`
+    (an online adaptation's: its first order's run), as
+    ``<folder>/reliability__<dataset>__<scorer>__<part>.png``; the paths written."""
+    from awt_engine.calibration import CONF, CORRECT
+    from awt_engine.evaluate import _slug
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create --plots folder {folder}: {exc.strerror or exc}") from None
+    paths = []
+    for name, terms in result.terms.items():
+        path = folder / f"reliability__{_slug(result.dataset)}__{_slug(name)}__{part}.png"
+        title = f"{result.dataset} ({part} classes): {name}"
+        save_reliability_diagram(path, terms[:, CONF], terms[:, CORRECT], title=title)
+        paths.append(path)
+    return paths

@@ -257,3 +257,88 @@ def test_cli_refusals_are_usage_errors(adaptations, tmp_path):
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output, (args, res.output)
+
+
+def _pairwise_auroc(id_conf, ood_conf):
+    wins = 0.0
+    for a in id_conf.tolist():
+        for b in ood_conf.tolist():
+            wins += 1.0 if a > b else 0.5 if a == b else 0.0
+    return wins / (len(id_conf) * len(ood_conf))
+
+
+def _ood_images(tmp_path, n=4):
+    folder = tmp_path / "ood"
+    folder.mkdir()
+    from PIL import Image
+
+    paths = []
+    for i in range(n):  # greys: no colour class fits them
+        p = folder / f"g{i}.png"
+        Image.new("RGB", (24, 18), (90 + 20 * i,) * 3).save(p)
+        paths.append(p)
+    return paths
+
+
+def test_eval_reports_ood_detection_for_plain_and_adapted_scorers(adaptations, tmp_path):
+    data = _labelled(tmp_path)
+    ood = _ood_images(tmp_path)
+    clf = _clf(scorer="clip")
+    a = adapted_scorer("clip", "test-position", {"step": 0.5})
+    res = evaluate(clf, data, ["clip", a], cache_root=None, ood=ood, orders=2)
+    base_id = _clf(scorer="clip").scores([it.path for it in data.items])
+    base_ood = _clf(scorer="clip").scores(ood)
+    conf = lambda s: torch.softmax(s.float(), dim=-1).max(dim=-1).values  # noqa: E731
+    m = res.metrics["clip"]
+    assert m.ood_auroc == pytest.approx(_pairwise_auroc(conf(base_id), conf(base_ood)))
+    assert m.ood_auroc > 0.9  # greys are less certain than pure colours
+    # adapted: each run replays ID + OOD images together in the run's seeded order
+    N, M = len(data.items), len(ood)
+    aurocs = []
+    for seed in (0, 1):
+        both = torch.cat([base_id, base_ood])
+        pos = torch.empty(N + M)
+        pos[order_of(N + M, seed)] = torch.arange(N + M, dtype=torch.float)
+        both[:, 0] += 0.5 * pos
+        aurocs.append(_pairwise_auroc(conf(both[:N]), conf(both[N:])))
+    got = res.metrics[a.name].ood_auroc
+    assert got == pytest.approx(sum(aurocs) / 2)
+    assert [r.metrics.ood_auroc for r in res.runs[a.name]] == pytest.approx(aurocs)
+
+
+def test_cli_eval_writes_reliability_plots_and_ood_metrics(adaptations, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from awt_engine import backbone as backbone_mod
+    from awt_engine.cli import app
+    from tests.fixtures_embedders import ColourBackbone
+
+    root = tmp_path / "data"
+    for c in CLASSES[:3]:
+        (root / c).mkdir(parents=True)
+        for k in range(2):
+            solid(c).save(root / c / f"{k}.png")
+    _ood_images(tmp_path)
+    monkeypatch.setattr(backbone_mod, "load_backbone", lambda *a, **k: ColourBackbone())
+    args = ["eval", "--data-root", str(root), "--views", "2", "-s", "clip"]
+    args += ["--adapt", "test-position", "--set", "step=0.5", "--orders", "2"]
+    args += ["--ood-root", str(tmp_path / "ood"), "--plots", str(tmp_path / "plots")]
+    args += ["-o", str(tmp_path / "out"), "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "OOD AUROC" in res.output and "clip+test-position" in res.output
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert pngs == [
+        "reliability__data__clip__all.png",
+        "reliability__data__clip_test-position__all.png",
+    ]
+    with Image.open(tmp_path / "plots" / pngs[0]) as im:
+        assert im.format == "PNG" and im.size[0] > 300
+    recs = {
+        json.loads(p.read_text())["adapt"]: json.loads(p.read_text())
+        for p in (tmp_path / "out").iterdir()
+    }
+    assert set(recs) == {None, "test-position"}
+    assert recs["test-position"]["ood_root"] == str(tmp_path / "ood")
+    assert recs["test-position"]["metrics"]["ood_auroc"] is not None
+    assert len(recs["test-position"]["orders"]) == 2
