@@ -121,9 +121,9 @@ class DotaReference:
         return X @ W - 0.5 * (M * W).sum(0)
 
 
-def dota_reference(scores, feats, class_weights, cfg: dict):
+def dota_reference(scores, feats, class_weights, cfg: dict, model_cls=DotaReference):
     """(final logits [N, C], the final DotaReference) following run_test_dota."""
-    model = DotaReference(cfg, class_weights)
+    model = model_cls(cfg, class_weights)
     outs = []
     for i in range(scores.shape[0]):
         logits, f = scores[i : i + 1], feats[i : i + 1]

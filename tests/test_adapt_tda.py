@@ -17,6 +17,16 @@ from tests.online_reference import tda_reference
 ADAPT = get_adaptation("tda")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One image at a time is many small ops: on 2 shared cores the thread pool's hand-offs
+    cost more than the ops, so these tests run single-threaded (results are the same)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_stream(dtype=torch.float64, N=24, C=5, D=8, seed=0):
     """Scores with mixed sharpness (entropies on both sides of the negative gate), few
     classes (both caches fill, entries get replaced and refused)."""
