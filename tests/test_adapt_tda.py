@@ -114,6 +114,20 @@ def test_float32_inputs_match_the_float64_reference():
     torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-5)
 
 
+def test_half_features_are_cached_in_half():
+    """The cache keeps the features' dtype; the arithmetic runs in float32."""
+    batch64 = small_stream()
+    half = AdaptBatch(
+        batch64.scores.float(), batch64.features.half(), batch64.class_features.half()
+    )
+    ref = tda_reference(
+        batch64.scores, half.features.double(), dataclasses.asdict(ADAPT.default_config())
+    )[0]
+    ours, state = run(half)
+    assert state.pos.keys.dtype == torch.float16 and ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-5)
+
+
 def test_non_default_config_matches_the_reference():
     """Other capacities and thresholds, each cache on its own."""
     batch = small_stream(seed=3)

@@ -49,6 +49,8 @@ test-time augmentation         ImageNet sets: 63 AugMix views  none: one row is 
 batch                          one image per loader step       a batch of b rows processed
                                                                strictly one at a time in order
 state                          local to ``run_test_tda``       caller-owned :class:`TDAState`
+pseudo-label                   ``topk(1)`` of the logits       ``argmax`` (the two may break an
+                                                               exact tie differently)
 =============================  ==============================  ==============================
 
 Axes::
