@@ -398,6 +398,8 @@ def result_records(
             for n, x in result.scorers.items()
             if isinstance(x, AdaptedScorer)
         },
+        # the seeds of each online adaptation's orders (null: transductive, order-free)
+        "adapt_order_seeds": {n: [r.seed for r in runs] for n, runs in result.runs.items()},
     }
     run_id = sha256_hex(json.dumps({**base, "model": model}, sort_keys=True, default=str))[:10]
     out = {}

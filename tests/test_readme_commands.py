@@ -23,8 +23,9 @@ Substitutions (what a user's machine has and this one does not):
   ``published/dtd.json`` and ``tests/data`` (a link to the repository's). ``~`` is
   expanded as the shell would, to a scratch home with ``~/data/dtd`` (DTD in CoOp's
   layout: split file, all 47 classes, 2 train / 1 val / 1 test image each) and
-  ``~/data/mine`` (an ImageFolder for the ``mine`` description cache). Relative outputs
-  (``results/``, ``preds.jsonl``, ``explain/``, checkpoints) land in the scratch folder.
+  ``~/data/mine`` (an ImageFolder for the ``mine`` description cache) and ``~/data/ood``
+  (three random images of no class). Relative outputs (``results/``, ``preds.jsonl``,
+  ``explain/``, ``plots/``, checkpoints) land in the scratch folder.
 - **Caches.** A shared cache holds description sets for ``dtd`` and ``mine`` (5 per
   class, so the commands use 5 with a warning: AWT's cost grows with the prompts),
   built before the first command; ``describe`` and ``cache import`` write into a fresh
@@ -257,6 +258,8 @@ def _populate(ws: Workspace) -> None:
     (root / "labels.txt").write_text("gear\nbolt_nut\nspring\n")
     (root / "mydesc.json").write_text(json.dumps(_descriptions(MINE, "My")))
     _dtd(home / "data" / "dtd")
+    for k in range(3):
+        _image(home / "data" / "ood" / f"{k}.jpg", seed=3000 + k)
     for name, rgb in MINE.items():
         for split, n in (("train", 2), ("test", 2)):
             for k in range(n):

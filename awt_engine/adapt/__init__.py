@@ -24,3 +24,7 @@ __all__ = [
     "list_adaptations",
     "register_adaptation",
 ]
+
+# The built-in adaptations register themselves on import (names: tda, dota, transclip).
+from awt_engine.adapt import dota as dota
+from awt_engine.adapt import tda as tda
