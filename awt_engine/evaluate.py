@@ -26,8 +26,9 @@ from awt_engine import __version__
 from awt_engine._io import atomic_write_json, sha256_hex, utc_now
 from awt_engine._progress import progress_bar
 from awt_engine.adapt.scorer import AdaptedScorer, Collected, resolve_scorer
-from awt_engine.calibration import image_terms, max_prob
+from awt_engine.calibration import image_terms
 from awt_engine.evaluate_adapted import AdaptedRun, adapted_runs, plain_ood
+from awt_engine.evaluate_ood import score_ood
 from awt_engine.image_cache import ImageEmbeddingCache
 from awt_engine.inputs import Failure, ViewBatch, view_batches
 from awt_engine.labelled import LabelledData
@@ -176,7 +177,7 @@ def evaluate(
     tally = _Tally(clf, plain, bar, failed, labels_all)
     try:
         _score_all(clf, runner, items, states, failed, bar, tally, cache_root, image_cache)
-        ood_scores = _score_ood(clf, runner, ood, bar) if ood is not None else None
+        ood_scores = score_ood(clf, runner, ood, bar) if ood is not None else None
     finally:
         bar.close()
     top5, scored = tally.top5()
@@ -254,58 +255,6 @@ def _score_all(clf, runner: Runner, items, states, failed, bar, tally, cache_roo
             cache.close()
 
 
-@dataclass
-class _OODScores:
-    conf: dict[str, Tensor]  # plain scorer -> [M] maximum class probability
-    collected: dict[str, Collected]  # adapted scorer -> its OOD images' parts
-    failed: list[tuple[str, str]]  # (path, reason)
-
-
-def _score_ood(clf, runner: Runner, paths, bar) -> _OODScores:
-    """Every scorer on the OOD images (no labels; through the run loop, input order)."""
-    paths = [str(p) for p in paths]
-    adapted = [s for s in runner.scorers if isinstance(s, AdaptedScorer)]
-    collected = {s.name: s.collector() for s in adapted}
-    confs: dict[str, list[Tensor]] = {s.name: [] for s in runner.scorers if s not in adapted}
-    failed = []
-    stream = view_batches(
-        paths,
-        clf.model.preprocess,
-        clf.view_config_for(runner.scorers),
-        batch_size=clf.batch_size,
-        workers=clf.workers,
-        device=clf.model.device,
-    )
-    for out in runner.run(stream, runner.new_states(dict(collected)), finish=False):
-        bar.update(len(out) if isinstance(out, Scored) else 1)
-        if isinstance(out, Failure):
-            failed.append((out.source, out.reason))
-            continue
-        bad = torch.zeros(len(out), dtype=torch.bool)
-        for sc in out.scores.values():
-            bad |= nonfinite_rows(sc, clf.shortlist)
-        failed += [
-            (src, NONFINITE_REASON) for src, b in zip(out.sources, bad.tolist(), strict=True) if b
-        ]
-        for name in confs:
-            confs[name].append(max_prob(out.scores[name][~bad]))
-    for s in adapted:  # OOD images whose scores were not finite stay out of the stream
-        _drop(collected[s.name], {paths.index(src) for src, _ in failed if src in paths})
-    conf = {n: torch.cat(c) if c else torch.empty(0, dtype=torch.float64) for n, c in confs.items()}
-    return _OODScores(conf, collected, failed)
-
-
-def _drop(collected: Collected, indices: set[int]) -> None:
-    """Take images out of a collected set (in place)."""
-    if not indices or not len(collected):
-        return
-    keep = [i not in indices for i in collected.indices]
-    mask = torch.tensor(keep, dtype=torch.bool)
-    scores, feats = torch.cat(collected.scores)[mask], torch.cat(collected.features)[mask]
-    collected.indices = [i for i, k in zip(collected.indices, keep, strict=True) if k]
-    collected.scores, collected.features = [scores], [feats]
-
-
 def _embed_and_score(items, cache, batches, failed, bar, tally, clf, runner: Runner, states):
     """Cached images first (shard by shard, no encoding), then the rest as they embed
     (stateless, order-free scorers only: the order depends on what the cache holds)."""
@@ -373,34 +322,7 @@ def result_records(
     method = getattr(m0, "method", None)  # the trained method, None for zero-shot
     info = trained_info(m0)
     trained = info.header if info is not None else {}
-    base = {
-        "model_identity": m0.identity,
-        "precision": getattr(m0, "precision", None),
-        "device": str(m0.device),
-        "template": labels.template,
-        "classes": list(result.classes),
-        "descriptions_name": labels.name,
-        "descriptions_sha256": labels.descriptions_sha256,
-        "seed": clf.base_view_config.seed,
-        "view_config": dataclasses.asdict(clf.base_view_config),
-        "descriptions_per_class": labels.n_descriptions,
-        "split": split,
-        "limit": limit,
-        "shortlist": clf.shortlist,
-        "awt_config": dataclasses.asdict(clf.awt_config),
-        "data_root": str(data_root),
-        "subsample": subsample,
-        "checkpoint": checkpoint,
-        "method": method,
-        "ood_root": result.ood_root,
-        "adapt_configs": {
-            n: dataclasses.asdict(x.config)
-            for n, x in result.scorers.items()
-            if isinstance(x, AdaptedScorer)
-        },
-        # the seeds of each online adaptation's orders (null: transductive, order-free)
-        "adapt_order_seeds": {n: [r.seed for r in runs] for n, runs in result.runs.items()},
-    }
+    base = _run_fields(result, clf, data_root, split, limit, subsample, checkpoint)
     run_id = sha256_hex(json.dumps({**base, "model": model}, sort_keys=True, default=str))[:10]
     out = {}
     for name, m in result.metrics.items():
@@ -430,6 +352,39 @@ def result_records(
             "created": now,
         }
     return out
+
+
+def _run_fields(result, clf, data_root, split, limit, subsample, checkpoint) -> dict:
+    """Every setting that defines an eval run (what the run id hashes)."""
+    labels, m0 = clf.labels, clf.model
+    return {
+        "model_identity": m0.identity,
+        "precision": getattr(m0, "precision", None),
+        "device": str(m0.device),
+        "template": labels.template,
+        "classes": list(result.classes),
+        "descriptions_name": labels.name,
+        "descriptions_sha256": labels.descriptions_sha256,
+        "seed": clf.base_view_config.seed,
+        "view_config": dataclasses.asdict(clf.base_view_config),
+        "descriptions_per_class": labels.n_descriptions,
+        "split": split,
+        "limit": limit,
+        "shortlist": clf.shortlist,
+        "awt_config": dataclasses.asdict(clf.awt_config),
+        "data_root": str(data_root),
+        "subsample": subsample,
+        "checkpoint": checkpoint,
+        "method": getattr(m0, "method", None),
+        "ood_root": result.ood_root,
+        "adapt_configs": {
+            n: dataclasses.asdict(x.config)
+            for n, x in result.scorers.items()
+            if isinstance(x, AdaptedScorer)
+        },
+        # the seeds of each online adaptation's orders (null: transductive, order-free)
+        "adapt_order_seeds": {n: [r.seed for r in runs] for n, runs in result.runs.items()},
+    }
 
 
 def _adapt_record(s: Scorer, runs: list[AdaptedRun] | None) -> dict[str, Any]:

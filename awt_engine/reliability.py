@@ -154,27 +154,7 @@ def _draw_bars(ax, bins: ReliabilityBins) -> None:
             label="accuracy of the bin",
             zorder=2,
         )
-    # the gap: red above an over-confident bin's bar, opaque amber over the top of an
-    # under-confident one (a see-through colour over the blue bar reads as grey)
-    for mask, colour, alpha, label in (
-        (full & (acc < conf), "#d62728", 0.35, "over-confident: accuracy below confidence"),
-        (full & (acc > conf), "#f5a623", 0.9, "under-confident: accuracy above confidence"),
-    ):
-        if mask.any():
-            ax.bar(
-                left[mask],
-                (conf - acc)[mask],
-                width,
-                bottom=acc[mask],
-                align="edge",
-                color=colour,
-                alpha=alpha,
-                edgecolor="#7a1414",
-                hatch="//",
-                lw=0.6,
-                label=label,
-                zorder=2.5,
-            )
+    _draw_gaps(ax, left, width, full, acc, conf)
     if full.any():
         outline = [patheffects.withStroke(linewidth=3.5, foreground="white")]
         ax.scatter(
@@ -205,6 +185,31 @@ def _draw_bars(ax, bins: ReliabilityBins) -> None:
     ax.set_ylabel("accuracy (fraction of top-1 right, 0..1)")
     ax.grid(alpha=0.25, zorder=0)
     ax.legend(loc="best", fontsize=7.5, framealpha=0.9)
+
+
+def _draw_gaps(ax, left, width, full, acc, conf) -> None:
+    """The gap between each bin's accuracy and its mean confidence, hatched."""
+    # the gap: red above an over-confident bin's bar, opaque amber over the top of an
+    # under-confident one (a see-through colour over the blue bar reads as grey)
+    for mask, colour, alpha, label in (
+        (full & (acc < conf), "#d62728", 0.35, "over-confident: accuracy below confidence"),
+        (full & (acc > conf), "#f5a623", 0.9, "under-confident: accuracy above confidence"),
+    ):
+        if mask.any():
+            ax.bar(
+                left[mask],
+                (conf - acc)[mask],
+                width,
+                bottom=acc[mask],
+                align="edge",
+                color=colour,
+                alpha=alpha,
+                edgecolor="#7a1414",
+                hatch="//",
+                lw=0.6,
+                label=label,
+                zorder=2.5,
+            )
 
 
 def _draw_counts(ax, bins: ReliabilityBins) -> None:

@@ -105,6 +105,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "awt_engine.classifier",
             "awt_engine.evaluate",
             "awt_engine.evaluate_adapted",
+            "awt_engine.evaluate_ood",
             "awt_engine.explain",
             "awt_engine.reliability",
         ),
