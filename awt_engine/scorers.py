@@ -109,7 +109,8 @@ class Scorer:
         descriptions)."""
         import torch.nn.functional as F
 
-        _need_embeds(self, inputs)
+        if inputs.class_embeds is None:
+            raise ValueError(f"scorer {self.name!r}: class features need class embeddings")
         txt = inputs.class_embeds if self.uses_descriptions else inputs.class_embeds[:, :1]
         return F.normalize(txt.mean(dim=1), dim=-1)  # [C, D]
 

@@ -179,3 +179,29 @@ def test_ray_flag_without_ray_says_how_to_install(monkeypatch, folder):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(ImportError, match=r"uv sync --extra ray"):
         distributed.import_ray()
+
+
+@pytest.mark.parametrize("adapt", ["tda", "transclip"])
+def test_cli_eval_ray_gathers_and_adapts_once(local_ray, toy_task, tiny_clip_dir, tmp_path, adapt):
+    """Adapted scorers on Ray: actors collect, the driver adapts (one ordered stream per
+    seeded order, or the whole set): the same accuracies as the local run."""
+    runner = CliRunner()
+    base = ["eval", "--data-root", str(toy_task.root), "--model", tiny_clip_dir]
+    base += ["--views", "3", "--device", "cpu", "--no-progress", "--no-image-cache"]
+    base += ["--adapt", adapt, "--orders", "2"]
+    a = runner.invoke(app, [*base, "-o", str(tmp_path / "local")])
+    b = runner.invoke(app, [*base, "-o", str(tmp_path / "ray"), "--ray", "--concurrency", "2"])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    recs = {}
+    for side in ("local", "ray"):
+        for f in (tmp_path / side).iterdir():
+            r = json.loads(f.read_text())
+            recs[(side, r["adapt"])] = r
+    for kind in (None, adapt):
+        ra, rb = recs[("local", kind)], recs[("ray", kind)]
+        assert ra["metrics"]["acc1"] == rb["metrics"]["acc1"], kind
+        assert ra["per_class_recall"] == rb["per_class_recall"], kind
+        assert ra["metrics"]["nll"] == pytest.approx(rb["metrics"]["nll"], rel=1e-4), kind
+    r = recs[("ray", adapt)]
+    assert r["adapt"] == adapt and r["scorer"] == "awt"
+    assert ("orders" in r) == (adapt == "tda")
