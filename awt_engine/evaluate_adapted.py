@@ -119,4 +119,27 @@ def plain_ood(id_terms: Tensor, ood_conf: Tensor) -> dict:
     return ood_metrics(id_terms[:, CONF], ood_conf)
 
 
-__all__ = ["AdaptedRun", "adapted_runs", "order_of", "plain_ood"]
+def calibration_notes(metrics: dict[str, Metrics], scorers: dict) -> list[str]:
+    """One line per adapted scorer whose expected calibration error is worse than its
+    base scorer's by more than a point (test-time adaptation often makes a model more
+    confident than it is accurate): what the eval report says below its table."""
+    notes = []
+    for name, s in scorers.items():
+        if not isinstance(s, AdaptedScorer) or s.base.name not in metrics:
+            continue
+        mine, base = metrics[name].ece, metrics[s.base.name].ece
+        if mine is not None and base is not None and mine > base + 0.01:
+            notes.append(
+                f"{name}: ECE {100 * mine:.2f}% against {100 * base:.2f}% for {s.base.name}: "
+                "the adaptation made its probabilities less calibrated (--plots shows where)"
+            )
+    return notes
+
+
+__all__ = [
+    "AdaptedRun",
+    "adapted_runs",
+    "calibration_notes",
+    "order_of",
+    "plain_ood",
+]

@@ -342,3 +342,37 @@ def test_cli_eval_writes_reliability_plots_and_ood_metrics(adaptations, tmp_path
     assert recs["test-position"]["ood_root"] == str(tmp_path / "ood")
     assert recs["test-position"]["metrics"]["ood_auroc"] is not None
     assert len(recs["test-position"]["orders"]) == 2
+
+
+def test_scorers_verbose_lists_every_adaptation_with_its_options():
+    import dataclasses
+
+    from awt_engine.adapt import ADAPTATIONS
+    from awt_engine.cli import app
+    from awt_engine.cli._common import ADAPT_NAMES
+
+    assert set(ADAPT_NAMES) == set(ADAPTATIONS)  # the --adapt help names them all
+    res = CliRunner().invoke(app, ["scorers", "--verbose"])
+    assert res.exit_code == 0, res.output
+    for name, a in ADAPTATIONS.items():
+        assert f"\n{name}" in res.output
+        for f in dataclasses.fields(a.Config):
+            default = getattr(a.default_config(), f.name)
+            assert f"--set {f.name}={default!r}" in res.output, (name, f.name)
+    short = CliRunner().invoke(app, ["scorers"]).output
+    assert "tda" in short and "--set" not in short
+
+
+def test_calibration_notes_name_an_adaptation_that_worsens_ece():
+    from awt_engine.evaluate_adapted import calibration_notes
+    from awt_engine.metrics import Metrics
+
+    a = adapted_scorer("clip", "tda")
+    m = {
+        "clip": Metrics(0.5, None, 0.5, 10, 0, ece=0.05),
+        a.name: Metrics(0.6, None, 0.6, 10, 0, ece=0.2),
+    }
+    (note,) = calibration_notes(m, {"clip": a.base, a.name: a})
+    assert "clip+tda: ECE 20.00% against 5.00% for clip" in note
+    m[a.name] = Metrics(0.6, None, 0.6, 10, 0, ece=0.055)
+    assert calibration_notes(m, {"clip": a.base, a.name: a}) == []

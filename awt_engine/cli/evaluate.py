@@ -302,6 +302,10 @@ class _Report:
         if self.several:
             typer.echo(f"{run.part} classes:")
         typer.echo(format_table(result))
+        from awt_engine.evaluate_adapted import calibration_notes
+
+        for note in calibration_notes(result.metrics, result.scorers):
+            typer.echo(f"note: {note}")
         self.failed = self.failed or bool(result.failed)
         if self.output is not None:
             self._write(run)
