@@ -153,7 +153,9 @@ def test_objective_never_increases_across_block_updates():
     values = torch.tensor([v for _, v in seen], dtype=torch.float64)
     assert torch.allclose(values, r.objective, rtol=1e-9, atol=1e-9)  # its own tracking agrees
     rises = values.diff()
-    assert (rises <= 1e-9 * values.abs()[1:]).all(), list(zip(steps[1:], rises.tolist()))
+    assert (rises <= 1e-9 * values.abs()[1:]).all(), list(
+        zip(steps[1:], rises.tolist(), strict=True)
+    )
     assert values[-1] < values[0] - 1.0  # and it did go down
 
 

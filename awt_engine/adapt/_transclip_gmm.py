@@ -59,10 +59,10 @@ def full_loglik(f: Tensor, mu: Tensor, var: Tensor) -> Tensor:
 
 
 def top_weights(z: Tensor, n: int, rows: int) -> Tensor:
-    """Per class, the slot weight of each image among the ``n`` largest ``z[:, c]``:
-    returned as ``(threshold [C], share [C])``-driven weights by :func:`confident_sums`.
-    Here: the threshold t_c (the n-th largest value of z[:, c]) and the share of a slot
-    each image tied at t_c gets, ``(n - #{z > t}) / #{z == t}``: [2, C]."""
+    """Which images are class c's ``n`` most confident, without breaking ties by
+    position: the threshold t_c (the n-th largest value of z[:, c]) and the share of a
+    slot each image tied at t_c gets, ``(n - #{z > t}) / #{z == t}`` (images above t_c
+    get a whole slot): [2, C] float64."""
     N, C = z.shape
     best = torch.full((0, C), -torch.inf, dtype=z.dtype, device=z.device)
     for s, e in blocks(N, rows):
@@ -141,7 +141,7 @@ def objective(
 
     -alpha sum_i z_i.log p_i - beta/2 sum_i z_i.(S z)_i + sum_i (z_i.log z_i - lam z_i.log yhat_i)
     """
-    N, C = z.shape
+    N = z.shape[0]
     total = torch.zeros((), dtype=torch.float64)
     for s, e in blocks(N, rows):
         zb = z[s:e].to(torch.float64)  # [b, C]

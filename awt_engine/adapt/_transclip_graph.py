@@ -60,7 +60,7 @@ def _as_numpy32(x: Tensor) -> np.ndarray:
 def _exact_similarities(features: Tensor, start: int, candidates: Tensor) -> Tensor:
     """float64 ``f_i . f_j`` for rows ``start:start+b`` and their candidates: [b, M].
     Missing candidates (faiss's -1) and the image itself get -inf."""
-    b, M = candidates.shape
+    b = candidates.shape[0]
     rows = torch.arange(start, start + b, device=candidates.device).unsqueeze(1)  # [b, 1]
     f_rows = features[start : start + b].to(torch.float64)  # [b, D]
     f_cand = features[candidates.clamp(min=0)].to(torch.float64)  # [b, M, D]

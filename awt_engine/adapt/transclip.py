@@ -162,7 +162,7 @@ def _check(batch: AdaptBatch, dtype: torch.dtype) -> None:
 
 def _unary(u, scores, features, mu, var, cfg, rows) -> None:
     """u <- lambda log yhat + alpha (class part of log p), block by block: [N, C]."""
-    N, C = u.shape
+    N = u.shape[0]
     for s, e in gmm.blocks(N, rows):
         log_y = torch.log_softmax(scores[s:e].to(u.dtype), dim=1)
         u[s:e] = cfg.kl_lambda * log_y + cfg.gmm_weight * gmm.class_loglik(
@@ -172,7 +172,7 @@ def _unary(u, scores, features, mu, var, cfg, rows) -> None:
 
 def _z_step(z_next: Tensor, z: Tensor, u: Tensor, S: Tensor | None, beta: float, rows) -> None:
     """z_next <- softmax(u + beta (W + W^T) z), all images from the same z: [N, C]."""
-    N, C = z.shape
+    N = z.shape[0]
     for s, e in gmm.blocks(N, rows):
         logits = u[s:e] if S is None else u[s:e] + beta * (affinity_rows(S, s, e) @ z)
         z_next[s:e] = torch.softmax(logits, dim=1)
