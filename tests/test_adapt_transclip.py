@@ -100,10 +100,11 @@ def accuracy(scores, labels) -> float:
 # Fixed point against the reference
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_matches_dense_reference_for_any_block_size(normalize):
+@pytest.mark.parametrize(("normalize", "n_iters"), [(True, 10), (False, 10), (True, 0)])
+def test_matches_dense_reference_for_any_block_size(normalize, n_iters):
+    """n_iters=0: one z-block from the initial means (the initialisation shows)."""
     batch, _ = clustered(60, 4, 8, seed=1, spread=1.0, score_noise=0.5)
-    cfg = TransCLIPConfig(normalize_means=normalize)
+    cfg = TransCLIPConfig(normalize_means=normalize, n_iters=n_iters)
     z_ref, _ = reference_transclip(batch.scores, batch.features, cfg)
     C, D = 4, 8
     for budget in (1, 7 * (6 * C * 8 + 4 * C * 8 + 2 * D * 8), None):  # 1 row, 7 rows, all
@@ -176,22 +177,29 @@ def test_normalised_means_only_break_the_mu_step():
 
 
 def with_duplicates(seed):
-    """Clustered data with exact duplicates: 4 copies of image 0 (different scores: the
-    k-th neighbour of images near it is a 4-way tie) and 10 copies of image 1, scores
-    included, most confident for class 0 (a tie at the 8th most confident image)."""
+    """Clustered data with ties: 4 exact copies of image 0 (different scores: the k-th
+    neighbour of images near them is a 4-way tie for 1 slot), and for class 0 images
+    10-13 strictly most confident and images 14-23 (different features, identical scores)
+    tied for the remaining 4 of the 8 slots that initialise mu_0."""
     batch, labels = clustered(70, 4, 16, seed=seed, spread=1.0)
     f, s = batch.features.clone(), batch.scores.clone()
     f[1:4] = f[0]
-    f[10:20] = f[10]
-    s[10:20] = s[10] + torch.tensor([20.0, 0.0, 0.0, 0.0])
+    s[10:14] = torch.tensor([[10.0, 0, 0, 0]]) + 0.1 * torch.arange(4.0)[:, None]
+    s[14:24] = torch.tensor([8.0, 0, 0, 0])
+    z0 = torch.softmax(s, dim=1)[:, 0]
+    order = z0.argsort(descending=True)
+    assert set(order[:4].tolist()) == set(range(10, 14))  # the tie really is at the 8th
+    assert set(order[4:14].tolist()) == set(range(14, 24)) and z0[order[13]] > z0[order[14]]
     return AdaptBatch(s, f, batch.class_features), labels
 
 
-def test_row_order_does_not_matter_even_with_duplicates():
+@pytest.mark.parametrize("n_iters", [0, 10])
+def test_row_order_does_not_matter_even_with_ties(n_iters):
     batch, _ = with_duplicates(4)
-    r = transclip(batch)
+    cfg = TransCLIPConfig(n_iters=n_iters)
+    r = transclip(batch, cfg)
     perm = torch.randperm(70, generator=torch.Generator().manual_seed(0))
-    rp = transclip(AdaptBatch(batch.scores[perm], batch.features[perm], batch.class_features))
+    rp = transclip(AdaptBatch(batch.scores[perm], batch.features[perm], batch.class_features), cfg)
     assert (rp.z - r.z[perm]).abs().max() < 1e-5
     assert torch.equal(rp.scores.argmax(1), r.scores.argmax(1)[perm])
     assert (rp.means - r.means).abs().max() < 1e-5
