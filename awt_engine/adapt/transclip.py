@@ -65,7 +65,7 @@ solver holds three [N, C] buffers (unary term, z, next z; the result's z and sco
 reuse two of them), the graph (``[N, K]`` int64 + float64, and ``W + W^T`` as CSR, at
 most 2NK entries of 8 + 4 bytes), float64 statistics ([C, D] means and sums) and one
 row block sized by ``memory_budget``. While the graph is built faiss holds its own
-float32 copy of the features (freed before the iterations). For N = 50,000, C = 1,000,
+float32 copy of the features and a 16 MB distance block (freed before the iterations). For N = 50,000, C = 1,000,
 D = 512, k = 3 in float32: 3 * 50,000 * 1,000 * 4 = 600 MB, graph ~ 7 MB, statistics
 ~ 12 MB, faiss copy 102 MB (graph phase only), plus the block budget (default 64 MiB):
 peak about 690 MB above the caller's 300 MB of inputs.
@@ -142,10 +142,10 @@ class TransCLIPResult:
 def rows_per_block(memory_budget: int | None, C: int, D: int, k: int, dtype) -> int:
     """Rows per block so one block's temporaries fit ``memory_budget`` bytes: the z-step
     and log-likelihood ([b, C] several times, float64 when tracking) and the graph's
-    float64 re-ranking ([b, M, D])."""
+    float64 re-ranking (two [b, M, D], M = k + 9 candidates)."""
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else int(memory_budget)
     item = torch.finfo(dtype).bits // 8
-    per_row = max(6 * C * item + 4 * C * 8 + 2 * D * 8, (k + 9) * (D + 4) * 8)
+    per_row = max(6 * C * item + 4 * C * 8 + 2 * D * 8, 2 * (k + 9) * (D + 4) * 8)
     return max(1, budget // per_row)
 
 
