@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -85,6 +86,19 @@ def worker(N: int, C: int, D: int) -> dict:
     }
 
 
+def _growth(raw: list[dict]) -> list[str]:
+    """Log-log slopes between the two largest sizes: time ~ N^slope."""
+    if len(raw) < 2:
+        return []
+    a, b = raw[-2], raw[-1]
+    ratio = math.log(b["N"] / a["N"])
+    slope = {k: math.log(b[k] / a[k]) / ratio for k in ("graph_s", "iter_s", "peak_mib")}
+    return [
+        f"growth from N = {a['N']:,} to {b['N']:,}: graph ~ N^{slope['graph_s']:.2f}, "
+        f"iterations ~ N^{slope['iter_s']:.2f}, peak ~ N^{slope['peak_mib']:.2f}"
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="2000,5000,10000,20000,50000")
@@ -96,11 +110,12 @@ def main() -> None:
     if args.worker is not None:
         print(json.dumps(worker(args.worker, C, D)))
         return
-    rows = []
+    rows, raw = [], []
     for N in (int(x) for x in args.sizes.split(",")):
         cmd = [sys.executable, __file__, "--worker", str(N), "--classes", str(C), "--dim", str(D)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
+        raw.append(r)
         own = 3 * N * C * 4 / 2**20
         rows.append([
             f"{N:,}", f"{r['graph_s']:.1f}", f"{r['iter_s']:.1f}", f"{r['total_s']:.1f}",
@@ -118,6 +133,7 @@ def main() -> None:
             "model: none (synthetic CLIP-like features, 100 x cosine base scores)",
             "defaults: k = 3, 10 iterations x 5 z-steps, float32, memory_budget 64 MiB",
             "solver peak: ru_maxrss minus the resident size just before the solve",
+            *_growth(raw),
         ],
     )  # fmt: skip
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from awt_engine.adapt import AdaptBatch, adapt_config, get_adaptation
-from awt_engine.adapt.transclip import TransCLIPConfig, transclip
+from awt_engine.adapt.transclip import TransCLIPConfig, rows_per_block, transclip
 
 # ---------------------------------------------------------------------------------------
 # The reference: dense, float64, loops and einsum.
@@ -106,8 +106,10 @@ def test_matches_dense_reference_for_any_block_size(normalize, n_iters):
     batch, _ = clustered(60, 4, 8, seed=1, spread=1.0, score_noise=0.5)
     cfg = TransCLIPConfig(normalize_means=normalize, n_iters=n_iters)
     z_ref, _ = reference_transclip(batch.scores, batch.features, cfg)
-    C, D = 4, 8
-    for budget in (1, 7 * (6 * C * 8 + 4 * C * 8 + 2 * D * 8), None):  # 1 row, 7 rows, all
+    seven = 7 * 2304  # bytes: 7 rows per block (the graph's re-ranking sizes a row here)
+    assert rows_per_block(seven, 4, 8, 3, torch.float32) == 7
+    assert rows_per_block(seven, 4, 8, 3, torch.float64) == 7
+    for budget in (1, seven, None):  # 1 row, 7 rows, all 60 in one block
         r64 = transclip(batch, cfg, budget, dtype=torch.float64)
         assert torch.allclose(r64.z, z_ref, atol=1e-10), (budget, (r64.z - z_ref).abs().max())
         r32 = transclip(batch, cfg, budget)
