@@ -360,7 +360,7 @@ def test_scorers_verbose_lists_every_adaptation_with_its_options():
             default = getattr(a.default_config(), f.name)
             assert f"--set {f.name}={default!r}" in res.output, (name, f.name)
     short = CliRunner().invoke(app, ["scorers"]).output
-    assert "tda" in short and "--set" not in short
+    assert "tda" in short and "    --set" not in short
 
 
 def test_calibration_notes_name_an_adaptation_that_worsens_ece():

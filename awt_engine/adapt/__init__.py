@@ -25,6 +25,7 @@ __all__ = [
     "register_adaptation",
 ]
 
-# The built-in adaptations register themselves on import (names: tda, dota, transclip).
+# The built-in adaptations register themselves on import (listed in this order).
 from awt_engine.adapt import dota as dota
 from awt_engine.adapt import tda as tda
+from awt_engine.adapt import transclip as transclip

@@ -113,7 +113,7 @@ class DOTA(OnlineAdaptation):
     """Per-class Gaussians with a shared precision, fitted online with soft labels."""
 
     name = "dota"
-    summary = "DOTA: per-class Gaussians fitted online from zero-shot soft labels (online)"
+    summary = "DOTA: per-class Gaussians fitted online from zero-shot soft labels"
     paper = (
         "Han et al., DOTA: DistributiOnal Test-time Adaptation of Vision-Language Models, "
         "arXiv 2409.19375, NeurIPS 2025"

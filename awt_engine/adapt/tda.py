@@ -183,7 +183,7 @@ class TDA(OnlineAdaptation):
     """Positive and negative caches of confident test features (official TDA)."""
 
     name = "tda"
-    summary = "TDA: positive/negative caches of test features keyed by pseudo-label (online)"
+    summary = "TDA: positive/negative caches of test features keyed by pseudo-label"
     paper = "Karmanov et al., Efficient Test-Time Adaptation of Vision-Language Models, CVPR 2024"
     Config = TDAConfig
 
