@@ -249,6 +249,9 @@ def write_reliability_plots(result, folder: str | Path, *, part: str = "all") ->
     for name, terms in result.terms.items():
         path = folder / f"reliability__{_slug(result.dataset)}__{_slug(name)}__{part}.png"
         title = f"{result.dataset} ({part} classes): {name}"
+        runs = getattr(result, "runs", {}).get(name)
+        if runs and runs[0].seed is not None:  # an online adaptation: its first order
+            title += f", order seed {runs[0].seed} of {len(runs)}"
         save_reliability_diagram(path, terms[:, CONF], terms[:, CORRECT], title=title)
         paths.append(path)
     return paths
