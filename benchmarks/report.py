@@ -30,6 +30,8 @@ CPU_RUNS = [
     ("Video inputs: decode + views per clip", "bench_video.py", []),
     ("Training step per method", "bench_train.py", ["--steps", "2"]),
     ("Ray Data: actors, start-up and a sizing plan", "bench_ray.py", []),
+    ("Test-time adaptation: cost per image beside the base scorer", "bench_adapt.py", []),
+    ("Transduction (TransCLIP): time and memory against N", "bench_transduction.py", []),
 ]
 GPU_RUNS = [
     ("AWT scorer on GPU", "bench_scorer.py", ["--device", "cuda", "--images", "32"]),

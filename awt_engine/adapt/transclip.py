@@ -68,8 +68,9 @@ row block sized by ``memory_budget``. While the graph is built faiss holds its o
 float32 copy of the features and a 16 MB distance block (freed before the iterations). For N = 50,000, C = 1,000,
 D = 512, k = 3 in float32: 3 * 50,000 * 1,000 * 4 = 600 MB, graph ~ 7 MB, statistics
 ~ 12 MB, faiss copy 102 MB (graph phase only), plus the block budget (default 64 MiB):
-peak about 690 MB above the caller's 300 MB of inputs (measured: 669 MiB = 701 MB,
-benchmarks/bench_transduction.py).
+peak about 690 MB above the caller's 300 MB of inputs. Measured (process peak RSS above
+the inputs, benchmarks/bench_transduction.py): 621 to 873 MiB over runs on one machine;
+the spread is the allocator's (freed blocks not returned at once), not the solver's.
 
 Axes::
 
