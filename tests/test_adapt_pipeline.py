@@ -376,3 +376,20 @@ def test_calibration_notes_name_an_adaptation_that_worsens_ece():
     assert "clip+tda: ECE 20.00% against 5.00% for clip" in note
     m[a.name] = Metrics(0.6, None, 0.6, 10, 0, ece=0.055)
     assert calibration_notes(m, {"clip": a.base, a.name: a}) == []
+
+
+def test_every_adaptation_on_a_trained_checkpoint(coop_checkpoint, toy_task):
+    """The three adaptations on top of a CoOp checkpoint's scores and embeddings."""
+    from awt_engine.adapt import list_adaptations
+    from awt_engine.labelled import load_labelled
+
+    data = load_labelled(toy_task.root, split="test")
+    clf = awt_engine.create_classifier(checkpoint=coop_checkpoint, views=2, device="cpu")
+    adapted = [adapted_scorer("awt", n) for n in list_adaptations()]
+    res = evaluate(clf, data, ["awt", *adapted], cache_root=None, orders=2)
+    recs = result_records(res, clf, model="m", data_root="x", split="test", limit=None)
+    for a in adapted:
+        m = res.metrics[a.name]
+        assert m.n_images == len(data.items) and 0.0 <= m.acc1 <= 1.0
+        assert recs[a.name]["method"] == "coop" and recs[a.name]["adapt"] == a.adaptation.name
+        json.dumps(recs[a.name], allow_nan=False)

@@ -181,27 +181,27 @@ def test_ray_flag_without_ray_says_how_to_install(monkeypatch, folder):
         distributed.import_ray()
 
 
-@pytest.mark.parametrize("adapt", ["tda", "transclip"])
-def test_cli_eval_ray_gathers_and_adapts_once(local_ray, toy_task, tiny_clip_dir, tmp_path, adapt):
+def test_eval_ray_gathers_and_adapts_once(local_ray, toy_task, tiny_clip_dir, tmp_path):
     """Adapted scorers on Ray: actors collect, the driver adapts (one ordered stream per
-    seeded order, or the whole set): the same accuracies as the local run."""
-    runner = CliRunner()
-    base = ["eval", "--data-root", str(toy_task.root), "--model", tiny_clip_dir]
-    base += ["--views", "3", "--device", "cpu", "--no-progress", "--no-image-cache"]
-    base += ["--adapt", adapt, "--orders", "2"]
-    a = runner.invoke(app, [*base, "-o", str(tmp_path / "local")])
-    b = runner.invoke(app, [*base, "-o", str(tmp_path / "ray"), "--ray", "--concurrency", "2"])
-    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
-    recs = {}
-    for side in ("local", "ray"):
-        for f in (tmp_path / side).iterdir():
-            r = json.loads(f.read_text())
-            recs[(side, r["adapt"])] = r
-    for kind in (None, adapt):
-        ra, rb = recs[("local", kind)], recs[("ray", kind)]
-        assert ra["metrics"]["acc1"] == rb["metrics"]["acc1"], kind
-        assert ra["per_class_recall"] == rb["per_class_recall"], kind
-        assert ra["metrics"]["nll"] == pytest.approx(rb["metrics"]["nll"], rel=1e-4), kind
-    r = recs[("ray", adapt)]
-    assert r["adapt"] == adapt and r["scorer"] == "awt"
-    assert ("orders" in r) == (adapt == "tda")
+    seeded order for tda, the whole set for transclip): the local run's accuracies."""
+    from awt_engine.adapt.scorer import adapted_scorer
+    from awt_engine.dispatch import ModelSource, RayOptions, evaluate_with
+    from awt_engine.evaluate import result_records
+    from awt_engine.labelled import load_labelled
+
+    data = load_labelled(toy_task.root, split="test")
+    source = ModelSource(tiny_clip_dir, None, device="cpu")  # random weights, as the CLI test
+    options = dict(classes=list(data.classes), views=3)
+    clf = awt_engine.create_classifier(**source.kwargs(), **options)
+    scorers = ["awt", adapted_scorer("awt", "tda"), adapted_scorer("awt", "transclip")]
+    kw = dict(source=source, options=options, eval_options={"orders": 2})
+    a = evaluate_with(clf, data, scorers, **kw)
+    b = evaluate_with(clf, data, scorers, ray=RayOptions(concurrency=2), **kw)
+    for name in ("awt", "awt+tda", "awt+transclip"):
+        ma, mb = a.metrics[name], b.metrics[name]
+        assert (ma.acc1, ma.per_class_recall) == (mb.acc1, mb.per_class_recall), name
+        assert ma.nll == pytest.approx(mb.nll, rel=1e-4), name
+    assert [r.seed for r in b.runs["awt+tda"]] == [0, 1]
+    assert [r.seed for r in b.runs["awt+transclip"]] == [None]
+    recs = result_records(b, clf, model="tiny", data_root=toy_task.root, split="test", limit=None)
+    assert recs["awt+tda"]["adapt"] == "tda" and len(recs["awt+tda"]["orders"]) == 2
