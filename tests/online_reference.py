@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from awt_engine.adapt.base import AdaptBatch
+
 # ---------------------------------------------------------------- TDA
 
 
@@ -133,3 +135,15 @@ def dota_reference(scores, feats, class_weights, cfg: dict, model_cls=DotaRefere
         model.fit(f, logits.softmax(1))
         model.update()
     return torch.stack(outs), model
+
+
+def planted_stream(seed=0, N=400, C=10, D=32):
+    """Features cluster tightly by class; base scores only slightly informative (a
+    +1.5 bump on the true class under unit Gaussian noise)."""
+    g = torch.Generator().manual_seed(seed)
+    means = torch.nn.functional.normalize(torch.randn(C, D, generator=g), dim=1)
+    labels = torch.randint(0, C, (N,), generator=g)
+    noise = 0.3 * torch.randn(N, D, generator=g) / D**0.5
+    feats = torch.nn.functional.normalize(means[labels] + noise, dim=1)
+    scores = 1.5 * torch.nn.functional.one_hot(labels, C) + torch.randn(N, C, generator=g)
+    return AdaptBatch(scores, feats, means), labels

@@ -11,7 +11,7 @@ import torch
 
 from awt_engine.adapt import dota  # noqa: F401  (registers "dota")
 from awt_engine.adapt.base import AdaptBatch, adapt_config, get_adaptation
-from tests.online_reference import DotaReference, dota_reference
+from tests.online_reference import DotaReference, dota_reference, planted_stream
 
 ADAPT = get_adaptation("dota")
 
@@ -210,17 +210,6 @@ def test_config_defaults_strings_and_bounds():
         adapt_config("dota", {"sigma": "0"})
     assert all(ADAPT.options().values())
     assert ADAPT.summary and "2409.19375" in ADAPT.paper and ADAPT.online
-
-
-def planted_stream(seed=0, N=400, C=10, D=32):
-    """Features cluster tightly by class; base scores only slightly informative."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.nn.functional.normalize(torch.randn(C, D, generator=g), dim=1)
-    labels = torch.randint(0, C, (N,), generator=g)
-    noise = 0.3 * torch.randn(N, D, generator=g) / D**0.5
-    feats = torch.nn.functional.normalize(means[labels] + noise, dim=1)
-    scores = 1.5 * torch.nn.functional.one_hot(labels, C) + torch.randn(N, C, generator=g)
-    return AdaptBatch(scores, feats, means), labels
 
 
 def test_planted_clusters_raise_accuracy():

@@ -12,7 +12,7 @@ import torch
 
 from awt_engine.adapt import tda  # noqa: F401  (registers "tda")
 from awt_engine.adapt.base import AdaptBatch, adapt_config, get_adaptation
-from tests.online_reference import tda_reference
+from tests.online_reference import planted_stream, tda_reference
 
 ADAPT = get_adaptation("tda")
 
@@ -222,18 +222,6 @@ def test_config_defaults_strings_and_bounds():
         adapt_config("tda", {"shots": "3"})
     assert all(ADAPT.options().values())  # every field has help text
     assert ADAPT.summary and "CVPR 2024" in ADAPT.paper and ADAPT.online
-
-
-def planted_stream(seed=0, N=400, C=10, D=32):
-    """Features cluster tightly by class; base scores only slightly informative (a
-    +1.5 bump on the true class under unit Gaussian noise)."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.nn.functional.normalize(torch.randn(C, D, generator=g), dim=1)
-    labels = torch.randint(0, C, (N,), generator=g)
-    noise = 0.3 * torch.randn(N, D, generator=g) / D**0.5
-    feats = torch.nn.functional.normalize(means[labels] + noise, dim=1)
-    scores = 1.5 * torch.nn.functional.one_hot(labels, C) + torch.randn(N, C, generator=g)
-    return AdaptBatch(scores, feats, means), labels
 
 
 def test_planted_clusters_raise_accuracy():
