@@ -1,0 +1,556 @@
+"""The HTTP layer: :func:`create_app` makes the FastAPI app over a ClassifyService.
+
+Routes (the OpenAPI description is the framework's, at ``/openapi.json`` and ``/docs``):
+
+``POST /v1/classify``
+    Multipart: one ``image`` file field per image (repeated), and optional form fields
+    ``candidate_labels`` (a comma list; the field may repeat), ``top_k``, ``template``,
+    ``scorer`` and ``views``. Or JSON: ``{"images": [base64 or data URL, ...],
+    "candidate_labels": [...] or "a,b", "top_k": 5, "template": "a photo of a {}",
+    "scorer": "awt", "views": 21}``. Without ``candidate_labels`` the server's own label
+    set is used. The answer (200), one row per image in the order sent::
+
+        {"model": "ViT-B-16-quickgelu/openai",
+         "results": [
+           {"index": 0, "path": "cat.jpg",
+            "labels": ["cat", "dog"], "scores": [0.93, 0.07],
+            "predictions": [{"label": "cat", "score": 0.93}, {"label": "dog", "score": 0.07}]},
+           {"index": 1, "path": "broken.png", "error": "cannot identify image file"}]}
+
+    ``labels`` / ``scores`` are the top ``top_k`` best first, as the Parquet rows of
+    ``awt-engine classify`` hold them; ``predictions`` is the same as ``[{label, score}]``,
+    what the CLI's JSONL rows and the Hugging Face zero-shot pipeline give; ``score`` is
+    the softmax over the label set (a probability). ``path`` is the uploaded file's name
+    (null for JSON images). An image that cannot be read is an error row, the request
+    still 200; every other problem fails the whole request (below).
+
+``POST /v1/embeddings``
+    OpenAI's embeddings API: ``{"input": "text" or ["text", ...], "model": ...,
+    "encoding_format": "float" | "base64"}`` -> ``{"object": "list", "data": [{"object":
+    "embedding", "index": i, "embedding": [...]}], "model": ..., "usage": {...}}``;
+    ``base64`` is the little-endian float32 bytes of each vector, base64-encoded, as
+    OpenAI defines it. Extension: an input string that is a data URL
+    (``data:image/png;base64,...``) is an image, embedded by the image tower (view 0);
+    texts and images mix freely, each vector in the joint space, L2-normalised. Token
+    arrays are refused (422); ``usage`` counts no tokens (0). ``model`` may be omitted;
+    another model's name is a 404.
+
+``GET /v1/models`` (the one model, OpenAI's list shape), ``GET /health`` (200 while the
+process runs; never needs a key), ``GET /ready`` (200 once the model and the default label
+set are loaded, else 503), ``GET /metrics`` (Prometheus text, :mod:`.metrics`).
+
+Errors are ``{"error": {"message": ..., "type": ..., "status": N}}``: 400 malformed
+multipart or JSON, 401 no or wrong key (with ``--api-key-env``), 404, 413 body over
+``max_body`` (the Content-Length, and the bytes counted while reading) or more images
+than ``max_images``, 422 bad values (too many labels, unknown scorer, a URL given as an
+image: images are never fetched), 503 queue full (with ``Retry-After``), 504 over
+``timeout``. A client that disconnects has its work cancelled (status 499 in the log).
+
+Each request is one JSON line on the ``awt_engine.serve.access`` logger (method, route,
+status, ms, images); the key is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import inspect
+import json
+import logging
+import os
+import re
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from awt_engine.serve.errors import ServeError
+from awt_engine.serve.metrics import CONTENT_TYPE, Metrics, render
+
+ACCESS_LOG = logging.getLogger("awt_engine.serve.access")
+OPEN_PATHS = frozenset({"/health"})  # answered without a key
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_DATA_URL = re.compile(r"^data:([^,;]*)(;[^,]*)?,", re.DOTALL)
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "payload_too_large",
+    422: "unprocessable_error",
+    499: "client_closed_request",
+    500: "server_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
+
+class HTTPProblem(Exception):
+    """An error answer of the app itself: status, message, extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "error"), "status": status}}
+
+
+def create_app(service, config):
+    """The FastAPI app serving ``service`` (a ClassifyService) under ``config`` (a
+    ServeConfig): routes, limits, key checks, CORS, metrics and access logs. Its lifespan
+    starts the service and, at shutdown, stops it after the queued work is done."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await _maybe_await(service.start())
+        try:
+            yield
+        finally:
+            await _maybe_await(service.stop(drain=True))
+
+    app = FastAPI(
+        title="awt-engine",
+        summary="Zero-shot image classification (AWT) and CLIP embeddings over HTTP.",
+        lifespan=lifespan,
+    )
+
+    def problem(status: int, message: str, headers=None) -> JSONResponse:
+        return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+    @app.exception_handler(HTTPProblem)
+    async def _own(_request, exc: HTTPProblem):
+        return problem(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(ServeError)
+    async def _service(_request, exc: ServeError):
+        retry = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(max(1, round(retry)))} if retry is not None else None
+        return problem(exc.status, exc.message, headers)
+
+    @app.exception_handler(HTTPException)
+    async def _framework(_request, exc: HTTPException):
+        return problem(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_request, _exc):  # nobody reads it: for the log and the metrics
+        return problem(499, "the client closed the connection; its work was dropped")
+
+    @app.exception_handler(Exception)
+    async def _bug(_request, exc: Exception):  # logged by uvicorn; no internals echoed
+        return problem(500, "internal server error")
+
+    @app.exception_handler(ValueError)
+    async def _value(_request, exc: ValueError):  # bad labels, template, ...: the user's
+        return problem(422, str(exc))
+
+    @app.get("/health", summary="Alive: 200 while the process runs.")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="200 once the model and the default label set are loaded.")
+    async def ready():
+        if not service.ready:
+            return problem(503, "loading: the model or the default label set is not ready")
+        return {"status": "ready", "model": service.model_name}
+
+    @app.get("/v1/models", summary="The model served (OpenAI's list shape).")
+    async def models():
+        return {"object": "list", "data": [_model_card(service.model_name)]}
+
+    @app.get("/metrics", summary="Prometheus text exposition.")
+    async def metrics_page():
+        text = render(metrics, service.stats(), service.ready, config.max_batch)
+        return Response(text, media_type=CONTENT_TYPE)
+
+    @app.post("/v1/classify", summary="Classify images (multipart uploads or JSON base64).")
+    async def classify(request: Request):
+        images, names, settings = await _classify_request(request, config)
+        request.state.images = len(images)
+        good = [i for i, b in enumerate(images) if isinstance(b, bytes)]
+        work = service.classify([images[i] for i in good], **settings) if good else _none()
+        rows = await _cancellable(request, work, config.timeout)
+        by_index = dict(zip(good, rows, strict=True))
+        results = [
+            _row(i, names[i], by_index.get(i, {"error": images[i]})) for i in range(len(images))
+        ]
+        return {"model": service.model_name, "results": results}
+
+    @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images.")
+    async def embeddings(request: Request):
+        body = await _json_body(request)
+        texts, pictures, fmt = _embedding_request(body, service.model_name)
+        request.state.images = len(pictures)
+        vectors = await _cancellable(
+            request, _embed(service, texts, pictures), config.timeout
+        )  # {index: [D] floats}
+        data = [
+            {"object": "embedding", "index": i, "embedding": _encode(vectors[i], fmt)}
+            for i in range(len(vectors))
+        ]
+        usage = {"prompt_tokens": 0, "total_tokens": 0}
+        return {"object": "list", "data": data, "model": service.model_name, "usage": usage}
+
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    key = os.environ.get(config.api_key_env, "") if config.api_key_env else None
+    if config.api_key_env and not key:
+        raise ValueError(f"--api-key-env {config.api_key_env}: that variable is not set")
+    routes = [r.path for r in app.routes]
+    app.add_middleware(Guard, max_body=config.max_body, key=key, metrics=metrics, routes=routes)
+    return app
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+async def _classify_request(request, config) -> tuple[list, list, dict]:
+    """(images: bytes each, or the reason one cannot be read; names; classify keywords)."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        images, names, fields = await _multipart(request, config.max_images)
+    elif kind in ("application/json", ""):
+        body = await _json_body(request)
+        if "images" not in body:
+            raise HTTPProblem(422, 'a JSON request needs "images": [base64 or data URL, ...]')
+        if not isinstance(body["images"], list) or not all(
+            isinstance(s, str) for s in body["images"]
+        ):
+            raise HTTPProblem(422, '"images" must be a list of base64 strings or data URLs')
+        _count(len(body["images"]), config.max_images)
+        images = [_decode_image_text(s) for s in body["images"]]
+        names, fields = [None] * len(images), body
+    else:
+        raise HTTPProblem(400, f"unsupported content type {kind!r}: multipart/form-data or JSON")
+    _count(len(images), config.max_images)
+    return images, names, _settings(fields, config)
+
+
+async def _multipart(request, max_images: int) -> tuple[list, list, dict]:
+    from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException
+    from starlette.formparsers import MultiPartException
+
+    try:
+        form = await request.form(max_files=max_images + 1, max_fields=1000)
+    except (MultiPartException, HTTPException) as exc:
+        message = getattr(exc, "message", None) or getattr(exc, "detail", str(exc))
+        if "Too many files" in str(message):
+            raise HTTPProblem(413, f"more than {max_images} images in one request") from None
+        raise HTTPProblem(400, f"malformed multipart body: {message}") from None
+    uploads = form.getlist("image")
+    if any(not isinstance(u, UploadFile) for u in uploads):
+        raise HTTPProblem(422, '"image" fields must be files (-F image=@photo.jpg)')
+    _count(len(uploads), max_images)
+    images = [await u.read() for u in uploads]
+    names = [u.filename for u in uploads]
+    labels = [
+        part.strip()
+        for field in form.getlist("candidate_labels")
+        if isinstance(field, str)
+        for part in field.split(",")
+        if part.strip()
+    ]
+    fields = {k: form.get(k) for k in ("top_k", "template", "scorer", "views") if k in form}
+    if labels:
+        fields["candidate_labels"] = labels
+    await form.close()
+    return images, names, fields
+
+
+async def _json_body(request) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPProblem(400, f"malformed JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise HTTPProblem(400, "the JSON body must be an object")
+    return body
+
+
+def _count(n: int, max_images: int) -> None:
+    if n == 0:
+        raise HTTPProblem(422, "no image given: send image file fields or JSON images")
+    if n > max_images:
+        raise HTTPProblem(413, f"{n} images in one request; the server takes {max_images}")
+
+
+def _settings(fields: dict, config) -> dict:
+    """The classify keywords of the request's fields, each checked (422 naming it)."""
+    out: dict[str, Any] = {"top_k": _int(fields.get("top_k", 5), "top_k")}
+    labels = fields.get("candidate_labels")
+    if isinstance(labels, str):
+        labels = [p.strip() for p in labels.split(",") if p.strip()]
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise HTTPProblem(422, "candidate_labels must be a list of strings or a comma list")
+        if not labels:
+            raise HTTPProblem(422, "candidate_labels is empty")
+        if len(labels) > config.max_labels:
+            raise HTTPProblem(
+                422, f"{len(labels)} candidate labels; the server takes {config.max_labels}"
+            )
+        out["labels"] = labels
+    for name in ("template", "scorer"):
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            raise HTTPProblem(422, f"{name} must be a string")
+        if value:
+            out[name] = value
+    if fields.get("views") is not None:
+        views = _int(fields["views"], "views")
+        if config.max_views is not None and views > config.max_views:
+            raise HTTPProblem(422, f"views {views}: the server takes at most {config.max_views}")
+        out["views"] = views
+    return out
+
+
+def _int(value, name: str) -> int:
+    try:
+        number = int(value) if not isinstance(value, bool | float) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 1:
+        raise HTTPProblem(422, f"{name} must be a whole number >= 1, got {value!r}")
+    return number
+
+
+def _decode_image_text(text: str) -> bytes | str:
+    """The bytes of a base64 string or data URL; the reason as a str when they cannot be
+    read (that image's error row); 422 for a URL (never fetched)."""
+    if _URL.match(text):
+        raise HTTPProblem(
+            422,
+            "images are never fetched from URLs: send the image's bytes (multipart) or "
+            "base64 / a data: URL (JSON)",
+        )
+    m = _DATA_URL.match(text)
+    if m and "base64" not in (m.group(2) or "").lower():
+        return "a data URL image must be base64-encoded (data:image/png;base64,...)"
+    payload = text[m.end() :] if m else text
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        return f"not valid base64: {exc}"
+
+
+def _row(index: int, name: str | None, result: dict) -> dict:
+    row: dict[str, Any] = {"index": index, "path": name}
+    if "error" in result:
+        row["error"] = result["error"]
+        return row
+    labels, scores = list(result["labels"]), [float(s) for s in result["scores"]]
+    row.update(labels=labels, scores=scores)
+    row["predictions"] = [{"label": a, "score": s} for a, s in zip(labels, scores, strict=True)]
+    return row
+
+
+def _embedding_request(body: dict, model_name: str) -> tuple[dict, dict, str]:
+    """({index: text}, {index: image bytes}, encoding format) of an embeddings request."""
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise HTTPProblem(422, f'encoding_format must be "float" or "base64", got {fmt!r}')
+    model = body.get("model")
+    if model not in (None, "", model_name):
+        raise HTTPProblem(404, f"model {model!r} is not served here; GET /v1/models lists it")
+    given = body.get("input")
+    items = [given] if isinstance(given, str) else given
+    if not isinstance(items, list) or not items or not all(isinstance(s, str) for s in items):
+        raise HTTPProblem(
+            422,
+            '"input" must be a string or a non-empty list of strings (token arrays are '
+            "not supported)",
+        )
+    texts, pictures = {}, {}
+    for i, item in enumerate(items):
+        if item.startswith("data:"):
+            image = _decode_image_text(item)
+            if isinstance(image, str):
+                raise HTTPProblem(422, f"input {i}: {image}")
+            pictures[i] = image
+        elif _URL.match(item):
+            raise HTTPProblem(
+                422, f"input {i} is a URL: images are never fetched; send a data: URL"
+            )
+        else:
+            texts[i] = item
+    return texts, pictures, fmt
+
+
+async def _embed(service, texts: dict, pictures: dict) -> list[list[float]]:
+    """The vectors of texts and images, in input order: [N][D] floats."""
+    out: dict[int, list[float]] = {}
+    if texts:
+        vectors = await service.embed_texts(list(texts.values()))  # [n, D]
+        out.update(zip(texts, vectors.float().tolist(), strict=True))
+    if pictures:
+        vectors = await service.embed_images(list(pictures.values()))  # [m, D]
+        out.update(zip(pictures, vectors.float().tolist(), strict=True))
+    return [out[i] for i in range(len(out))]
+
+
+def _encode(vector: list[float], fmt: str):
+    if fmt == "float":
+        return vector
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+
+
+def _model_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "awt-engine"}
+
+
+_STARTED = int(time.time())
+
+
+async def _none() -> list:
+    return []
+
+
+async def _maybe_await(value) -> None:
+    if inspect.isawaitable(value):
+        await value
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def _cancellable(request, work, timeout: float):
+    """``work``'s result; cancelled (and the service's queue freed) when the client
+    disconnects (:class:`ClientGone`) or after ``timeout`` seconds (504)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait(
+            {task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for t in (task, watch):
+            t.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task in done and not task.cancelled():
+        return task.result()  # a ServeError of the service is raised here
+    if watch in done:
+        raise ClientGone()
+    raise HTTPProblem(504, f"no answer within the server's timeout ({timeout:g} s)")
+
+
+async def _disconnected(request) -> None:
+    """Returns once the client has gone (the body is read, so the next message is
+    ``http.disconnect``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# -- the guard: key, body limit, metrics, access log -------------------------------------
+
+
+class Guard:
+    """Pure ASGI middleware around the app: the bearer key (constant-time), the body
+    limit (Content-Length, then bytes counted as they arrive), then one metrics record and
+    one access-log line per request."""
+
+    def __init__(self, app, *, max_body: int, key: str | None, metrics: Metrics, routes=()):
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+        self.routes = frozenset(routes)  # paths of the routes (none has a parameter)
+        self.key = key.encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+        scope.setdefault("state", {})
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            early = self._refuse(scope)
+            if early is not None:
+                await _send_json(send_status, *early)
+            else:
+                await self.app(scope, self._counting(receive), send_status)
+        finally:
+            self._record(scope, status[0] or 500, time.perf_counter() - start)
+
+    def _refuse(self, scope) -> tuple | None:
+        """(status, message, headers) answered without running the app, or None."""
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.key is not None and scope.get("path") not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                return (
+                    401,
+                    "missing or wrong API key (Authorization: Bearer KEY)",
+                    {"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return 400, "Content-Length is not a number", {}
+            if too_big:
+                return 413, f"body over the server's limit of {self.max_body} bytes", {}
+        return None
+
+    def _counting(self, receive):
+        seen = [0]
+
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise HTTPProblem(413, f"body over the server's limit of {self.max_body} bytes")
+            return message
+
+        return counted
+
+    def _record(self, scope, status: int, seconds: float) -> None:
+        path = scope.get("path", "")
+        route = getattr(scope.get("route"), "path", None)
+        route = route or (path if path in self.routes else "other")
+        images = int(scope["state"].get("images", 0) or 0)
+        method = scope.get("method", "")
+        self.metrics.record(route, method, status, seconds, images)
+        line = {
+            "method": method,
+            "route": route,
+            "path": path[:200],
+            "status": status,
+            "ms": round(seconds * 1000, 2),
+            "images": images,
+        }
+        ACCESS_LOG.info(json.dumps(line, ensure_ascii=True))
+
+
+async def _send_json(send, status: int, message: str, headers: dict) -> None:
+    body = json.dumps(error_body(status, message)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+__all__ = ["ACCESS_LOG", "Guard", "HTTPProblem", "create_app", "error_body"]
