@@ -1,0 +1,384 @@
+"""The HTTP layer of ``awt-engine serve`` (awt_engine/serve/app.py) on a real uvicorn
+server bound to a free 127.0.0.1 port, in a thread; every client call has a timeout.
+
+Two services stand behind it: :class:`FakeService` (scripted answers, gates and delays,
+for the limits, errors, auth, disconnects and metrics of the HTTP layer alone), and the
+real ClassifyService over the colour embedder (tests/fixtures_embedders.py), whose
+answers are checked against offline :meth:`Classifier.classify` rows for the same
+images, labels and settings. The ``serve`` command is run in-process (start-up errors)
+and as a subprocess (answers /health, SIGTERM exits 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import socket
+import struct
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from PIL import Image
+
+from awt_engine.serve.app import create_app
+from awt_engine.serve.config import ServeConfig
+from awt_engine.serve.errors import QueueFull, Unprocessable
+
+T = 10.0  # seconds: the bound of every client call
+
+
+def png(rgb=(255, 0, 0), size=(24, 18)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free loopback port in a thread: yields the base URL;
+    a graceful shutdown (the lifespan's stop) on exit."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + T
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(T)
+        sock.close()
+        assert not thread.is_alive()
+
+
+class FakeService:
+    """The ClassifyService contract with scripted answers: labels sorted by name, scores
+    1/n each; an image whose bytes are b"bad" is an error row; ``gate`` (an Event) holds
+    classify until set; scorer "nope" is unknown; ``full`` makes it refuse (503)."""
+
+    model_name = "fake-model"
+
+    def __init__(self, ready=True):
+        self._ready, self.started, self.stopped = ready, False, False
+        self.gate: asyncio.Event | None = None
+        self.full = False
+        self.calls: list[dict] = []
+        self.cancelled = 0
+
+    @property
+    def ready(self):
+        return self._ready and self.started
+
+    def start(self):
+        self.started = True
+
+    def stop(self, drain=True):
+        self.stopped = drain
+
+    async def classify(
+        self, images, *, labels=None, template=None, top_k=5, scorer=None, views=None
+    ):
+        if scorer == "nope":
+            raise Unprocessable("unknown scorer 'nope'")
+        if self.full:
+            raise QueueFull("queue full", retry_after=2.0)
+        self.calls.append(dict(n=len(images), labels=labels, top_k=top_k, views=views))
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        names = sorted(labels or ["a", "b", "c"])[:top_k]
+        return [
+            {"error": "cannot identify image file"}
+            if b == b"bad"
+            else {"labels": names, "scores": [1 / len(names)] * len(names)}
+            for b in images
+        ]
+
+    async def embed_texts(self, texts):
+        import torch
+
+        return torch.tensor([[float(len(t)), 0.5, -1.25] for t in texts])
+
+    async def embed_images(self, images):
+        import torch
+
+        return torch.tensor([[float(len(b)), 2.0, 0.0] for b in images])
+
+    def stats(self):
+        return {
+            "queue_depth": 0,
+            "batches": {1: 3, 4: 1},
+            "label_cache_hits": 5,
+            "label_cache_misses": 2,
+            "images_dropped": 0,
+        }
+
+
+def fake_app(service=None, **config):
+    service = service or FakeService()
+    return service, create_app(service, ServeConfig(**config))
+
+
+def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["status"] == status and err["type"] and isinstance(err["message"], str)
+    for w in words:
+        assert w in err["message"], err["message"]
+    return err
+
+
+# -- routes and formats (fake service) -----------------------------------------------------
+
+
+def test_classify_multipart_and_json_rows():
+    service, app = fake_app()
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        files = [("image", ("a.png", png(), "image/png")), ("image", ("b.png", b"bad", "x/y"))]
+        r = c.post(
+            "/v1/classify", files=files, data={"candidate_labels": "dog, cat,owl", "top_k": "2"}
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == "fake-model"
+        ok, bad = body["results"]
+        assert ok == {
+            "index": 0,
+            "path": "a.png",
+            "labels": ["cat", "dog"],
+            "scores": [0.5, 0.5],
+            "predictions": [{"label": "cat", "score": 0.5}, {"label": "dog", "score": 0.5}],
+        }
+        assert bad == {"index": 1, "path": "b.png", "error": "cannot identify image file"}
+        assert service.calls[-1] == dict(n=2, labels=["dog", "cat", "owl"], top_k=2, views=None)
+
+        b64 = base64.b64encode(png()).decode()
+        r = c.post(
+            "/v1/classify",
+            json={
+                "images": [b64, f"data:image/png;base64,{b64}", "%%%"],
+                "candidate_labels": ["x", "y"],
+                "views": 3,
+            },
+        )
+        rows = r.json()["results"]
+        assert [row["index"] for row in rows] == [0, 1, 2]
+        assert rows[0]["labels"] == rows[1]["labels"] == ["x", "y"] and rows[0]["path"] is None
+        assert "not valid base64" in rows[2]["error"]
+        assert service.calls[-1] == dict(n=2, labels=["x", "y"], top_k=5, views=3)
+
+
+def test_embeddings_openai_shape_and_base64_round_trip():
+    _, app = fake_app()
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        image = "data:image/png;base64," + base64.b64encode(png()).decode()
+        r = c.post("/v1/embeddings", json={"input": ["hello", image, "ab"], "model": "fake-model"})
+        body = r.json()
+        assert r.status_code == 200 and body["object"] == "list" and body["model"] == "fake-model"
+        assert [d["index"] for d in body["data"]] == [0, 1, 2]
+        assert all(d["object"] == "embedding" for d in body["data"])
+        assert body["data"][0]["embedding"] == [5.0, 0.5, -1.25]
+        assert body["data"][1]["embedding"] == [float(len(png())), 2.0, 0.0]
+        assert body["usage"] == {"prompt_tokens": 0, "total_tokens": 0}
+
+        r = c.post("/v1/embeddings", json={"input": "hello", "encoding_format": "base64"})
+        raw = base64.b64decode(r.json()["data"][0]["embedding"])
+        assert struct.unpack("<3f", raw) == (5.0, 0.5, -1.25)  # little-endian float32
+
+        assert_error(c.post("/v1/embeddings", json={"input": "x", "model": "gpt-9"}), 404)
+        assert_error(c.post("/v1/embeddings", json={"input": [[1, 2]]}), 422, "token arrays")
+        assert_error(c.post("/v1/embeddings", json={"input": "x", "encoding_format": "int8"}), 422)
+        assert_error(
+            c.post("/v1/embeddings", json={"input": ["http://example.com/cat.jpg"]}),
+            422,
+            "never fetched",
+        )
+
+
+def test_models_health_ready_and_openapi():
+    service = FakeService(ready=False)
+    _, app = fake_app(service)
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        assert_error(c.get("/ready"), 503, "loading")
+        service._ready = True
+        assert c.get("/ready").status_code == 200
+        models = c.get("/v1/models").json()
+        assert models["object"] == "list" and models["data"][0]["id"] == "fake-model"
+        paths = c.get("/openapi.json").json()["paths"]
+        assert {
+            "/v1/classify",
+            "/v1/embeddings",
+            "/v1/models",
+            "/health",
+            "/ready",
+            "/metrics",
+        } <= set(paths)
+        assert_error(c.get("/nowhere"), 404)
+    assert service.stopped  # the lifespan drained the service
+
+
+# -- limits and bad input (fake service) ---------------------------------------------------
+
+
+def test_every_limit_answers_its_status_and_a_json_error():
+    service, app = fake_app(max_body=4096, max_images=2, max_labels=3, max_views=4)
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        img = ("image", ("a.png", png(), "image/png"))
+        big = ("image", ("big.bin", b"x" * 5000, "application/octet-stream"))
+        assert_error(c.post("/v1/classify", files=[big]), 413, "4096")
+        # no Content-Length (chunked): the bytes are counted as they arrive
+        chunks = iter([b'{"images": ["' + b"A" * 3000, b"A" * 3000 + b'"]}'])
+        r = c.post("/v1/classify", content=chunks, headers={"content-type": "application/json"})
+        assert_error(r, 413, "4096")
+        assert_error(c.post("/v1/classify", files=[img] * 3), 413, "3 images")
+        assert_error(c.post("/v1/classify", json={"images": ["AAAA"] * 3}), 413)
+        many = {"candidate_labels": "a,b,c,d"}
+        assert_error(c.post("/v1/classify", files=[img], data=many), 422, "4 candidate labels")
+        assert_error(c.post("/v1/classify", files=[img], data={"views": "9"}), 422, "views")
+        assert_error(c.post("/v1/classify", files=[img], data={"top_k": "0"}), 422, "top_k")
+        assert_error(c.post("/v1/classify", files=[img], data={"scorer": "nope"}), 422, "nope")
+        assert_error(c.post("/v1/classify", json={"images": []}), 422, "no image")
+        assert_error(
+            c.post("/v1/classify", json={"images": ["https://example.com/a.jpg"]}),
+            422,
+            "never fetched",
+        )
+        bad_json = c.post(
+            "/v1/classify", content=b"{nope", headers={"content-type": "application/json"}
+        )
+        assert_error(bad_json, 400, "malformed JSON")
+        broken = b'--xyz\r\nContent-Disposition: form-data; name="image"\r\n\r\nabc'
+        r = c.post(
+            "/v1/classify",
+            content=broken,
+            headers={"content-type": "multipart/form-data; boundary=xyz"},
+        )
+        assert r.status_code in (400, 422), r.text  # 422: parsed to no image file at all
+        assert_error(
+            c.post("/v1/classify", content=b"x", headers={"content-type": "text/plain"}), 400
+        )
+        service.full = True
+        r = c.post("/v1/classify", files=[img])
+        assert_error(r, 503)
+        assert r.headers["retry-after"] == "2"
+
+
+def test_timeout_504_and_the_work_is_cancelled():
+    service, app = fake_app(timeout=0.3)
+    service.gate = asyncio.Event()  # never set: classify waits forever
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        r = c.post("/v1/classify", files=[("image", ("a.png", png(), "image/png"))])
+        assert_error(r, 504, "timeout")
+    assert service.cancelled == 1
+
+
+def test_client_disconnect_drops_the_work():
+    service, app = fake_app()
+    service.gate = asyncio.Event()
+    with running(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{url}/v1/classify", files=[("image", ("a.png", png(), "image/png"))], timeout=0.5
+            )
+        deadline = time.monotonic() + T
+        while service.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.cancelled == 1
+        metrics = httpx.get(f"{url}/metrics", timeout=T).text
+        assert 'awt_http_requests_total{route="/v1/classify",method="POST",code="499"} 1' in metrics
+
+
+# -- security ------------------------------------------------------------------------------
+
+
+def test_bearer_key_checked_and_never_logged(monkeypatch, caplog):
+    key = "s3cret-key-value"
+    monkeypatch.setenv("TEST_AWT_KEY", key)
+    _, app = fake_app(api_key_env="TEST_AWT_KEY")
+    caplog.set_level(logging.INFO, logger="awt_engine.serve.access")
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        assert c.get("/health").status_code == 200  # open
+        err = assert_error(c.get("/v1/models"), 401)
+        assert key not in json.dumps(err)
+        assert_error(c.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        r = c.get("/v1/models", headers={"Authorization": f"Bearer {key}x"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert key not in r.text
+        ok = c.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200 and key not in ok.text
+        r = c.post(
+            "/v1/classify",
+            files=[("image", ("a.png", png(), "image/png"))],
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200
+    lines = [
+        json.loads(rec.getMessage())
+        for rec in caplog.records
+        if rec.name == "awt_engine.serve.access"
+    ]
+    assert key not in caplog.text
+    assert {"method", "route", "status", "ms", "images"} <= set(lines[-1])
+    assert [(x["route"], x["status"]) for x in lines[:3]] == [
+        ("/health", 200),
+        ("/v1/models", 401),
+        ("/v1/models", 401),
+    ]
+    assert lines[-1]["images"] == 1 and lines[-1]["status"] == 200
+
+
+def test_cors_off_unless_configured():
+    _, app = fake_app()
+    origin = {"Origin": "https://app.example"}
+    with running(app) as url:
+        r = httpx.get(f"{url}/v1/models", headers=origin, timeout=T)
+        assert "access-control-allow-origin" not in r.headers
+    _, app = fake_app(cors_origins=("https://app.example",))
+    with running(app) as url:
+        r = httpx.get(f"{url}/v1/models", headers=origin, timeout=T)
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_metrics_count_what_was_sent():
+    _, app = fake_app()
+    with running(app) as url, httpx.Client(base_url=url, timeout=T) as c:
+        img = ("image", ("a.png", png(), "image/png"))
+        for _ in range(3):
+            assert c.post("/v1/classify", files=[img, img]).status_code == 200
+        assert c.post("/v1/classify", files=[img], data={"scorer": "nope"}).status_code == 422
+        c.get("/health")
+        text = c.get("/metrics").text
+    assert 'awt_http_requests_total{route="/v1/classify",method="POST",code="200"} 3' in text
+    assert 'awt_http_requests_total{route="/v1/classify",method="POST",code="422"} 1' in text
+    assert 'awt_http_requests_total{route="/health",method="GET",code="200"} 1' in text
+    assert 'awt_images_total{route="/v1/classify"} 7' in text
+    assert 'awt_http_request_duration_seconds_count{route="/v1/classify"} 4' in text
+    assert (
+        'awt_batch_size_bucket{le="1.0"} 3' in text and 'awt_batch_size_bucket{le="4.0"} 4' in text
+    )
+    assert "awt_batch_size_count 4" in text and "awt_batch_size_sum 7.0" in text
+    assert "awt_label_cache_hits_total 5" in text and "awt_label_cache_misses_total 2" in text
+    assert "awt_queue_depth 0" in text and "awt_ready 1" in text
