@@ -164,7 +164,7 @@ def create_app(service, config):
     @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images.")
     async def embeddings(request: Request):
         body = await json_body(request)
-        texts, pictures, fmt = embedding_request(body, service.model_name)
+        texts, pictures, fmt = embedding_request(body, service.model_name, config)
         request.state.images = len(pictures)
         vectors = await _cancellable(
             request, _embed(service, texts, pictures), config.timeout

@@ -182,7 +182,7 @@ def result_row(index: int, name: str | None, result: dict) -> dict:
     return row
 
 
-def embedding_request(body: dict, model_name: str) -> tuple[dict, dict, str]:
+def embedding_request(body: dict, model_name: str, config) -> tuple[dict, dict, str]:
     """({index: text}, {index: image bytes}, encoding format) of an embeddings request."""
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
@@ -199,6 +199,11 @@ def embedding_request(body: dict, model_name: str) -> tuple[dict, dict, str]:
             "not supported)",
         )
     texts, pictures = {}, {}
+    _count(sum(s.startswith("data:") for s in items) or 1, config.max_images)
+    if len(items) > config.max_labels:
+        raise HTTPProblem(
+            422, f"{len(items)} inputs in one request; the server takes {config.max_labels}"
+        )
     for i, item in enumerate(items):
         if item.startswith("data:"):
             image = _decode_image_text(item)
