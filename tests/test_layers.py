@@ -113,6 +113,19 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("awt_engine.training", "awt_engine.training.*")),
     ("distributed", ("awt_engine.ray_inputs", "awt_engine.distributed", "awt_engine.ray_eval")),
     ("protocols", ("awt_engine.dispatch", "awt_engine.protocols")),
+    (
+        "serve",
+        (
+            "awt_engine.serve",
+            "awt_engine.serve.config",
+            "awt_engine.serve.errors",
+            "awt_engine.serve.batcher",
+            "awt_engine.serve.labelsets",
+            "awt_engine.serve.images",
+            "awt_engine.serve.worker",
+            "awt_engine.serve.service",
+        ),
+    ),
     ("describe", ("awt_engine.describe", "awt_engine.describe.*")),
     ("cli", ("awt_engine.cli", "awt_engine.cli.*")),
 ]
