@@ -87,11 +87,13 @@ def create_app(service, config):
 
     @asynccontextmanager
     async def lifespan(_app):
-        await _maybe_await(service.start())
+        # start() loads the default label set: off the event loop; a failure stops uvicorn
+        # before it serves (the command's exit 2)
+        await _off_loop(service.start)
         try:
             yield
-        finally:
-            await _maybe_await(service.stop(drain=True))
+        finally:  # uvicorn has let the requests in flight finish; the queue drains
+            await _off_loop(service.stop, drain=True)
 
     app = FastAPI(
         title="awt-engine",
@@ -216,9 +218,12 @@ async def _none() -> list:
     return []
 
 
-async def _maybe_await(value) -> None:
-    if inspect.isawaitable(value):
-        await value
+async def _off_loop(fn, *args, **kwargs) -> None:
+    """``fn`` on a thread (awaited if it is a coroutine function: a service may be either)."""
+    if inspect.iscoroutinefunction(fn):
+        await fn(*args, **kwargs)
+    else:
+        await asyncio.to_thread(fn, *args, **kwargs)
 
 
 class ClientGone(Exception):
