@@ -382,3 +382,152 @@ def test_metrics_count_what_was_sent():
     assert "awt_batch_size_count 4" in text and "awt_batch_size_sum 7.0" in text
     assert "awt_label_cache_hits_total 5" in text and "awt_label_cache_misses_total 2" in text
     assert "awt_queue_depth 0" in text and "awt_ready 1" in text
+
+
+# -- the real service over the colour embedder: answers equal offline classify ------------
+
+NAMES = ["red", "green", "blue", "yellow"]
+
+
+def colour_png(colour: str, seed: int, size=(20, 16)) -> bytes:
+    """A noisy image of ``colour`` (noise: its crops differ, so the views matter)."""
+    import numpy as np
+
+    from tests.fixtures_embedders import COLOURS
+
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[colour]) * 200 + 20
+    pixels = np.clip(base + rng.normal(0, 40, (size[1], size[0], 3)), 0, 255).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def colour_classifier(classes=NAMES, scorer="awt", views=4):
+    from awt_engine.classifier import create_classifier
+    from tests.fixtures_embedders import ColourEmbedder
+
+    return create_classifier(
+        embedder=ColourEmbedder(), classes=classes, views=views, seed=0, scorer=scorer, workers=1
+    )
+
+
+def offline_rows(images: list[bytes], top_k: int, **settings) -> list[dict]:
+    """The rows offline ``Classifier.classify`` gives for these image bytes."""
+    clf = colour_classifier(**settings)
+    pictures = [Image.open(io.BytesIO(b)) for b in images]
+    preds = list(clf.classify(pictures, top_k=top_k))
+    return [{"predictions": p.predictions} if p.ok else {"error": p.error} for p in preds]
+
+
+def same_predictions(got: list[dict], want: list[dict]) -> bool:
+    return [p["label"] for p in got] == [p["label"] for p in want] and all(
+        abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(got, want, strict=True)
+    )
+
+
+@contextmanager
+def real_server(**config):
+    from awt_engine.serve.service import ClassifyService
+
+    config = ServeConfig(max_wait_ms=20.0, **config)
+    service = ClassifyService(colour_classifier(), config)
+    with running(create_app(service, config)) as url:
+        yield url, service
+
+
+def test_concurrent_mixed_requests_equal_offline_classify():
+    """Eight clients at once, valid and invalid requests mixed; each valid answer equals
+    offline classify of the same images (alone there, batched with others here)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    colours = ["red", "green", "blue", "yellow", "cyan", "magenta"]
+    images = [colour_png(colours[i % 6], i) for i in range(12)]
+    default = offline_rows(images, 3)
+    candidates = ["magenta", "cyan", "red"]
+    chosen = offline_rows(images, 2, classes=candidates)
+    plain = offline_rows(images, 3, scorer="clip")
+
+    def request(k: int, c: httpx.Client):
+        picks = [(k + j) % 12 for j in range(1 + k % 3)]
+        files = [("image", (f"{i}.png", images[i], "image/png")) for i in picks]
+        kind = k % 6
+        if kind == 0:
+            return "default", picks, c.post("/v1/classify", files=files, data={"top_k": "3"})
+        if kind == 1:
+            data = {"candidate_labels": ",".join(candidates), "top_k": "2"}
+            return "chosen", picks, c.post("/v1/classify", files=files, data=data)
+        if kind == 2:
+            body = {"images": [base64.b64encode(images[i]).decode() for i in picks], "top_k": 3}
+            body["scorer"] = "clip"
+            return "plain", picks, c.post("/v1/classify", json=body)
+        if kind == 3:
+            return 422, picks, c.post("/v1/classify", files=files, data={"scorer": "no-such"})
+        if kind == 4:
+            return (
+                400,
+                picks,
+                c.post(
+                    "/v1/classify", content=b"[1,", headers={"content-type": "application/json"}
+                ),
+            )
+        files.append(("image", ("junk.png", b"not an image", "image/png")))
+        return "junk", picks, c.post("/v1/classify", files=files, data={"top_k": "3"})
+
+    with real_server(max_batch=8) as (url, service), httpx.Client(base_url=url, timeout=T) as c:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda k: request(k, c), range(36)))
+        metrics = c.get("/metrics").text
+        stats = service.stats()
+    assert stats["queue_depth"] == 0 and stats["images_dropped"] == 0
+    assert max(int(k) for k in stats["batches"]) > 1  # requests were batched together
+    sent_images = 0
+    for kind, picks, r in answers:
+        if isinstance(kind, int):
+            assert_error(r, kind)
+            continue
+        assert r.status_code == 200, r.text
+        rows = r.json()["results"]
+        want = {"default": default, "chosen": chosen, "plain": plain, "junk": default}[kind]
+        for i, row in zip(picks, rows, strict=False):
+            assert same_predictions(row["predictions"], want[i]["predictions"]), (kind, i, row)
+            assert row["labels"] == [p["label"] for p in row["predictions"]]
+        if kind == "junk":
+            assert rows[-1]["path"] == "junk.png" and "error" in rows[-1]
+        sent_images += len(picks)
+    counts = {
+        k: sum(1 for a in answers if a[0] == k)
+        for k in ("default", "chosen", "plain", "junk", 422, 400)
+    }
+    ok = counts["default"] + counts["chosen"] + counts["plain"] + counts["junk"]
+    assert (
+        f'awt_http_requests_total{{route="/v1/classify",method="POST",code="200"}} {ok}' in metrics
+    )
+    assert (
+        f'awt_http_requests_total{{route="/v1/classify",method="POST",code="422"}} {counts[422]}'
+        in metrics
+    )
+    assert (
+        f'awt_http_requests_total{{route="/v1/classify",method="POST",code="400"}} {counts[400]}'
+        in metrics
+    )
+    assert f"awt_batch_size_sum {float(sent_images)}" in metrics  # every decodable image, once
+    assert "awt_label_cache_hits_total" in metrics and "awt_ready 1" in metrics
+
+
+def test_real_embeddings_and_ready():
+    with real_server() as (url, service), httpx.Client(base_url=url, timeout=T) as c:
+        assert c.get("/ready").status_code == 200
+        image = "data:image/png;base64," + base64.b64encode(colour_png("red", 0)).decode()
+        r = c.post(
+            "/v1/embeddings", json={"input": ["a red thing", image], "encoding_format": "base64"}
+        )
+        assert r.status_code == 200, r.text
+        vectors = [struct.unpack("<3f", base64.b64decode(d["embedding"])) for d in r.json()["data"]]
+        floats = c.post("/v1/embeddings", json={"input": ["a red thing", image]}).json()["data"]
+        for v, d in zip(vectors, floats, strict=True):  # base64 is the float32 of the floats
+            assert v == struct.unpack("<3f", struct.pack("<3f", *d["embedding"]))
+            assert abs(sum(x * x for x in v) - 1) < 1e-5
+        assert vectors[0][0] > 0.8 and vectors[1][0] > 0.8  # red, as the colour embedder says
+        assert c.get("/v1/models").json()["data"][0]["id"] == service.model_name
+    assert not service.ready  # stopped by the lifespan

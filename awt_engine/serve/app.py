@@ -232,12 +232,13 @@ class ClientGone(Exception):
 
 async def _cancellable(request, work, timeout: float):
     """``work``'s result; cancelled (and the service's queue freed) when the client
-    disconnects (:class:`ClientGone`) or after ``timeout`` seconds (504)."""
+    disconnects (:class:`ClientGone`) or, a backstop to the service's own timeout, half a
+    second after ``timeout`` seconds (504)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait(
-            {task, watch}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            {task, watch}, timeout=timeout + 0.5, return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         for t in (task, watch):
