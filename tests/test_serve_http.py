@@ -531,3 +531,80 @@ def test_real_embeddings_and_ready():
         assert vectors[0][0] > 0.8 and vectors[1][0] > 0.8  # red, as the colour embedder says
         assert c.get("/v1/models").json()["data"][0]["id"] == service.model_name
     assert not service.ready  # stopped by the lifespan
+
+
+# -- the serve command ---------------------------------------------------------------------
+
+
+def test_cli_startup_errors_exit_2_with_the_reason(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from awt_engine.cli import app
+
+    runner = CliRunner()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = runner.invoke(app, ["serve", "--classes", "red,green", "--port", str(port)])
+        assert res.exit_code == 2, res.output
+        assert f"cannot listen on 127.0.0.1:{port}" in res.output and "in use" in res.output
+    res = runner.invoke(app, ["serve", "--checkpoint", str(tmp_path / "none.safetensors")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    monkeypatch.delenv("NO_SUCH_AWT_KEY", raising=False)
+    res = runner.invoke(app, ["serve", "--classes", "a,b", "--api-key-env", "NO_SUCH_AWT_KEY"])
+    assert res.exit_code == 2 and "NO_SUCH_AWT_KEY" in res.output
+    res = runner.invoke(app, ["serve", "--classes", "a,b", "--max-batch", "0"])
+    assert res.exit_code == 2 and "max_batch" in res.output
+    res = runner.invoke(app, ["serve", "--classes", "a,b", "--scorer", "nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+
+
+@pytest.mark.slow
+def test_cli_serves_then_sigterm_drains_and_exits_0(tiny_clip_dir, tmp_path):
+    """A subprocess ``awt-engine serve`` with the tiny random CLIP (no download): /health,
+    /ready and a classify answer, then SIGTERM: exit 0, access lines on stderr."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "AWT_KEY_FOR_TEST": "k-123"}
+    command = [sys.executable, "-c", "from awt_engine.cli import main; main()", "serve"]
+    command += ["--model", tiny_clip_dir, "--classes", "red,green,blue", "--views", "2"]
+    command += ["--device", "cpu", "--cache-dir", str(tmp_path / "c"), "--port", str(port)]
+    command += ["--api-key-env", "AWT_KEY_FOR_TEST"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer k-123"}
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the server did not answer /health"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert httpx.get(f"{url}/ready", headers=auth, timeout=T).status_code == 200
+        r = httpx.post(
+            f"{url}/v1/classify",
+            files=[("image", ("a.png", png(), "image/png"))],
+            headers=auth,
+            timeout=T,
+        )
+        assert r.status_code == 200 and len(r.json()["results"][0]["labels"]) == 3, r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(T)
+    err = proc.stderr.read()
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert [(x["route"], x["status"]) for x in lines][-2:] == [
+        ("/ready", 200),
+        ("/v1/classify", 200),
+    ]
+    assert "k-123" not in err
