@@ -46,9 +46,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app):
-    """``app`` served by uvicorn on a free loopback port in a thread: yields the base URL;
-    a graceful shutdown (the lifespan's stop) on exit."""
+def running(app, servers: list | None = None):
+    """``app`` served by uvicorn on a free loopback port in a thread: yields the base URL
+    (the uvicorn Server appended to ``servers``); a graceful shutdown on exit."""
     import uvicorn
 
     sock = socket.socket()
@@ -56,6 +56,8 @@ def running(app):
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    if servers is not None:
+        servers.append(server)
     thread.start()
     deadline = time.monotonic() + T
     while not server.started:
@@ -83,6 +85,7 @@ class FakeService:
         self.full = False
         self.calls: list[dict] = []
         self.cancelled = 0
+        self.delay = 0.0
 
     @property
     def ready(self):
@@ -105,6 +108,7 @@ class FakeService:
         try:
             if self.gate is not None:
                 await self.gate.wait()
+            await asyncio.sleep(self.delay)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -309,6 +313,32 @@ def test_client_disconnect_drops_the_work():
         assert service.cancelled == 1
         metrics = httpx.get(f"{url}/metrics", timeout=T).text
         assert 'awt_http_requests_total{route="/v1/classify",method="POST",code="499"} 1' in metrics
+
+
+def test_graceful_shutdown_finishes_the_request_in_flight_then_drains():
+    """What SIGTERM does to uvicorn (should_exit): no new connections, the request in
+    flight answered, then the lifespan's stop(drain=True)."""
+    service, app = fake_app()
+    service.delay = 0.8
+    servers: list = []
+    with running(app, servers) as url:
+        answer: list = []
+        img = [("image", ("a.png", png(), "image/png"))]
+        worker = threading.Thread(
+            target=lambda: answer.append(httpx.post(f"{url}/v1/classify", files=img, timeout=T))
+        )
+        worker.start()
+        deadline = time.monotonic() + T
+        while not service.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        servers[0].should_exit = True  # uvicorn's SIGTERM handler does just this
+        time.sleep(0.2)
+        assert not service.stopped  # the request is still in flight
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", timeout=2)
+        worker.join(T)
+        assert answer[0].status_code == 200 and answer[0].json()["results"][0]["labels"]
+    assert service.stopped
 
 
 # -- security ------------------------------------------------------------------------------
