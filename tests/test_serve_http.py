@@ -638,3 +638,24 @@ def test_cli_serves_then_sigterm_drains_and_exits_0(tiny_clip_dir, tmp_path):
         ("/v1/classify", 200),
     ]
     assert "k-123" not in err
+
+
+def test_real_service_limits():
+    from tests.fixtures_images import BOMB_SIZE, bomb_png
+
+    img = ("image", ("a.png", colour_png("red", 1), "image/png"))
+    with (
+        real_server(max_queue=1, max_labels=3) as (url, _),
+        httpx.Client(base_url=url, timeout=T) as c,
+    ):
+        r = c.post("/v1/classify", files=[img, img])  # more than the queue holds: retry later
+        assert_error(r, 503)
+        assert int(r.headers["retry-after"]) >= 1
+        bomb = ("image", ("bomb.png", bomb_png(*BOMB_SIZE), "image/png"))
+        r = c.post("/v1/classify", files=[img, bomb])
+        assert r.status_code == 200, r.text  # a decompression bomb: its error row, no OOM
+        assert "labels" in r.json()["results"][0] and "too large" in r.json()["results"][1]["error"]
+        assert_error(c.post("/v1/classify", files=[img], data={"scorer": "nope"}), 422, "nope")
+        labels = {"candidate_labels": "a,b,c,d"}
+        assert_error(c.post("/v1/classify", files=[img], data=labels), 422)
+        assert c.post("/v1/classify", files=[img]).json()["results"][0]["labels"][0] == "red"
