@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import io
 import math
+import subprocess
+import sys
 import threading
 import time
 
@@ -525,3 +527,15 @@ def test_logit_model_refuses_embeddings_and_config_checks():
             ServeConfig(**bad)
     with pytest.raises(ValueError, match="state"):
         ClassifyService(classifier(scorer="awt+tda"), ServeConfig())
+
+
+def test_package_import_is_cheap():
+    """Importing the package, its config, errors, batcher and label cache loads no torch."""
+    code = (
+        "import sys, awt_engine.serve, awt_engine.serve.config, awt_engine.serve.errors, "
+        "awt_engine.serve.batcher, awt_engine.serve.labelsets\n"
+        "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules, 'heavy import'\n"
+        "assert awt_engine.serve.ServeConfig().port == 8000"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
