@@ -309,9 +309,10 @@ class ClassifyService:
             decoded.clear()  # the pixels live in the items only: the worker lets them go
             self._batcher.submit(items)
             done = iter(await asyncio.gather(*(item.future for item in items)))
+            items = []  # all answered: nothing left to take back
             return [next(done) if r is None else r for r in rows]
         finally:
-            if items and not all(item.future.done() for item in items):
+            if items:  # ended early (cancelled, timed out, an error): take back the queued
                 self._count_dropped(self._batcher.discard(items))
             holds.close()
 
