@@ -232,6 +232,8 @@ def test_models_health_ready_and_openapi():
         models = c.get("/v1/models").json()
         assert models["object"] == "list" and models["data"][0]["id"] == "fake-model"
         paths = c.get("/openapi.json").json()["paths"]
+        body = paths["/v1/classify"]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json"} <= set(body)
         assert {
             "/v1/classify",
             "/v1/embeddings",
@@ -270,6 +272,8 @@ def test_every_limit_answers_its_status_and_a_json_error():
             422,
             "never fetched",
         )
+        url_field = {"image": "http://169.254.169.254/latest"}  # a text field, not a file
+        assert_error(c.post("/v1/classify", files=[img], data=url_field), 422, "never fetched")
         bad_json = c.post(
             "/v1/classify", content=b"{nope", headers={"content-type": "application/json"}
         )
@@ -380,16 +384,23 @@ def test_bearer_key_checked_and_never_logged(monkeypatch, caplog):
     assert lines[-1]["images"] == 1 and lines[-1]["status"] == 200
 
 
-def test_cors_off_unless_configured():
+def test_cors_off_unless_configured(monkeypatch):
     _, app = fake_app()
     origin = {"Origin": "https://app.example"}
     with running(app) as url:
         r = httpx.get(f"{url}/v1/models", headers=origin, timeout=T)
         assert "access-control-allow-origin" not in r.headers
-    _, app = fake_app(cors_origins=("https://app.example",))
+    monkeypatch.setenv("TEST_AWT_KEY", "k")
+    _, app = fake_app(cors_origins=("https://app.example",), api_key_env="TEST_AWT_KEY")
     with running(app) as url:
-        r = httpx.get(f"{url}/v1/models", headers=origin, timeout=T)
+        auth = {**origin, "Authorization": "Bearer k"}
+        r = httpx.get(f"{url}/v1/models", headers=auth, timeout=T)
         assert r.headers["access-control-allow-origin"] == "https://app.example"
+        preflight = {**origin, "Access-Control-Request-Method": "POST"}
+        r = httpx.options(f"{url}/v1/classify", headers=preflight, timeout=T)  # no key sent
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"]
+        r = httpx.get(f"{url}/v1/models", headers={"Origin": "https://evil.example"}, timeout=T)
+        assert r.status_code == 401 and "access-control-allow-origin" not in r.headers
 
 
 def test_metrics_count_what_was_sent():

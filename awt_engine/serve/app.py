@@ -61,6 +61,8 @@ from contextlib import asynccontextmanager
 
 from awt_engine.serve.errors import ServeError
 from awt_engine.serve.http_io import (
+    OPENAPI_CLASSIFY,
+    OPENAPI_EMBEDDINGS,
     HTTPProblem,
     classify_request,
     embedding_request,
@@ -149,7 +151,11 @@ def create_app(service, config):
         text = render(metrics, service.stats(), service.ready, config.max_batch)
         return Response(text, media_type=CONTENT_TYPE)
 
-    @app.post("/v1/classify", summary="Classify images (multipart uploads or JSON base64).")
+    @app.post(
+        "/v1/classify",
+        summary="Classify images (multipart uploads or JSON base64).",
+        openapi_extra=OPENAPI_CLASSIFY,
+    )
     async def classify(request: Request):
         images, names, settings = await classify_request(request, config)
         request.state.images = len(images)
@@ -163,7 +169,11 @@ def create_app(service, config):
         ]
         return {"model": service.model_name, "results": results}
 
-    @app.post("/v1/embeddings", summary="OpenAI-compatible embeddings of texts and images.")
+    @app.post(
+        "/v1/embeddings",
+        summary="OpenAI-compatible embeddings of texts and images.",
+        openapi_extra=OPENAPI_EMBEDDINGS,
+    )
     async def embeddings(request: Request):
         body = await json_body(request)
         texts, pictures, fmt = embedding_request(body, service.model_name, config)
@@ -178,7 +188,12 @@ def create_app(service, config):
         usage = {"prompt_tokens": 0, "total_tokens": 0}
         return {"object": "list", "data": data, "model": service.model_name, "usage": usage}
 
-    if config.cors_origins:
+    key = os.environ.get(config.api_key_env, "") if config.api_key_env else None
+    if config.api_key_env and not key:
+        raise ValueError(f"--api-key-env {config.api_key_env}: that variable is not set")
+    routes = [r.path for r in app.routes]
+    app.add_middleware(Guard, max_body=config.max_body, key=key, metrics=metrics, routes=routes)
+    if config.cors_origins:  # outside the guard: preflights carry no key, errors get CORS
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(
@@ -187,11 +202,6 @@ def create_app(service, config):
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    key = os.environ.get(config.api_key_env, "") if config.api_key_env else None
-    if config.api_key_env and not key:
-        raise ValueError(f"--api-key-env {config.api_key_env}: that variable is not set")
-    routes = [r.path for r in app.routes]
-    app.add_middleware(Guard, max_body=config.max_body, key=key, metrics=metrics, routes=routes)
     return app
 
 

@@ -14,6 +14,10 @@ from typing import Any
 
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _DATA_URL = re.compile(r"^data:([^,;]*)(;[^,]*)?,", re.DOTALL)
+_NEVER_FETCHED = (
+    "images are never fetched from URLs: send the image's bytes (multipart) or base64 / a "
+    "data: URL (JSON)"
+)
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -75,8 +79,11 @@ async def _multipart(request, max_images: int) -> tuple[list, list, dict]:
             raise HTTPProblem(413, f"more than {max_images} images in one request") from None
         raise HTTPProblem(400, f"malformed multipart body: {message}") from None
     uploads = form.getlist("image")
-    if any(not isinstance(u, UploadFile) for u in uploads):
-        raise HTTPProblem(422, '"image" fields must be files (-F image=@photo.jpg)')
+    for u in uploads:
+        if isinstance(u, str) and _URL.match(u.strip()):
+            raise HTTPProblem(422, f"image {u.strip()[:80]!r} is a URL: {_NEVER_FETCHED}")
+        if not isinstance(u, UploadFile):
+            raise HTTPProblem(422, '"image" fields must be files (-F image=@photo.jpg)')
     _count(len(uploads), max_images)
     images = [await u.read() for u in uploads]
     names = [u.filename for u in uploads]
@@ -156,11 +163,7 @@ def _decode_image_text(text: str) -> bytes | str:
     """The bytes of a base64 string or data URL; the reason as a str when they cannot be
     read (that image's error row); 422 for a URL (never fetched)."""
     if _URL.match(text):
-        raise HTTPProblem(
-            422,
-            "images are never fetched from URLs: send the image's bytes (multipart) or "
-            "base64 / a data: URL (JSON)",
-        )
+        raise HTTPProblem(422, _NEVER_FETCHED)
     m = _DATA_URL.match(text)
     if m and "base64" not in (m.group(2) or "").lower():
         return "a data URL image must be base64-encoded (data:image/png;base64,...)"
@@ -227,7 +230,75 @@ def encode_vector(vector: list[float], fmt: str):
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
 
 
+# The request bodies as OpenAPI describes them (the routes read the body themselves, so
+# the framework cannot infer them): /openapi.json and /docs show these.
+_SETTINGS = {
+    "top_k": {"type": "integer", "minimum": 1, "default": 5},
+    "template": {"type": "string", "description": 'a prompt with one "{}"'},
+    "scorer": {"type": "string", "description": "a scorer name (awt-engine scorers)"},
+    "views": {"type": "integer", "minimum": 1, "description": "views per image"},
+}
+OPENAPI_CLASSIFY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "candidate_labels": {"type": "string", "description": "a comma list"},
+                        **_SETTINGS,
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "description": "base64 or a data: URL"},
+                        },
+                        "candidate_labels": {"type": "array", "items": {"type": "string"}},
+                        **_SETTINGS,
+                    },
+                }
+            },
+        },
+    }
+}
+OPENAPI_EMBEDDINGS = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["input"],
+                    "properties": {
+                        "input": {
+                            "oneOf": [
+                                {"type": "string"},
+                                {"type": "array", "items": {"type": "string"}},
+                            ],
+                            "description": "texts, or images as data:image/...;base64 URLs",
+                        },
+                        "model": {"type": "string"},
+                        "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
 __all__ = [
+    "OPENAPI_CLASSIFY",
+    "OPENAPI_EMBEDDINGS",
     "HTTPProblem",
     "classify_request",
     "embedding_request",
