@@ -190,9 +190,10 @@ def _build(sock, config: ServeConfig, given: dict):
         progress=False,
     )
     service = ClassifyService(clf, config)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    ACCESS_LOG.addHandler(handler)
+    if not ACCESS_LOG.handlers:  # one JSON line per request on stderr
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ACCESS_LOG.addHandler(handler)
     ACCESS_LOG.setLevel(logging.INFO)
     ACCESS_LOG.propagate = False
     host, port = sock.getsockname()[:2]
