@@ -67,7 +67,6 @@ async def classify_request(request, config) -> tuple[list, list, dict]:
 
 
 async def _multipart(request, max_images: int) -> tuple[list, list, dict]:
-    from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
@@ -78,6 +77,15 @@ async def _multipart(request, max_images: int) -> tuple[list, list, dict]:
         if "Too many files" in str(message):
             raise HTTPProblem(413, f"more than {max_images} images in one request") from None
         raise HTTPProblem(400, f"malformed multipart body: {message}") from None
+    try:  # uploads over 1 MiB spool to temporary files: closed whatever happens
+        return await _form_fields(form, max_images)
+    finally:
+        await form.close()
+
+
+async def _form_fields(form, max_images: int) -> tuple[list, list, dict]:
+    from starlette.datastructures import UploadFile
+
     uploads = form.getlist("image")
     for u in uploads:
         if isinstance(u, str) and _URL.match(u.strip()):
@@ -97,7 +105,6 @@ async def _multipart(request, max_images: int) -> tuple[list, list, dict]:
     fields = {k: form.get(k) for k in ("top_k", "template", "scorer", "views") if k in form}
     if labels:
         fields["candidate_labels"] = labels
-    await form.close()
     return images, names, fields
 
 
