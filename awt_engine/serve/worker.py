@@ -54,6 +54,13 @@ class Job:
     class_embeds: Tensor | None = None  # [C, P, D] on the model's device (Embedder)
     top_k: int = 5
 
+    def __post_init__(self) -> None:
+        # images with equal keys are scored together, whichever requests they came from:
+        # the same scorer against the same label set (scoring is per image, DESIGN 1.2)
+        labels = self.labels.key() if self.labels is not None else ""
+        scorer = self.scorer.name if self.scorer is not None else ""
+        self.key = (self.kind, scorer, labels)
+
 
 @dataclass(eq=False)
 class Item:
@@ -97,7 +104,7 @@ class BatchRunner:
         groups: dict[tuple, list[Item]] = defaultdict(list)
         for item in ready:
             V = item.views.shape[0]
-            labels = None if self.embeds else item.job.labels.key()
+            labels = None if self.embeds else item.job.key
             groups[(V, labels)].append(item)
         for items in groups.values():
             try:
@@ -143,10 +150,10 @@ class BatchRunner:
                 logits = self.model.logits(views, labels)  # [b, V, C, P]
                 check_logits(logits, labels.n_classes, labels.n_prompts)
                 out = ModelOutput(scale, logits=logits)
-            by_job: dict[int, list[int]] = defaultdict(list)
+            by_key: dict[tuple, list[int]] = defaultdict(list)
             for b, item in enumerate(items):
-                by_job[id(item.job)].append(b)
-            for rows in by_job.values():
+                by_key[item.job.key].append(b)
+            for rows in by_key.values():
                 self._answer([items[b] for b in rows], _rows(out, rows))
 
     def _answer(self, items: list[Item], out: ModelOutput) -> None:
@@ -156,11 +163,14 @@ class BatchRunner:
             for item, row in zip(items, img, strict=True):
                 deliver(item, row.clone())
             return
-        for item, row in zip(items, self._rows(job, out), strict=True):
+        for item, row in zip(
+            items, self._rows(job, out, [i.job.top_k for i in items]), strict=True
+        ):
             deliver(item, row)
 
-    def _rows(self, job: Job, out: ModelOutput) -> list[dict]:
-        """{"labels", "scores"} (softmax probabilities, best first) or {"error"} per image."""
+    def _rows(self, job: Job, out: ModelOutput, top_ks: list[int]) -> list[dict]:
+        """{"labels", "scores"} (softmax probabilities, best first, ``top_ks[b]`` of them)
+        or {"error"} per image."""
         clf = self.clf
         runner = Runner(
             self.model,
@@ -177,15 +187,19 @@ class BatchRunner:
         scores = runner.score(out)[job.scorer.name].scores.float().cpu()  # [b, C]
         bad = nonfinite_rows(scores, clf.run_config.shortlist).tolist()
         probs = torch.softmax(scores, dim=-1)  # scores are on the logit scale
-        k = max(1, min(job.top_k, probs.shape[-1]))
-        vals, idx = probs.topk(k, dim=-1)  # [b, k]
+        C = probs.shape[-1]
+        tops = {k: probs.topk(max(1, min(k, C)), dim=-1) for k in set(top_ks)}  # k: [b, k] x2
         classes = job.labels.classes
-        return [
-            {"error": NONFINITE_REASON}
-            if nan
-            else {"labels": [classes[j] for j in ir], "scores": vr}
-            for vr, ir, nan in zip(vals.tolist(), idx.tolist(), bad, strict=True)
-        ]
+        rows = []
+        for b, (k, nan) in enumerate(zip(top_ks, bad, strict=True)):
+            vals, idx = tops[k]
+            labels = [classes[j] for j in idx[b].tolist()]
+            rows.append(
+                {"error": NONFINITE_REASON}
+                if nan
+                else {"labels": labels, "scores": vals[b].tolist()}
+            )
+        return rows
 
 
 def _rows(out: ModelOutput, rows: list[int]) -> ModelOutput:
