@@ -32,6 +32,12 @@ CPU_RUNS = [
     ("Ray Data: actors, start-up and a sizing plan", "bench_ray.py", []),
     ("Test-time adaptation: cost per image beside the base scorer", "bench_adapt.py", []),
     ("Transduction (TransCLIP): time and memory against N", "bench_transduction.py", []),
+    ("Serving: load on a loopback server (small encoder)", "bench_serve.py", []),
+    (
+        "Serving: load on a loopback server (ViT-B-32 encoder)",
+        "bench_serve.py",
+        ["--model", "ViT-B-32", "--images", "32", "--requests", "200"],
+    ),
 ]
 GPU_RUNS = [
     ("AWT scorer on GPU", "bench_scorer.py", ["--device", "cuda", "--images", "32"]),

@@ -73,6 +73,13 @@ README = REPO / "README.md"
 # Command lines (as written in the README, comment removed) that are not run, and why.
 SKIPS: dict[str, str] = {
     "uv run pytest": "the test suite itself",
+    "uv run --extra serve awt-engine serve --dataset dtd --port 8000": "serves until stopped; "
+    "the serve command (start-up, SIGTERM) is covered by tests/test_serve_http.py",
+    "uv run --extra serve awt-engine serve --checkpoint coop-dtd.safetensors --views 21 "
+    "--max-batch 64": "serves until stopped; covered by tests/test_serve_http.py",
+    "curl -F image=@photo.jpg -F candidate_labels=cat,dog http://127.0.0.1:8000/v1/classify": (
+        "a client of a running server; tests/test_serve_http.py sends these requests"
+    ),
     "uv run --extra ray awt-engine classify photos/ s3://bucket/more/ --dataset imagenet "
     "--ray --output preds.parquet": "reads s3:// (no network here); Ray is covered by "
     "tests/test_distributed.py",
@@ -82,6 +89,8 @@ SKIPS: dict[str, str] = {
 }
 # Python blocks (found by a line they contain) that are not executed, and why.
 PY_SKIPS: dict[str, str] = {
+    'r = httpx.post("http://127.0.0.1:8000/v1/classify"': "a client of a running server; "
+    "tests/test_serve_http.py sends the same request to a served classifier",
     "from awt_engine.distributed import classify_dataset": "reads s3:// through Ray Data "
     "(no network here); covered by tests/test_distributed.py",
 }

@@ -51,8 +51,9 @@ def running(app, servers: list | None = None):
     (the uvicorn Server appended to ``servers``); a graceful shutdown on exit."""
     import uvicorn
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    from awt_engine.cli.serve import bind
+
+    sock = bind("127.0.0.1", 0)  # as the serve command binds
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -670,3 +671,21 @@ def test_real_service_limits():
         labels = {"candidate_labels": "a,b,c,d"}
         assert_error(c.post("/v1/classify", files=[img], data=labels), 422)
         assert c.post("/v1/classify", files=[img]).json()["results"][0]["labels"][0] == "red"
+
+
+def test_the_listening_socket_sends_small_responses_at_once():
+    """uvicorn sets TCP_NODELAY only on sockets it binds itself; serve binds its own (to
+    fail fast on a busy port), so it must set it, or every keep-alive response waits
+    for the client's delayed ACK (40 ms on Linux). Accepted sockets inherit it."""
+    from awt_engine.cli.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        client = socket.create_connection(sock.getsockname()[:2], timeout=T)
+        conn, _ = sock.accept()
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        conn.close()
+        client.close()
+    finally:
+        sock.close()

@@ -81,9 +81,8 @@ def create_app(service, config):
     """The FastAPI app serving ``service`` (a ClassifyService) under ``config`` (a
     ServeConfig): routes, limits, key checks, CORS, metrics and access logs. Its lifespan
     starts the service and, at shutdown, stops it after the queued work is done."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
 
     metrics = Metrics()
 
@@ -103,8 +102,24 @@ def create_app(service, config):
         lifespan=lifespan,
     )
 
-    def problem(status: int, message: str, headers=None) -> JSONResponse:
+    problem = _problem_maker(JSONResponse)
+    _error_handlers(app, problem)
+    _info_routes(app, service, config, metrics, problem)
+    _work_routes(app, service, config)
+    _middleware(app, config, metrics)
+    return app
+
+
+def _problem_maker(JSONResponse):
+    def problem(status: int, message: str, headers=None):
         return JSONResponse(error_body(status, message), status_code=status, headers=headers)
+
+    return problem
+
+
+def _error_handlers(app, problem) -> None:
+    """Every failure as ``{"error": {...}}`` with its status (never a traceback)."""
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPProblem)
     async def _own(_request, exc: HTTPProblem):
@@ -132,6 +147,11 @@ def create_app(service, config):
     async def _value(_request, exc: ValueError):  # bad labels, template, ...: the user's
         return problem(422, str(exc))
 
+
+def _info_routes(app, service, config, metrics, problem) -> None:
+    """/health, /ready, /v1/models, /metrics."""
+    from fastapi.responses import Response
+
     @app.get("/health", summary="Alive: 200 while the process runs.")
     async def health():
         return {"status": "ok"}
@@ -150,6 +170,11 @@ def create_app(service, config):
     async def metrics_page():
         text = render(metrics, service.stats(), service.ready, config.max_batch)
         return Response(text, media_type=CONTENT_TYPE)
+
+
+def _work_routes(app, service, config) -> None:
+    """/v1/classify and /v1/embeddings."""
+    from fastapi import Request
 
     @app.post(
         "/v1/classify",
@@ -188,6 +213,9 @@ def create_app(service, config):
         usage = {"prompt_tokens": 0, "total_tokens": 0}
         return {"object": "list", "data": data, "model": service.model_name, "usage": usage}
 
+
+def _middleware(app, config, metrics) -> None:
+    """The guard (key, body limit, metrics, access log) and, when configured, CORS."""
     key = os.environ.get(config.api_key_env, "") if config.api_key_env else None
     if config.api_key_env and not key:
         raise ValueError(f"--api-key-env {config.api_key_env}: that variable is not set")
@@ -202,7 +230,6 @@ def create_app(service, config):
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    return app
 
 
 async def _embed(service, texts: dict, pictures: dict) -> list[list[float]]:
