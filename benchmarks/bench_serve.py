@@ -38,6 +38,7 @@ SMALL = {  # a small ViT: the encoder is cheap, so the server's own overhead sho
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 128, "head_width": 64, "patch_size": 16},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
+CACHE = Path(tempfile.mkdtemp(prefix="bench-serve-cache-"))  # fresh: no label set cached yet
 PREPROCESS = {"size": 64, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic"}
 
 
@@ -143,7 +144,9 @@ def scorer_rows(model: str, scorer: str, views: int, imgs: list[bytes], classes)
     from awt_engine.serve.config import ServeConfig
     from awt_engine.serve.service import ClassifyService
 
-    clf = create_classifier(model, None, classes=classes, scorer=scorer, views=views, device="cpu")
+    clf = create_classifier(
+        model, None, classes=classes, scorer=scorer, views=views, device="cpu", cache_dir=CACHE
+    )
     clf.classify([io.BytesIO(b) for b in imgs[:8]])  # warm: text embeddings, threads
     paths = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,7 +193,9 @@ def label_and_memory(model: str, imgs: list[bytes], requests: int) -> list[str]:
     from awt_engine.serve.config import ServeConfig
     from awt_engine.serve.service import ClassifyService
 
-    clf = create_classifier(model, None, classes=["cat", "dog"], scorer="clip", device="cpu")
+    clf = create_classifier(
+        model, None, classes=["cat", "dog"], scorer="clip", device="cpu", cache_dir=CACHE
+    )
     config = ServeConfig(timeout=900.0)  # 1,000 labels through a real text tower on a CPU
     service = ClassifyService(clf, config)
     running = Running(create_app(service, config))
