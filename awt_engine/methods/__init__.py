@@ -20,6 +20,10 @@ METHODS: dict[str, tuple[str, str]] = {
         "awt_engine.methods.clamp",
         "CLAMP: a causal LLM as CLIP's text tower (LoRA, read-only prompts, pooler)",
     ),
+    "clip-lora": (
+        "awt_engine.methods.clip_lora",
+        "CLIP-LoRA: rank-2 LoRA on q, k, v of every layer of both CLIP towers",
+    ),
     "coop": ("awt_engine.methods.coop", "CoOp: learned context vectors before the class name"),
     "epalm": (
         "awt_engine.methods.epalm",

@@ -33,22 +33,43 @@ def lora_init_a(shape: Sequence[int], generator: torch.Generator) -> Tensor:
 
 
 class FusedQVLoRA(nn.Module):
-    """Low-rank updates of the q and v row blocks of a fused ``in_proj_weight`` [3W, W]
-    (open_clip's attention), zero for k: a ``torch.nn.utils.parametrize`` parametrisation.
-    ``B`` starts at zero, so the attention starts unchanged (peft's init for ``A``)."""
+    """Low-rank updates of row blocks of a fused ``in_proj_weight`` [3W, W] (open_clip's
+    attention): q and v by default (``blocks`` (0, 2)), zero for the others; a
+    ``torch.nn.utils.parametrize`` parametrisation. ``B`` starts at zero, so the attention
+    starts unchanged (peft's init for ``A``). The update is scaled by ``alpha / rank``
+    unless ``scale`` is given (CLIP-LoRA: ``alpha / sqrt(rank)``)."""
 
-    def __init__(self, width: int, rank: int, alpha: float, generator: torch.Generator):
+    def __init__(
+        self,
+        width: int,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator,
+        *,
+        blocks: Sequence[int] = (0, 2),
+        scale: float | None = None,
+    ):
         super().__init__()
-        self.width, self.scale = width, alpha / rank
-        a = torch.empty(2, rank, width)
-        for i in range(2):
+        self.width = width
+        self.scale = alpha / rank if scale is None else scale
+        self.blocks = tuple(int(b) for b in blocks)
+        if not self.blocks or sorted(set(self.blocks)) != list(self.blocks):
+            raise ValueError(f"blocks must be increasing indices of q, k, v, got {blocks!r}")
+        if not all(0 <= b < 3 for b in self.blocks):
+            raise ValueError(f"blocks must be in 0..2 (q, k, v), got {blocks!r}")
+        K = len(self.blocks)
+        a = torch.empty(K, rank, width)
+        for i in range(K):
             nn.init.kaiming_uniform_(a[i], a=math.sqrt(5), generator=generator)
-        self.lora_a = nn.Parameter(a)  # [2, r, W]: q, v
-        self.lora_b = nn.Parameter(torch.zeros(2, width, rank))  # [2, W, r]
+        self.lora_a = nn.Parameter(a)  # [K, r, W]: one per adapted block
+        self.lora_b = nn.Parameter(torch.zeros(K, width, rank))  # [K, W, r]
 
     def forward(self, weight: Tensor) -> Tensor:
-        dq, dv = (self.lora_b @ self.lora_a * self.scale).to(weight.dtype)  # [W, W] each
-        return weight + torch.cat([dq, torch.zeros_like(dq), dv])
+        delta = (self.lora_b @ self.lora_a * self.scale).to(weight.dtype)  # [K, W, W]
+        rows = [torch.zeros_like(delta[0])] * 3
+        for k, b in enumerate(self.blocks):
+            rows[b] = delta[k]
+        return weight + torch.cat(rows)  # [3W, W]
 
 
 def has_fused_qkv(attn: nn.Module) -> bool:
