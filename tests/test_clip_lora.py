@@ -32,7 +32,7 @@ def _net(model_dir, **cfg):
 def test_registered():
     assert "clip-lora" in list_methods()
     spec = get_method("clip-lora")
-    assert set(spec.options) == {"rank", "alpha", "template"}
+    assert set(spec.options) == {"rank", "alpha", "dropout", "template"}
     t = clip_lora_train_defaults(16, "dtd")  # 47 classes: 500 * 16 iterations of batch 32
     assert (t.lr, t.batch_size, t.optimizer, t.weight_decay) == (2e-4, 32, "adamw", 1e-2)
     assert t.epochs == round(500 * 16 / math.ceil(16 * 47 / 32))
@@ -161,3 +161,79 @@ def test_eval_checkpoint_runs(trained, toy_task, tmp_path):
         ],
     )
     assert res.exit_code == 0, res.output
+
+
+def _reference_attention(x, attn, a, b, scale, noise, mask):
+    """Float64, the official PlainMultiheadAttentionLoRA: q/k/v = x W^T + bias +
+    scale * (x * noise) A^T B^T, heads, softmax(q k^T / sqrt(E) + mask) v, out proj."""
+    x = x.double()
+    B, L, W = x.shape
+    H = attn.num_heads
+    E = W // H
+    w, bias = attn.in_proj_weight.detach().double(), attn.in_proj_bias.detach().double()
+    xd = x * noise.double()
+    qkv = []
+    for i in range(3):
+        p = x @ w[i * W : (i + 1) * W].T + bias[i * W : (i + 1) * W]
+        p = p + scale * (xd @ a[i].double().T) @ b[i].double().T
+        qkv.append(p)
+    out = torch.zeros(B, L, W, dtype=torch.float64)
+    for n in range(B):
+        for h in range(H):
+            q, k, v = (t[n, :, h * E : (h + 1) * E] for t in qkv)
+            s = q @ k.T / E**0.5 + mask.double()
+            out[n, :, h * E : (h + 1) * E] = torch.softmax(s, dim=-1) @ v
+    o = attn.out_proj
+    return out @ o.weight.detach().double().T + o.bias.detach().double()
+
+
+def test_training_attention_drops_the_branch_input_as_the_official_code():
+    from awt_engine.methods._clip_lora_attention import dropout_lora_attached
+
+    B, L, W, H, r, p = 2, 5, 8, 2, 2, 0.25
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(W, H, batch_first=True).eval()
+    lora = FusedQVLoRA(W, r, 1.0, torch.Generator().manual_seed(0), blocks=(0, 1, 2), scale=0.7)
+    with torch.no_grad():
+        lora.lora_b.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(B, L, W)
+    mask = torch.full((L, L), float("-inf")).triu(1)  # causal, additive (open_clip's text)
+    torch.manual_seed(5)
+    with dropout_lora_attached([(attn, lora)], p):
+        got = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.manual_seed(5)  # the same draws: dropout of ones is the kept-and-rescaled mask
+    noise = torch.nn.functional.dropout(torch.ones_like(x), p, training=True)
+    assert (noise == 0).any()
+    ref = _reference_attention(
+        x, attn, lora.lora_a.detach(), lora.lora_b.detach(), 0.7, noise, mask
+    )
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=0)
+    assert "forward" not in vars(attn)  # the module's own forward is back
+    with torch.no_grad():  # without dropout it is the folded weight's attention
+        with dropout_lora_attached([(attn, lora)], 0.0):
+            plain = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        from awt_engine.models.lora import fused_lora_attached
+
+        with fused_lora_attached([(attn, lora)]):
+            folded = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch.testing.assert_close(plain, folded, atol=1e-5, rtol=0)
+
+
+def test_training_mode_uses_the_dropout_path_on_both_towers(train_clip_dir):
+    net = _net(train_clip_dir, dropout=0.0)
+    with torch.no_grad():
+        for lora in [*net.text_lora, *net.vision_lora]:
+            lora.lora_b.normal_(std=0.05, generator=torch.Generator().manual_seed(3))
+    px = torch.randn(2, 3, net.backbone.preprocess.size, net.backbone.preprocess.size)
+    with torch.no_grad():
+        folded = net.class_embeddings(LABELS), net.encode_images(px)
+    net2 = _net(train_clip_dir)  # dropout 0.25, training mode: another forward
+    net2.load_learned(net.learned_state())
+    net2.train()
+    with torch.no_grad():
+        dropped = net2.class_embeddings(LABELS), net2.encode_images(px)
+        net2.eval()
+        again = net2.class_embeddings(LABELS), net2.encode_images(px)
+    for f, d, e in zip(folded, dropped, again, strict=True):
+        assert (f - d).abs().max() > 1e-4  # dropout acted
+        torch.testing.assert_close(f, e, atol=1e-5, rtol=0)  # eval: no dropout

@@ -16,10 +16,11 @@ vision tower, so the model is an Embedder: every scorer (``--scorer awt`` too) r
 Prompts with descriptions (for AWT) are the template sentence plus the description,
 through the same adapted tower; CLIP-LoRA never saw those in training (an extension).
 
-Not reproduced: the dropout (0.25) the official code applies to the LoRA branch's input
-in training (the update here rewrites the weight, so it has no input to drop; at
-evaluation the two are the same), and its per-iteration cosine (the engine's schedule
-steps per epoch).
+In training the LoRA branch reads a dropped-out input (p = 0.25, as the code's
+``LinearLoRA``): the attention runs :func:`lora_attention`
+(:mod:`awt_engine.methods._clip_lora_attention`); at evaluation the update is folded into
+the weight (:func:`fused_lora_attached`), the same function without dropout. Not
+reproduced: the per-iteration cosine (the engine's schedule steps per epoch).
 
 Axes: B images, C classes, P prompts, D embedding width, W tower width, r rank.
 """
@@ -27,6 +28,7 @@ Axes: B images, C classes, P prompts, D embedding width, W tower width, r rank.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import torch
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from awt_engine.labels import LabelSet
+from awt_engine.methods._clip_lora_attention import dropout_lora_attached
 from awt_engine.methods.base import (
     LossOutput,
     MethodSpec,
@@ -53,6 +56,8 @@ class ClipLoRAConfig:
     rank: int = option(2, "LoRA rank (CLIP-LoRA: 2)", bounds=(1, 1024))
     # run_utils.py --alpha 1; loralib/layers.py scales by alpha / sqrt(r)
     alpha: float = option(1.0, "LoRA alpha; the update is scaled by alpha / sqrt(rank)")
+    # run_utils.py --dropout_rate 0.25: on the LoRA branch's input, in training
+    dropout: float = option(0.25, "dropout on the LoRA branch's input in training")
     # datasets/*.py: template = ['a photo of a {}.'] for every data set
     template: str = option("a photo of a {}.", 'class prompt ("" = the label set\'s own template)')
 
@@ -61,6 +66,8 @@ class ClipLoRAConfig:
             raise ValueError(f"rank must be a whole number >= 1, got {self.rank!r}")
         if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha)):
             raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
+        if not (isinstance(self.dropout, int | float) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.template and "{}" not in self.template:
             raise ValueError(f"template must hold {{}} for the class name, got {self.template!r}")
 
@@ -130,15 +137,20 @@ class ClipLoRA(TrainableModel):
         self.text_lora = adapters("text")  # text first, then vision: one draw order
         self.vision_lora = adapters("vision")
 
-    def _pairs(self, tower: str) -> list:
+    def _adapted(self, tower: str) -> AbstractContextManager:
+        """The LoRA on ``tower``'s attentions for one forward: with dropout on the branch
+        input in training, folded into the weights otherwise."""
         if not hasattr(self, f"{tower}_lora"):
             raise RuntimeError(f"{self.method}: call prepare(labels) before using the model")
         loras = getattr(self, f"{tower}_lora")
-        return [(b.attn, lora) for b, lora in zip(self._blocks[tower].blocks, loras, strict=True)]
+        pairs = [(b.attn, lora) for b, lora in zip(self._blocks[tower].blocks, loras, strict=True)]
+        if self.training and self.config.dropout > 0:
+            return dropout_lora_attached(pairs, self.config.dropout)
+        return fused_lora_attached(pairs)
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """[N, 3, R, R] -> [N, D] unit vectors through the LoRA'd vision tower."""
-        with fused_lora_attached(self._pairs("vision")):
+        with self._adapted("vision"):
             return self.backbone.encode_images(pixels, grad=torch.is_grad_enabled())
 
     def prompt_labels(self, labels: LabelSet) -> LabelSet:
@@ -148,7 +160,7 @@ class ClipLoRA(TrainableModel):
     def class_embeddings(self, labels: LabelSet) -> Tensor:
         """[C, P, D] through the LoRA'd text tower; with gradients when grad is enabled."""
         texts = [t for row in self.prompt_labels(labels).prompt_texts() for t in row]
-        with fused_lora_attached(self._pairs("text")):
+        with self._adapted("text"):
             out = self.backbone.encode_text(texts, grad=torch.is_grad_enabled())  # [C*P, D]
         return out.view(labels.n_classes, labels.n_prompts, -1)
 
