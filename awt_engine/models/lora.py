@@ -1,4 +1,5 @@
-"""LoRA, the one low-rank adapter of frozen weights that the methods use (LLaMP, CLAMP).
+"""LoRA, the one low-rank adapter of frozen weights that the methods use (LLaMP, CLAMP,
+CLIP-LoRA).
 
 A frozen weight ``W`` [out, in] becomes ``W + (alpha / r) * B @ A`` with ``A`` [r, in]
 Kaiming-uniform (``a = sqrt(5)``, peft's init) and ``B`` [out, r] zero, so an adapted
@@ -8,8 +9,9 @@ layers come in two shapes:
 * separate ``nn.Linear`` projections (a causal LM's ``q_proj`` / ``v_proj``): peft's own
   ``LoraLayer`` (:func:`inject_lora`, :func:`reset_lora`, :func:`lora_state_name`), with
   its dropout;
-* a fused ``in_proj_weight`` [3W, W] (open_clip's ``nn.MultiheadAttention``), whose q and v
-  row blocks peft cannot target separately: :class:`FusedQVLoRA`, a
+* a fused ``in_proj_weight`` [3W, W] (open_clip's ``nn.MultiheadAttention``), whose q, k
+  and v row blocks peft cannot target separately: :class:`FusedQVLoRA` (q and v for LLaMP,
+  all three for CLIP-LoRA), a
   ``torch.nn.utils.parametrize`` parametrisation (no dropout: it rewrites the weight, not
   the layer's input) registered only for the duration of a forward
   (:func:`fused_lora_attached`), so the frozen model is never left modified.
