@@ -20,7 +20,7 @@ def test_methods_lists_one_line_each():
     res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
-    names = ["awt-adapter", "clamp", "coop", "epalm", "lamm", "llamp"]
+    names = ["awt-adapter", "clamp", "clip-lora", "coop", "epalm", "lamm", "llamp"]
     assert [ln.split()[0] for ln in lines] == names
     res = runner.invoke(app, ["methods", "--verbose"])
     assert "--set n_ctx=16" in res.stdout and "sgd lr 0.002" in res.stdout
