@@ -150,7 +150,7 @@ class LAMM(PromptLearner):
 
     def training_loss(self, batch: TrainBatch) -> LossOutput:
         cfg = self.config
-        labels = self.train_labels.bare()
+        labels = self.train_bare()
         img = self.image_features(batch.views)  # [B, D]
         txt = self.class_embeddings(labels)[:, 0]  # [C, D], learned labels
         logits = self.logits(img, txt)  # [B, C]
