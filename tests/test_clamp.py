@@ -368,3 +368,37 @@ def test_train_from_a_captions_file_through_the_cli(toy_task, train_clip_dir, cl
     coop += [train_clip_dir, "--output", str(tmp_path / "coop.safetensors")]
     res = runner.invoke(app, [*coop, "--captions", str(path), "--device", "cpu"])
     assert res.exit_code == 2 and "unknown option 'captions' for coop" in res.output
+
+
+def test_teacher_captions_are_encoded_once_with_the_same_loss(train_clip_dir, clamp_lm):
+    """The teacher encodes the fixed caption pool on the first step only: its rows are
+    exactly the pool's encoding; every step's loss and gradients equal those of encoding
+    the step's captions afresh up to rounding (a text's features differ in the last bits
+    with the size of the batch it is encoded in: CPU matmul blocking)."""
+    net, fresh = _net(train_clip_dir, clamp_lm), _net(train_clip_dir, clamp_lm)
+    net.eval(), fresh.eval()  # no dropout: the two nets compute the same
+    fresh.teacher_text = lambda captions: fresh.backbone.encode_text(captions, grad=False)
+    texts = []
+    encode = net.backbone.encode_text
+
+    def spy(captions, *a, **k):
+        texts.append(list(captions))
+        return encode(captions, *a, **k)
+
+    net.backbone.encode_text = spy
+    for seed in range(3):
+        outs = []
+        for m in (net, fresh):
+            m.zero_grad()
+            outs.append(m.training_loss(_batch(m, LABELS, seed=seed)))
+            outs[-1].total.backward()
+        assert torch.equal(outs[0].terms["contrastive"], outs[1].terms["contrastive"])
+        close = dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(outs[0].terms["distill"], outs[1].terms["distill"], **close)
+        grads = net.proj.weight.grad, fresh.proj.weight.grad
+        torch.testing.assert_close(*grads, rtol=0, atol=2e-6 * float(grads[1].abs().max()))
+    pool = [t for row in LABELS.prompt_texts() for t in row]
+    assert texts == [pool]  # one encoding of the pool in 3 steps
+    table = encode(pool, grad=False)
+    captions = net.batch_captions(_batch(net, LABELS, seed=7))
+    assert torch.equal(net.teacher_text(captions), table[[pool.index(c) for c in captions]])

@@ -94,3 +94,34 @@ def test_coop_learns_the_toy_task(toy_task, train_clip_dir, tmp_path):
     assert r.last_loss < r.first_loss / 2, r.losses
     trained = _accuracy(load_trained(done.path, device="cpu"), test, test.classes)
     assert trained >= zero_shot + 0.3, (zero_shot, trained)
+
+
+def test_the_label_set_and_its_hash_are_built_once_not_per_step(train_clip_dir, monkeypatch):
+    """CoOp and LAMM: three steps build train_labels.bare() and hash it once (the first
+    step), with the same loss as rebuilding it."""
+    from awt_engine.methods.base import TrainBatch
+
+    counts = {"bare": 0, "key": 0}
+    for name in counts:
+        real = getattr(LabelSet, name)
+
+        def spy(self, _real=real, _name=name):
+            counts[_name] += 1
+            return _real(self)
+
+        monkeypatch.setattr(LabelSet, name, spy)
+    g = torch.Generator().manual_seed(0)
+    for method in ("coop", "lamm"):
+        spec = get_method(method)
+        net = spec.build(load_backbone(train_clip_dir, device="cpu"), spec.config())
+        net.prepare(LABELS, seed=0)
+        R = net.preprocess.size
+        views = torch.randn(3, 1, 3, R, R, generator=g)
+        batch = TrainBatch(views, torch.tensor([0, 1, 2]), 0, 0, g)
+        for k in counts:
+            counts[k] = 0
+        losses = [net.training_loss(batch).total for _ in range(3)]
+        assert counts == {"bare": 1, "key": 1}, method
+        fresh = net.class_embeddings(LABELS.bare())[:, 0]  # the set rebuilt: same prompts
+        assert torch.equal(fresh, net.class_embeddings(net.train_bare())[:, 0])
+        assert all(torch.equal(x, losses[0]) for x in losses)

@@ -115,3 +115,48 @@ def test_lamm_learns_the_toy_task(toy_task, train_clip_dir, tmp_path):
     for name, clf in (("zero-shot", zs), ("trained", Classifier(net, labels, scorer="clip"))):
         acc[name] = evaluate(clf, test, ["clip"], cache_root=None).metrics["clip"].acc1
     assert acc["trained"] >= acc["zero-shot"] + 0.3, acc
+
+
+def _spy_encode(net):
+    calls = []
+    encode = net.text.encode
+
+    def spy(batch, fills):
+        calls.append(batch)
+        return encode(batch, fills)
+
+    net.text.encode = spy
+    return calls
+
+
+def test_frozen_original_labels_are_encoded_once_with_the_same_loss(train_clip_dir):
+    """Pure LAMM: the original-label prompts are encoded on the first step only, and the
+    losses and gradients are exactly those of encoding them afresh every step."""
+    net, fresh = _lamm(train_clip_dir), _lamm(train_clip_dir)
+    fresh.original_embeddings = fresh.encode_original  # the uncached computation
+    calls = _spy_encode(net)
+    for _ in range(3):
+        for m in (net, fresh):
+            m.zero_grad()
+            out = m.training_loss(_batch(m))
+            out.total.backward()
+        got, want = net.training_loss(_batch(net)), fresh.training_loss(_batch(fresh))
+        assert torch.equal(got.total, want.total)
+        for k in want.terms:
+            assert torch.equal(got.terms[k], want.terms[k]), k
+        assert torch.equal(net.label_tokens.grad, fresh.label_tokens.grad)
+    original = net.prompt_batch(LABELS.bare(), net.original)
+    assert sum(b is original for b in calls) == 1  # 6 training_loss calls, 1 encoding
+    bare = net.train_bare()
+    assert torch.equal(net.original_embeddings(bare), net.encode_original(bare))
+    other = LabelSet(("dog", "cat"), "a photo of a {}")  # another label set: encoded afresh
+    assert torch.equal(net.original_embeddings(other), net.encode_original(other))
+
+
+def test_a_learned_context_keeps_the_original_labels_graph(train_clip_dir):
+    net = _lamm(train_clip_dir, learn_ctx=True)
+    calls = _spy_encode(net)
+    for _ in range(2):
+        net.training_loss(_batch(net))
+    assert len(calls) == 4  # learned and original prompts every step: ctx moves
+    assert net.original_embeddings(net.train_bare()).requires_grad

@@ -355,12 +355,30 @@ class CLAMP(TrainableModel):
         contrastive = (soft_ce(logits, target) + soft_ce(logits.T, target)) / 2
         terms = {"contrastive": contrastive}
         if cfg.distill_weight > 0:
-            teacher_txt = self.backbone.encode_text(captions, grad=False)
+            teacher_txt = self.teacher_text(captions)  # [B, D]
             t = cfg.distill_scale * img @ teacher_txt.T
             s = cfg.distill_scale * img @ txt.T
             distill = (soft_ce(s, t.softmax(-1)) + soft_ce(s.T, t.T.softmax(-1))) / 2
             terms["distill"] = cfg.distill_weight * distill
         return LossOutput(sum(terms.values()), terms)
+
+    def teacher_text(self, captions: list[str]) -> Tensor:
+        """The frozen teacher's [B, D] features of training captions: the fixed pool they
+        are drawn from (every class's prompts, or the captions file's) encoded once per
+        pool (and autocast state), then looked up every step."""
+        source = self._captions if self._captions is not None else self.train_labels
+        dev = self.device.type
+        amp = torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev)
+        cached = getattr(self, "_teacher", None)
+        if cached is None or cached[0] is not source or cached[1] != amp:
+            pool = source if self._captions is not None else source.prompt_texts()
+            texts = list(pool) if self._captions is not None else [t for r in pool for t in r]
+            feats = self.backbone.encode_text(texts, grad=False)  # [K, D]
+            self._teacher = (source, amp, {t: i for i, t in enumerate(texts)}, feats)
+        index, feats = self._teacher[2], self._teacher[3]
+        if not all(c in index for c in captions):  # not from the pool: encode them as they are
+            return self.backbone.encode_text(captions, grad=False)
+        return feats[torch.tensor([index[c] for c in captions], device=feats.device)]
 
 
 def soft_ce(logits: Tensor, target: Tensor) -> Tensor:

@@ -77,6 +77,20 @@ class PromptLearner(TrainableModel):
         super().__init__(backbone, config)
         self.text = ClipTextTower(backbone)
         self._batches: dict[str, PromptBatch] = {}
+        self._keyed: tuple[LabelSet, str] | None = None  # the last label set and its key
+        self._bare: tuple[LabelSet, LabelSet] | None = None  # (train_labels, its bare())
+
+    def train_bare(self) -> LabelSet:
+        """``train_labels.bare()``, what every training step scores: built once per set."""
+        if self._bare is None or self._bare[0] is not self.train_labels:
+            self._bare = (self.train_labels, self.train_labels.bare())
+        return self._bare[1]
+
+    def label_key(self, labels: LabelSet) -> str:
+        """``labels.key()``, hashed once per label set object (LabelSet is frozen)."""
+        if self._keyed is None or self._keyed[0] is not labels:
+            self._keyed = (labels, labels.key())
+        return self._keyed[1]
 
     def pieces(self, name: str) -> list:
         """The prompt of class ``name`` up to its full stop, as :meth:`ClipTextTower.batch`
@@ -90,7 +104,7 @@ class PromptLearner(TrainableModel):
         """Token ids of every (class, prompt): [C * P, L], built once per label set
         (``pieces``: another way to write a class's prompt, e.g. LAMM's original one)."""
         pieces = pieces or self.pieces
-        key = f"{labels.key()}|{getattr(pieces, '__name__', '')}"
+        key = f"{self.label_key(labels)}|{getattr(pieces, '__name__', '')}"
         if key not in self._batches:
             prompts = []
             for c, name in enumerate(labels.classes):
@@ -172,7 +186,7 @@ class CoOp(PromptLearner):
 
     def training_loss(self, batch: TrainBatch) -> LossOutput:
         img = self.image_features(batch.views)  # [B, D] (one view per image)
-        txt = self.class_embeddings(self.train_labels.bare())[:, 0]  # [C, D]
+        txt = self.class_embeddings(self.train_bare())[:, 0]  # [C, D]
         ce = F.cross_entropy(self.logits(img, txt), batch.labels)
         return LossOutput(ce, {"ce": ce})
 

@@ -110,6 +110,7 @@ class LAMM(PromptLearner):
         self.classes = labels.classes
         # a trained class's row, by the name prompts show (built once: read every step)
         self._display_rows = {display_name(c): i for i, c in enumerate(labels.classes)}
+        self._original: tuple[tuple, Tensor] | None = None  # original_embeddings' cache
 
     def _ids(self, name: str) -> list[int]:
         return self.text.encode_words(name)
@@ -143,14 +144,29 @@ class LAMM(PromptLearner):
         return out
 
     def original_embeddings(self, labels: LabelSet) -> Tensor:
-        """[C, P, D] with the names' own tokens (the learned labels left out)."""
+        """[C, P, D] with the names' own tokens (the learned labels left out). With a frozen
+        context (pure LAMM) nothing in it learns: encoded once per label set (and context,
+        autocast state), without a graph, and reused every step."""
+        if self.ctx.requires_grad:
+            return self.encode_original(labels)
+        device = self.ctx.device.type
+        amp = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device)
+        key = (self.label_key(labels), self.ctx._version, self.ctx.data_ptr(), amp)
+        cached = getattr(self, "_original", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                self._original = (key, self.encode_original(labels))
+        return self._original[1]
+
+    def encode_original(self, labels: LabelSet) -> Tensor:
+        """:meth:`original_embeddings` computed afresh: [C, P, D]."""
         batch = self.prompt_batch(labels, self.original)
         fills = {"ctx": self.fills(labels, batch)["ctx"]}
         return self.text.encode(batch, fills).view(labels.n_classes, labels.n_prompts, -1)
 
     def training_loss(self, batch: TrainBatch) -> LossOutput:
         cfg = self.config
-        labels = self.train_labels.bare()
+        labels = self.train_bare()
         img = self.image_features(batch.views)  # [B, D]
         txt = self.class_embeddings(labels)[:, 0]  # [C, D], learned labels
         logits = self.logits(img, txt)  # [B, C]

@@ -11,15 +11,18 @@ revision) so checkpoints can check that they are scored with the LLM they learne
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from awt_engine._io import file_sha256
+from awt_engine._io import atomic_write_json, file_sha256, resolve_cache_root, sha256_hex
 from awt_engine._progress import library_bars, stderr_is_terminal
 
 _WEIGHT_FILES = (".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken")
+# (resolved path, size, mtime_ns) -> SHA-256 of the file: hashed once per process
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 class LLMLoadError(ValueError):
@@ -90,11 +93,62 @@ def llm_fingerprint(name: str, model) -> str:
     """A local folder: SHA-256 over its config and weight files; a hub id: its revision."""
     folder = Path(name).expanduser()
     if folder.is_dir():
+        files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_FILES and p.is_file())
+        hashes = weight_hashes(files)
         h = hashlib.sha256()
-        for f in sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_FILES and p.is_file()):
-            h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+        for f in files:
+            h.update(f"{f.name}\0{hashes[f.name]}\0".encode())
         return f"llm|sha256:{h.hexdigest()}"
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     if commit and re.fullmatch(r"[0-9a-f]{40}", str(commit)):
         return f"llm|{name}@{commit}"
     return f"llm|{name}"
+
+
+def weight_hashes(files: list[Path], cache_dir=None) -> dict[str, str]:
+    """{file name: SHA-256} of a model folder's files, each read only when its (path, size,
+    mtime_ns) is new to this process and to the cache folder's record of the folder
+    (``<cache root>/llm-fingerprints``, written atomically; unwritable: memory only)."""
+    record = _fingerprint_record(files[0].parent, cache_dir) if files else None
+    saved = _read_record(record)
+    out, changed = {}, False
+    for f in files:
+        st = f.stat()
+        key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+        entry = saved.get(f.name)
+        if key not in _FILE_HASHES and entry and entry[:2] == [st.st_size, st.st_mtime_ns]:
+            _FILE_HASHES[key] = entry[2]
+        if key not in _FILE_HASHES:
+            _FILE_HASHES[key] = file_sha256(f)
+        out[f.name] = _FILE_HASHES[key]
+        changed |= entry != [st.st_size, st.st_mtime_ns, out[f.name]]
+    if record is not None and changed:
+        files_record = {f.name: [k[1], k[2], out[f.name]] for f, k in _keys(files)}
+        try:
+            atomic_write_json(
+                record, {"folder": str(files[0].parent.resolve()), "files": files_record}
+            )
+        except OSError:
+            pass  # a read-only cache: the hashes stay in memory
+    return out
+
+
+def _keys(files: list[Path]):
+    for f in files:
+        st = f.stat()
+        yield f, (str(f.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def _fingerprint_record(folder: Path, cache_dir) -> Path:
+    name = sha256_hex("awt-llm-fingerprint", str(folder.resolve()))[:32]
+    return resolve_cache_root(cache_dir) / "llm-fingerprints" / f"{name}.json"
+
+
+def _read_record(record: Path | None) -> dict[str, list]:
+    if record is None:
+        return {}
+    try:
+        files = json.loads(record.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return files if isinstance(files, dict) else {}
