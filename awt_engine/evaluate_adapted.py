@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from awt_engine.adapt.base import AdaptBatch
 from awt_engine.adapt.scorer import AdaptedScorer, Collected
 from awt_engine.calibration import CONF, image_terms, max_prob, ood_metrics
 from awt_engine.metrics import Metrics, metrics_from_topk, top_classes
@@ -67,42 +68,45 @@ def adapted_runs(
     seeds: list[int | None] = (
         [order_seed + k for k in range(orders)] if s.adaptation.online else [None]
     )
+    idx, batch = collected.batch(keep)  # ascending input index, once for every run
+    both = _with_ood(idx, batch, ood) if ood is not None else None
+    labels = labels_all[torch.tensor(idx, dtype=torch.long)]
     runs = []
     for seed in seeds:
-        order = order_of(int(keep.sum()), seed) if seed is not None else None
-        idx, scores = s.replay(collected, order, keep, memory_budget)  # [N, C]
+        order = order_of(len(idx), seed) if seed is not None else None
+        scores = s.replay(batch, order, memory_budget)  # [N, C]
         _check_finite(s, scores)
-        labels = labels_all[torch.tensor(idx, dtype=torch.long)]
         terms = image_terms(scores, labels)
         top = top_classes(scores)
         m = metrics_from_topk(top, labels, n_failed=n_failed, terms=terms)
-        if ood is not None:
-            m = dataclasses.replace(m, **_ood_run(s, collected, keep, ood, seed, memory_budget))
+        if both is not None:
+            m = dataclasses.replace(m, **_ood_run(s, both, len(idx), seed, memory_budget))
         runs.append(AdaptedRun(seed, m, top, terms))
     return runs
 
 
-def _ood_run(s, collected, keep, ood: Collected, seed, memory_budget) -> dict:
-    """``ood_auroc`` / ``ood_fpr95`` of ``s`` replayed over the kept images and the OOD
-    images together (OOD indices placed after every in-distribution one)."""
-    idx, batch = collected.batch(keep)
+def _with_ood(idx: list[int], batch: AdaptBatch, ood: Collected) -> AdaptBatch | None:
+    """The in-distribution rows then the OOD images' (None when there are none)."""
     o_idx, o_batch = ood.batch()
     if not o_idx:
-        return ood_metrics(torch.empty(0), torch.empty(0))
-    offset = max(idx, default=-1) + 1
-    both = Collected(
-        idx + [offset + j for j in range(len(o_idx))],
-        [batch.scores, o_batch.scores],
-        [batch.features, o_batch.features],
+        return None
+    return AdaptBatch(
+        torch.cat([batch.scores, o_batch.scores]),
+        torch.cat([batch.features, o_batch.features]),
         batch.class_features,
         batch.scale,
     )
-    n_all = len(both)
-    order = order_of(n_all, seed) if seed is not None else None
-    _, scores = s.replay(both, order, None, memory_budget)  # [N + M, C], ID rows first
+
+
+def _ood_run(s: AdaptedScorer, both: AdaptBatch, n_id: int, seed, memory_budget) -> dict:
+    """``ood_auroc`` / ``ood_fpr95`` of ``s`` replayed over the in-distribution images
+    and the OOD images together (``both``: the first ``n_id`` rows in-distribution), in
+    the run's seeded order over all of them."""
+    order = order_of(both.n_images, seed) if seed is not None else None
+    scores = s.replay(both, order, memory_budget)  # [N + M, C]
     _check_finite(s, scores)
     conf = max_prob(scores)  # [N + M]
-    return ood_metrics(conf[: len(idx)], conf[len(idx) :])
+    return ood_metrics(conf[:n_id], conf[n_id:])
 
 
 def _check_finite(s: AdaptedScorer, scores: Tensor) -> None:

@@ -35,6 +35,7 @@ def score_ood(clf, runner: Runner, paths, bar) -> OODScores:
     collected = {s.name: s.collector() for s in adapted}
     confs: dict[str, list[Tensor]] = {s.name: [] for s in runner.scorers if s not in adapted}
     failed = []
+    unusable: set[int] = set()  # input indices of images whose scores are not finite
     stream = view_batches(
         paths,
         clf.model.preprocess,
@@ -51,13 +52,14 @@ def score_ood(clf, runner: Runner, paths, bar) -> OODScores:
         bad = torch.zeros(len(out), dtype=torch.bool)
         for sc in out.scores.values():
             bad |= nonfinite_rows(sc, clf.shortlist)
-        failed += [
-            (src, NONFINITE_REASON) for src, b in zip(out.sources, bad.tolist(), strict=True) if b
-        ]
+        for i, src, b in zip(out.indices, out.sources, bad.tolist(), strict=True):
+            if b:
+                failed.append((src, NONFINITE_REASON))
+                unusable.add(i)
         for name in confs:
             confs[name].append(max_prob(out.scores[name][~bad]))
     for s in adapted:  # OOD images whose scores were not finite stay out of the stream
-        _drop(collected[s.name], {paths.index(src) for src, _ in failed if src in paths})
+        _drop(collected[s.name], unusable)
     conf = {n: torch.cat(c) if c else torch.empty(0, dtype=torch.float64) for n, c in confs.items()}
     return OODScores(conf, collected, failed)
 

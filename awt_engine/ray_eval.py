@@ -54,13 +54,14 @@ class _Evaluate:
         res = evaluate(self.clf, data, self.scorers, cache_root=None, replay=False)
         rows = {i: r for r, i in enumerate(res.scored.tolist())}
         failed = dict(res.failed)
+        parts = {n: _parts(c) for n, c in res.collected.items()}  # shard index -> [C + D + 1]
         out: dict[str, list] = {"index": [], "error": []}
         for j, (path, index) in enumerate(zip(batch["path"], batch["index"], strict=True)):
             out["index"].append(int(index))
             out["error"].append(failed.get(str(path)))
             for s in self.scorers:
                 if isinstance(s, AdaptedScorer):
-                    out.setdefault(f"part/{s.name}", []).append(_part(res.collected[s.name], j))
+                    out.setdefault(f"part/{s.name}", []).append(parts[s.name].get(j, []))
                     continue
                 top = res.top5[s.name][rows[j]].tolist() if j in rows else []
                 out.setdefault(f"top5/{s.name}", []).append(top)
@@ -69,15 +70,16 @@ class _Evaluate:
         return out
 
 
-def _part(collected: Collected, j: int) -> list[float]:
-    """Image ``j``'s base scores then its feature, [C + D] ([] when it was not scored)."""
-    if j not in collected.indices:
-        return []
+def _parts(collected: Collected) -> dict[int, list[float]]:
+    """Each collected image's base scores, feature and the scale, [C + D + 1], by its
+    index in the shard (an image that was not scored has none)."""
+    if not len(collected):
+        return {}
     import torch
 
-    at = collected.indices.index(j)
-    scores, feats = torch.cat(collected.scores)[at], torch.cat(collected.features)[at]
-    return [*scores.tolist(), *feats.tolist(), collected.scale]
+    table = torch.cat([torch.cat(collected.scores), torch.cat(collected.features)], dim=1)
+    rows = [[*r, collected.scale] for r in table.tolist()]
+    return dict(zip(collected.indices, rows, strict=True))
 
 
 def evaluate_dataset(

@@ -126,35 +126,24 @@ class AdaptedScorer(Scorer):
         return dict(zip(idx, scores.float(), strict=True))
 
     def replay(
-        self,
-        state: Collected,
-        order: Tensor | None = None,
-        keep: Tensor | None = None,
-        memory_budget: int | None = None,
-    ) -> tuple[list[int], Tensor]:
-        """(indices, scores [N, C] ascending by index) of the collected images (``keep``:
-        see :meth:`Collected.batch`): an online adaptation stepped through them in
-        ``order`` (positions into that index order; default ascending) from a fresh
-        state, or the transductive solve (order-free)."""
-        idx, batch = state.batch(keep)
-        N = len(idx)
+        self, batch: AdaptBatch, order: Tensor | None = None, memory_budget: int | None = None
+    ) -> Tensor:
+        """Scores [N, C] in ``batch``'s row order (:meth:`Collected.batch`): an online
+        adaptation stepped through the rows in ``order`` (positions; default as given) from
+        a fresh state, or the transductive solve (order-free)."""
+        N = batch.n_images
         if N == 0:
-            return idx, torch.empty(0, batch.scores.shape[-1])
+            return torch.empty(0, batch.scores.shape[-1])
         if not self.adaptation.online:
-            return idx, self.adaptation.solve(batch, self.config, memory_budget).float()
+            return self.adaptation.solve(batch, self.config, memory_budget).float()
         order = torch.arange(N) if order is None else order
         permuted = AdaptBatch(
             batch.scores[order], batch.features[order], batch.class_features, batch.scale
         )
         out = self.adaptation.step(permuted, self.adaptation.new_state(self.config), self.config)
         scores = torch.empty_like(out)
-        scores[order] = out  # back to index order
-        return idx, scores.float()
-
-    def config_record(self) -> dict[str, Any]:
-        import dataclasses
-
-        return dataclasses.asdict(self.config)
+        scores[order] = out  # back to the batch's row order
+        return scores.float()
 
 
 def adapted_scorer(
