@@ -67,6 +67,11 @@ def derive_seed(*parts: object) -> int:
     return int(sha256_hex("awt-engine/train", *map(str, parts))[:16], 16) & _MASK
 
 
+def epoch_steps(n_images: int, batch_size: int) -> int:
+    """Steps per epoch: Dassl drops the last incomplete batch when there is a full one."""
+    return n_images // batch_size if n_images >= batch_size else 1
+
+
 def make_optimizer(model: TrainableModel, config: TrainConfig) -> torch.optim.Optimizer:
     groups = model.param_groups(config.lr)
     if not any(g["params"] for g in groups):
@@ -95,12 +100,16 @@ def fit(
     progress: bool = False,
     workers: int = 2,
     after_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    after_step: Callable[[int, int, dict[str, float], float, int], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` (already :meth:`prepare` d for ``data.classes``) on ``data``.
 
     ``state_file`` gets the resumable state after every epoch; with ``resume`` a state
     there for the same ``run_key`` (method, settings, data, backbone) is continued.
-    ``after_epoch(epoch, mean_terms)`` is called after each epoch has been saved.
+    ``after_epoch(epoch, mean_terms)`` is called after each epoch has been saved, and
+    ``after_step(epoch, step, terms, lr, images)`` after each step (0-based counts; the
+    step's loss terms, learning rate and number of images): what
+    :class:`~awt_engine.training.log.TrainLog` watches the run with.
     FloatingPointError (saying "lower --lr") when the loss or a learned tensor stops
     being finite; the state of the last finished epoch stays in ``state_file``.
     """
@@ -109,8 +118,7 @@ def fit(
     N, B = len(items), config.batch_size
     if N == 0:
         raise ValueError(f"{data.name}: no training images")
-    # Dassl drops the last incomplete batch when there is at least one full batch
-    steps_per_epoch = N // B if N >= B else 1
+    steps_per_epoch = epoch_steps(N, B)
     views = model.training_view_config(view_config)
     optimizer = make_optimizer(model, config)
     images = DecodedCache(model.preprocess.size)
@@ -150,6 +158,8 @@ def fit(
                     result.steps += 1
                     bar.set_postfix(epoch=epoch + 1, loss=f"{terms['total']:.4f}", lr=f"{lr:.2e}")
                     bar.update(1)
+                    if after_step is not None:
+                        after_step(epoch, step, terms, lr, len(idx))
                 problem = _after_update(model, batch, amp)
                 if problem is not None:
                     raise diverged(problem, epoch, steps_per_epoch - 1, lr)
