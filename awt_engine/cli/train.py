@@ -108,11 +108,44 @@ def train(
             help="Deterministic CUDA kernels (slower): a run repeats bit for bit; without it, equal up to rounding on CUDA.",
         ),
     ] = False,
+    log_every: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="A step record in the JSONL log (<output stem>.log.jsonl) every N steps; one per epoch always.",
+        ),
+    ] = 5,
+    plot: Annotated[
+        bool,
+        typer.Option(
+            "--plot",
+            help="Draw the training curves into <output stem>.png at the end (matplotlib).",
+        ),
+    ] = False,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write TensorBoard scalars (losses, lr, val top-1) into this folder.",
+            file_okay=False,
+        ),
+    ] = None,
+    val_split: Annotated[
+        str | None,
+        typer.Option(
+            help="Held-out split scored during training (min(shots, 4) images per class) [default: val, when the data has one].",
+        ),
+    ] = None,
+    val_every: Annotated[
+        int,
+        typer.Option(min=0, help="Held-out top-1 every N epochs (0: only after the last epoch)."),
+    ] = 0,
 ) -> None:
     """Few-shot train a method on frozen CLIP; writes a checkpoint for eval and classify.
 
-    A second run to the same --output is refused while the first runs (it holds
-    <output>.lock)."""
+    A line per epoch goes to stderr (epoch [k/K], loss terms, lr, img/s, elapsed, eta,
+    val top-1), and a JSONL log beside the checkpoint (<output stem>.log.jsonl; see
+    `awt-engine plot-training`). A second run to the same --output is refused while the
+    first runs (it holds <output>.lock)."""
     from awt_engine.methods import get_method
 
     get_method(method)  # an unknown name is answered before anything heavy is imported
@@ -147,7 +180,15 @@ def train(
             lr=lr,
             batch_size=batch_size,
             deterministic=deterministic,
+            log=True,
+            log_every=log_every,
+            plot=plot,
+            tensorboard=tensorboard,
+            val_split=val_split,
+            val_every=val_every,
         )
+    except ImportError as exc:  # --plot without matplotlib, --tensorboard without tensorboard
+        raise fail(str(exc)) from None
     except FloatingPointError as exc:  # diverged: the message says where and "lower --lr"
         raise fail(str(exc)) from None
     except RuntimeError as exc:
@@ -185,6 +226,7 @@ def _say_done(method: str, done) -> None:
         f"{r.seconds:.1f} s; loss {r.first_loss:.4f} -> {r.last_loss:.4f}{val}"
     )
     typer.echo(f"wrote {done.path}")
+    typer.echo(f"log {done.log}" + (f", plot {done.plot}" if done.plot is not None else ""))
 
 
 @app.command()

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,16 @@ from awt_engine.models.factory import (
 )
 from awt_engine.options import convert
 from awt_engine.training.data import check_classes, few_shot, fingerprint, subsample_classes
-from awt_engine.training.log import LOG_EVERY, TB_HINT, TrainLog, log_path, read_log
+from awt_engine.training.held_out import val_accuracy, val_data
 from awt_engine.training.loop import (
     TrainConfig,
     TrainResult,
     deterministic_env,
     deterministic_mode,
-    epoch_steps,
     fit,
 )
+from awt_engine.training.plot import plot_log
+from awt_engine.training.watch import LOG_EVERY, RunWatch, check_watching, log_path
 
 log = logging.getLogger("awt_engine.training")
 
@@ -58,7 +60,7 @@ class Trained:
     result: TrainResult
     header: dict[str, Any]
     val_accuracy: float | None  # top-1 on min(shots, 4) val images per class, if a val split exists
-    log: Path | None = None  # the JSONL training log (training.log.log_path)
+    log: Path | None = None  # the JSONL training log (training.watch.log_path)
     plot: Path | None = None  # the training curves (PNG), when asked for
 
 
@@ -141,7 +143,7 @@ def train(
     (:func:`~awt_engine.training.loop.deterministic_mode`), so a CUDA run repeats bit for
     bit; recorded in the header's ``train_config``.
 
-    Watching the run (:mod:`~awt_engine.training.log`): ``log`` (default: ``progress``)
+    Watching the run (:mod:`~awt_engine.training.watch`): ``log`` (default: ``progress``)
     prints a line per epoch on stderr; the JSONL log ``<output stem>.log.jsonl`` gets a
     record every ``log_every`` steps and one per epoch; ``plot`` draws it into
     ``<output stem>.png`` at the end; ``tensorboard`` (a folder) gets TensorBoard scalars.
@@ -167,7 +169,7 @@ def train(
         shorthands["deterministic"] = True
     method_config, train_config = _configs(spec, shots, dataset, seed, options, shorthands)
     check_llm_depth(method_config)  # the LLM's config.json only: no weights yet
-    _check_watching(log_every, val_every, plot, tensorboard)
+    check_watching(log_every, val_every, plot, tensorboard)
     if train_config.deterministic:
         deterministic_env()  # before anything starts CUDA
     with output_lock(output), deterministic_mode(train_config.deterministic):
@@ -185,7 +187,7 @@ def train(
         )
         _check_labels(spec, method_config, labels)
         class_list = _class_list(classes)
-        val_data = _val_data(
+        val = val_data(
             full, subsample, shots, seed, dataset, data_root, class_list, cache_dir, val_split
         )
         model_name = model or (DEFAULT_MODEL if backbone is None else backbone.identity)
@@ -210,8 +212,9 @@ def train(
             str(shots),
             subsample,
         )
-        watch = _Watch(
-            output, net, labels, val_data, val_every, train_config, len(data.items), spec.name,
+        watch = RunWatch(
+            log_path(output), train_config, len(data.items), spec.name,
+            held_out=val, validate=partial(val_accuracy, net, val, labels), val_every=val_every,
             lines=progress if log is None else log, log_every=log_every, resume=resume,
             tensorboard=tensorboard,
         )  # fmt: skip
@@ -226,9 +229,9 @@ def train(
                 progress=progress,
                 workers=workers,
                 after_epoch=watch.after_epoch,
-                after_step=watch.log.after_step,
+                after_step=watch.after_step,
             )
-            val = watch.final_val()
+            top1 = watch.final_val()
         header = {
             "method": spec.name,
             "method_config": net.header(),
@@ -243,14 +246,14 @@ def train(
             "data": _data_record(data, data_fp, data_root),
             "losses": result.losses,
             "epoch": len(result.losses),  # the epoch these weights are after (the last)
-            "val_accuracy": val,
+            "val_accuracy": top1,
             "val": watch.record(),
             "created": utc_now(),
         }
         path = save_checkpoint(output, net.learned_state(), header)
         state_path(output).unlink(missing_ok=True)
-        drawn = _plot(output) if plot else None
-    return Trained(path, result, header, val, log_path(output), drawn)
+        drawn = plot_log(log_path(output), output.with_suffix(".png")) if plot else None
+    return Trained(path, result, header, top1, log_path(output), drawn)
 
 
 def _configs(spec, shots, dataset, seed, options, shorthands):
@@ -431,130 +434,6 @@ def _locked_fd(lock: Path, output: Path, fcntl) -> int | None:
         if same:
             return fd
         os.close(fd)  # the run before removed this file as it finished: lock the new one
-
-
-def _val_data(full, subsample, shots, seed, dataset, data_root, classes, cache_dir, split):
-    """min(shots, 4) images per class of the held-out ``split`` (CoOp keeps these few-shot
-    val sets for its reports), read before any model loads: with ``split`` None the
-    ``val`` split when the data has one (else None); a named split that is absent is a
-    ValueError."""
-    from awt_engine.labelled import DatasetLayoutError, load_labelled
-
-    name = split or "val"
-    if classes is None and dataset is None:
-        classes = list(full.classes)  # the training classes, matched onto the split's folders
-    try:
-        val_full = load_labelled(
-            data_root, dataset=dataset, classes=classes, split=name, cache_dir=cache_dir
-        )
-    except (DatasetLayoutError, ValueError) as exc:
-        if split is None:
-            return None
-        raise ValueError(f"--val-split {split}: {exc}") from None
-    if val_full.source == full.source or not val_full.items:
-        if split is None:
-            return None  # no separate val split: the loader fell back to the same images
-        raise ValueError(
-            f"--val-split {split}: no held-out images apart from the training ones "
-            f"({val_full.source})"
-        )
-    return few_shot(subsample_classes(val_full, subsample), min(shots, 4), seed)
-
-
-def _val_accuracy(net, val, labels) -> float:
-    """Top-1 of ``net`` (clip scorer, view 0) on ``val``, in eval mode; the global RNG
-    and the train/eval mode are as they were after."""
-    import torch
-
-    from awt_engine.classifier import Classifier
-    from awt_engine.evaluate import evaluate
-
-    was_training = net.training
-    net.eval()
-    try:
-        clf = Classifier(net, labels, scorer="clip")
-        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            res = evaluate(clf, val, ["clip"], cache_root=None)
-    finally:
-        net.train(was_training)
-    return res.metrics["clip"].acc1
-
-
-def _check_watching(log_every, val_every, plot, tensorboard) -> None:
-    """The watching options, checked (and their packages found) before anything loads."""
-    for name, v, lo in (("log_every", log_every, 1), ("val_every", val_every, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
-    if plot:
-        from awt_engine._plotting import pyplot
-
-        pyplot("--plot", "train without --plot; `awt-engine plot-training` draws the log later")
-    if tensorboard is not None:
-        try:
-            import tensorboard as _tb  # noqa: F401  (torch.utils.tensorboard needs it)
-        except ImportError as exc:
-            raise ImportError(f"--tensorboard needs the tensorboard package: {TB_HINT}") from exc
-
-
-class _Watch:
-    """The run's log (:class:`~awt_engine.training.log.TrainLog`) and held-out accuracy:
-    ``after_epoch`` validates when due (every ``val_every`` epochs and after the last),
-    then logs the epoch."""
-
-    def __init__(self, output, net, labels, val, val_every, config, n_images, method, *,
-                 lines, log_every, resume, tensorboard):  # fmt: skip
-        from awt_engine.training.log import tensorboard_writer
-
-        self.net, self.labels, self.val, self.every = net, labels, val, val_every
-        self.epochs = config.epochs
-        run = {"method": method, "images": n_images, "batch_size": config.batch_size}
-        if val is not None:
-            run["val_images"] = len(val.items)
-        tb = tensorboard_writer(tensorboard) if tensorboard is not None else None
-        self.log = TrainLog(
-            log_path(output), epochs=config.epochs, steps_per_epoch=epoch_steps(n_images,
-            config.batch_size), log_every=log_every, lines=lines, resume=resume,
-            tensorboard=tb, run=run,
-        )  # fmt: skip
-        self.last: tuple[int, float] | None = None  # (1-based epoch, top-1)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.log.close()
-
-    def after_epoch(self, epoch: int, mean: dict[str, float]) -> None:
-        acc = None
-        due = self.every and (epoch + 1) % self.every == 0
-        if self.val is not None and (due or epoch + 1 == self.epochs):
-            acc = _val_accuracy(self.net, self.val, self.labels)
-            self.last = (epoch + 1, acc)
-        self.log.epoch(epoch, mean, acc)
-
-    def final_val(self) -> float | None:
-        """Top-1 after the last epoch (computed now when no epoch ran here: a resumed run
-        whose state had finished them all)."""
-        if self.val is None:
-            return None
-        if self.last is None or self.last[0] != self.epochs:
-            self.last = (self.epochs, _val_accuracy(self.net, self.val, self.labels))
-        return self.last[1]
-
-    def record(self) -> dict[str, Any] | None:
-        """The header's ``val``: its images and source, the cadence, top-1 by epoch."""
-        if self.val is None:
-            return None
-        history = [h for h in self.log.val_history() if h["epoch"] != self.epochs]
-        history.append({"epoch": self.last[0], "accuracy": self.last[1]})
-        return {"source": self.val.source, "images": len(self.val.items), "every": self.every,
-                "history": history}  # fmt: skip
-
-
-def _plot(output: Path) -> Path:
-    from awt_engine.training.plot import plot_training
-
-    return plot_training(read_log(log_path(output)), output.with_suffix(".png"))
 
 
 __all__ = ["CheckpointError", "TrainConfig", "Trained", "load_trained", "train"]

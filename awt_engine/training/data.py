@@ -3,9 +3,10 @@
 * :func:`few_shot`: K images per class, drawn with the seed from each class's images in
   their listed order (Dassl's ``generate_fewshot_dataset``: a class with fewer keeps all).
   The draw depends only on (data, K, seed), never on the global RNG.
-* :func:`check_classes`: what training needs of its data: two classes or more, each with
-  images (an error naming those without), and a warning naming the classes that have
-  fewer images than the shots asked for.
+* :func:`check_classes`: what training needs of its data, checked before any model
+  loads: two classes or more, each with images (an error naming those without and the
+  others' counts), and a warning naming the classes that have fewer images than the shots
+  asked for, with their counts.
 * :func:`subsample_classes`: CoOp's base-to-new protocol: the sorted labels are split in
   half, ``base`` the first ceil(C/2), ``new`` the rest, each relabelled from 0.
 * :func:`fingerprint`: a SHA-256 over the class names and every (label, file content),
@@ -61,15 +62,18 @@ def check_classes(data: LabelledData, shots: int, classes_from: str = "classes")
     missing = [c for i, c in enumerate(data.classes) if not counts[i]]
     if missing:
         problems.append(f"{classes_from} without training images: {_listing(missing)}")
+    have = [f"{c} ({counts[i]})" for i, c in enumerate(data.classes) if counts[i]]
     if problems:
+        others = f" (images per class: {_listing(have)})" if have else ""
         raise ValueError(
-            f"{data.name}: {'; '.join(problems)}. Every class needs training images: add "
-            "some, or leave the class out"
+            f"{data.name}: {'; '.join(problems)}{others}. Every class needs training "
+            "images: add some, or leave the class out"
         )
     if len(data.classes) < 2:
+        only = [f"{c} with {counts[i]} images" for i, c in enumerate(data.classes)]
         raise ValueError(
             f"{data.name}: training needs two classes or more, the data has "
-            f"{len(data.classes)} ({_listing(data.classes)})"
+            f"{len(data.classes)}: {_listing(only) or 'none'}"
         )
     short = [f"{c} ({counts[i]})" for i, c in enumerate(data.classes) if counts[i] < shots]
     if short:

@@ -109,7 +109,7 @@ def fit(
     ``after_epoch(epoch, mean_terms)`` is called after each epoch has been saved, and
     ``after_step(epoch, step, terms, lr, images)`` after each step (0-based counts; the
     step's loss terms, learning rate and number of images): what
-    :class:`~awt_engine.training.log.TrainLog` watches the run with.
+    :class:`~awt_engine.training.watch.TrainLog` watches the run with.
     FloatingPointError (saying "lower --lr") when the loss or a learned tensor stops
     being finite; the state of the last finished epoch stays in ``state_file``.
     """

@@ -1,4 +1,4 @@
-"""Training curves from a JSONL training log (:mod:`awt_engine.training.log`) as a PNG.
+"""Training curves from a JSONL training log (:mod:`awt_engine.training.watch`) as a PNG.
 
 Up to three panels sharing the x axis (epochs, fractional for step records): the loss
 terms (each step record a faint line, each epoch's mean a line with markers), the
@@ -21,7 +21,7 @@ _WHAT = "the training plot"
 def plot_training(
     records: list[dict[str, Any]], path: str | os.PathLike, *, title: str | None = None
 ) -> Path:
-    """Draw ``records`` (a log's, :func:`~awt_engine.training.log.read_log`) into the PNG
+    """Draw ``records`` (a log's, :func:`~awt_engine.training.watch.read_log`) into the PNG
     ``path``; ValueError when they hold no step or epoch record."""
     plt = pyplot(_WHAT)
     fig = training_figure(records, title=title)
@@ -36,6 +36,13 @@ def plot_training(
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
     return path
+
+
+def plot_log(log: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """:func:`plot_training` of the JSONL log file ``log``."""
+    from awt_engine.training.watch import read_log
+
+    return plot_training(read_log(log), path)
 
 
 def training_figure(records: list[dict[str, Any]], *, title: str | None = None):
@@ -132,10 +139,10 @@ def _val(ax, vals: list[tuple[int, float]]) -> None:
     xs = [float(e) for e, _ in vals]
     ys = [100 * a for _, a in vals]
     ax.plot(xs, ys, color="C2", marker="s", markersize=4, linewidth=1.4)
-    for x, y in zip(xs[-1:], ys[-1:]):
-        ax.annotate(
-            f"{y:.1f}%", (x, y), textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=8
-        )
+    ax.annotate(
+        f"{ys[-1]:.1f}%", (xs[-1], ys[-1]), textcoords="offset points", xytext=(-4, 6),
+        ha="right", fontsize=8,
+    )  # fmt: skip
     ax.set_ylabel("held-out top-1 (%)")
     ax.set_ylim(max(0.0, min(ys) - 10), min(100.0, max(ys) + 10) + 1)
     ax.grid(alpha=0.3)

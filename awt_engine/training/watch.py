@@ -1,8 +1,10 @@
 """Watching a training run: a line per epoch on stderr, a JSONL log, TensorBoard events.
 
-:class:`TrainLog` is fed by the fit loop's callbacks (``after_step(epoch, step, terms,
-lr, images)`` after every optimisation step, then :meth:`TrainLog.epoch` once the epoch
-is saved and, when due, validated) and writes:
+:class:`RunWatch` holds a run's :class:`TrainLog` and its held-out accuracy
+(:mod:`~awt_engine.training.held_out`, scored every N epochs); :func:`check_watching`
+checks the options before anything loads. :class:`TrainLog` is fed by the fit loop's
+callbacks (``after_step(epoch, step, terms, lr, images)`` after every optimisation step,
+then :meth:`TrainLog.epoch` once the epoch is saved and, when due, validated) and writes:
 
 * a line per epoch on stderr, terminal or not, as Dassl's trainers print
   (``epoch [3/50] step 48/800 loss 1.2345 (ce 1.1, ...) lr 2.00e-03 36.5 img/s
@@ -69,7 +71,7 @@ def finite(x: Any) -> Any:
 
 def clock(seconds: float) -> str:
     """``h:mm:ss``."""
-    s = int(round(max(seconds, 0.0)))
+    s = round(max(seconds, 0.0))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
@@ -246,3 +248,79 @@ def _epoch_of(rec: dict[str, Any]) -> int:
 
 def _line(rec: dict[str, Any]) -> str:
     return json.dumps(rec, allow_nan=False, separators=(",", ":")) + "\n"
+
+
+def check_watching(log_every, val_every, plot: bool, tensorboard) -> None:
+    """The watching options checked, and the packages they need found, before anything
+    loads (ValueError, ImportError with the install hint)."""
+    for name, v, lo in (("log_every", log_every, 1), ("val_every", val_every, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be a whole number >= {lo}, got {v!r}")
+    if plot:
+        from awt_engine._plotting import pyplot
+
+        pyplot("--plot", "train without --plot; `awt-engine plot-training` draws the log later")
+    if tensorboard is not None:
+        try:
+            import tensorboard as _tb  # noqa: F401  (torch.utils.tensorboard needs it)
+        except ImportError as exc:
+            raise ImportError(f"--tensorboard needs the tensorboard package: {TB_HINT}") from exc
+
+
+class RunWatch:
+    """A training run's :class:`TrainLog` and its held-out accuracy. With a ``held_out``
+    set (None: no validation), ``after_epoch`` (the fit loop's) calls ``validate()`` when
+    due (every ``val_every`` epochs, 0: never, and after the last), then logs the epoch;
+    ``after_step`` is the log's. ``config``: the run's TrainConfig."""
+
+    def __init__(self, path, config, n_images: int, method: str, *, held_out=None,
+                 validate=None, val_every: int = 0, lines=True, log_every=LOG_EVERY,
+                 resume=False, tensorboard=None):  # fmt: skip
+        from awt_engine.training.loop import epoch_steps
+
+        self.validate = validate if held_out is not None else None
+        self.held_out, self.every, self.epochs = held_out, val_every, config.epochs
+        run = {"method": method, "images": n_images, "batch_size": config.batch_size}
+        if held_out is not None:
+            run["val_images"] = len(held_out.items)
+        S = epoch_steps(n_images, config.batch_size)
+        tb = tensorboard_writer(tensorboard) if tensorboard is not None else None
+        self.log = TrainLog(
+            path, epochs=config.epochs, steps_per_epoch=S, log_every=log_every, lines=lines,
+            resume=resume, tensorboard=tb, run=run,
+        )  # fmt: skip
+        self.after_step = self.log.after_step
+        self.last: tuple[int, float] | None = None  # (1-based epoch, top-1)
+
+    def __enter__(self) -> RunWatch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.close()
+
+    def after_epoch(self, epoch: int, mean: dict[str, float]) -> None:
+        acc = None
+        due = self.every and (epoch + 1) % self.every == 0
+        if self.validate is not None and (due or epoch + 1 == self.epochs):
+            acc = self.validate()
+            self.last = (epoch + 1, acc)
+        self.log.epoch(epoch, mean, acc)
+
+    def final_val(self) -> float | None:
+        """Top-1 after the last epoch (computed now when no epoch ran here: a resumed run
+        whose state had finished them all)."""
+        if self.validate is None:
+            return None
+        if self.last is None or self.last[0] != self.epochs:
+            self.last = (self.epochs, self.validate())
+        return self.last[1]
+
+    def record(self) -> dict[str, Any] | None:
+        """The checkpoint header's ``val``: the images, their source, the cadence and
+        top-1 by epoch (a resumed run's earlier ones from the kept log)."""
+        if self.validate is None or self.last is None:
+            return None
+        history = [h for h in self.log.val_history() if h["epoch"] != self.last[0]]
+        history.append({"epoch": self.last[0], "accuracy": self.last[1]})
+        return {"source": self.held_out.source, "images": len(self.held_out.items),
+                "every": self.every, "history": history}  # fmt: skip
