@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -252,8 +253,18 @@ def train(
         }
         path = save_checkpoint(output, net.learned_state(), header)
         state_path(output).unlink(missing_ok=True)
-        drawn = plot_log(log_path(output), output.with_suffix(".png")) if plot else None
+        drawn = _plot(output) if plot else None
     return Trained(path, result, header, top1, log_path(output), drawn)
+
+
+def _plot(output: Path) -> Path | None:
+    """The training curves beside the written checkpoint; a failure to draw them is a
+    warning (the checkpoint stands; `awt-engine plot-training` can draw them later)."""
+    try:
+        return plot_log(log_path(output), output.with_suffix(".png"))
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"--plot: the training curves were not drawn: {exc}", stacklevel=3)
+        return None
 
 
 def _configs(spec, shots, dataset, seed, options, shorthands):

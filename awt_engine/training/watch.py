@@ -183,14 +183,12 @@ class TrainLog:
     def _start(self, epoch: int) -> None:
         """Open the file at the first callback: keep the records of the ``epoch`` epochs done
         (resume) or none, rewritten atomically, then append."""
-        self._first_epoch = epoch
-        self._epoch_t0 = time.perf_counter()
+        self._first_epoch = epoch  # the epoch's clock runs from the log's making (fit's start)
         if self.path is None:
             return
         old = read_log(self.path) if self.resume and self.path.exists() else []
-        self.kept = [r for r in old if r.get("event") == "run" or _epoch_of(r) <= epoch]
-        if not any(r.get("event") == "run" for r in self.kept):
-            self.kept.insert(0, {"event": "run", **self.run})
+        done = [r for r in old if r.get("event") != "run" and _epoch_of(r) <= epoch]
+        self.kept = [{"event": "run", **self.run}, *done]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(_line(r) for r in self.kept), encoding="utf-8")
