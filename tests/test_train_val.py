@@ -73,6 +73,7 @@ def test_val_every_scores_the_held_out_set_and_records_it(with_val, train_clip_d
     assert _records(out)[0]["val_images"] == 10
 
 
+@pytest.mark.slow
 def test_validating_never_changes_the_run(with_val, train_clip_dir, tmp_path):
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     plain = train("coop", data_root=with_val.root, output=a, model=train_clip_dir, epochs=3,
@@ -87,6 +88,7 @@ def test_validating_never_changes_the_run(with_val, train_clip_dir, tmp_path):
     assert plain.val_accuracy == every.val_accuracy
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_earlier_accuracies(
     with_val, train_clip_dir, tmp_path, monkeypatch
 ):
@@ -121,11 +123,13 @@ def test_a_named_split_that_is_absent_is_an_error_before_loading(
         train("coop", val_split="train", epochs=1, **kw, **RUN)
     args = ["train", "--method", "coop", "--data-root", str(toy_task.root), "--model"]
     args += [train_clip_dir, "-o", str(tmp_path / "x.safetensors"), "--val-split", "nope"]
+    args += ["--shots", "2"]
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "error: --val-split nope" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_without_a_val_split_nothing_is_scored_unless_one_is_named(
     toy_task, train_clip_dir, tmp_path
 ):
