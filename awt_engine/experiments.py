@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from awt_engine.dispatch import ModelSource
 from awt_engine.eval_runs import EvalOutcome, EvalPlan, EvalReporter, load_eval_data, run_eval
 from awt_engine.results_table import ResultsTable, results_table, write_table
 
@@ -163,12 +162,19 @@ def _check_counts(shots: Sequence[int], seeds: Sequence[int]) -> None:
 
 
 def _eval_sets(data_root, dataset, classes, evaluate_source, targets) -> dict:
-    """Data set name -> (folder, registry name, class list) of every eval of a checkpoint."""
+    """Name -> (folder, registry name or None, class list) of every eval of a checkpoint.
+    A target named by the registry is read as that data set (its layouts, classes,
+    template); any other is a folder of class folders, its results named as given."""
+    from awt_engine.registry import list_datasets
+
+    known = set(list_datasets())
     sets: dict[str, tuple[Path, str | None, Any]] = {}
     if evaluate_source:
-        sets[dataset or Path(data_root).name] = (Path(data_root), dataset, classes)
+        sets[dataset or ""] = (Path(data_root), dataset, classes)
     for name, root in (targets or {}).items():
-        sets.setdefault(name, (Path(root), name, None))
+        if name in sets:
+            raise ValueError(f"target {name!r} is the training data set (evaluated anyway)")
+        sets[name] = (Path(root), name if name in known else None, None)
     if not sets:
         raise ValueError("nothing to evaluate: no targets and evaluate_source=False")
     return sets
@@ -210,6 +216,8 @@ def _train(method, data_root, dataset, classes, shots, seed, part, ckpt, topts) 
 def _evaluate(ckpt, sets, plan: EvalPlan, topts, output: Path, where: Path, tell):
     """The checkpoint evaluated on each set (name -> outcome), its JSONs in
     ``output / where`` (its plots, if asked for, in ``plan.plots / where``)."""
+    from awt_engine.dispatch import ModelSource
+
     source = ModelSource(
         checkpoint=ckpt,
         device=topts.get("device", "auto"),
@@ -236,7 +244,9 @@ def _evaluate(ckpt, sets, plan: EvalPlan, topts, output: Path, where: Path, tell
             limit=plan.limit,
             seed=seed,
         )
-        outcomes[name] = run_eval(
+        if name and dataset is None:  # a target outside the registry: named as given
+            data = dataclasses.replace(data, name=name)
+        outcomes[name or data.name] = run_eval(
             net, data, run_plan, dataset=dataset, data_root=root, reporter=tell
         )
     return outcomes
