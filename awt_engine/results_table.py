@@ -100,6 +100,27 @@ def _read_one(path: Path) -> dict | None:
     return rec
 
 
+def _column_key(rec: dict) -> tuple:
+    """Columns in a fixed order whatever order the files were read in: zero-shot models
+    first, then each method by shot count; scorers by name, plain before adapted."""
+    sub = rec.get("subsample") or "all"
+    return (
+        rec.get("method") or "",
+        rec.get("shots") or 0,
+        rec["model"],
+        rec["scorer"],
+        rec.get("adapt") or "",
+        ("all", "base", "new").index(sub) if sub in ("all", "base", "new") else 3,
+    )
+
+
+def _row_key(name: str) -> tuple:
+    """The papers' data sets in their tables' order, then the others by name."""
+    from awt_engine.eval_runs import COOP11
+
+    return (COOP11.index(name), "") if name in COOP11 else (len(COOP11), name)
+
+
 def column_of(rec: dict) -> str:
     """The column a record falls in: the model, or the trained method with its shots and
     backbone; then the scorer (adapted: ``awt+tda``) and a class subset other than all."""
@@ -139,7 +160,7 @@ class Average:
 @dataclass(frozen=True)
 class ResultsTable:
     metric: str
-    rows: tuple[str, ...]  # data sets, first-seen order
+    rows: tuple[str, ...]  # data sets: the papers' order, then by name
     columns: tuple[str, ...]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
 
@@ -154,18 +175,19 @@ def results_table(records: Sequence[dict], metric: str = "acc1") -> ResultsTable
     record whose metric is null (nothing scored; acc5 with < 5 classes) makes no cell."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
-    rows: dict[str, None] = {}
-    columns: dict[str, None] = {}
+    rows: set[str] = set()
+    columns: dict[str, tuple] = {}
     runs: dict[tuple[str, str], dict[tuple[str, str], float]] = {}
     for rec in records:
         row, col = str(rec["dataset"]), column_of(rec)
-        rows.setdefault(row)
-        columns.setdefault(col)
+        rows.add(row)
+        columns[col] = min(columns.get(col, _column_key(rec)), _column_key(rec))
         value = rec["metrics"].get(metric)
         if value is not None:
             runs.setdefault((row, col), {})[(rec["run_id"], rec["scorer"])] = float(value)
     cells = {k: Cell(tuple(v.values())) for k, v in runs.items()}
-    return ResultsTable(metric, tuple(rows), tuple(columns), cells)
+    order = sorted(columns, key=lambda c: (columns[c], c))
+    return ResultsTable(metric, tuple(sorted(rows, key=_row_key)), tuple(order), cells)
 
 
 def _number(table: ResultsTable, value: float | None, digits: int) -> str:
