@@ -202,9 +202,8 @@ def eval_command(
         raise fail(f"--subsample must be all, base, new or base-new, got {subsample!r}")
     from awt_engine import eval_runs
 
-    names = _suite_check(suite, dataset, classes)
-    if names is None:
-        full = eval_runs.load_eval_data(
+    if suite is None:
+        data = eval_runs.load_eval_data(
             data_root,
             dataset=dataset,
             classes=classes,
@@ -213,8 +212,8 @@ def eval_command(
             limit=limit,
             seed=seed,
         )
-    else:
-        sets = _suite_sets(suite, names, data_root)
+    else:  # the suite's data sets under --data-root, each read when its turn comes
+        data = _suite_sets(suite, dataset, classes, data_root)
     ood = eval_runs.ood_images(ood_root, warn=_warn) if ood_root is not None else None
 
     from awt_engine._io import resolve_cache_root
@@ -240,8 +239,7 @@ def eval_command(
     use_ray = ray or ray_address is not None  # each actor loads the model as this process did
     plan = eval_runs.EvalPlan(
         scorers=tuple(scorers),
-        adapt=adapting.get("adapt"),
-        adapt_options=adapting.get("adapt_options", {}),
+        **adapting,  # adapt and adapt_options, when given
         options=options,
         subsample=subsample,
         orders=orders,
@@ -260,19 +258,11 @@ def eval_command(
     eval_runs.plan_scorers(plan)  # the adapted scorers are made before the model loads
     net = source.load()
     report = _Report(several=subsample == "base-new")
-    if names is None:
-        done = eval_runs.run_eval(
-            net,
-            full,
-            plan,
-            dataset=dataset,
-            data_root=data_root,
-            model=model,
-            ood=ood,
-            reporter=report,
-        )
+    if suite is None:
+        run = dict(dataset=dataset, data_root=data_root, model=model, ood=ood, reporter=report)
+        done = eval_runs.run_eval(net, data, plan, **run)
     else:
-        done = _run_suite(net, suite, sets, plan, data_root, model, ood, report, cache_dir)
+        done = _run_suite(net, suite, data, plan, data_root, model, ood, report, cache_dir)
     if done.failed:
         raise typer.Exit(1)
 
@@ -281,12 +271,11 @@ def _warn(message: str) -> None:
     typer.echo(f"warning: {message}", err=True)
 
 
-def _suite_check(suite: str | None, dataset: str | None, classes: str | None):
-    """The registry names of --suite (None without it), checked against the options it
-    replaces."""
-    if suite is None:
-        return None
-    from awt_engine.eval_runs import suite_names
+def _suite_sets(suite: str, dataset: str | None, classes: str | None, data_root: Path):
+    """The data sets of --suite under --data-root; the absent ones named on stderr, none
+    present a usage error, as are the options a suite replaces."""
+    from awt_engine.eval_runs import find_suite, suite_names
+    from awt_engine.layouts.catalog import files_for
 
     if dataset is not None:
         raise fail(
@@ -294,15 +283,7 @@ def _suite_check(suite: str | None, dataset: str | None, classes: str | None):
         )
     if classes is not None:
         raise fail("--suite takes each data set's own classes: drop --classes")
-    return suite_names(suite)
-
-
-def _suite_sets(suite: str, names, data_root: Path):
-    """The suite's data sets under --data-root; the absent ones named on stderr, none
-    present a usage error."""
-    from awt_engine.eval_runs import find_suite
-    from awt_engine.layouts.catalog import files_for
-
+    names = suite_names(suite)
     sets = find_suite(data_root, names)
     expected = ", ".join(
         f"{n} ({' or '.join(f + '/' for f in files_for(n).folders)})" for n in sets.absent
