@@ -40,7 +40,7 @@ class ProtocolReporter(EvalReporter):
         """Run (shots, seed) is about to train ``checkpoint`` (``reused``: it exists)."""
 
     def evaluating(self, dataset: str, checkpoint: Path) -> None:
-        """``checkpoint`` is about to be evaluated on ``dataset``."""
+        """``checkpoint`` is about to be evaluated on ``dataset`` (its data read)."""
 
 
 @dataclass
@@ -91,8 +91,8 @@ def few_shot(
     :func:`awt_engine.training.train` other than the data, shots, seed and output (model,
     pretrained, device, precision, template, descriptions, options, epochs, lr,
     batch_size, cache_dir, workers, ...). ``targets``: data set name -> folder, each
-    checkpoint also evaluated there (cross-data-set transfer); ``evaluate_source=False``
-    evaluates on the targets alone."""
+    checkpoint also evaluated there on all its classes (cross-data-set transfer);
+    ``evaluate_source=False`` evaluates on the targets alone."""
     _check_counts(shots, seeds)
     plan = plan or EvalPlan()
     topts = dict(train_options or {})
@@ -161,20 +161,26 @@ def _check_counts(shots: Sequence[int], seeds: Sequence[int]) -> None:
             raise ValueError(f"{what} repeat a value: {list(values)}")
 
 
-def _eval_sets(data_root, dataset, classes, evaluate_source, targets) -> dict:
-    """Name -> (folder, registry name or None, class list) of every eval of a checkpoint.
-    A target named by the registry is read as that data set (its layouts, classes,
-    template); any other is a folder of class folders, its results named as given."""
+@dataclass(frozen=True)
+class _EvalSet:
+    name: str | None  # a target's name; None for the training data (its own name)
+    root: Path
+    dataset: str | None  # the registry name it is read as, if any
+    classes: Any = None
+
+
+def _eval_sets(data_root, dataset, classes, evaluate_source, targets) -> list[_EvalSet]:
+    """Every data set a checkpoint is evaluated on, the training one first. A target
+    named by the registry is read as that data set (its layouts, classes, template); any
+    other is a folder of class folders, its results named as given."""
     from awt_engine.registry import list_datasets
 
     known = set(list_datasets())
-    sets: dict[str, tuple[Path, str | None, Any]] = {}
-    if evaluate_source:
-        sets[dataset or ""] = (Path(data_root), dataset, classes)
+    sets = [_EvalSet(None, Path(data_root), dataset, classes)] if evaluate_source else []
     for name, root in (targets or {}).items():
-        if name in sets:
+        if dataset is not None and name == dataset and evaluate_source:
             raise ValueError(f"target {name!r} is the training data set (evaluated anyway)")
-        sets[name] = (Path(root), name if name in known else None, None)
+        sets.append(_EvalSet(name, Path(root), name if name in known else None))
     if not sets:
         raise ValueError("nothing to evaluate: no targets and evaluate_source=False")
     return sets
@@ -230,24 +236,24 @@ def _evaluate(ckpt, sets, plan: EvalPlan, topts, output: Path, where: Path, tell
         plots=None if plan.plots is None else plan.plots / where,
     )
     net = source.load()
-    seed = plan.options.get("seed", 0)
-    cache_dir = topts.get("cache_dir")
     outcomes = {}
-    for name, (root, dataset, classes) in sets.items():
-        tell.evaluating(name, ckpt)
+    for one in sets:
         data = load_eval_data(
-            root,
-            dataset=dataset,
-            classes=classes,
+            one.root,
+            dataset=one.dataset,
+            classes=one.classes,
             split=plan.split,
-            cache_dir=cache_dir,
+            cache_dir=topts.get("cache_dir"),
             limit=plan.limit,
-            seed=seed,
+            seed=plan.options.get("seed", 0),
         )
-        if name and dataset is None:  # a target outside the registry: named as given
-            data = dataclasses.replace(data, name=name)
-        outcomes[name or data.name] = run_eval(
-            net, data, run_plan, dataset=dataset, data_root=root, reporter=tell
+        target_plan = run_plan
+        if one.name is not None:  # a transfer target: all its classes, named as given
+            data = dataclasses.replace(data, name=one.name)
+            target_plan = dataclasses.replace(run_plan, subsample="all")
+        tell.evaluating(data.name, ckpt)
+        outcomes[data.name] = run_eval(
+            net, data, target_plan, dataset=one.dataset, data_root=one.root, reporter=tell
         )
     return outcomes
 

@@ -139,3 +139,42 @@ def test_cli_fewshot_with_transfer_to_the_suite_sets_under_a_folder(
     assert (out / "summary.md").read_text() in res.stdout
     bad = CliRunner().invoke(app, [*args[:-5], "--shots", "1,x", "-o", str(out)])
     assert bad.exit_code == 2 and "--shots '1,x'" in bad.stderr
+
+
+def test_base_to_new_learns_the_base_half_and_reports_both_halves(
+    toy_task, train_clip_dir, tmp_path
+):
+    """CoOp's base-to-new: the checkpoint trains on the base classes (the first half in
+    label order, rounded up) and is evaluated on base and new, with their harmonic mean;
+    a transfer target is evaluated on all its classes."""
+    other = make_toy_task(tmp_path / "three", classes=("amber", "cobalt", "olive"), seed=5)
+    plan = EvalPlan(
+        scorers=("clip",), options={"views": 1}, image_cache=False, subsample="base-new"
+    )
+    done = experiments.few_shot(
+        "coop",
+        data_root=toy_task.root,
+        output=tmp_path / "b2n",
+        shots=(1,),
+        seeds=(1,),
+        plan=plan,
+        train_options=_train_options(train_clip_dir),
+        targets={"toy3": other.root},
+    )
+    (run,) = done.runs
+    classes = sorted(toy_task.classes)
+    assert read_checkpoint_header(run.checkpoint)["subsample"] == "base"
+    own = run.outcomes[toy_task.root.name]
+    assert own.runs["base"].data.classes == tuple(classes[:3])
+    assert own.runs["new"].data.classes == tuple(classes[3:])
+    b = own.runs["base"].result.metrics["clip"].acc1
+    n = own.runs["new"].result.metrics["clip"].acc1
+    hm = own.harmonic["clip"].harmonic_mean
+    assert hm == (pytest.approx(2 * b * n / (b + n)) if b + n else None)
+    assert list(run.outcomes["toy3"].runs) == ["all"]
+    recs = _records(tmp_path / "b2n" / "1shot" / "seed1")
+    assert sorted((r["dataset"], r["subsample"]) for r in recs) == [
+        (toy_task.root.name, "base"),
+        (toy_task.root.name, "new"),
+        ("toy3", "all"),
+    ]

@@ -234,7 +234,7 @@ class _ProtocolReport(ProtocolReporter):
         typer.echo(f"{shots} shots, seed {seed}: {verb} {checkpoint}", err=True)
 
     def evaluating(self, dataset: str, checkpoint: Path) -> None:
-        typer.echo(f"{checkpoint.name} on {dataset or 'the training data'}:")
+        typer.echo(f"{checkpoint.name} on {dataset}:")
 
     def before(self, part, data) -> None:
         self.eval.before(part, data)
