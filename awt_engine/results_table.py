@@ -210,10 +210,8 @@ def notes(table: ResultsTable) -> list[str]:
     out = [f"{_TITLES.get(table.metric, table.metric)}{unit}; `-`: no result"]
     if any(c.std is not None for c in table.cells.values()):
         runs = sorted({len(c.values) for c in table.cells.values()})
-        out.append(
-            "mean ± standard deviation over runs (seeds), "
-            f"{' or '.join(map(str, runs))} runs per cell"
-        )
+        count = str(runs[0]) if len(runs) == 1 else f"{runs[0]} to {runs[-1]}"
+        out.append(f"mean ± standard deviation over runs (seeds), {count} runs per cell")
     for col in table.columns:
         avg = table.average(col)
         if avg.missing:
