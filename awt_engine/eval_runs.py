@@ -265,6 +265,24 @@ def find_suite(root: str | Path, names: Sequence[str]) -> SuiteSets:
     return SuiteSets(present, tuple(absent))
 
 
+def label_problems(sets: SuiteSets, plan: EvalPlan) -> dict[str, str]:
+    """Per present data set whose label set cannot be made (no description cache, a bad
+    template, ...), why: checked for the whole suite before any model loads, so a long
+    run does not stop at its fifth data set."""
+    from awt_engine.labels import resolve_label_set
+
+    problems = {}
+    opts = plan.options
+    for name in sets.present:
+        try:
+            resolve_label_set(
+                name, None, opts.get("template"), opts.get("descriptions"), opts.get("cache_dir")
+            )
+        except ValueError as exc:
+            problems[name] = str(exc)
+    return problems
+
+
 @dataclass
 class SuiteOutcome:
     """A suite's evals: per present data set its outcome; the absent ones; the present
@@ -340,6 +358,7 @@ __all__ = [
     "SuiteSets",
     "evaluate_suite",
     "find_suite",
+    "label_problems",
     "load_eval_data",
     "ood_images",
     "plan_scorers",

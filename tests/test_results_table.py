@@ -283,3 +283,18 @@ def test_eval_writes_the_records_of_the_lower_level_calls(
                 f"{name}: base {100 * b:.2f}%, new {100 * n:.2f}%, harmonic mean {200 * b * n / (b + n):.2f}%"
                 in res.stdout
             )
+
+
+def test_a_suite_checks_every_label_set_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(backbone_mod, "load_backbone", no_model)
+    root = tmp_path / "data"
+    coop_set(root, "eurosat")
+    coop_set(root, "oxford_pets")
+    res = runner.invoke(app, ["eval", "--suite", "coop11", "--data-root", str(root)])
+    assert res.exit_code == 2, res.output
+    assert "2 data sets cannot be labelled" in res.stderr
+    for name in ("eurosat", "oxford_pets"):  # each named, with describe's hint
+        assert f"{name}: no class descriptions for data set '{name}'" in res.stderr

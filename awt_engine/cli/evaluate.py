@@ -256,6 +256,8 @@ def eval_command(
         plots=plots,
     )
     eval_runs.plan_scorers(plan)  # the adapted scorers are made before the model loads
+    if suite is not None:
+        _check_suite_labels(data, plan)
     net = source.load()
     report = _Report(several=subsample == "base-new")
     if suite is None:
@@ -295,6 +297,17 @@ def _suite_sets(suite: str, dataset: str | None, classes: str | None, data_root:
             f"{suite}: {len(sets.absent)} of {len(names)} data sets not under {data_root}, skipped: {expected}"
         )
     return sets
+
+
+def _check_suite_labels(sets, plan) -> None:
+    """Every present data set's label set, before the model loads (a usage error naming
+    each that cannot be made)."""
+    from awt_engine.eval_runs import label_problems
+
+    problems = label_problems(sets, plan)
+    if problems:
+        listed = "\n".join(f"{name}: {why}" for name, why in problems.items())
+        raise fail(f"--suite: {len(problems)} data sets cannot be labelled:\n{listed}")
 
 
 def _run_suite(net, suite, sets, plan, data_root, model, ood, report, cache_dir):
