@@ -13,7 +13,7 @@ the absent ones; :mod:`awt_engine.results_table` makes their summary table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -265,15 +265,16 @@ def find_suite(root: str | Path, names: Sequence[str]) -> SuiteSets:
     return SuiteSets(present, tuple(absent))
 
 
-def label_problems(sets: SuiteSets, plan: EvalPlan) -> dict[str, str]:
-    """Per present data set whose label set cannot be made (no description cache, a bad
-    template, ...), why: checked for the whole suite before any model loads, so a long
-    run does not stop at its fifth data set."""
+def label_problems(names: Iterable[str], plan: EvalPlan) -> dict[str, str]:
+    """Per registry data set of ``names`` whose label set cannot be made with the plan's
+    template and descriptions (no description cache, a bad template, ...), why: checked
+    for a whole suite before any model loads, so a long run does not stop at its fifth
+    data set."""
     from awt_engine.labels import resolve_label_set
 
     problems = {}
     opts = plan.options
-    for name in sets.present:
+    for name in names:
         try:
             resolve_label_set(
                 name, None, opts.get("template"), opts.get("descriptions"), opts.get("cache_dir")

@@ -100,6 +100,7 @@ def few_shot(
     output = Path(output)
     part = "all" if plan.subsample == "all" else "base"  # base-to-new: learn the base half
     sets = _eval_sets(data_root, dataset, classes, evaluate_source, targets)
+    _check_targets(sets, plan)
     runs = []
     for k in shots:
         for s in seeds:
@@ -184,6 +185,18 @@ def _eval_sets(data_root, dataset, classes, evaluate_source, targets) -> list[_E
     if not sets:
         raise ValueError("nothing to evaluate: no targets and evaluate_source=False")
     return sets
+
+
+def _check_targets(sets: list[_EvalSet], plan: EvalPlan) -> None:
+    """Every registry target's label set, before the first training (ValueError naming
+    each that cannot be made, e.g. without its description cache)."""
+    from awt_engine.eval_runs import label_problems
+
+    names = [s.dataset for s in sets if s.name is not None and s.dataset is not None]
+    problems = label_problems(names, plan)
+    if problems:
+        listed = "\n".join(f"{name}: {why}" for name, why in problems.items())
+        raise ValueError(f"{len(problems)} transfer targets cannot be labelled:\n{listed}")
 
 
 def _reusable(ckpt: Path, method: str, shots: int, seed: int, part: str) -> bool:

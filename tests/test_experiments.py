@@ -178,3 +178,16 @@ def test_base_to_new_learns_the_base_half_and_reports_both_halves(
         (toy_task.root.name, "new"),
         ("toy3", "all"),
     ]
+
+
+def test_transfer_targets_are_checked_before_any_training(toy_task, tmp_path, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("trained")
+
+    monkeypatch.setattr("awt_engine.training.train", no_training)
+    folder = coop_set(tmp_path / "data", "eurosat")  # no description cache for eurosat
+    with pytest.raises(ValueError, match="1 transfer targets cannot be labelled") as err:
+        experiments.few_shot(
+            "coop", data_root=toy_task.root, output=tmp_path / "o", targets={"eurosat": folder}
+        )
+    assert "no class descriptions for data set 'eurosat'" in str(err.value)

@@ -304,7 +304,7 @@ def _check_suite_labels(sets, plan) -> None:
     each that cannot be made)."""
     from awt_engine.eval_runs import label_problems
 
-    problems = label_problems(sets, plan)
+    problems = label_problems(sets.present, plan)
     if problems:
         listed = "\n".join(f"{name}: {why}" for name, why in problems.items())
         raise fail(f"--suite: {len(problems)} data sets cannot be labelled:\n{listed}")
