@@ -112,7 +112,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("training", ("awt_engine.training", "awt_engine.training.*")),
     ("distributed", ("awt_engine.ray_inputs", "awt_engine.distributed", "awt_engine.ray_eval")),
-    ("protocols", ("awt_engine.dispatch", "awt_engine.protocols")),
+    (
+        "protocols",
+        (
+            "awt_engine.dispatch",
+            "awt_engine.protocols",
+            "awt_engine.results_table",
+            "awt_engine.eval_runs",
+            "awt_engine.experiments",
+        ),
+    ),
     (
         "serve",
         (

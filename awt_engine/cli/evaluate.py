@@ -48,6 +48,7 @@ from awt_engine.cli._common import (
     usage_errors,
     weights_arg,
 )
+from awt_engine.eval_runs import EvalReporter
 
 
 @app.command("eval")
@@ -166,6 +167,15 @@ def eval_command(
     ray_address: RayAddress = None,
     concurrency: Concurrency = None,
     num_gpus: NumGpus = None,
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate every data set of a suite found under --data-root (its folders "
+            "as CoOp names them: dtd/, oxford_pets/, ...): coop11 (CoOp's and AWT's 11) or "
+            "coop10 (without ImageNet); absent ones are named and skipped. Also writes "
+            "summary.md / .csv / .json into --output.",
+        ),
+    ] = None,
 ) -> None:
     """Top-1, top-5 and mean per-class recall; every scorer from one pass of the model.
 
@@ -190,16 +200,22 @@ def eval_command(
     budget = parse_size(memory_budget) if memory_budget else None
     if subsample not in ("all", "base", "new", "base-new"):
         raise fail(f"--subsample must be all, base, new or base-new, got {subsample!r}")
-    full = _labelled(data_root, dataset, classes, split, cache_dir, limit, seed)
-    ood = _ood_images(ood_root) if ood_root is not None else None
-    if adapting:
-        from awt_engine.adapt.scorer import adapted_scorer
+    from awt_engine import eval_runs
 
-        scorers = scorers + [
-            adapted_scorer(n, adapting["adapt"], adapting["adapt_options"]) for n in scorers
-        ]
+    if suite is None:
+        data = eval_runs.load_eval_data(
+            data_root,
+            dataset=dataset,
+            classes=classes,
+            split=split,
+            cache_dir=cache_dir,
+            limit=limit,
+            seed=seed,
+        )
+    else:  # the suite's data sets under --data-root, each read when its turn comes
+        data = _suite_sets(suite, dataset, classes, data_root)
+    ood = eval_runs.ood_images(ood_root, warn=_warn) if ood_root is not None else None
 
-    from awt_engine import protocols
     from awt_engine._io import resolve_cache_root
     from awt_engine.dispatch import ModelSource, RayOptions
 
@@ -207,7 +223,6 @@ def eval_command(
     source = ModelSource(
         model, weights_arg(pretrained, checkpoint), checkpoint, llm, device, precision
     )
-    net = source.load()
     options = dict(
         template=template,
         descriptions=descriptions,
@@ -222,70 +237,113 @@ def eval_command(
         awt_config=config,
     )
     use_ray = ray or ray_address is not None  # each actor loads the model as this process did
-    report = _Report(
-        output=output,
-        model=protocols.model_name(net, model),
-        records=dict(data_root=data_root, split=split, limit=limit, checkpoint=checkpoint),
-        several=subsample == "base-new",
-        plots=plots,
-    )
-    run = dict(
-        dataset=dataset,
+    plan = eval_runs.EvalPlan(
+        scorers=tuple(scorers),
+        **adapting,  # adapt and adapt_options, when given
         options=options,
+        subsample=subsample,
+        orders=orders,
+        order_seed=order_seed,
+        ood_root=ood_root,
+        split=split,
+        limit=limit,
         source=source,
         ray=RayOptions(ray_address, concurrency, num_gpus) if use_ray else None,
         cache_root=root,
         image_cache=image_cache,
         progress=progress,
-        before=report.before,
-        after=report.after,
-        eval_options={
-            "orders": orders,
-            "order_seed": order_seed,
-            "ood": ood,
-            "ood_root": str(ood_root) if ood_root is not None else None,
-        },
+        output=output,
+        plots=plots,
     )
-    if subsample == "base-new":
-        both = protocols.evaluate_base_to_new(net, full, scorers, **run)
-        report.harmonic(both.harmonic)
+    eval_runs.plan_scorers(plan)  # the adapted scorers are made before the model loads
+    if suite is not None:
+        _check_suite_labels(data, plan)
+    net = source.load()
+    report = _Report(several=subsample == "base-new")
+    if suite is None:
+        run = dict(dataset=dataset, data_root=data_root, model=model, ood=ood, reporter=report)
+        done = eval_runs.run_eval(net, data, plan, **run)
     else:
-        protocols.evaluate_subsamples(net, full, [subsample], scorers, **run)
-    if report.failed:
+        done = _run_suite(net, suite, data, plan, data_root, model, ood, report, cache_dir)
+    if done.failed:
         raise typer.Exit(1)
 
 
-def _ood_images(root: Path) -> list:
-    """The images under --ood-root; a usage error when there are none."""
-    from awt_engine.inputs.files import find_images
-
-    found = find_images([root])
-    for folder in found.unreadable:
-        typer.echo(f"warning: {folder.path}: {folder.reason}; skipped", err=True)
-    if not found.images:
-        raise fail(f"--ood-root {root}: no images found in it")
-    return found.images
+def _warn(message: str) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
-def _labelled(data_root, dataset, classes, split, cache_dir, limit, seed):
-    """The labelled images (a fixed-seed subset of ``limit`` of them)."""
-    from awt_engine.labelled import load_labelled, subset
-    from awt_engine.registry import read_class_list
+def _suite_sets(suite: str, dataset: str | None, classes: str | None, data_root: Path):
+    """The data sets of --suite under --data-root; the absent ones named on stderr, none
+    present a usage error, as are the options a suite replaces."""
+    from awt_engine.eval_runs import find_suite, suite_names
+    from awt_engine.layouts.catalog import files_for
 
-    class_list = read_class_list(classes) if classes else None
-    data = load_labelled(
-        data_root, dataset=dataset, classes=class_list, split=split, cache_dir=cache_dir
+    if dataset is not None:
+        raise fail(
+            "--suite evaluates each data set of the suite found under --data-root: drop --dataset"
+        )
+    if classes is not None:
+        raise fail("--suite takes each data set's own classes: drop --classes")
+    names = suite_names(suite)
+    sets = find_suite(data_root, names)
+    expected = ", ".join(
+        f"{n} ({' or '.join(f + '/' for f in files_for(n).folders)})" for n in sets.absent
     )
-    return subset(data, limit, seed)
+    if not sets.present:
+        raise fail(f"--suite {suite}: none of its data sets is under {data_root}: {expected}")
+    if sets.absent:
+        _warn(
+            f"{suite}: {len(sets.absent)} of {len(names)} data sets not under {data_root}, skipped: {expected}"
+        )
+    return sets
 
 
-class _Report:
-    """Prints each class subset's table (and its failures), writes its JSON records."""
+def _check_suite_labels(sets, plan) -> None:
+    """Every present data set's label set, before the model loads (a usage error naming
+    each that cannot be made)."""
+    from awt_engine.eval_runs import label_problems
 
-    def __init__(self, output: Path | None, model: str, records: dict, several: bool, plots=None):
-        self.output, self.model, self.records, self.several = output, model, records, several
-        self.plots = plots
-        self.failed = False
+    problems = label_problems(sets.present, plan)
+    if problems:
+        listed = "\n".join(f"{name}: {why}" for name, why in problems.items())
+        raise fail(f"--suite: {len(problems)} data sets cannot be labelled:\n{listed}")
+
+
+def _run_suite(net, suite, sets, plan, data_root, model, ood, report, cache_dir):
+    """Each present data set evaluated, then the summary table (stdout; with --output
+    also summary.md, summary.csv and summary.json there)."""
+    from awt_engine import eval_runs
+    from awt_engine.results_table import results_table, to_markdown, write_table
+
+    done = eval_runs.evaluate_suite(
+        net,
+        sets,
+        plan,
+        cache_dir=cache_dir,
+        seed=plan.options["seed"],
+        model=model,
+        ood=ood,
+        reporter=report,
+        skip=lambda name, why: typer.echo(f"error: {name}: {why}; skipped", err=True),
+    )
+    table = results_table(done.records)
+    if not done.records:
+        return done
+    typer.echo(f"\n{suite} summary:\n")
+    typer.echo(to_markdown(table), nl=False)
+    if plan.output is not None:
+        extra = dict(suite=suite, data_root=str(data_root), absent=list(sets.absent))
+        extra["unreadable"] = done.unreadable
+        report.wrote(write_table(table, plan.output, **extra))
+    return done
+
+
+class _Report(EvalReporter):
+    """Prints each class subset's table (and its failures) and the files written."""
+
+    def __init__(self, several: bool):
+        self.several = several
 
     def before(self, part: str, data) -> None:
         typer.echo(
@@ -295,6 +353,7 @@ class _Report:
 
     def after(self, run) -> None:
         from awt_engine.evaluate import format_table
+        from awt_engine.evaluate_adapted import calibration_notes
 
         result = run.result
         for path, reason in result.failed:
@@ -302,34 +361,11 @@ class _Report:
         if self.several:
             typer.echo(f"{run.part} classes:")
         typer.echo(format_table(result))
-        from awt_engine.evaluate_adapted import calibration_notes
-
         for note in calibration_notes(result.metrics, result.scorers):
             typer.echo(f"note: {note}")
-        self.failed = self.failed or bool(result.failed)
-        if self.output is not None:
-            self._write(run)
-        if self.plots is not None:
-            from awt_engine.reliability import write_reliability_plots
 
-            for p in write_reliability_plots(run.result, self.plots, part=run.part):
-                typer.echo(f"wrote {p}", err=True)
-
-    def _write(self, run) -> None:
-        from awt_engine.evaluate import result_records, write_results
-
-        checkpoint = self.records["checkpoint"]
-        records = result_records(
-            run.result,
-            run.classifier,
-            model=self.model,
-            data_root=self.records["data_root"],
-            split=self.records["split"],
-            limit=self.records["limit"],
-            subsample=run.part,
-            checkpoint=str(checkpoint) if checkpoint else None,
-        )
-        for p in write_results(records, self.output):
+    def wrote(self, paths) -> None:
+        for p in paths:
             typer.echo(f"wrote {p}", err=True)
 
     def harmonic(self, report: dict) -> None:
