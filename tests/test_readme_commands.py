@@ -360,7 +360,7 @@ def _substitute(ws: Workspace, argv: list[str], request) -> tuple[list[str], dic
     if "--llm" in argv:
         llm = str(request.getfixturevalue("tiny_chat_model"))
         argv = [*_without(argv, "--llm"), "--llm", llm]
-    if command == "train":
+    if command in ("train", "fewshot"):
         for option, value in TRAIN_SHORT.items():
             if option not in argv:
                 argv += [option, value]
@@ -372,6 +372,8 @@ def run(ws: Workspace, argv: list[str], request):
     checkpoint = _value(argv, "--checkpoint")
     if checkpoint is not None:
         _ensure_checkpoint(ws, checkpoint, request)
+    if argv[0] == "plot-training":  # a training log: its run's checkpoint made first
+        _ensure_checkpoint(ws, argv[1].removesuffix(".log.jsonl") + ".safetensors", request)
     argv, env = _substitute(ws, argv, request)
     key = tuple(argv)
     if key not in ws.results:
