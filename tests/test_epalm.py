@@ -282,8 +282,28 @@ def test_only_the_connectors_and_the_soft_prompt_learn(toy_task, train_clip_dir,
         *(f"connectors.{i}.{w}" for i in range(2) for w in ("weight", "bias")),
         *(f"prompt.{i}.{w}" for i in (0, 1, 3) for w in ("weight",) + (("bias",) if i else ())),
     }
+    # eP-ALM's code (mshukor/eP-ALM @ 9ecfeb9acf, optim/optim_factory.py:25-37,116-121):
+    # add_weight_decay's [no-decay (1-D, .bias), decay] groups, both at lr; timm's
+    # scheduler_groups: 0 (configs/image/ePALM_caption.yaml:13) schedules the first alone
+    names = {id(p): n for n, p in net.named_parameters()}
     groups = net.param_groups(0.5)
-    assert [g["lr"] for g in groups] == [0.5, net.config.prompt_lr]
+    assert [(g["lr"], g.get("weight_decay"), g.get("scheduled", True)) for g in groups] == [
+        (0.5, 0.0, True),
+        (0.5, None, False),
+    ]
+    assert {names[id(p)] for p in groups[0]["params"]} == {
+        n for n in net.learned_state() if n.endswith(".bias")
+    }
+    assert {names[id(p)] for p in groups[1]["params"]} == {
+        n for n in net.learned_state() if not n.endswith(".bias")
+    }
+    config_groups = _epalm(
+        train_clip_dir, epalm_llm, LabelSet(data.classes), optimizer_groups="config"
+    ).param_groups(0.5)
+    assert [(g["lr"], g.get("scheduled", True)) for g in config_groups] == [
+        (0.5, True),
+        (net.config.prompt_lr, False),
+    ]
     g = torch.Generator().manual_seed(0)
     batch = TrainBatch(torch.randn(2, 1, 3, 32, 32, generator=g), torch.tensor([0, 3]), 0, 0, g)
     net.training_loss(batch).total.backward()

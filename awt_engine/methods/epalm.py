@@ -110,8 +110,17 @@ class EPALMConfig:
     )
     # lm_loss_weight
     lm_loss_weight: float = option(0.1, "weight of the causal-LM loss (eP-ALM: 0.1)")
-    # optimizer.prompt_lr (the connectors use the main lr)
-    prompt_lr: float = option(1e-5, "learning rate of the soft prompt (eP-ALM: 1e-5)")
+    # optimizer.prompt_lr: read by the released code from the config's top level, where it
+    # is not, so unused there; used here with optimizer_groups="config" only
+    prompt_lr: float = option(
+        1e-5, "soft prompt's learning rate with optimizer_groups=config (eP-ALM yaml: 1e-5)"
+    )
+    # what optim/optim_factory.py builds (see the module docstring's table)
+    optimizer_groups: str = option(
+        "released",
+        "released: biases scheduled without weight decay, matrices at the constant lr "
+        "(eP-ALM's code); config: connectors scheduled, prompt at a constant prompt_lr",
+    )
     # CLIP's: logits of the size AWT's temperatures expect
     logit_scale: float = option(100.0, "logits = scale * exp(mean token log-prob) (CLIP's 100)")
     # 0: score every class; k: rank_answer's first-token shortlist
@@ -135,22 +144,31 @@ class EPALMConfig:
             )
         if not self.logit_scale > 0:
             raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
+        if self.optimizer_groups not in ("released", "config"):
+            raise ValueError(
+                f"optimizer_groups must be released or config, got {self.optimizer_groups!r}"
+            )
         if self.lm_loss_weight < 0 or self.prompt_lr < 0:
             raise ValueError("lm_loss_weight and prompt_lr must be >= 0")
 
 
 def epalm_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
-    """eP-ALM's captioning schedule (the same for every shot count)."""
+    """eP-ALM's captioning schedule (the same for every shot count): timm's cosine over 8
+    epochs from 2e-5 to 1e-6, its 4 warm-up stairs of 100 iterations inside epoch 0 from
+    1e-5, float32 (``float32/caption.py``, ``configs/image/ePALM_caption.yaml``)."""
     return TrainConfig(
-        epochs=8,
-        lr=2e-5,
-        batch_size=16,
+        epochs=8,  # schedular.epochs
+        lr=2e-5,  # optimizer.lr
+        batch_size=16,  # batch_size_train
         optimizer="adamw",
         weight_decay=0.02,
-        warmup_epochs=4,
+        warmup_epochs=4,  # schedular.warmup_epochs: timm's warmup_t, 4 stairs ...
         warmup="linear",
-        warmup_lr=1e-5,
-        min_lr=1e-6,
+        warmup_lr=1e-5,  # schedular.warmup_lr
+        warmup_iters=400,  # ... of step_size = 100 iterations (caption.py's train())
+        min_lr=1e-6,  # schedular.min_lr: timm's lr_min, annealed to
+        min_lr_mode="anneal",
+        precision="fp32",  # the float32/ scripts (no autocast)
     )
 
 
@@ -261,10 +279,23 @@ class EPALM(GenerativeScoring, TrainableBase):
         self.prompt.to(self.device)
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Connectors at ``lr``; the soft prompt at ``prompt_lr`` (eP-ALM's two groups)."""
+        """eP-ALM's optimizer groups (``optimizer_groups``). released: what
+        ``optim_factory.add_weight_decay`` builds, with timm's ``scheduler_groups: 0``:
+        biases (1-D) without weight decay, scheduled; weight matrices (connectors, prompt
+        table and MLP) with weight decay at the constant ``lr``. config: the connectors
+        scheduled at ``lr``, the soft prompt at the constant ``prompt_lr``."""
+        if self.config.optimizer_groups == "config":
+            return [
+                {"params": list(self.connectors.parameters()), "lr": lr},
+                {"params": list(self.prompt.parameters()), "lr": self.config.prompt_lr,
+                 "scheduled": False},
+            ]  # fmt: skip
+        named = [*self.connectors.named_parameters(), *self.prompt.named_parameters()]
+        flat = [p for n, p in named if p.ndim == 1 or n.endswith(".bias")]
+        ids = {id(p) for p in flat}
         return [
-            {"params": list(self.connectors.parameters()), "lr": lr},
-            {"params": list(self.prompt.parameters()), "lr": self.config.prompt_lr},
+            {"params": flat, "lr": lr, "weight_decay": 0.0},
+            {"params": [p for _, p in named if id(p) not in ids], "lr": lr, "scheduled": False},
         ]
 
     def prompt_rows(self) -> Tensor:
