@@ -140,7 +140,11 @@ def _run_lr_block(monkeypatch, loop, model, optimizer, config, fake_step, steps)
     """Drive ``loop.fit`` with everything but its lr block stubbed: ``steps`` per epoch."""
     from types import SimpleNamespace
 
-    model.method, model.device, model.preprocess = "two", torch.device("cpu"), SimpleNamespace(size=8)
+    model.method, model.device, model.preprocess = (
+        "two",
+        torch.device("cpu"),
+        SimpleNamespace(size=8),
+    )
     model.training_view_config = lambda base: base
     model.learned_state = lambda: {}
     items = [SimpleNamespace(label=0, path=f"{k}.png") for k in range(steps)]
@@ -150,3 +154,93 @@ def _run_lr_block(monkeypatch, loop, model, optimizer, config, fake_step, steps)
     monkeypatch.setattr(loop, "_batch", lambda *a, **k: None)
     monkeypatch.setattr(loop, "_after_update", lambda *a: None)
     loop.fit(model, data, TrainConfig(**{**vars(config), "batch_size": 1}))
+
+
+# ------------------------------------------------------------------------------------------
+# eP-ALM's augmentation: mshukor/eP-ALM @ 9ecfeb9acf dataset/caption.py:54-60
+#   RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=BICUBIC),
+#   RandomHorizontalFlip(), RandomAugment(2, 7, isPIL=True, augs=[Identity, AutoContrast,
+#   Equalize, Brightness, Sharpness, ShearX, ShearY, TranslateX, TranslateY, Rotate])
+# dataset/randaugment.py:209-266 (levels at MAX_LEVEL 10), 312-330 (N choices, prob 0.5)
+# ------------------------------------------------------------------------------------------
+
+ALBEF_LEVELS_AT_7 = {  # |level| of each op at magnitude 7, from the level_to_args functions
+    "Identity": 0.0,
+    "AutoContrast": 0.0,
+    "Equalize": 0.0,
+    "Brightness": 7 / 10 * 1.8 + 0.1,  # enhance_level_to_args
+    "Sharpness": 7 / 10 * 1.8 + 0.1,
+    "ShearX": 7 / 10 * 0.3,  # shear_level_to_args
+    "ShearY": 7 / 10 * 0.3,
+    "TranslateX": 7 / 10 * 10,  # translate_level_to_args, translate_const 10
+    "TranslateY": 7 / 10 * 10,
+    "Rotate": 7 / 10 * 30,  # rotate_level_to_args
+}
+
+
+def test_epalm_trains_on_its_official_crops_flip_and_randaugment():
+    from types import SimpleNamespace
+
+    from awt_engine.inputs.views import ViewConfig
+    from awt_engine.methods._epalm_config import EPALMConfig
+    from awt_engine.methods.epalm import EPALM
+
+    net = SimpleNamespace(config=EPALMConfig())
+    v = EPALM.training_view_config(net, ViewConfig())
+    assert (v.n_views, v.raw_view, v.scale, v.ratio, v.flip_p) == (
+        1, False, (0.5, 1.0), (3 / 4, 4 / 3), 0.5
+    )  # fmt: skip
+    assert (v.crop_interpolation, v.randaugment) == ("bicubic", (2, 7))
+    off = EPALM.training_view_config(SimpleNamespace(config=EPALMConfig(randaugment=False)), v)
+    assert off.randaugment == (0, 0)
+
+
+def test_randaugment_draws_albefs_ops_and_levels_from_the_views_generator():
+    from awt_engine.inputs.randaugment import OPS, draw_ops
+
+    assert set(OPS) == set(ALBEF_LEVELS_AT_7)
+    g = torch.Generator().manual_seed(0)
+    before = torch.random.get_rng_state()
+    drawn = [draw_ops(2, 7, g) for _ in range(4000)]
+    assert torch.equal(torch.random.get_rng_state(), before)  # never the global RNG
+    applied = [op for ops in drawn for op in ops]
+    assert 0.45 < len(applied) / (2 * len(drawn)) < 0.55  # each of the 2 ops: p 0.5
+    for name, level in applied:
+        assert abs(level) == pytest.approx(ALBEF_LEVELS_AT_7[name], rel=1e-12), name
+    signed = [lv for n, lv in applied if n in ("ShearX", "Rotate", "TranslateY")]
+    assert 0.4 < sum(lv < 0 for lv in signed) / len(signed) < 0.6
+    assert {n for n, _ in applied} == set(OPS)
+    assert draw_ops(2, 7, torch.Generator().manual_seed(5)) == draw_ops(
+        2, 7, torch.Generator().manual_seed(5)
+    )
+
+
+def test_randaugment_brightness_is_albefs_clipped_scaling():
+    from awt_engine.inputs.randaugment import apply_op
+
+    x = torch.arange(3 * 16 * 16).reshape(3, 16, 16).remainder(256).to(torch.uint8)
+    out = apply_op(x, "Brightness", 1.36)
+    ref = [min(255.0, float(v) * 1.36) for v in x.flatten().tolist()]  # brightness_func
+    assert max(abs(a - b) for a, b in zip(out.flatten().tolist(), ref, strict=True)) <= 1.0
+
+
+def test_randaugment_views_are_seeded_and_keep_the_crop_boxes():
+    from awt_engine.inputs.views import ViewConfig, make_views, view_boxes
+    from awt_engine.models.base import PreprocessConfig
+
+    pre = PreprocessConfig(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "bicubic")
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (3, 48, 40), generator=g, dtype=torch.uint8)
+    plain = ViewConfig(n_views=6, raw_view=True)
+    aug = ViewConfig(n_views=6, raw_view=True, randaugment=(2, 7))
+    assert torch.equal(view_boxes(img, pre, plain), view_boxes(img, pre, aug))
+    before = torch.random.get_rng_state()
+    a, b = make_views(img, pre, aug), make_views(img, pre, aug)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a, b)  # the same seed, the same views
+    p = make_views(img, pre, plain)
+    assert torch.equal(a[0], p[0])  # view 0 is never augmented
+    assert not torch.equal(a[1:], p[1:])
+    assert not torch.equal(make_views(img, pre, aug, seed=7), make_views(img, pre, aug, seed=8))
+    with pytest.raises(ValueError, match="randaugment"):
+        ViewConfig(randaugment=(2, 11))
