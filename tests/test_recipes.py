@@ -244,3 +244,10 @@ def test_randaugment_views_are_seeded_and_keep_the_crop_boxes():
     assert not torch.equal(make_views(img, pre, aug, seed=7), make_views(img, pre, aug, seed=8))
     with pytest.raises(ValueError, match="randaugment"):
         ViewConfig(randaugment=(2, 11))
+
+
+def test_llamp_clips_gradients_at_1_as_its_deepspeed_config():
+    # zhaohengz/LLaMP @ 3dec7f34be deepspeed_config/zero2_a100_40g.json:22
+    #   "gradient_clipping": 1.0 (scripts/launch/launch_fewshot.sh passes this config)
+    for shots in (1, 16):
+        assert get_method("llamp").train_defaults(shots, None).grad_clip == 1.0

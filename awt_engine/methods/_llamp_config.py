@@ -96,7 +96,7 @@ class LLaMPConfig:
 def llamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
     """LLaMP's few-shot launch script: AdamW 2e-5, wd 5e-5, batch 4, 20 epochs, the cosine
     stepped per epoch from the first epoch (the code warms up for a tenth of epoch 0 only)
-    with a floor of 1e-5, bf16 on a GPU."""
+    with a floor of 1e-5, bf16 on a GPU, gradients clipped at norm 1 (its DeepSpeed config)."""
     return TrainConfig(
         epochs=20,
         lr=2e-5,
@@ -107,4 +107,5 @@ def llamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         warmup="none",
         min_lr=1e-5,
         precision="bf16",
+        grad_clip=1.0,  # deepspeed_config/zero2_a100_40g.json:22 "gradient_clipping": 1.0
     )
