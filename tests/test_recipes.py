@@ -251,3 +251,42 @@ def test_llamp_clips_gradients_at_1_as_its_deepspeed_config():
     #   "gradient_clipping": 1.0 (scripts/launch/launch_fewshot.sh passes this config)
     for shots in (1, 16):
         assert get_method("llamp").train_defaults(shots, None).grad_clip == 1.0
+
+
+# ------------------------------------------------------------------------------------------
+# CLAMP's zero-shot scale: piotr-teterwak/clamp @ fabb9a9c1d src/training/zero_shot.py:32
+#   logits = 100. * image_features @ classifier
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clamp_lm(tmp_path_factory) -> str:
+    from tests.fixtures_llm import build_tiny_chat_model
+
+    return str(build_tiny_chat_model(tmp_path_factory.mktemp("recipes-lm"), hidden=64))
+
+
+def test_clamp_scores_at_its_zero_shot_100_and_the_learned_scale_on_request(
+    train_clip_dir, clamp_lm
+):
+    from awt_engine.backbone import load_backbone
+    from awt_engine.classifier import Classifier
+    from awt_engine.labels import LabelSet
+
+    spec = get_method("clamp")
+    tiny = {"llm": clamp_lm, "n_prompt_tokens": 2, "lora_r": 2, "pool_heads": 4}
+    backbone = load_backbone(train_clip_dir, device="cpu")
+    labels = LabelSet(("amber", "cobalt"))
+    views = torch.randn(2, 1, 3, backbone.preprocess.size, backbone.preprocess.size)
+    for scale, expect in ((100.0, 100.0), (None, 30.0)):
+        net = spec.build(backbone, spec.config(**tiny, score_scale=scale))
+        net.prepare(labels, seed=0)
+        with torch.no_grad():
+            net.log_scale.fill_(math.log(30.0))  # a learned scale other than 100
+        assert net.logit_scale == pytest.approx(expect, rel=1e-6)
+        with torch.no_grad():
+            img = net.embed_views(views)[:, 0].double()  # [B, D]
+            txt = net.class_embeddings(labels)[:, 0].double()  # [C, D]
+            got = Classifier(net, labels, scorer="clip").scores_for_views(views)["clip"]
+        torch.testing.assert_close(got.double(), expect * img @ txt.T, atol=1e-3, rtol=1e-5)
+    assert spec.config().score_scale == 100.0

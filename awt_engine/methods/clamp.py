@@ -191,7 +191,11 @@ class CLAMP(TrainableModel):
 
     @property
     def logit_scale(self) -> float:
-        """The learned scale (capped), what the scorers multiply similarities by."""
+        """What the scorers multiply similarities by: ``score_scale`` (CLAMP's zero-shot
+        100), or with ``score_scale=None`` the learned scale (capped). Training's InfoNCE
+        always uses the learned one."""
+        if self.config.score_scale is not None:
+            return float(self.config.score_scale)
         if "log_scale" not in self._parameters:
             return self._init_scale
         return float(self._scale().detach())
