@@ -290,3 +290,29 @@ def test_clamp_scores_at_its_zero_shot_100_and_the_learned_scale_on_request(
             got = Classifier(net, labels, scorer="clip").scores_for_views(views)["clip"]
         torch.testing.assert_close(got.double(), expect * img @ txt.T, atol=1e-3, rtol=1e-5)
     assert spec.config().score_scale == 100.0
+
+
+# ------------------------------------------------------------------------------------------
+# AWT adapter's test-time crops: MCG-NJU/AWT @ b2b49a8fd9
+#   AWT_few_shot/MM_Adapter/configs/trainers/AWT/vit_b16_8_16_shot.yaml:11 INTERPOLATION: "bicubic"
+#   AWT_few_shot/Dassl.pytorch/dassl/data/data_manager.py:270-285 test views 1.. are tfm_train
+# ------------------------------------------------------------------------------------------
+
+
+def test_adapter_checkpoints_evaluate_on_bicubic_crops_and_plain_clip_on_bilinear(
+    train_clip_dir, toy_task, tmp_path
+):
+    import awt_engine
+    from awt_engine.training import train
+
+    out = tmp_path / "adapter.safetensors"
+    train(
+        "awt-adapter", data_root=toy_task.root, output=out, shots=1, model=train_clip_dir,
+        device="cpu", epochs=1, batch_size=4, options={"train_views": 2, "prompts_per_step": 1},
+    )  # fmt: skip
+    adapter = awt_engine.create_classifier(checkpoint=out, device="cpu", views=4)
+    assert adapter.view_config.crop_interpolation == "bicubic"
+    clip = awt_engine.create_classifier(
+        model=train_clip_dir, pretrained=None, device="cpu", views=4, classes=["a", "b"]
+    )
+    assert clip.view_config.crop_interpolation == "bilinear"

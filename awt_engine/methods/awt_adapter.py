@@ -179,6 +179,12 @@ class AWTAdapter(TrainableModel):
             base, n_views=self.config.train_views, raw_view=False, crop_interpolation="bicubic"
         )
 
+    def eval_view_config(self, base: ViewConfig) -> ViewConfig:
+        """Test-time views as AWT's few-shot code makes them: its crops are the training
+        transform's, bicubic (``configs/trainers/AWT/vit_b16_*.yaml`` INTERPOLATION), not
+        the zero-shot views' bilinear. The classifier applies it to every view config."""
+        return dataclasses.replace(base, crop_interpolation="bicubic")
+
     # -- the interface -----------------------------------------------------------------
 
     def _require_prepared(self) -> None:
