@@ -316,3 +316,30 @@ def test_adapter_checkpoints_evaluate_on_bicubic_crops_and_plain_clip_on_bilinea
         model=train_clip_dir, pretrained=None, device="cpu", views=4, classes=["a", "b"]
     )
     assert clip.view_config.crop_interpolation == "bilinear"
+
+
+# ------------------------------------------------------------------------------------------
+# CoOp's phrase init with CSC: KaiyangZhou/CoOp @ ff61507c79 trainers/coop.py:72-88 ignores
+# CSC when CTX_INIT is given (one generic context); here --csc with a phrase gives every
+# class its own copy of the phrase (chosen: the flag is honoured; leave it off for CoOp's)
+# ------------------------------------------------------------------------------------------
+
+
+def test_coop_phrase_with_csc_starts_every_class_from_the_phrase(train_clip_dir):
+    from awt_engine.backbone import load_backbone
+    from awt_engine.labels import LabelSet
+
+    spec = get_method("coop")
+    bb = load_backbone(train_clip_dir, device="cpu")
+    labels = LabelSet(("amber", "cobalt", "copper"))
+    csc = spec.build(bb, spec.config(ctx_init="a photo of a", csc=True))
+    csc.prepare(labels, seed=0)
+    generic = spec.build(bb, spec.config(ctx_init="a photo of a"))
+    generic.prepare(labels, seed=0)
+    phrase = generic.text.word_embeddings(generic.text.encode_words("a photo of a"))  # [4, W]
+    assert tuple(generic.ctx.shape) == tuple(phrase.shape)  # CoOp's: one generic context
+    assert tuple(csc.ctx.shape) == (3, *phrase.shape)
+    for c in range(3):
+        assert torch.equal(csc.ctx[c].detach().cpu(), phrase.detach().cpu())
+    with torch.no_grad():  # equal at initialisation: the choice changes only what learns
+        torch.testing.assert_close(csc.class_embeddings(labels), generic.class_embeddings(labels))

@@ -119,3 +119,17 @@ def clamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         warmup="linear",
         grad_clip=1.0,
     )
+
+
+# MethodSpec.presets (see clamp.py's table): the released code's zero-shot scale, and a
+# recipe for a small LM on a CPU or small GPU (Qwen2.5-0.5B-Instruct: width 896, which the
+# 8 pooler heads divide; smaller batches and LM calls)
+PRESETS = {
+    "released": {"score_scale": 100.0},  # src/training/zero_shot.py:32
+    "small": {
+        "llm": "Qwen/Qwen2.5-0.5B-Instruct",
+        "pool_heads": 8,
+        "text_batch_size": 16,
+        "batch_size": 16,
+    },
+}

@@ -100,3 +100,14 @@ def epalm_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         min_lr_mode="anneal",
         precision="fp32",  # the float32/ scripts (no autocast)
     )
+
+
+# MethodSpec.presets (see epalm.py's table). released: the optimizer groups the released
+# code builds (the defaults); config: those its yaml intends (prompt_lr used); small:
+# OPT-125m (eP-ALM's own LM family, 12 layers, width 768) with the visual levels in its
+# last 6 layers, one each (eP-ALM: 6 levels over OPT-2.7B's layers [19, 31), 2 each)
+PRESETS = {
+    "released": {"optimizer_groups": "released"},
+    "config": {"optimizer_groups": "config"},
+    "small": {"llm": "facebook/opt-125m", "start_layer": 6, "end_layer": 12, "n_levels": 6},
+}

@@ -109,3 +109,12 @@ def llamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         precision="bf16",
         grad_clip=1.0,  # deepspeed_config/zero2_a100_40g.json:22 "gradient_clipping": 1.0
     )
+
+
+# MethodSpec.presets (see llamp.py's table): the released code's settings, and a recipe
+# for a small chat LM (Qwen2.5-0.5B-Instruct: 24 layers, width 896; LLaMP runs only a
+# copy of its last layer, so no layer setting depends on the LLM's depth)
+PRESETS = {
+    "released": {"grad_clip": 1.0},  # deepspeed_config/zero2_a100_40g.json:22
+    "small": {"llm": "Qwen/Qwen2.5-0.5B-Instruct"},
+}

@@ -87,6 +87,7 @@ from awt_engine.labels import LabelSet
 from awt_engine.methods._clamp_config import (  # noqa: F401  (re-exported)
     CLAMP_WRAPPER,
     DEFAULT_WRAPPER,
+    PRESETS,
     CLAMPConfig,
     clamp_train_defaults,
 )
@@ -432,4 +433,6 @@ METHOD = MethodSpec(
     train_defaults=clamp_train_defaults,
     paper="Teterwak et al., CLAMP: Contrastive LAnguage Model Prompt-tuning (piotr-teterwak/clamp)",
     needs=("llm",),
+    presets=PRESETS,
+    default_preset="released",
 )

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 from awt_engine.backbone.devices import seeded_rng
 from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet
-from awt_engine.methods._epalm_config import EPALMConfig, epalm_train_defaults
+from awt_engine.methods._epalm_config import PRESETS, EPALMConfig, epalm_train_defaults
 from awt_engine.methods._epalm_scoring import GenerativeScoring, scoring_cost
 from awt_engine.methods.base import (
     LossOutput,
@@ -425,6 +425,8 @@ METHOD = MethodSpec(
     train_defaults=epalm_train_defaults,
     paper="Shukor et al., eP-ALM: Efficient Perceptual Augmentation of Language Models, ICCV 2023",
     needs=("llm",),
+    presets=PRESETS,
+    default_preset="released",
 )
 
 

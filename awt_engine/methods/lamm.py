@@ -66,7 +66,7 @@ class LAMMConfig:
     # LAMM helpers.distillation
     temperature: float = option(2.0, "logit distillation temperature")
     # "kl": the paper's term; "ce": the code's soft-target CE
-    logit_loss: str = option("kl", "kl (the paper) or ce (the released code)")
+    logit_loss: str = option("ce", "ce (the released code) or kl (the paper)")
 
     def __post_init__(self) -> None:
         if not self.ctx_init.strip():
@@ -201,4 +201,12 @@ METHOD = MethodSpec(
     model=LAMM,
     train_defaults=lamm_train_defaults,
     paper="Gao et al., LAMM: Label Alignment for Multi-Modal Prompt Learning, AAAI 2024",
+    presets={
+        # scripts/lamm/base_train_lamm_all.sh never passes --shots (train.py:219 default 1)
+        "released": {"logit_loss": "ce", "param_weight": 1.0},
+        # scripts/lamm/base2new_train_set*_lamm_all.sh pass --shots 16: 1 / 16
+        "released-base2new": {"logit_loss": "ce", "param_weight": 1 / 16},
+        "paper": {"logit_loss": "kl", "param_weight": 1.0},
+    },
+    default_preset="released",
 )

@@ -91,7 +91,7 @@ from torch import Tensor, nn
 
 from awt_engine._io import resolve_cache_root, sha256_hex
 from awt_engine.labels import LabelSet
-from awt_engine.methods._llamp_config import LN_100, LLaMPConfig, llamp_train_defaults
+from awt_engine.methods._llamp_config import LN_100, PRESETS, LLaMPConfig, llamp_train_defaults
 from awt_engine.methods._llamp_describe import (
     chat_head,
     generate,
@@ -143,6 +143,7 @@ class LLaMP(TrainableModel):
         from awt_engine.models.llm import load_causal_lm
 
         self._clip_logit_scale = float(backbone.logit_scale)
+        self._check_clip()  # the CLIP's layers against the settings, before the LLM loads
         self.kv_cache_root: Path | None = resolve_cache_root()  # None: memory only
         # (train() and create_classifier() pass their --cache-dir: use_cache_root)
         llm = load_causal_lm(config.llm, device=str(backbone.device), dtype=config.llm_dtype)
@@ -152,7 +153,6 @@ class LLaMP(TrainableModel):
         self._kv: dict[str, PrefixCache] = {}
         self._described: dict[str, tuple[str, ...]] = {}
         self._ids_memo: dict[str, tuple[Tensor, Tensor]] = {}
-        self._check_clip()
 
     def use_cache_root(self, root) -> None:
         self.kv_cache_root = None if root is None else Path(root)
@@ -168,7 +168,7 @@ class LLaMP(TrainableModel):
         if cfg.prompt_depth > len(self._text_blocks):
             raise ValueError(
                 f"prompt_depth {cfg.prompt_depth} exceeds the {len(self._text_blocks)} text "
-                "layers of this CLIP"
+                f"layers of this CLIP (--set prompt_depth={len(self._text_blocks)})"
             )
         if bb.vision_pre_norm is None or bb.vision_positional_embedding is None:
             raise ValueError(
@@ -477,6 +477,8 @@ METHOD = MethodSpec(
     paper="Zheng et al., Large Language Models are Good Prompt Learners for Low-Shot "
     "Image Classification, CVPR 2024",
     needs=("llm",),
+    presets=PRESETS,
+    default_preset="released",
 )
 
 

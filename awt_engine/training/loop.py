@@ -139,9 +139,9 @@ def fit(
                 order = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
                 sums: dict[str, float] = {}
                 for step in range(steps_per_epoch):
-                    lr = lr_at(config.schedule, epoch, step)  # groups marked unscheduled keep theirs
+                    lr = lr_at(config.schedule, epoch, step)
                     for g in optimizer.param_groups:
-                        if g.get("scheduled", True):
+                        if g.get("scheduled", True):  # an unscheduled group keeps its rate
                             g["lr"] = g["base_lr"] * lr / config.lr
                     idx = order[step * B : (step + 1) * B].tolist()
                     batch = make_batch(idx=idx, epoch=epoch, step=step)
