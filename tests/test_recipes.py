@@ -343,3 +343,18 @@ def test_coop_phrase_with_csc_starts_every_class_from_the_phrase(train_clip_dir)
         assert torch.equal(csc.ctx[c].detach().cpu(), phrase.detach().cpu())
     with torch.no_grad():  # equal at initialisation: the choice changes only what learns
         torch.testing.assert_close(csc.class_embeddings(labels), generic.class_embeddings(labels))
+
+
+def test_clip_lora_anneals_to_its_eta_min_as_torchs_cosine():
+    # MaxZanella/CLIP-LoRA @ 358f0d7 lora.py:76 CosineAnnealingLR(optimizer, total_iters,
+    # eta_min=1e-6), lora.py:122 scheduler.step() per iteration;
+    # per epoch here, with the same end points
+    t = get_method("clip-lora").train_defaults(4, None)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=t.lr)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, t.epochs, eta_min=1e-6)
+    expect = []
+    for _ in range(t.epochs):
+        expect.append(opt.param_groups[0]["lr"])
+        opt.step()
+        cos.step()
+    assert [lr_at(t.schedule, e) for e in range(t.epochs)] == pytest.approx(expect, rel=1e-9)

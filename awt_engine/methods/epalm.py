@@ -53,10 +53,22 @@ pass it to :meth:`EPALM.logits`.
 The hooks hold mode state on the model (``_InjectionState``): one forward at a time per
 model, not thread-safe, and not compatible with gradient checkpointing (not used).
 
-Defaults (``configs/image/ePALM_caption.yaml``): OPT-2.7B, layers [19, 31), 6 levels,
-10 prompt tokens, AdamW lr 2e-5 (prompt 1e-5), wd 0.02, batch 16, 8 epochs with 4
-linear warm-up epochs from 1e-5, cosine to a floor of 1e-6 (the engine's epoch schedule,
-:mod:`awt_engine.methods.train_config`).
+Official (mshukor/eP-ALM @ 9ecfeb9acf: ``configs/image/ePALM_caption.yaml``,
+``float32/caption.py``, ``optim/optim_factory.py``, ``scheduler/cosine_lr.py``,
+``dataset/caption.py``) vs here (:mod:`awt_engine.methods._epalm_config`):
+
+| setting | eP-ALM's code | here |
+|---|---|---|
+| LM, layers, levels, prompt | OPT-2.7B, [19, 31), 6, 10 | same; ``--preset small``: OPT-125m, [6, 12), 6 |
+| vision tower | timm ViT-B/16 (ImageNet-21k) | the backbone's CLIP ViT |
+| AdamW groups | ``add_weight_decay``: biases wd 0, matrices wd 0.02, both lr 2e-5; ``prompt_lr`` read where the config has none, so unused | same (``optimizer_groups=released``); ``--preset config``: connectors at lr, prompt at 1e-5 |
+| scheduled groups | timm ``scheduler_groups: 0``: the biases; the matrices stay at 2e-5 | same (``"scheduled": False``) |
+| schedule | cosine over 8 epochs to 1e-6 (lr_min annealed); 4 warm-up stairs of 100 iterations in epoch 0 from 1e-5, stepped per epoch after | same (``warmup_iters=400``, ``min_lr_mode=anneal``) |
+| augmentation | RandomResizedCrop(0.5, 1) bicubic, flip, RandAugment(2, 7) | same, torchvision's pixel ops, seeded draws |
+| precision, batch | float32, 16 | fp32, 16 |
+| visual slot's own mask row | zeros: it sees every token | causal (the KV cache; see above) |
+| task, loss | captioning / VQA, generative | class texts' likelihoods as logits; the same LM loss |
+| test-time | Resize 224 bicubic | the engine's views |
 """
 
 from __future__ import annotations
