@@ -153,3 +153,16 @@ def test_presets_are_plain_option_names():
         }
         for preset, values in spec.presets.items():
             assert set(values) <= fields, (name, preset)
+
+
+def test_llamp_checks_its_clip_layers_before_the_llm_loads(train_clip_dir, tmp_path):
+    """LLaMP's layer settings are CLIP's (it runs only a copy of the LLM's last layer):
+    prompt_depth 9 on a 2-text-layer CLIP is refused before the (weightless) LLM loads."""
+    from awt_engine.backbone import load_backbone
+
+    spec = get_method("llamp")
+    lm = _lm_config(tmp_path / "lm", num_hidden_layers=24, hidden_size=896)  # no weights
+    bb = load_backbone(train_clip_dir, device="cpu")
+    n = len(bb.text_blocks.blocks)
+    with pytest.raises(ValueError, match=rf"prompt_depth 9 exceeds .* \(--set prompt_depth={n}\)"):
+        spec.build(bb, spec.config(llm=lm))
