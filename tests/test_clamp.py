@@ -272,7 +272,9 @@ def test_checkpoint_in_a_fresh_process_and_both_scorers_through_the_cli(
     here = awt_engine.create_classifier(checkpoint=trained.path, device="cpu", views=3)
     scores = here.scores(test)
     log_scale = float(read_checkpoint(trained.path)[1]["log_scale"])
-    assert float(here.model._scale().detach()) == pytest.approx(math.exp(log_scale), rel=1e-6)  # learned
+    assert float(here.model._scale().detach()) == pytest.approx(
+        math.exp(log_scale), rel=1e-6
+    )  # learned
     assert here.model.logit_scale == 100.0  # what it scores with: CLAMP's zero-shot scale
     code = (  # its own cache folder: the class embeddings are computed there, not read
         "import sys, torch, awt_engine\n"
