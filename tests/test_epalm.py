@@ -282,9 +282,12 @@ def test_only_the_connectors_and_the_soft_prompt_learn(toy_task, train_clip_dir,
         *(f"connectors.{i}.{w}" for i in range(2) for w in ("weight", "bias")),
         *(f"prompt.{i}.{w}" for i in (0, 1, 3) for w in ("weight",) + (("bias",) if i else ())),
     }
-    # eP-ALM's code (mshukor/eP-ALM @ 9ecfeb9acf, optim/optim_factory.py:25-37,116-121):
+    # eP-ALM's code (mshukor/eP-ALM @ 9ecfeb9acf, optim/optim_factory.py:25-37,118-122;
+    # float32/caption.py:263 passes the whole yaml as config, whose prompt_lr sits under
+    # optimizer: (ePALM_caption.yaml:10), so optim_factory.py:111 never sees it):
     # add_weight_decay's [no-decay (1-D, .bias), decay] groups, both at lr; timm's
-    # scheduler_groups: 0 (configs/image/ePALM_caption.yaml:13) schedules the first alone
+    # scheduler_groups: 0 (configs/image/ePALM_caption.yaml:11, scheduler/scheduler.py:103)
+    # schedules the first alone
     names = {id(p): n for n, p in net.named_parameters()}
     groups = net.param_groups(0.5)
     assert [(g["lr"], g.get("weight_decay"), g.get("scheduled", True)) for g in groups] == [

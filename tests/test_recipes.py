@@ -16,7 +16,7 @@ from awt_engine.methods.train_config import Schedule, TrainConfig, lr_at
 
 # ------------------------------------------------------------------------------------------
 # eP-ALM's schedule: mshukor/eP-ALM @ 9ecfeb9acf
-#   configs/image/ePALM_caption.yaml:13  schedular: {sched: cosine, scheduler_groups: 0,
+#   configs/image/ePALM_caption.yaml:11  schedular: {sched: cosine, scheduler_groups: 0,
 #       lr: 2e-5, epochs: 8, min_lr: 1e-6, decay_rate: 1, warmup_lr: 1e-5, warmup_epochs: 4}
 #   scheduler/scheduler_factory.py:29-44  CosineLRScheduler(t_initial=epochs, lr_min=min_lr,
 #       warmup_lr_init=warmup_lr, warmup_t=warmup_epochs, t_in_epochs=True, scheduler_groups)
