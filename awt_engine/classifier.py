@@ -93,7 +93,9 @@ class Classifier:
         self.model = model
         self.labels = labels
         self.scorer = resolve_scorer(scorer)
-        self.base_view_config = view_config
+        # a model may say how its test-time views are made (the AWT adapter: bicubic crops)
+        hook = getattr(model, "eval_view_config", None)
+        self.base_view_config = hook(view_config) if callable(hook) else view_config
         self.awt_config = awt_config or AWTConfig()
         self.runner_for([self.scorer])  # refuses what the model and scorer cannot do
         self.cache_root = Path(cache_root) if cache_root is not None else None

@@ -155,7 +155,7 @@ def test_loss_terms_match_an_independent_computation(train_clip_dir, clamp_lm):
         img = net.backbone.encode_images(batch.views[:, 0]).double()
         txt = net.encode_captions(captions).double()
         teacher = net.backbone.encode_text(captions).double()
-    s = net.logit_scale
+    s = float(net._scale().detach())  # the learned scale (the scorers' is score_scale)
     y = batch.labels.tolist()
     B = len(y)
 
@@ -272,7 +272,10 @@ def test_checkpoint_in_a_fresh_process_and_both_scorers_through_the_cli(
     here = awt_engine.create_classifier(checkpoint=trained.path, device="cpu", views=3)
     scores = here.scores(test)
     log_scale = float(read_checkpoint(trained.path)[1]["log_scale"])
-    assert here.model.logit_scale == pytest.approx(math.exp(log_scale), rel=1e-6)  # learned
+    assert float(here.model._scale().detach()) == pytest.approx(
+        math.exp(log_scale), rel=1e-6
+    )  # learned
+    assert here.model.logit_scale == 100.0  # what it scores with: CLAMP's zero-shot scale
     code = (  # its own cache folder: the class embeddings are computed there, not read
         "import sys, torch, awt_engine\n"
         "torch.set_num_threads(2)\n"

@@ -36,7 +36,7 @@ def _batch(net, n=4):
 
 
 def test_initialisation_is_frozen_clip_and_the_regularisers_are_zero(train_clip_dir):
-    net = _lamm(train_clip_dir)
+    net = _lamm(train_clip_dir, logit_loss="kl")
     assert net.n_label == 1 and net.label_tokens.shape == (3, 1, 64)
     texts = [t for row in LABELS.prompt_texts() for t in row]
     frozen = net.backbone.encode_text(texts).view(3, 2, -1)

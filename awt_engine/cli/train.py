@@ -82,6 +82,12 @@ def train(
             help="Override any method or training option: NAME=VALUE (repeatable; see `awt-engine methods --verbose`).",
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Named settings applied before --set: released (the official code's), paper, small (a small LM) ... as the method offers (`awt-engine methods --verbose`) [default: the method's default preset].",
+        ),
+    ] = None,
     csc: Annotated[bool, typer.Option("--csc", help="CoOp: class-specific contexts.")] = False,
     llm: Llm = None,
     captions: Annotated[
@@ -148,7 +154,7 @@ def train(
     first runs (it holds <output>.lock)."""
     from awt_engine.methods import get_method
 
-    get_method(method)  # an unknown name is answered before anything heavy is imported
+    get_method(method).preset_options(preset)  # unknown names answered before heavy imports
     options = _method_options(set_, csc, llm, captions)
     if output.suffix != ".safetensors":
         raise fail(f"--output {output}: a checkpoint is a .safetensors file")
@@ -186,6 +192,7 @@ def train(
             tensorboard=tensorboard,
             val_split=val_split,
             val_every=val_every,
+            preset=preset,
         )
     except ImportError as exc:  # --plot without matplotlib, --tensorboard without tensorboard
         raise fail(str(exc)) from None
@@ -253,10 +260,22 @@ def methods(
                 value = getattr(cfg, f.name)
                 typer.echo(f"{'':{width}}    --set {f.name}={value!r}  {help_}".rstrip())
             t = spec.train_defaults(16, None)
+            warm = f"{t.warmup_epochs} ({t.warmup})"
+            if t.warmup_iters:
+                warm = f"{t.warmup_iters} iterations in {t.warmup_epochs} steps ({t.warmup})"
             typer.echo(
                 f"{'':{width}}    training (16 shots): {t.optimizer} lr {t.lr:g}, batch {t.batch_size}, "
-                f"{t.epochs} epochs, warm-up {t.warmup_epochs} ({t.warmup}); {spec.paper}"
+                f"{t.epochs} epochs, warm-up {warm}; {spec.paper}"
             )
+            _say_presets(spec, width)
+
+
+def _say_presets(spec, width: int) -> None:
+    """One line per preset: ``--preset NAME`` and the options it sets, the default marked."""
+    for name, values in spec.presets.items():
+        mark = " (default)" if name == spec.default_preset else ""
+        sets = " ".join(f"{k}={v!r}" for k, v in values.items()) or "(the defaults above)"
+        typer.echo(f"{'':{width}}    --preset {name}{mark}: {sets}")
 
 
 __all__ = ["methods", "train"]

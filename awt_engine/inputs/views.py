@@ -74,6 +74,9 @@ class ViewConfig:
     # Frames sampled uniformly over a video (images ignore it); each is a view, the rest
     # of the views are crops of them. 8: a common test-time clip of CLIP video models.
     frames: int = DEFAULT_FRAMES
+    # (ops, magnitude) of ALBEF's RandAugment on every image crop (eP-ALM trains with
+    # (2, 7)); (0, 0): off. Drawn from the view's seed (inputs/randaugment.py). Videos: off.
+    randaugment: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if isinstance(self.n_views, bool) or not isinstance(self.n_views, int | np.integer):
@@ -110,6 +113,10 @@ class ViewConfig:
         object.__setattr__(self, "seed", int(self.seed))
         object.__setattr__(self, "frames", int(self.frames))
         object.__setattr__(self, "raw_view", bool(self.raw_view))
+        ra = tuple(self.randaugment)
+        if len(ra) != 2 or not all(isinstance(v, int) and v >= 0 for v in ra) or ra[1] > 10:
+            raise ValueError(f"randaugment must be (ops >= 0, magnitude 0..10), got {ra!r}")
+        object.__setattr__(self, "randaugment", ra)
         if self.crop_interpolation not in _INTERPOLATIONS:
             raise ValueError(
                 f"crop_interpolation must be one of {', '.join(_INTERPOLATIONS)}, "
@@ -284,7 +291,10 @@ def make_views(
     pixels = _check_pixels(image_to_tensor(image) if isinstance(image, PIL.Image.Image) else image)
     r = _input_size(preprocess)
     n_crops = config.n_views - 1 if config.raw_view else config.n_views
+    if seed is None and n_crops and config.randaugment[0]:
+        seed = view_seed(pixels, config.seed)  # the crops' and RandAugment's
     boxes = _crops(pixels, n_crops, config, seed).tolist()
+    augment = _augmenter(config, seed)
 
     target = pixels.device if device is None else torch.device(device)
     pixels = _on_device(pixels, target)
@@ -294,8 +304,21 @@ def make_views(
         views[0] = _raw_view(pixels, r, preprocess)
     crop_mode = _INTERPOLATIONS[config.crop_interpolation]
     for k, box in enumerate(boxes, start=config.n_views - n_crops):
-        views[k] = _crop_view(pixels, box, r, crop_mode)
+        views[k] = augment(_crop_view(pixels, box, r, crop_mode))
     return _normalise(views, preprocess)
+
+
+def _augmenter(config: ViewConfig, seed: int | None):
+    """The crops' RandAugment (identity when off): its own generator, seeded from the
+    view seed, so the crop boxes are those drawn without it."""
+    n, magnitude = config.randaugment
+    if not n or seed is None:
+        return lambda view: view
+    from awt_engine.inputs.randaugment import rand_augment
+
+    digest = hashlib.sha256(f"{VIEW_SEED_VERSION}/randaugment\0{int(seed)}".encode()).digest()
+    generator = torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return lambda view: rand_augment(view, n, magnitude, generator)
 
 
 def _input_size(preprocess: PreprocessConfig) -> int:

@@ -58,6 +58,12 @@ class CLAMPConfig:
     distill_scale: float = option(100.0, "teacher and student temperature of the distillation")
     # train.py clamps logit_scale to ln(100) after a step
     max_logit_scale: float = option(100.0, "cap of the learned logit scale")
+    # src/training/zero_shot.py:32 `logits = 100. * image_features @ classifier`
+    score_scale: float | None = option(
+        100.0,
+        "scale the scorers multiply cosines by (CLAMP's zero-shot code: a fixed 100; "
+        "none: the learned, capped scale)",
+    )
     # None: the backbone's (CLIP's image tower is its)
     init_logit_scale: float | None = option(None, "initial logit scale (none: the backbone's)")
     # a JSONL of {"image", "caption"}: train on those pairs
@@ -76,6 +82,8 @@ class CLAMPConfig:
             raise ValueError(f"text_batch_size must be >= 1, got {self.text_batch_size!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.score_scale is not None and not 0 < self.score_scale:
+            raise ValueError(f"score_scale must be > 0 or none, got {self.score_scale}")
         if self.init_logit_scale is not None and not 0 < self.init_logit_scale:
             raise ValueError(f"init_logit_scale must be > 0, got {self.init_logit_scale}")
         for name in ("lora_alpha", "distill_scale", "max_logit_scale"):
@@ -111,3 +119,17 @@ def clamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         warmup="linear",
         grad_clip=1.0,
     )
+
+
+# MethodSpec.presets (see clamp.py's table): the released code's zero-shot scale, and a
+# recipe for a small LM on a CPU or small GPU (Qwen2.5-0.5B-Instruct: width 896, which the
+# 8 pooler heads divide; smaller batches and LM calls)
+PRESETS = {
+    "released": {"score_scale": 100.0},  # src/training/zero_shot.py:32
+    "small": {
+        "llm": "Qwen/Qwen2.5-0.5B-Instruct",
+        "pool_heads": 8,
+        "text_batch_size": 16,
+        "batch_size": 16,
+    },
+}

@@ -96,7 +96,7 @@ class LLaMPConfig:
 def llamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
     """LLaMP's few-shot launch script: AdamW 2e-5, wd 5e-5, batch 4, 20 epochs, the cosine
     stepped per epoch from the first epoch (the code warms up for a tenth of epoch 0 only)
-    with a floor of 1e-5, bf16 on a GPU."""
+    with a floor of 1e-5, bf16 on a GPU, gradients clipped at norm 1 (its DeepSpeed config)."""
     return TrainConfig(
         epochs=20,
         lr=2e-5,
@@ -107,4 +107,14 @@ def llamp_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         warmup="none",
         min_lr=1e-5,
         precision="bf16",
+        grad_clip=1.0,  # deepspeed_config/zero2_a100_40g.json:22 "gradient_clipping": 1.0
     )
+
+
+# MethodSpec.presets (see llamp.py's table): the released code's settings, and a recipe
+# for a small chat LM (Qwen2.5-0.5B-Instruct: 24 layers, width 896; LLaMP runs only a
+# copy of its last layer, so no layer setting depends on the LLM's depth)
+PRESETS = {
+    "released": {"grad_clip": 1.0},  # deepspeed_config/zero2_a100_40g.json:22
+    "small": {"llm": "Qwen/Qwen2.5-0.5B-Instruct"},
+}

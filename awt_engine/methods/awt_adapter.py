@@ -27,19 +27,25 @@ A training step (``CustomCLIP.forward`` and ``AWT.forward_backward`` of the offi
   features, frozen)``, the L1 terms (means) between the adapted and the frozen towers'
   normalised features (the frozen ones with the adapters switched off, without a graph).
 
-One difference from the official code: its Sinkhorn stops when the error averaged over
-the whole batch falls below the tolerance; here each image stops on its own (the
-engine's per-image rule, docs/design.md 2.4), so an image's scores never depend on the
-other images of its batch.
-
 At inference the adapted towers are an ordinary Embedder: ``class_embeddings`` encodes
 every prompt of the label set and ``embed_views`` the views, and the ``awt`` scorer
-(51 views, temperatures 0.5) is the classifier's normal path.
+(51 views, temperatures 0.5) is the classifier's normal path; its crops are bicubic
+(:meth:`AWTAdapter.eval_view_config`, which the classifier applies).
 
-Defaults are the official configs: down rate 384 for 1-4 shots and 256 for 8-16 (set
-by :func:`train` from the shot count), SGD lr 0.002 for 20 epochs (1-4 shots) or 0.008
-for 25 epochs (8-16 shots), momentum 0.9, weight decay 5e-4, cosine after 5 linear
-warm-up epochs from 1e-5, batch 16 images x 8 views.
+Official (MCG-NJU/AWT @ b2b49a8fd9, ``AWT_few_shot/MM_Adapter``) vs here:
+
+| setting | AWT's code | here |
+|---|---|---|
+| adapters | attention and MLP branch, every layer, both towers, up zero | same, sized from the real depth (the code: 12 layers) |
+| down rate | 384 (1-4 shots), 256 (8-16) | same, from ``--shots`` |
+| training views, prompts | 8 crops (view 0 too), bare + 7 descriptions | same |
+| loss | CE(AWT) + 10 L1 image + 25 L1 text | same |
+| SGD lr, epochs | 0.002 / 20 (1-4 shots), 0.008 / 25 (8-16) | same |
+| schedule | cosine after 5 linear warm-up epochs from 1e-5 | same |
+| batch, precision | 16 x 8 views, fp16 | same; fp32 on CPU |
+| Sinkhorn stop | error averaged over the batch | per image (its scores never depend on the batch) |
+| test views | view 0 + 50 bicubic random resized crops (``vit_b16_*.yaml`` INTERPOLATION, ``data_manager.py``) | same (``eval_view_config``) |
+| test temperatures | 0.5 | same (the awt scorer's) |
 
 Axes: B images, V views, C classes, P prompts, D embedding width.
 """
@@ -178,6 +184,12 @@ class AWTAdapter(TrainableModel):
         return dataclasses.replace(
             base, n_views=self.config.train_views, raw_view=False, crop_interpolation="bicubic"
         )
+
+    def eval_view_config(self, base: ViewConfig) -> ViewConfig:
+        """Test-time views as AWT's few-shot code makes them: its crops are the training
+        transform's, bicubic (``configs/trainers/AWT/vit_b16_*.yaml`` INTERPOLATION), not
+        the zero-shot views' bilinear. The classifier applies it to every view config."""
+        return dataclasses.replace(base, crop_interpolation="bicubic")
 
     # -- the interface -----------------------------------------------------------------
 

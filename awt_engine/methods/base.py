@@ -208,11 +208,28 @@ class MethodSpec:
     # (shots, dataset) -> method config fields whose paper default depends on them (the AWT
     # adapter's down rate); None: the Config's own defaults serve every shot count
     config_defaults: Callable[[int, str | None], dict[str, Any]] | None = None
+    # named option sets (option NAME -> value, method or training option), applied as
+    # `--set` would be, before the user's own options (which win): "released" (the official
+    # code's settings, which the defaults are), "paper" where the paper's text differs,
+    # "small" a recipe for a small LM on a CPU or small GPU
+    presets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    default_preset: str | None = None  # applied when none is named (None: no preset)
 
     @property
     def options(self) -> dict[str, str]:
         """Config field -> help, read from the fields themselves (:func:`option`)."""
         return option_help(self.config)
+
+    def preset_options(self, name: str | None = None) -> dict[str, Any]:
+        """The options of preset ``name`` (None: the default preset; {} when the method has
+        none); ValueError naming the method's presets for an unknown name."""
+        name = self.default_preset if name is None else name
+        if name is None:
+            return {}
+        if name not in self.presets:
+            known = ", ".join(self.presets) or "none"
+            raise ValueError(f"unknown preset {name!r} for {self.name}; its presets: {known}")
+        return dict(self.presets[name])
 
     def default_config(self, shots: int, dataset: str | None = None):
         """The method's config with the paper's defaults for ``shots`` (and ``dataset``)."""

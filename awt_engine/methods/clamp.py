@@ -64,6 +64,20 @@ grad clip 1.0, cosine schedule after a warm-up. Deviations:
   is assigned to a misspelt attribute on its LoRA path and never runs;
 * the scale is capped where it is used (no gradient above the cap) rather than clamped
   in place after each step: the same forward values.
+
+Official (piotr-teterwak/clamp @ fabb9a9c1d) vs here, in short:
+
+| setting | CLAMP's code | here |
+|---|---|---|
+| LM, N, LoRA, pooler | Vicuna-13B v1.5, 24, r 16 a 16 dropout 0.1 q/k/v/o, 8 heads | same; ``--preset small``: Qwen2.5-0.5B-Instruct, batch 16 |
+| scoring scale | zero-shot: a fixed 100 x cosine (``src/training/zero_shot.py:32``) | 100 (``score_scale``; none: the learned scale) |
+| InfoNCE scale | learned, clamped at 100 | learned, capped at 100 |
+| distillation teacher | ViT-L-14 (DataComp-XL) | the backbone's own text tower |
+| AdamW lr, wd, eps, clip | 5e-4, 0.5 (not gains, biases, scale), 1e-8, 1.0 | same |
+| schedule | 1220 warm-up steps, cosine per step | warm-up and cosine per epoch |
+| data | LAION-400M + ImageNet-21k captions, 6 x 10M samples | the few-shot images' prompts, or ``captions=FILE`` |
+| prompt mask | meant bidirectional among prompts, never applied (misspelt) | plain causal |
+| zero-shot prompts | unwrapped templates | wrapped as in training |
 """
 
 from __future__ import annotations
@@ -87,6 +101,7 @@ from awt_engine.labels import LabelSet
 from awt_engine.methods._clamp_config import (  # noqa: F401  (re-exported)
     CLAMP_WRAPPER,
     DEFAULT_WRAPPER,
+    PRESETS,
     CLAMPConfig,
     clamp_train_defaults,
 )
@@ -191,7 +206,11 @@ class CLAMP(TrainableModel):
 
     @property
     def logit_scale(self) -> float:
-        """The learned scale (capped), what the scorers multiply similarities by."""
+        """What the scorers multiply similarities by: ``score_scale`` (CLAMP's zero-shot
+        100), or with ``score_scale=None`` the learned scale (capped). Training's InfoNCE
+        always uses the learned one."""
+        if self.config.score_scale is not None:
+            return float(self.config.score_scale)
         if "log_scale" not in self._parameters:
             return self._init_scale
         return float(self._scale().detach())
@@ -428,4 +447,6 @@ METHOD = MethodSpec(
     train_defaults=clamp_train_defaults,
     paper="Teterwak et al., CLAMP: Contrastive LAnguage Model Prompt-tuning (piotr-teterwak/clamp)",
     needs=("llm",),
+    presets=PRESETS,
+    default_preset="released",
 )

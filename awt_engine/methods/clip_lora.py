@@ -20,7 +20,8 @@ In training the LoRA branch reads a dropped-out input (p = 0.25, as the code's
 ``LinearLoRA``): the attention runs :func:`lora_attention`
 (:mod:`awt_engine.methods._clip_lora_attention`); at evaluation the update is folded into
 the weight (:func:`fused_lora_attached`), the same function without dropout. Not
-reproduced: the per-iteration cosine (the engine's schedule steps per epoch).
+reproduced: the per-iteration cosine (the engine's schedule steps per epoch, annealed to
+1e-6 as torch's ``CosineAnnealingLR(eta_min=1e-6)``).
 
 Axes: B images, C classes, P prompts, D embedding width, W tower width, r rank.
 """
@@ -103,7 +104,8 @@ def clip_lora_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
         betas=(0.9, 0.999),
         warmup_epochs=0,
         warmup="none",
-        min_lr=1e-6,  # lora.py CosineAnnealingLR eta_min
+        min_lr=1e-6,  # lora.py CosineAnnealingLR eta_min: annealed to, not a clamp
+        min_lr_mode="anneal",
     )
 
 

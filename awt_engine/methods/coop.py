@@ -11,10 +11,19 @@ With descriptions (for the AWT scorer) prompt p of a class is ``ctx name. descri
 CoOp never saw those in training, so ``--scorer awt`` on a CoOp model is the paper's
 prompts plus AWT's views and descriptions, an extension.
 
-Defaults are CoOp's (``configs/trainers/CoOp/vit_b16*.yaml``, Dassl): 16 context tokens
-initialised N(0, 0.02), class name at the end, SGD lr 0.002 momentum 0.9 wd 5e-4,
-batch 32, cosine with 1 constant warm-up epoch at 1e-5, epochs 50 / 100 / 100 / 200 / 200
-for 1 / 2 / 4 / 8 / 16 shots (ImageNet: 50).
+Official (KaiyangZhou/CoOp @ ff61507c79: ``trainers/coop.py``,
+``configs/trainers/CoOp/vit_b16*.yaml``, Dassl) vs here:
+
+| setting | CoOp's code | here |
+|---|---|---|
+| context | 16 tokens N(0, 0.02), or a phrase's embeddings (M = its length) | same |
+| CSC with a phrase | CSC ignored: one generic context (``trainers/coop.py:72-88``) | each class a copy of the phrase: ``--csc`` asks for class-specific contexts and a silently generic one would not be what the checkpoint says; without ``--csc`` it is CoOp's (equal at initialisation, they differ in what learns) |
+| class position | end (middle, front) | same |
+| SGD lr, momentum, wd, batch | 0.002, 0.9, 5e-4, 32 | same |
+| epochs | 50 / 100 / 100 / 200 / 200 for 1 / 2 / 4 / 8 / 16 shots (ImageNet 50) | same |
+| schedule | cosine, 1 constant warm-up epoch at 1e-5 | same |
+| precision | fp16 | fp16 on CUDA, fp32 on CPU |
+| test-time | one centre view | the engine's views (``--scorer awt``: an extension) |
 """
 
 from __future__ import annotations

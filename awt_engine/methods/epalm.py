@@ -53,105 +53,45 @@ pass it to :meth:`EPALM.logits`.
 The hooks hold mode state on the model (``_InjectionState``): one forward at a time per
 model, not thread-safe, and not compatible with gradient checkpointing (not used).
 
-Defaults (``configs/image/ePALM_caption.yaml``): OPT-2.7B, layers [19, 31), 6 levels,
-10 prompt tokens, AdamW lr 2e-5 (prompt 1e-5), wd 0.02, batch 16, 8 epochs with 4
-linear warm-up epochs from 1e-5, cosine to a floor of 1e-6 (the engine's epoch schedule,
-:mod:`awt_engine.methods.train_config`).
+Official (mshukor/eP-ALM @ 9ecfeb9acf: ``configs/image/ePALM_caption.yaml``,
+``float32/caption.py``, ``optim/optim_factory.py``, ``scheduler/cosine_lr.py``,
+``dataset/caption.py``) vs here (:mod:`awt_engine.methods._epalm_config`):
+
+| setting | eP-ALM's code | here |
+|---|---|---|
+| LM, layers, levels, prompt | OPT-2.7B, [19, 31), 6, 10 | same; ``--preset small``: OPT-125m, [6, 12), 6 |
+| vision tower | timm ViT-B/16 (ImageNet-21k) | the backbone's CLIP ViT |
+| AdamW groups | ``add_weight_decay``: biases wd 0, matrices wd 0.02, both lr 2e-5; ``prompt_lr`` read where the config has none, so unused | same (``optimizer_groups=released``); ``--preset config``: connectors at lr, prompt at 1e-5 |
+| scheduled groups | timm ``scheduler_groups: 0``: the biases; the matrices stay at 2e-5 | same (``"scheduled": False``) |
+| schedule | cosine over 8 epochs to 1e-6 (lr_min annealed); 4 warm-up stairs of 100 iterations in epoch 0 from 1e-5, stepped per epoch after | same (``warmup_iters=400``, ``min_lr_mode=anneal``) |
+| augmentation | RandomResizedCrop(0.5, 1) bicubic, flip, RandAugment(2, 7) | same, torchvision's pixel ops, seeded draws |
+| precision, batch | float32, 16 | fp32, 16 |
+| visual slot's own mask row | zeros: it sees every token | causal (the KV cache; see above) |
+| task, loss | captioning / VQA, generative | class texts' likelihoods as logits; the same LM loss |
+| test-time | Resize 224 bicubic | the engine's views |
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from awt_engine.backbone.devices import seeded_rng
+from awt_engine.inputs.views import ViewConfig
 from awt_engine.labels import LabelSet
+from awt_engine.methods._epalm_config import PRESETS, EPALMConfig, epalm_train_defaults
 from awt_engine.methods._epalm_scoring import GenerativeScoring, scoring_cost
 from awt_engine.methods.base import (
     LossOutput,
     MethodSpec,
     TrainableBase,
     TrainBatch,
-    option,
 )
-from awt_engine.methods.train_config import TrainConfig
 
 _ATTENTION = ("sdpa", "eager")  # mask formats the hooks extend (bool or additive 4-D)
-
-
-@dataclass(frozen=True)
-class EPALMConfig:
-    # eP-ALM's main LM (text_model in its scripts)
-    llm: str = option(
-        "facebook/opt-2.7b",
-        "the frozen causal LM: a hub id or a local folder (eP-ALM: facebook/opt-2.7b)",
-    )
-    # start_layer_idx (ePALM_caption.yaml, OPT-2.7B's 32 layers)
-    start_layer: int = option(
-        19, "first LM layer that gets the visual slot (eP-ALM: 19)", bounds=(0, 1024)
-    )
-    # end_layer_idx, exclusive
-    end_layer: int = option(
-        31, "LM layer after the last injection (exclusive; eP-ALM: 31)", bounds=(0, 1024)
-    )
-    # injected_hidden_states: [CLS] of the last 6 vision blocks
-    n_levels: int = option(
-        6, "vision blocks whose [CLS] is injected, one connector each (eP-ALM: 6)", bounds=(1, 256)
-    )
-    # prompt_len (prompt_tuning: True)
-    prompt_len: int = option(10, "soft prompt tokens (eP-ALM: 10)", bounds=(1, 512))
-    # the prefix before the class text ("": none)
-    question: str = option(
-        "What is in the image?",
-        "the text before the class text ('' for eP-ALM's captioning layout)",
-    )
-    # lm_loss_weight
-    lm_loss_weight: float = option(0.1, "weight of the causal-LM loss (eP-ALM: 0.1)")
-    # optimizer.prompt_lr (the connectors use the main lr)
-    prompt_lr: float = option(1e-5, "learning rate of the soft prompt (eP-ALM: 1e-5)")
-    # CLIP's: logits of the size AWT's temperatures expect
-    logit_scale: float = option(100.0, "logits = scale * exp(mean token log-prob) (CLIP's 100)")
-    # 0: score every class; k: rank_answer's first-token shortlist
-    shortlist_k: int = option(
-        0, "score only the k classes likeliest by first token (0: all)", bounds=(0, 1 << 20)
-    )
-
-    def __post_init__(self) -> None:
-        for name in ("start_layer", "end_layer", "n_levels", "prompt_len", "shortlist_k"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a whole number >= 0, got {v!r}")
-        if self.n_levels < 1 or self.prompt_len < 1:
-            raise ValueError(
-                f"n_levels and prompt_len must be >= 1, got {self.n_levels}, {self.prompt_len}"
-            )
-        if self.end_layer <= self.start_layer:
-            raise ValueError(
-                f"the injection layers [start_layer, end_layer) = [{self.start_layer}, "
-                f"{self.end_layer}) are empty"
-            )
-        if not self.logit_scale > 0:
-            raise ValueError(f"logit_scale must be > 0, got {self.logit_scale}")
-        if self.lm_loss_weight < 0 or self.prompt_lr < 0:
-            raise ValueError("lm_loss_weight and prompt_lr must be >= 0")
-
-
-def epalm_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
-    """eP-ALM's captioning schedule (the same for every shot count)."""
-    return TrainConfig(
-        epochs=8,
-        lr=2e-5,
-        batch_size=16,
-        optimizer="adamw",
-        weight_decay=0.02,
-        warmup_epochs=4,
-        warmup="linear",
-        warmup_lr=1e-5,
-        min_lr=1e-6,
-    )
 
 
 class _InjectionState:
@@ -261,11 +201,32 @@ class EPALM(GenerativeScoring, TrainableBase):
         self.prompt.to(self.device)
 
     def param_groups(self, lr: float) -> list[dict]:
-        """Connectors at ``lr``; the soft prompt at ``prompt_lr`` (eP-ALM's two groups)."""
+        """eP-ALM's optimizer groups (``optimizer_groups``). released: what
+        ``optim_factory.add_weight_decay`` builds, with timm's ``scheduler_groups: 0``:
+        biases (1-D) without weight decay, scheduled; weight matrices (connectors, prompt
+        table and MLP) with weight decay at the constant ``lr``. config: the connectors
+        scheduled at ``lr``, the soft prompt at the constant ``prompt_lr``."""
+        if self.config.optimizer_groups == "config":
+            return [
+                {"params": list(self.connectors.parameters()), "lr": lr},
+                {"params": list(self.prompt.parameters()), "lr": self.config.prompt_lr,
+                 "scheduled": False},
+            ]  # fmt: skip
+        named = [*self.connectors.named_parameters(), *self.prompt.named_parameters()]
+        flat = [p for n, p in named if p.ndim == 1 or n.endswith(".bias")]
+        ids = {id(p) for p in flat}
         return [
-            {"params": list(self.connectors.parameters()), "lr": lr},
-            {"params": list(self.prompt.parameters()), "lr": self.config.prompt_lr},
+            {"params": flat, "lr": lr, "weight_decay": 0.0},
+            {"params": [p for _, p in named if id(p) not in ids], "lr": lr, "scheduled": False},
         ]
+
+    def training_view_config(self, base: ViewConfig) -> ViewConfig:
+        """eP-ALM's training transform (``dataset/caption.py:54-60``): one bicubic random
+        resized crop of scale (0.5, 1), flipped with p 0.5, then RandAugment(2, 7)."""
+        return dataclasses.replace(
+            base, n_views=1, raw_view=False, crop_interpolation="bicubic", scale=(0.5, 1.0),
+            randaugment=(2, 7) if self.config.randaugment else (0, 0),
+        )  # fmt: skip
 
     def prompt_rows(self) -> Tensor:
         """The soft prompt, [prompt_len, E] (reparameterised through its MLP)."""
@@ -476,6 +437,8 @@ METHOD = MethodSpec(
     train_defaults=epalm_train_defaults,
     paper="Shukor et al., eP-ALM: Efficient Perceptual Augmentation of Language Models, ICCV 2023",
     needs=("llm",),
+    presets=PRESETS,
+    default_preset="released",
 )
 
 

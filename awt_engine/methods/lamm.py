@@ -25,10 +25,19 @@ The hierarchical loss (LAMM's ``--triplet-loss``, as its ``trainers/coop.py`` co
 Classes not seen in training keep their word embeddings (LAMM's base-to-new protocol), so a
 LAMM checkpoint scores any class list.
 
-Defaults (``configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml``, ``scripts/lamm/*``): SGD lr
-0.002, momentum 0.9, wd 5e-4, batch 32, 50 epochs, cosine with 1 constant warm-up epoch
-at 1e-5; ``param_weight`` 1: the code weighs the term by 1/shots, but the few-shot script
-never passes ``--shots`` (default 1); the base-to-new script passes it (1/16 at 16 shots).
+Official (gaojingsheng/LAMM @ d4e7d02672: ``trainers/coop.py:286-299``, ``train.py:219``,
+``scripts/lamm/*``, ``configs/trainers/CoOp/vit_b16_ep50_ctxv1.yaml``) vs here:
+
+| setting | LAMM's code | here |
+|---|---|---|
+| logit term | soft-target CE (the paper's text: KL) | CE (``logit_loss="ce"``); ``--preset paper``: KL |
+| parameter weight | 1 / ``--shots``: 1 in ``base_train_lamm_all.sh`` (never passes it), 1/16 in the base-to-new scripts | 1; ``--preset released-base2new``: 1/16 |
+| feature, logit weights, T | 1, 0.05, 2 | same |
+| context | "a photo of a", frozen (``--origin-clip``) | same (``learn_ctx`` for CoOp + LAMM) |
+| SGD lr, momentum, wd, batch, epochs | 0.002, 0.9, 5e-4, 32, 50 | same |
+| schedule | cosine, 1 constant warm-up epoch at 1e-5 | same |
+| precision | fp16 (Dassl) | fp16 on CUDA, fp32 on CPU |
+| MaPLe + LAMM variant | yes | no |
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ class LAMMConfig:
     # LAMM helpers.distillation
     temperature: float = option(2.0, "logit distillation temperature")
     # "kl": the paper's term; "ce": the code's soft-target CE
-    logit_loss: str = option("kl", "kl (the paper) or ce (the released code)")
+    logit_loss: str = option("ce", "ce (the released code) or kl (the paper)")
 
     def __post_init__(self) -> None:
         if not self.ctx_init.strip():
@@ -201,4 +210,12 @@ METHOD = MethodSpec(
     model=LAMM,
     train_defaults=lamm_train_defaults,
     paper="Gao et al., LAMM: Label Alignment for Multi-Modal Prompt Learning, AAAI 2024",
+    presets={
+        # scripts/lamm/base_train_lamm_all.sh never passes --shots (train.py:219 default 1)
+        "released": {"logit_loss": "ce", "param_weight": 1.0},
+        # scripts/lamm/base2new_train_set*_lamm_all.sh pass --shots 16: 1 / 16
+        "released-base2new": {"logit_loss": "ce", "param_weight": 1 / 16},
+        "paper": {"logit_loss": "kl", "param_weight": 1.0},
+    },
+    default_preset="released",
 )

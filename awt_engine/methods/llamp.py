@@ -69,10 +69,18 @@ Deviations from the paper, each deliberate:
 * The LoRA group's learning-rate floor follows the main group's ratio (the code floors
   it at max(lora_lr / lr * 1e-5, 5e-6); the same in few-shot, where both rates are 2e-5).
 
-Defaults: ``scripts/launch/launch_fewshot.sh`` and ``flags.py``: K = 16, depth 9, n_ctx 4,
-visual prompts 6 x 4, LoRA r 8 alpha 16 on vision layers 6..11, L1 weights 25 / 10, KL
-1.0 (base-to-novel: ``--lr 2e-4 --set kl_weight=2.5``), AdamW lr 2e-5 (LoRA 2e-5) wd 5e-5,
-batch 4, 20 epochs, cosine per epoch floored at 1e-5, bf16; Llama-2-7b-chat.
+Official (zhaohengz/LLaMP @ 3dec7f34be: ``scripts/launch/launch_fewshot.sh``,
+``flags.py``, ``deepspeed_config/zero2_a100_40g.json``) vs here, the recipe:
+
+| setting | official | here |
+|---|---|---|
+| K, depth, n_ctx, visual prompts, LoRA | 16, 9, 4, 6 x 4, r 8 a 16 layers 6-11 | same |
+| L1 text / image, KL | 25 / 10, 1.0 (base-to-novel 2.5, lr 2e-4) | same (``--set``) |
+| AdamW lr (LoRA), wd, batch, epochs | 2e-5 (2e-5), 5e-5, 4, 20 | same |
+| schedule | cosine per epoch, floor 1e-5, a warm-up over a tenth of epoch 0 | no warm-up |
+| gradient clipping | 1.0 (DeepSpeed ``gradient_clipping``) | 1.0 |
+| precision, parallelism | bf16, DeepSpeed ZeRO-2 | bf16 on a GPU, one process |
+| LLM | Llama-2-7b-chat | same; ``--preset small``: Qwen2.5-0.5B-Instruct |
 
 Axes: B images, C classes, P prompts (prefixes), N rows (class-prompt pairs), K LLM
 tokens, T prefix length, H LLM width, W CLIP text width, D embedding width.
@@ -91,7 +99,7 @@ from torch import Tensor, nn
 
 from awt_engine._io import resolve_cache_root, sha256_hex
 from awt_engine.labels import LabelSet
-from awt_engine.methods._llamp_config import LN_100, LLaMPConfig, llamp_train_defaults
+from awt_engine.methods._llamp_config import LN_100, PRESETS, LLaMPConfig, llamp_train_defaults
 from awt_engine.methods._llamp_describe import (
     chat_head,
     generate,
@@ -143,6 +151,7 @@ class LLaMP(TrainableModel):
         from awt_engine.models.llm import load_causal_lm
 
         self._clip_logit_scale = float(backbone.logit_scale)
+        self._check_clip()  # the CLIP's layers against the settings, before the LLM loads
         self.kv_cache_root: Path | None = resolve_cache_root()  # None: memory only
         # (train() and create_classifier() pass their --cache-dir: use_cache_root)
         llm = load_causal_lm(config.llm, device=str(backbone.device), dtype=config.llm_dtype)
@@ -152,7 +161,6 @@ class LLaMP(TrainableModel):
         self._kv: dict[str, PrefixCache] = {}
         self._described: dict[str, tuple[str, ...]] = {}
         self._ids_memo: dict[str, tuple[Tensor, Tensor]] = {}
-        self._check_clip()
 
     def use_cache_root(self, root) -> None:
         self.kv_cache_root = None if root is None else Path(root)
@@ -168,7 +176,7 @@ class LLaMP(TrainableModel):
         if cfg.prompt_depth > len(self._text_blocks):
             raise ValueError(
                 f"prompt_depth {cfg.prompt_depth} exceeds the {len(self._text_blocks)} text "
-                "layers of this CLIP"
+                f"layers of this CLIP (--set prompt_depth={len(self._text_blocks)})"
             )
         if bb.vision_pre_norm is None or bb.vision_positional_embedding is None:
             raise ValueError(
@@ -477,6 +485,8 @@ METHOD = MethodSpec(
     paper="Zheng et al., Large Language Models are Good Prompt Learners for Low-Shot "
     "Image Classification, CVPR 2024",
     needs=("llm",),
+    presets=PRESETS,
+    default_preset="released",
 )
 
 

@@ -12,6 +12,25 @@ few-shot code train with: ``warmup_epochs`` at the warm-up rate (``constant``: a
 ``warmup_lr``; ``linear``: ``warmup_lr`` at epoch 0, then ``lr * e / warmup_epochs``),
 then cosine annealing over ``epochs`` counted from the end of the warm-up
 (``WARMUP_RECOUNT``), floored at ``min_lr``.
+
+Two additions reproduce eP-ALM's timm ``CosineLRScheduler`` (``scheduler/cosine_lr.py``,
+driven by ``float32/caption.py``); both default off, so the Dassl schedules are unchanged:
+
+* ``warmup_iters`` > 0: the warm-up happens inside epoch 0, by iteration, in
+  ``warmup_epochs`` linear stairs of ``warmup_iters // warmup_epochs`` iterations (timm's
+  ``warmup_t`` stepped with ``step(i // 100)`` after iterations 0, 100, ..., 400: the
+  stair in force at iteration i >= 1 is ``min((i - 1) // stride, warmup_epochs)``), from
+  ``warmup_lr`` towards ``lr``; the last stair is the cosine's start, ``lr``. The cosine
+  then counts epochs from 0 (timm's ``warmup_prefix`` with ``step(epoch + warmup_t)``):
+  the rest of epoch 0 at ``lr``, epoch e at the cosine's value for e.
+* ``min_lr_mode="anneal"``: the cosine runs from ``lr`` down to ``min_lr``
+  (``min_lr + (lr - min_lr) (1 + cos) / 2``: timm's ``lr_min``, torch's ``eta_min``);
+  ``"clamp"`` (the default) is ``max(lr (1 + cos) / 2, min_lr)``.
+
+The fit loop sets the rate of every optimizer group at every step from :func:`lr_at`,
+scaled by the group's base rate over ``lr``, except groups marked ``"scheduled": False``
+(eP-ALM's weight matrices: timm's ``scheduler_groups: 0`` schedules group 0 alone), which
+keep their base rate.
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ import math
 from dataclasses import dataclass
 
 WARMUPS = ("constant", "linear", "none")
+MIN_LR_MODES = ("clamp", "anneal")
 
 
 @dataclass(frozen=True)
@@ -30,8 +50,26 @@ class Schedule:
     warmup: str = "constant"
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
+    warmup_iters: int = 0  # > 0: warm up by iteration inside epoch 0 (eP-ALM's timm scheduler)
+    min_lr_mode: str = "clamp"
 
     def __post_init__(self) -> None:
+        if self.min_lr_mode not in MIN_LR_MODES:
+            raise ValueError(
+                f"min_lr_mode must be one of {', '.join(MIN_LR_MODES)}, got {self.min_lr_mode!r}"
+            )
+        if self.warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0, got {self.warmup_iters}")
+        if self.warmup_iters and (
+            self.warmup != "linear"
+            or self.warmup_epochs < 1
+            or self.warmup_iters % self.warmup_epochs
+        ):
+            raise ValueError(
+                "an iteration warm-up (warmup_iters > 0) is linear, in warmup_epochs >= 1 "
+                f"stairs that divide it; got warmup={self.warmup!r}, warmup_epochs="
+                f"{self.warmup_epochs}, warmup_iters={self.warmup_iters}"
+            )
         if self.warmup not in WARMUPS:
             raise ValueError(f"warmup must be one of {', '.join(WARMUPS)}, got {self.warmup!r}")
         if self.epochs < 1 or self.warmup_epochs < 0:
@@ -40,16 +78,36 @@ class Schedule:
             )
 
 
-def lr_at(s: Schedule, epoch: int) -> float:
-    """The learning rate of (0-based) ``epoch``."""
+def lr_at(s: Schedule, epoch: int, step: int = 0) -> float:
+    """The learning rate of (0-based) ``step`` of (0-based) ``epoch``; only an iteration
+    warm-up (``warmup_iters``) depends on the step."""
+    if s.warmup_iters:
+        return _iteration_warmup(s, epoch, step)
     w = s.warmup_epochs if s.warmup != "none" else 0
     if epoch < w:
         if s.warmup == "constant" or epoch == 0:
             return s.warmup_lr
         return s.lr * epoch / w
-    t = epoch - w  # cosine steps taken since the warm-up ended
-    lr = 0.5 * s.lr * (1 + math.cos(math.pi * t / s.epochs))
-    return max(lr, s.min_lr)
+    return _cosine(s, epoch - w)  # cosine steps taken since the warm-up ended
+
+
+def _cosine(s: Schedule, t: int) -> float:
+    c = 0.5 * (1 + math.cos(math.pi * t / s.epochs))
+    if s.min_lr_mode == "anneal":
+        return s.min_lr + (s.lr - s.min_lr) * c
+    return max(s.lr * c, s.min_lr)
+
+
+def _iteration_warmup(s: Schedule, epoch: int, step: int) -> float:
+    """timm's warm-up stairs inside epoch 0 (see the module docstring), then the cosine
+    by epoch from 0. Iteration 0 runs at ``warmup_lr`` (the scheduler's initial value)."""
+    stride = s.warmup_iters // s.warmup_epochs
+    if epoch > 0 or step > s.warmup_iters:
+        return _cosine(s, epoch)
+    stair = 0 if step == 0 else min((step - 1) // stride, s.warmup_epochs)
+    if stair >= s.warmup_epochs:
+        return _cosine(s, 0)
+    return s.warmup_lr + stair * (s.lr - s.warmup_lr) / s.warmup_epochs
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -71,6 +129,10 @@ class TrainConfig:
     warmup: str = "constant"
     warmup_lr: float = 1e-5  # Dassl WARMUP_CONS_LR / WARMUP_MIN_LR
     min_lr: float = 0.0
+    # 0: warm-up by epoch (Dassl); > 0: by iteration inside epoch 0 (eP-ALM's timm scheduler)
+    warmup_iters: int = 0
+    # clamp: max(cosine, min_lr) (the engine's); anneal: cosine from lr to min_lr (timm, torch)
+    min_lr_mode: str = "clamp"
     grad_clip: float | None = None  # CLAMP clips at 1.0
     seed: int = 1  # CoOp's seeds are 1, 2, 3
     # None: fp32 on CPU, autocast fp16 on CUDA (CoOp's fp16), bf16 over a bf16 LLM
@@ -84,6 +146,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a whole number >= 1, got {v!r}")
+        v = self.warmup_iters
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"warmup_iters must be a whole number >= 0, got {v!r}")
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "momentum"):
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
@@ -102,10 +167,17 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, fp16 or bf16, got {self.precision!r}")
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"deterministic must be true or false, got {self.deterministic!r}")
-        Schedule(self.lr, self.epochs, self.warmup_epochs, self.warmup, self.warmup_lr)
+        self.schedule  # noqa: B018 (its checks)
 
     @property
     def schedule(self) -> Schedule:
         return Schedule(
-            self.lr, self.epochs, self.warmup_epochs, self.warmup, self.warmup_lr, self.min_lr
+            self.lr,
+            self.epochs,
+            self.warmup_epochs,
+            self.warmup,
+            self.warmup_lr,
+            self.min_lr,
+            self.warmup_iters,
+            self.min_lr_mode,
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import json
 import logging
 import os
 import warnings
@@ -40,6 +39,8 @@ from awt_engine.models.factory import (
 from awt_engine.options import convert
 from awt_engine.training.data import check_classes, few_shot, fingerprint, subsample_classes
 from awt_engine.training.held_out import val_accuracy, val_data
+from awt_engine.training.llm_checks import check_llm_depth as check_llm_depth
+from awt_engine.training.llm_checks import llm_depth as llm_depth
 from awt_engine.training.loop import (
     TrainConfig,
     TrainResult,
@@ -132,6 +133,7 @@ def train(
     tensorboard: str | Path | None = None,
     val_split: str | None = None,
     val_every: int = 0,
+    preset: str | None = None,
 ) -> Trained:
     """Few-shot train ``method`` and write its checkpoint to ``output``.
 
@@ -142,7 +144,9 @@ def train(
     random weights). ``resume`` continues an interrupted run from the state saved beside
     ``output`` after its last finished epoch. ``deterministic``: deterministic kernels
     (:func:`~awt_engine.training.loop.deterministic_mode`), so a CUDA run repeats bit for
-    bit; recorded in the header's ``train_config``.
+    bit; recorded in the header's ``train_config``. ``preset``: one of the method's named
+    option sets (``MethodSpec.presets``; None: its default preset), under ``options``;
+    recorded in the header's ``preset``.
 
     Watching the run (:mod:`~awt_engine.training.watch`): ``log`` (default: ``progress``)
     prints a line per epoch on stderr; the JSONL log ``<output stem>.log.jsonl`` gets a
@@ -168,6 +172,8 @@ def train(
     shorthands = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "precision": precision}
     if deterministic:
         shorthands["deterministic"] = True
+    preset = spec.default_preset if preset is None else preset
+    options = {**spec.preset_options(preset), **_spelled(options)}
     method_config, train_config = _configs(spec, shots, dataset, seed, options, shorthands)
     check_llm_depth(method_config)  # the LLM's config.json only: no weights yet
     check_watching(log_every, val_every, plot, tensorboard)
@@ -235,6 +241,7 @@ def train(
             top1 = watch.final_val()
         header = {
             "method": spec.name,
+            "preset": preset,
             "method_config": net.header(),
             "train_config": dataclasses.asdict(train_config),
             "compute_precision": result.precision,  # what the steps ran in (autocast)
@@ -278,6 +285,11 @@ def _configs(spec, shots, dataset, seed, options, shorthands):
     )
     given = {k: v for k, v in shorthands.items() if v is not None}
     return method_config, dataclasses.replace(train_config, **given)
+
+
+def _spelled(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Option names as the configs spell them (``--set foo-bar`` is ``foo_bar``)."""
+    return {k.replace("-", "_"): v for k, v in (options or {}).items()}
 
 
 def _backbone_record(backbone, model_name: str, pretrained: str | None) -> dict[str, Any]:
@@ -350,52 +362,6 @@ def _check_labels(spec, method_config, labels) -> None:
             "--descriptions N > 0), or set prompts_per_step=1 to train on the bare prompts "
             "alone (not the paper's setting)"
         )
-
-
-def check_llm_depth(config) -> None:
-    """eP-ALM's injection layers ``[start_layer, end_layer)`` against its LLM's depth, from
-    the LLM's ``config.json`` alone (a folder, or a hub id in the local cache), before any
-    weights load. An LLM whose config cannot be read so is left to the load's checks."""
-    end, llm = getattr(config, "end_layer", None), getattr(config, "llm", None)
-    if not isinstance(end, int) or not isinstance(llm, str):
-        return
-    depth = llm_depth(llm)
-    if depth is not None and end > depth:
-        raise ValueError(
-            f"injection layers [{config.start_layer}, {end}) do not fit {llm}'s {depth} "
-            "layers (set start_layer / end_layer)"
-        )
-
-
-def llm_depth(name: str) -> int | None:
-    """The number of decoder layers in an LLM's ``config.json`` (``num_hidden_layers``,
-    ``n_layer`` or ``num_layers``, at the top or in ``text_config``); None when there is
-    no such file here (a hub id not yet downloaded) or it does not say."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        path = folder / "config.json"
-    else:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            found = try_to_load_from_cache(name, "config.json")
-        except Exception:  # not a valid repo id, no hub library: the load will say
-            return None
-        if not isinstance(found, str):
-            return None
-        path = Path(found)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    for scope in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
-        if not isinstance(scope, dict):
-            continue
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            v = scope.get(key)
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                return v
-    return None
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ every epoch) ends with the same weights as an uninterrupted run: bit for bit on 
 equal up to rounding on CUDA (its attention backward adds atomically, in any order)
 unless ``deterministic`` is set (``torch.use_deterministic_algorithms`` and cuBLAS's
 fixed workspace, :func:`deterministic_env`). The learning rate is a function of the epoch
-(:mod:`awt_engine.methods.train_config`), set at its start.
+and step (:mod:`awt_engine.methods.train_config`), set before every step.
 
 A loss or a learned tensor that stops being finite ends the run with a
 :class:`FloatingPointError` (checked at every step, and after each epoch's last update
@@ -143,13 +143,14 @@ def fit(
     try:
         with deterministic_mode(config.deterministic):
             for epoch in range(start_epoch, config.epochs):
-                lr = lr_at(config.schedule, epoch)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * lr / config.lr
                 seed = derive_seed(config.seed, "order", epoch)
                 order = torch.randperm(N, generator=torch.Generator().manual_seed(seed))
                 sums: dict[str, float] = {}
                 for step in range(steps_per_epoch):
+                    lr = lr_at(config.schedule, epoch, step)
+                    for g in optimizer.param_groups:
+                        if g.get("scheduled", True):  # an unscheduled group keeps its rate
+                            g["lr"] = g["base_lr"] * lr / config.lr
                     idx = order[step * B : (step + 1) * B].tolist()
                     batch = make_batch(idx=idx, epoch=epoch, step=step)
                     terms = _step(model, batch, amp, optimizer, scaler, config, diverged, lr)
