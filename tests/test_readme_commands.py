@@ -83,6 +83,9 @@ SKIPS: dict[str, str] = {
     "uv run --extra ray awt-engine classify photos/ s3://bucket/more/ --dataset imagenet "
     "--ray --output preds.parquet": "reads s3:// (no network here); Ray is covered by "
     "tests/test_distributed.py",
+    "uv run awt-engine train -m epalm --dataset dtd --data-root ~/data/dtd --shots 4 --preset "
+    "small -o epalm-small.safetensors": "the small preset names a hub LM (facebook/opt-125m; no "
+    "network here); presets and their LLM checks are covered by tests/test_presets.py",
     "uv run --extra ray awt-engine eval --dataset dtd --data-root ~/data/dtd --ray "
     "--ray-address auto --concurrency 8": "--ray-address auto joins a running Ray cluster; "
     "Ray eval is covered by tests/test_distributed.py",
