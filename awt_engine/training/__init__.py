@@ -181,44 +181,29 @@ def train(
         deterministic_env()  # before anything starts CUDA
     with output_lock(output), deterministic_mode(train_config.deterministic):
         full, data, labels = _training_data(
-            spec,
-            data_root,
-            dataset,
-            classes,
-            template,
-            descriptions,
-            shots,
-            seed,
-            subsample,
+            spec, data_root, dataset, classes, template, descriptions, shots, seed, subsample,
             cache_dir,
-        )
+        )  # fmt: skip
         _check_labels(spec, method_config, labels)
-        class_list = _class_list(classes)
         val = val_data(
-            full, subsample, shots, seed, dataset, data_root, class_list, cache_dir, val_split
-        )
+            full, subsample, shots, seed, dataset, data_root, _class_list(classes), cache_dir,
+            val_split,
+        )  # fmt: skip
         model_name = model or (DEFAULT_MODEL if backbone is None else backbone.identity)
         pretrained = weights_for(model_name, pretrained)  # local-dir:/hf-hub: carry their own
         if backbone is None:
             from awt_engine.backbone import load_backbone
 
             backbone = load_backbone(model_name, pretrained, device=device, precision=precision)
-        root = resolve_cache_root(cache_dir)
         net = spec.build(backbone, method_config)
-        net.use_cache_root(root)
+        net.use_cache_root(resolve_cache_root(cache_dir))
         net.prepare(labels, seed)
         data = net.training_data(data)
         data_fp = fingerprint(data)
         run_key = sha256_hex(
-            spec.name,
-            repr(method_config),
-            repr(train_config),
-            data_fp,
-            backbone.fingerprint,
-            labels.key(),
-            str(shots),
-            subsample,
-        )
+            spec.name, repr(method_config), repr(train_config), data_fp, backbone.fingerprint,
+            labels.key(), str(shots), subsample,
+        )  # fmt: skip
         watch = RunWatch(
             log_path(output), train_config, len(data.items), spec.name,
             held_out=val, validate=partial(val_accuracy, net, val, labels), val_every=val_every,
@@ -227,17 +212,10 @@ def train(
         )  # fmt: skip
         with watch:
             result = fit(
-                net,
-                data,
-                train_config,
-                state_file=state_path(output),
-                resume=resume,
-                run_key=run_key,
-                progress=progress,
-                workers=workers,
-                after_epoch=watch.after_epoch,
-                after_step=watch.after_step,
-            )
+                net, data, train_config, state_file=state_path(output), resume=resume,
+                run_key=run_key, progress=progress, workers=workers,
+                after_epoch=watch.after_epoch, after_step=watch.after_step,
+            )  # fmt: skip
             top1 = watch.final_val()
         header = {
             "method": spec.name,
@@ -248,15 +226,11 @@ def train(
             "backbone": _backbone_record(backbone, model_name, pretrained),
             "frozen": net.frozen_parts(),
             "labels": labels_record(labels),
-            "shots": shots,
-            "seed": seed,
-            "subsample": subsample,
+            **{"shots": shots, "seed": seed, "subsample": subsample},
             "data": _data_record(data, data_fp, data_root),
             "losses": result.losses,
             "epoch": len(result.losses),  # the epoch these weights are after (the last)
-            "val_accuracy": top1,
-            "val": watch.record(),
-            "created": utc_now(),
+            **{"val_accuracy": top1, "val": watch.record(), "created": utc_now()},
         }
         path = save_checkpoint(output, net.learned_state(), header)
         state_path(output).unlink(missing_ok=True)
