@@ -1,14 +1,15 @@
 """CPU image-tower throughput: fp32 eager against each int8 candidate, and ONNX Runtime.
 
-Paths, all in one run on the same pixels: fp32 eager (the engine's default), the engine's
-int8 (torchao: ``load_backbone(precision="int8")``), ONNX Runtime fp32 and int8 (dynamic
-quantisation of the exported graph: ``awt-engine export --int8``), and OpenVINO fp32 and
-on the same int8 graph when the ``openvino`` package is importable (report.py layers it on
-with ``uv run --with openvino``). Images/s with 1 view (a batch of images) and with V
+Paths, all in one run on the same pixels: fp32 eager (the engine's default), torchao int8
+(every block matmul a Linear, int8 weights and activations: ``_torchao_int8.py``), ONNX
+Runtime fp32, the engine's int8 (``load_backbone(precision="int8")``: ONNX Runtime's dynamic
+quantisation of the exported graphs), and OpenVINO fp32 (its f32 hint) and on the same int8
+graph when the ``openvino`` package is importable (report.py layers it on with
+``uv run --with openvino``). Images/s with 1 view (a batch of images) and with V
 views (one image's V views in one batch); the achieved GFLOP/s beside the machine's fp32
 peak; agreement with fp32 on the 1-view set: top-1 over the label set (class embeddings
-from the same precision's text tower for the torch paths, from the fp32 text tower for
-the ONNX paths) and the largest change of a class probability (softmax at the model's
+from the same precision's text tower for torch, torchao and the engine's int8, from the
+fp32 text tower for the other ONNX rows) and the largest change of a class probability (softmax at the model's
 logit scale). Random weights (no downloads).
 
     uv run python benchmarks/bench_cpu.py [--models ViT-B-32,ViT-B-16] [--images 48]
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import hardware, print_table, today
+from _torchao_int8 import torchao_int8
 
 from awt_engine.backbone import load_backbone
 from awt_engine.backbone.devices import default_threads, set_threads
@@ -91,15 +94,15 @@ def candidates(model: str, folder: Path, threads: int):
     or None). Each runtime is made just before it is timed and dropped after, so no idle
     thread pool of another runtime competes for the cores."""
     fp32 = load_backbone(model, None, device="cpu", precision="fp32")
-    export_onnx(fp32, folder, model_name=model, int8=True)
+    export_onnx(fp32, folder / "fp32", model_name=model, int8=True)
     out = [
         ("fp32 eager (torch)", lambda: (fp32.encode_images, fp32)),
-        ("int8 torchao (engine)", lambda: _int8(model)),
-        ("fp32 ONNX Runtime", lambda: (_ort(ort_session(folder / "image.onnx", threads)), None)),
+        ("int8 torchao", lambda: _torchao(model)),
         (
-            "int8 ONNX Runtime",
-            lambda: (_ort(ort_session(folder / "image.int8.onnx", threads)), None),
+            "fp32 ONNX Runtime",
+            lambda: (_ort(ort_session(folder / "fp32" / "image.onnx", threads)), None),
         ),
+        ("int8 ONNX Runtime (engine)", lambda: _engine_int8(model)),
     ]
     try:
         import openvino as ov
@@ -107,14 +110,20 @@ def candidates(model: str, folder: Path, threads: int):
         return fp32, out
     version = ov.__version__.split("-")[0]
     for name, file in (("fp32", "image.onnx"), ("int8", "image.int8.onnx")):
-        out.append(
-            (f"{name} OpenVINO {version}", lambda f=file: (_ov(ov, folder / f, threads), None))
-        )
+        path = folder / "fp32" / file
+        out.append((f"{name} OpenVINO {version}", lambda p=path: (_ov(ov, p, threads), None)))
     return fp32, out
 
 
-def _int8(model: str):
+def _engine_int8(model: str):
+    """``--precision int8``: the engine's path (graphs written under $AWT_ENGINE_CACHE)."""
     int8 = load_backbone(model, None, device="cpu", precision="int8")
+    return int8.encode_images, int8
+
+
+def _torchao(model: str):
+    int8 = load_backbone(model, None, device="cpu", precision="fp32")
+    torchao_int8(int8.model)
     return int8.encode_images, int8
 
 
@@ -124,13 +133,15 @@ def _ort(sess):
 
 def _ov(ov, path: Path, threads: int):
     core = ov.Core()
-    core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+    # f32: on CPUs with AVX512_BF16 OpenVINO's default inference precision is bf16
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
     compiled = core.compile_model(str(path), "CPU")
     return lambda x: torch.from_numpy(compiled(x.numpy())[0].copy())
 
 
 def bench_model(model, args, rows, threads, peak):
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["AWT_ENGINE_CACHE"] = tmp  # the engine's int8 graphs: not in ./cache
         fp32, paths = candidates(model, Path(tmp), threads)
         R, flops = fp32.preprocess.size, vit_flops(fp32)
         one, many = pixels(args.images, R, 0), pixels(args.views, R, 1)
@@ -213,7 +224,8 @@ def main() -> None:
         "x 2)",
         f"agreement on the 1-view set with {args.classes} classes: top-1 with fp32 eager, the "
         "largest change of a class probability, the smallest cosine of an image embedding; "
-        "the ONNX rows use the fp32 text tower's class embeddings, the torch rows their own",
+        "the fp32 ONNX Runtime and OpenVINO rows use the fp32 text tower's class embeddings, the "
+        "others their own text tower's (the engine's int8: the int8 text graph)",
         "goal: int8 >= 1.7x fp32 eager with >= 99% top-1 agreement",
     ]
     if threads < default_threads():

@@ -1,8 +1,8 @@
 """Where the backbone runs and in what precision: device and dtype requests resolved.
 
 ``"auto"`` picks CUDA, then MPS, then the CPU; an absent or unknown device is a
-ValueError listing the choices on this machine. ``int8`` is a CPU precision: the towers'
-Linear layers quantised (:mod:`awt_engine.backbone.int8`), computing from float32 inputs.
+ValueError listing the choices on this machine. ``int8`` is a CPU precision: the towers
+quantised and run by ONNX Runtime (:mod:`awt_engine.backbone.int8`) from float32 inputs.
 """
 
 from __future__ import annotations

@@ -1,151 +1,105 @@
-"""int8 on the CPU: the frozen towers' Linear layers quantised with torchao.
+"""int8 on the CPU: the towers exported to ONNX, quantised and run by ONNX Runtime.
 
 ``load_backbone(..., precision="int8")`` builds the model in float32, then
-:func:`quantise_towers` first replaces each ``nn.MultiheadAttention`` by a
-:class:`SplitAttention` holding the same weights as Linear layers (q, k, v and the output
-projection; the same function, ``scaled_dot_product_attention`` in between), then replaces
-the weight of every ``nn.Linear`` in both towers (those four, the MLPs' ``c_fc`` and
-``c_proj``) by an int8 tensor with one scale per output row, each activation row quantised
-on the fly (torchao's ``Int8DynamicActivationInt8WeightConfig``: symmetric int8 weights per
-channel, int8 activations per token). So every matmul of a block runs in int8; the patch
-embedding, norms, the attention's softmax(QK^T)V and the projections stored as bare
-parameters stay float32. Why torchao and not ONNX Runtime's quantised graph or OpenVINO:
-docs/design.md (measured side by side in ``benchmarks/bench_cpu.py``).
+:func:`int8_towers` writes (once per weights, under ``<cache root>/onnx-int8/``) the image
+tower (pixels -> unit embeddings) and the text tower (token ids -> unit embeddings) as ONNX
+graphs (:mod:`awt_engine.backbone.onnx_export`) and quantises them with ONNX Runtime's dynamic
+quantisation: every MatMul weight in int8 (symmetric, one scale per tensor), its input
+quantised as it comes (uint8, one scale per tensor per call). :class:`Int8Towers` runs them in
+ONNX Runtime sessions with the process's torch thread count (``--threads``).
+Why ONNX Runtime and not torchao or OpenVINO: docs/design.md (measured side by side in
+``benchmarks/bench_cpu.py``).
 
-The modules stay the model's own (only their weights change type), so forward hooks on the
-token embedding or a block, as CoOp, LAMM and CLAMP place them in front of the frozen towers,
-act as in float32. A method that changes a tower's inside (adapters on its branches, LoRA on
-its weights) declares ``int8_refusal`` and is refused on an int8 backbone
-(:func:`check_int8_method`).
+:meth:`~awt_engine.backbone.ClipBackbone.encode_images` and ``encode_text`` without gradients
+use these sessions; the torch modules stay float32 and serve everything that reaches inside a
+tower: ``text_forward`` (CoOp's, LAMM's and CLAMP's learned prompts enter the frozen text
+tower there, so their class embeddings stay float32 while their images go through int8), the
+vision intermediates (eP-ALM), and ``grad=True``. A method that changes a tower's inside
+(adapters on its branches, LoRA on its weights) declares ``int8_refusal`` and is refused on
+an int8 backbone (:func:`check_int8_method`): the exported graph would not hold its changes.
 
-Axes: N rows (images or texts), L query tokens, S key tokens, W tower width, H heads,
-E head width (W / H).
+Axes: N rows (images or token sequences), R image side, L context length, D embedding width.
 """
 
 from __future__ import annotations
 
-import logging
-from contextlib import contextmanager
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-INSTALL_HINT = "int8 needs torchao: pip install 'awt-engine[int8]' (or: uv sync --extra int8)"
+from awt_engine._io import resolve_cache_root, sha256_hex
+from awt_engine.backbone.onnx_export import MANIFEST, export_onnx, onnx_modules, ort_session
+
+INSTALL_HINT = (
+    "int8 runs in ONNX Runtime: pip install 'awt-engine[onnx]' (or: uv sync --extra onnx)"
+)
+FILES = ("image.int8.onnx", "text.int8.onnx")
 
 
-@contextmanager
-def _quiet_torch_log(name: str):
-    """torchao's import registers an enum that torch 2.13's pytree logs a deprecation
-    notice for, once per process: not the user's concern."""
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.ERROR)
+class Int8Towers:
+    """The two quantised towers in ONNX Runtime sessions (``threads`` intra-op threads)."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        self.folder = folder
+        self.image = ort_session(folder / FILES[0], threads)
+        self.text = ort_session(folder / FILES[1], threads)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, R, R] float -> [N, D] unit float32 rows (CPU)."""
+        x = np.ascontiguousarray(pixels.detach().to("cpu", torch.float32).numpy())
+        return torch.from_numpy(self.image.run(None, {"pixels": x})[0])
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """[N, L] token ids -> [N, D] unit float32 rows (CPU)."""
+        x = np.ascontiguousarray(ids.detach().to("cpu", torch.int64).numpy())
+        return torch.from_numpy(self.text.run(None, {"ids": x})[0])
+
+
+def _cached(folder: Path, fingerprint: str) -> bool:
     try:
-        yield
-    finally:
-        log.setLevel(level)
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return manifest.get("fingerprint") == fingerprint and all((folder / f).is_file() for f in FILES)
 
 
-def torchao_quantization():
-    """``torchao.quantization``, imported lazily (ImportError with the install hint)."""
+def int8_towers(backbone, model_name: str, cache_root: str | Path | None = None) -> Int8Towers:
+    """The :class:`Int8Towers` of a float32 CPU ``backbone``: read from
+    ``<cache root>/onnx-int8/<hash of the fingerprint>/`` when written before, else exported,
+    quantised and written there first (atomically: a folder renamed into place)."""
     try:
-        with _quiet_torch_log("torch.utils._pytree"):
-            from torchao import quantization
+        onnx_modules()
     except ImportError as exc:
         raise ImportError(f"{INSTALL_HINT} ({exc})") from exc
-    return quantization
-
-
-class SplitAttention(torch.nn.Module):
-    """``nn.MultiheadAttention``'s forward (self- or cross-attention, an optional additive or
-    boolean ``attn_mask``, no key padding mask, no weights returned) with q, k, v and the output
-    projection as four ``nn.Linear``, so a weight-quantising library sees them."""
-
-    def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
-        super().__init__()
-        W = mha.embed_dim
-        self.heads, self.batch_first = mha.num_heads, mha.batch_first
-        if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
-            raise ValueError("only open_clip's fused-projection attention can be split")
-        bias = mha.in_proj_bias
-        self.q, self.k, self.v = (torch.nn.Linear(W, W, bias=bias is not None) for _ in "qkv")
-        for i, lin in enumerate((self.q, self.k, self.v)):
-            lin.weight.data.copy_(mha.in_proj_weight.data[i * W : (i + 1) * W])
-            if bias is not None:
-                lin.bias.data.copy_(bias.data[i * W : (i + 1) * W])
-        self.out_proj = torch.nn.Linear(W, W, bias=mha.out_proj.bias is not None)
-        self.out_proj.load_state_dict(mha.out_proj.state_dict())
-        self.requires_grad_(False)
-
-    def forward(self, q_x, k_x, v_x, need_weights=False, attn_mask=None, **_):
-        """[N, L, W] (or [L, N, W] unless ``batch_first``) -> ([N, L, W], None)."""
-        if not self.batch_first:
-            q_x, k_x, v_x = q_x.transpose(0, 1), k_x.transpose(0, 1), v_x.transpose(0, 1)
-        N, L, W = q_x.shape
-        S, H = k_x.shape[1], self.heads
-        q = self.q(q_x).view(N, L, H, W // H).transpose(1, 2)  # [N, H, L, E]
-        k = self.k(k_x).view(N, S, H, W // H).transpose(1, 2)  # [N, H, S, E]
-        v = self.v(v_x).view(N, S, H, W // H).transpose(1, 2)  # [N, H, S, E]
-        if attn_mask is not None and attn_mask.dim() == 3:  # [N*H, L, S] -> [N, H, L, S]
-            attn_mask = attn_mask.view(N, H, L, S)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:  # MHA: True = masked out
-            attn_mask = ~attn_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [N, H, L, E]
-        out = self.out_proj(out.transpose(1, 2).reshape(N, L, W))  # [N, L, W]
-        return (out if self.batch_first else out.transpose(0, 1)), None
-
-
-def split_attention(model: torch.nn.Module) -> int:
-    """Replace, in place, every ``nn.MultiheadAttention`` under ``model`` by a
-    :class:`SplitAttention` with its weights; returns how many."""
-    found = [
-        (name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)
-    ]
-    for name, mha in found:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, SplitAttention(mha))
-    return len(found)
-
-
-def _tower_linear(module: torch.nn.Module, fqn: str) -> bool:
-    """Quantise every Linear with a float weight (the filter torchao calls per module)."""
-    weight = getattr(module, "weight", None)
-    return isinstance(module, torch.nn.Linear) and type(weight) is torch.nn.Parameter
-
-
-def quantise_towers(model: torch.nn.Module) -> int:
-    """Quantise, in place, the Linear layers of a float32 CLIP model on the CPU (both towers:
-    everything under the model). Returns how many Linear layers were quantised.
-
-    Raises ValueError on a model that is not float32 on the CPU (int8 is a CPU path).
-    """
-    params = list(model.parameters())
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-        raise ValueError("int8 quantisation expects a float32 model on the CPU")
-    split_attention(model)
-    n = sum(1 for name, m in model.named_modules() if _tower_linear(m, name))
-    if n == 0:
-        raise ValueError("the model has no Linear layers to quantise")
-    q = torchao_quantization()
-    q.quantize_(model, q.Int8DynamicActivationInt8WeightConfig(), filter_fn=_tower_linear)
-    return n
+    base = resolve_cache_root(cache_root) / "onnx-int8"
+    folder = base / sha256_hex("awt-int8-onnx", backbone.fingerprint)[:32]
+    if not _cached(folder, backbone.fingerprint):
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=base))
+        try:
+            export_onnx(backbone, tmp, model_name=model_name, int8=True)
+            for name in ("image.onnx", "text.onnx"):  # the float32 graphs: not needed here
+                (tmp / name).unlink()
+            if folder.exists():  # a damaged or stale entry
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Int8Towers(folder, torch.get_num_threads())
 
 
 def check_int8_method(method: str, reason: str, precision: str | None) -> None:
     """Refuse a method that changes a tower's inside (``reason``, its own words) on an int8
-    backbone: its learned parts act on the weights or branches int8 replaces."""
+    backbone: its learned parts act on weights or branches the exported graphs do not hold."""
     if precision == "int8" and reason:
         raise ValueError(
-            f"{method} cannot run at precision int8: {reason}; int8 quantises the frozen "
-            "towers' Linear layers, so use fp32 (or fp16/bf16 on a GPU)"
+            f"{method} cannot run at precision int8: {reason}; int8 runs the towers as "
+            "quantised ONNX graphs of the frozen weights, so use fp32 (or fp16/bf16 on a GPU)"
         )
 
 
-__all__ = [
-    "INSTALL_HINT",
-    "SplitAttention",
-    "check_int8_method",
-    "quantise_towers",
-    "split_attention",
-    "torchao_quantization",
-]
+__all__ = ["INSTALL_HINT", "Int8Towers", "check_int8_method", "int8_towers"]

@@ -123,6 +123,7 @@ class ClipBackbone:
         self.device = device
         self.dtype = dtype
         self.precision = precision or str(dtype).removeprefix("torch.")
+        self.int8 = None  # Int8Towers at precision int8 (awt_engine.backbone.int8)
         self.preprocess = preprocess
         self.logit_scale = float(model.logit_scale.exp().item())
         self.embed_dim = self._find_embed_dim()
@@ -244,6 +245,8 @@ class ClipBackbone:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
 
         def encode(start: int) -> torch.Tensor:
+            if self.int8 is not None and not grad:  # int8: the quantised graph, in ONNX Runtime
+                return self.int8.encode_images(pixels[start : start + bs])
             # non_blocking only into CUDA: from a CPU tensor freed right after, an
             # asynchronous copy to MPS can read memory already reused (a PyTorch issue)
             cuda = self.device.type == "cuda"
@@ -281,7 +284,10 @@ class ClipBackbone:
 
         def encode(start: int) -> torch.Tensor:
             tokens = self.tokenize(texts[start : start + batch_size])  # [b, L]
-            feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # [b, D]
+            if self.int8 is not None and not grad:  # int8: the quantised graph, in ONNX Runtime
+                feats = self.int8.encode_text(tokens)  # [b, D]
+            else:
+                feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # [b, D]
             bar.update(tokens.shape[0])
             return feats
 
@@ -365,9 +371,9 @@ def load_backbone(
             config; None with ``local-dir:``/``hf-hub:``. None with a name or config builds
             RANDOM weights (seeded, so identical on every load) and warns.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``fp32``, ``fp16``, ``bf16``, or ``int8`` on the CPU (the towers' Linear
-            layers quantised with torchao: :mod:`awt_engine.backbone.int8`); None means fp16
-            on CUDA, fp32 elsewhere.
+        precision: ``fp32``, ``fp16``, ``bf16``, or ``int8`` on the CPU (the towers exported
+            to ONNX, quantised and run by ONNX Runtime, written once under the cache root:
+            :mod:`awt_engine.backbone.int8`); None means fp16 on CUDA, fp32 elsewhere.
         cache_dir: where open_clip keeps downloaded weights (its default if None).
 
     Raises:
@@ -417,10 +423,6 @@ def load_backbone(
 
     clip.eval()  # open_clip returns train mode
     clip.requires_grad_(False)
-    if prec in QUANTISED:
-        from awt_engine.backbone.int8 import quantise_towers
-
-        quantise_towers(clip)
     backbone = ClipBackbone(
         clip,
         tokenizer,
@@ -429,7 +431,11 @@ def load_backbone(
         device=torch_device,
         dtype=QUANTISED.get(prec) or PRECISIONS[prec],
         preprocess=_read_preprocess(clip),
-        precision=prec if prec in QUANTISED else None,
     )
+    if prec in QUANTISED:  # the towers exported and quantised once, then run in ONNX Runtime
+        from awt_engine.backbone.int8 import int8_towers
+
+        backbone.int8 = int8_towers(backbone, model)
+        backbone.precision = prec
     logger.info("Loaded %r", backbone)
     return backbone

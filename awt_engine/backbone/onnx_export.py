@@ -144,7 +144,8 @@ def ort_session(path: str | Path, threads: int | None = None):
 
 
 def _check_exportable(backbone) -> None:
-    if backbone.device.type != "cpu" or backbone.precision != "float32":
+    params = list(backbone.model.parameters())
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         raise ValueError(
             "export writes the float32 towers: load the backbone with device='cpu', "
             f"precision='fp32' (got {backbone.device}, {backbone.precision})"

@@ -139,7 +139,7 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[
     str | None,
     typer.Option(
-        help="fp32, fp16, bf16, or int8 (CPU: the towers' Linear layers in int8, torchao) "
+        help="fp32, fp16, bf16, or int8 (CPU: the towers quantised, in ONNX Runtime) "
         "[default: fp16 on GPU, fp32 on CPU]."
     ),
 ]
