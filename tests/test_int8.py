@@ -175,11 +175,12 @@ def test_tower_changing_methods_refused_before_weights_load(coop_checkpoint, mon
     from awt_engine.methods.clamp import CLAMP
     from awt_engine.methods.clip_lora import ClipLoRA
     from awt_engine.methods.coop import CoOp
+    from awt_engine.methods.epalm import EPALM
     from awt_engine.methods.lamm import LAMM
     from awt_engine.methods.llamp import LLaMP
     from awt_engine.models.factory import load_model
 
-    assert all(m.int8_refusal for m in (AWTAdapter, LLaMP, ClipLoRA))
+    assert all(m.int8_refusal for m in (AWTAdapter, LLaMP, ClipLoRA, EPALM))
     assert not any(m.int8_refusal for m in (CoOp, LAMM, CLAMP))
     check_int8_method("coop", "", "int8")  # nothing to refuse
     check_int8_method("clip-lora", ClipLoRA.int8_refusal, "float32")
