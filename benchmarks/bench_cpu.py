@@ -221,7 +221,8 @@ def main() -> None:
         + " (2 FLOPs per multiply-add; matmuls, attention, patch embedding), on the 1-view "
         f"set; % of the fp32 peak {peak:.0f} GFLOP/s = {threads} cores x {ghz:.2f} GHz x "
         f"{args.flops_per_cycle} FLOPs/cycle (AVX-512 on Zen 4: 2 FMA pipes x 8 fp32 lanes "
-        "x 2)",
+        "x 2); the clock is /proc/cpuinfo's (in a VM the nominal one: boost clocks put fp32 "
+        "above 100%, and int8 counts its multiply-adds as fp32 FLOPs would)",
         f"agreement on the 1-view set with {args.classes} classes: top-1 with fp32 eager, the "
         "largest change of a class probability, the smallest cosine of an image embedding; "
         "the fp32 ONNX Runtime and OpenVINO rows use the fp32 text tower's class embeddings, the "
