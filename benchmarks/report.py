@@ -38,6 +38,11 @@ CPU_RUNS = [
         "bench_serve.py",
         ["--model", "ViT-B-32", "--images", "32", "--requests", "200"],
     ),
+    (
+        "CPU int8 and ONNX Runtime: throughput and agreement",
+        "bench_cpu.py",
+        ["--images", "16", "--views", "51", "--repeat", "1", "--threads", "1"],
+    ),
 ]
 GPU_RUNS = [
     ("AWT scorer on GPU", "bench_scorer.py", ["--device", "cuda", "--images", "32"]),
@@ -52,7 +57,7 @@ GPU_RUNS = [
 
 
 # Scripts that compare against another package run with it layered on the environment.
-WITH = {"bench_eval_overhead.py": "clip-benchmark"}
+WITH = {"bench_eval_overhead.py": "clip-benchmark", "bench_cpu.py": "openvino"}
 
 
 def run(script: str, args: list[str]) -> tuple[str, float]:

@@ -4,7 +4,9 @@
   checkpoint files, config files, ``local-dir:``, ``hf-hub:``); the engine's only
   importer of ``open_clip``;
 * :mod:`~awt_engine.backbone.devices`: device and precision requests;
-* :mod:`~awt_engine.backbone.model`: :func:`load_backbone` and :class:`ClipBackbone`.
+* :mod:`~awt_engine.backbone.model`: :func:`load_backbone` and :class:`ClipBackbone`;
+* :mod:`~awt_engine.backbone.int8`: ``precision="int8"`` on the CPU (torchao, lazily);
+* :mod:`~awt_engine.backbone.onnx_export`: the towers as ONNX files (``awt-engine export``).
 
 Where the weights come from (``load_backbone(model, pretrained)``):
 

@@ -1,11 +1,13 @@
 """Where the backbone runs and in what precision: device and dtype requests resolved.
 
 ``"auto"`` picks CUDA, then MPS, then the CPU; an absent or unknown device is a
-ValueError listing the choices on this machine.
+ValueError listing the choices on this machine. ``int8`` is a CPU precision: the towers
+quantised and run by ONNX Runtime (:mod:`awt_engine.backbone.int8`) from float32 inputs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +15,8 @@ from contextlib import contextmanager
 import torch
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Quantised precisions -> the dtype their inputs and unquantised parts compute in.
+QUANTISED = {"int8": torch.float32}
 
 
 def _available_devices() -> list[str]:
@@ -80,12 +84,40 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
         # similarities move by ~1e-3. MPS and CPU stay fp32: fp16 kernels there are slow
         # or incomplete, depending on the torch version.
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision in QUANTISED:
+        if device.type != "cpu":
+            raise ValueError(
+                f"precision {precision!r} is a CPU path (dynamic int8 quantisation of the "
+                f"towers); on {device} use fp16 or bf16, or pass device='cpu'."
+            )
+        return precision
     if precision not in PRECISIONS:
         raise ValueError(
-            f"Unknown precision {precision!r}. Valid choices: {', '.join(PRECISIONS)} "
-            "(or None: fp16 on CUDA, fp32 elsewhere)."
+            f"Unknown precision {precision!r}. Valid choices: "
+            f"{', '.join([*PRECISIONS, *QUANTISED])} (or None: fp16 on CUDA, fp32 elsewhere)."
         )
     return precision
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity, as a container or ``taskset``
+    limits it), not the machine's count; the machine's where affinity is not known."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads (intra-op) to ``threads`` (None: :func:`default_threads`);
+    returns the number set. ONNX Runtime sessions take the same number
+    (:func:`awt_engine.backbone.onnx_export.ort_session`)."""
+    n = default_threads() if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
 
 
 @contextmanager

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from awt_engine._progress import progress_bar
 from awt_engine.backbone.devices import (
     PRECISIONS,
+    QUANTISED,
     resolve_device,
     resolve_precision,
     seeded_rng,
@@ -95,7 +96,9 @@ class ClipBackbone:
     """A loaded CLIP model in eval mode, plus what the rest of the engine needs to know.
 
     ``encode_images`` and ``encode_text`` return L2-normalised float32 embeddings on
-    ``device`` whatever the compute ``dtype`` is.
+    ``device`` whatever the compute ``dtype`` is. ``precision`` names what the towers
+    compute in, for identities and records: the dtype's name (``float32``, ``float16``,
+    ``bfloat16``), or ``int8`` for quantised towers (whose inputs are float32, ``dtype``).
     """
 
     image_batch_size: int = 256  # images per forward pass: the views of ~5 images at V = 51
@@ -110,6 +113,7 @@ class ClipBackbone:
         dtype: torch.dtype,
         preprocess: PreprocessConfig,
         weights: str = "unknown",
+        precision: str | None = None,
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
@@ -118,13 +122,16 @@ class ClipBackbone:
         self.fingerprint = fingerprint_of(identity)  # the weights, wherever they are stored
         self.device = device
         self.dtype = dtype
+        self.precision = precision or str(dtype).removeprefix("torch.")
+        self.int8 = None  # Int8Towers at precision int8 (awt_engine.backbone.int8)
         self.preprocess = preprocess
         self.logit_scale = float(model.logit_scale.exp().item())
         self.embed_dim = self._find_embed_dim()
 
     def __repr__(self) -> str:
         return (
-            f"ClipBackbone(identity={self.identity!r}, device={self.device}, dtype={self.dtype}, "
+            f"ClipBackbone(identity={self.identity!r}, device={self.device}, "
+            f"precision={self.precision}, "
             f"R={self.preprocess.size}, D={self.embed_dim})"
         )
 
@@ -238,6 +245,8 @@ class ClipBackbone:
             raise ValueError(f"batch_size must be >= 1, got {bs}")
 
         def encode(start: int) -> torch.Tensor:
+            if self.int8 is not None and not grad:  # int8: the quantised graph, in ONNX Runtime
+                return self.int8.encode_images(pixels[start : start + bs])
             # non_blocking only into CUDA: from a CPU tensor freed right after, an
             # asynchronous copy to MPS can read memory already reused (a PyTorch issue)
             cuda = self.device.type == "cuda"
@@ -275,7 +284,10 @@ class ClipBackbone:
 
         def encode(start: int) -> torch.Tensor:
             tokens = self.tokenize(texts[start : start + batch_size])  # [b, L]
-            feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # [b, D]
+            if self.int8 is not None and not grad:  # int8: the quantised graph, in ONNX Runtime
+                feats = self.int8.encode_text(tokens)  # [b, D]
+            else:
+                feats = F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # [b, D]
             bar.update(tokens.shape[0])
             return feats
 
@@ -359,7 +371,9 @@ def load_backbone(
             config; None with ``local-dir:``/``hf-hub:``. None with a name or config builds
             RANDOM weights (seeded, so identical on every load) and warns.
         device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
-        precision: ``fp32``, ``fp16``, ``bf16``; None means fp16 on CUDA, fp32 elsewhere.
+        precision: ``fp32``, ``fp16``, ``bf16``, or ``int8`` on the CPU (the towers exported
+            to ONNX, quantised and run by ONNX Runtime, written once under the cache root:
+            :mod:`awt_engine.backbone.int8`); None means fp16 on CUDA, fp32 elsewhere.
         cache_dir: where open_clip keeps downloaded weights (its default if None).
 
     Raises:
@@ -386,7 +400,7 @@ def load_backbone(
             clip = oc.create_model(
                 source.create_name,
                 pretrained=source.pretrained,
-                precision=prec,
+                precision="fp32" if prec in QUANTISED else prec,
                 device=torch_device,
                 force_quick_gelu=source.force_quick_gelu,
                 pretrained_image=False,  # never fetch tower weights behind the user's back
@@ -415,8 +429,13 @@ def load_backbone(
         identity=source.identity,
         weights=source.weights,
         device=torch_device,
-        dtype=PRECISIONS[prec],
+        dtype=QUANTISED.get(prec) or PRECISIONS[prec],
         preprocess=_read_preprocess(clip),
     )
+    if prec in QUANTISED:  # the towers exported and quantised once, then run in ONNX Runtime
+        from awt_engine.backbone.int8 import int8_towers
+
+        backbone.int8 = int8_towers(backbone, model)
+        backbone.precision = prec
     logger.info("Loaded %r", backbone)
     return backbone

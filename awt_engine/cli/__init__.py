@@ -10,6 +10,7 @@ from awt_engine.cli import describe as _describe  # noqa: F401
 from awt_engine.cli import evaluate as _evaluate  # noqa: F401
 from awt_engine.cli import experiments as _experiments  # noqa: F401
 from awt_engine.cli import explain as _explain  # noqa: F401
+from awt_engine.cli import export as _export  # noqa: F401
 from awt_engine.cli import listing as _listing  # noqa: F401
 from awt_engine.cli import plot_training as _plot_training  # noqa: F401
 from awt_engine.cli import serve as _serve  # noqa: F401

@@ -137,8 +137,27 @@ Frames = Annotated[
 Seed = Annotated[int, typer.Option(help="Seed of the random crops (and of --limit's subset).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Precision = Annotated[
-    str | None, typer.Option(help="fp32, fp16 or bf16 [default: fp16 on GPU, fp32 on CPU].")
+    str | None,
+    typer.Option(
+        help="fp32, fp16, bf16, or int8 (CPU: the towers quantised, in ONNX Runtime) "
+        "[default: fp16 on GPU, fp32 on CPU]."
+    ),
 ]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        min=1, help="CPU threads for the towers [default: the cores this process may use]."
+    ),
+]
+
+
+def use_threads(threads: int | None) -> int:
+    """Set the CPU threads the towers run with (None: the cores this process may use)."""
+    from awt_engine.backbone.devices import set_threads
+
+    return set_threads(threads)
+
+
 CacheDir = Annotated[
     Path | None,
     typer.Option(help="Cache root [default: $AWT_ENGINE_CACHE or ./cache].", file_okay=False),

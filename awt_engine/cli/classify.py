@@ -42,6 +42,7 @@ from awt_engine.cli._common import (
     SinkhornIters,
     SinkhornTol,
     Template,
+    Threads,
     UseRay,
     Views,
     ViewTemperature,
@@ -53,6 +54,7 @@ from awt_engine.cli._common import (
     scorer_help,
     scorer_names,
     usage_errors,
+    use_threads,
     weights_arg,
 )
 
@@ -109,6 +111,7 @@ def classify(
     shortlist: Shortlist = None,
     memory_budget: MemoryBudget = None,
     precision: Precision = None,
+    threads: Threads = None,
     eps: Eps = None,
     view_temperature: ViewTemperature = None,
     prompt_temperature: PromptTemperature = None,
@@ -159,6 +162,8 @@ def classify(
     unreadable = found.unreadable if found else []
 
     from awt_engine.dispatch import ModelSource, RayOptions, classify_stream
+
+    use_threads(threads)
 
     source = ModelSource(
         model, weights_arg(pretrained, checkpoint), checkpoint, llm, device, precision

@@ -35,6 +35,7 @@ from awt_engine.cli._common import (
     SinkhornIters,
     SinkhornTol,
     Template,
+    Threads,
     UseRay,
     Views,
     ViewTemperature,
@@ -46,6 +47,7 @@ from awt_engine.cli._common import (
     scorer_help,
     scorer_names,
     usage_errors,
+    use_threads,
     weights_arg,
 )
 from awt_engine.eval_runs import EvalReporter
@@ -147,6 +149,7 @@ def eval_command(
     memory_budget: MemoryBudget = None,
     device: Device = "auto",
     precision: Precision = None,
+    threads: Threads = None,
     cache_dir: CacheDir = None,
     image_cache: Annotated[
         bool,
@@ -219,6 +222,7 @@ def eval_command(
     from awt_engine._io import resolve_cache_root
     from awt_engine.dispatch import ModelSource, RayOptions
 
+    use_threads(threads)
     root = resolve_cache_root(cache_dir)
     source = ModelSource(
         model, weights_arg(pretrained, checkpoint), checkpoint, llm, device, precision

@@ -29,12 +29,14 @@ from awt_engine.cli._common import (
     Pretrained,
     Seed,
     Template,
+    Threads,
     Views,
     fail,
     parse_size,
     scorer_help,
     scorer_names,
     usage_errors,
+    use_threads,
     weights_arg,
 )
 from awt_engine.options import option_help
@@ -69,6 +71,7 @@ def serve(
     scorer: Annotated[str | None, typer.Option("--scorer", "-s", help=scorer_help())] = None,
     device: Device = "auto",
     precision: Precision = None,
+    threads: Threads = None,
     cache_dir: CacheDir = None,
     host: Annotated[str, _opt("host")] = _DEFAULT["host"],
     port: Annotated[int, _opt("port")] = _DEFAULT["port"],
@@ -116,6 +119,7 @@ def serve(
     _check_extra()
     _check_key(api_key_env)
     sock = bind(config.host, config.port)  # before the model: a port in use fails at once
+    use_threads(threads)
     try:
         server = _build(sock, config, locals())
         _run(server, sock)

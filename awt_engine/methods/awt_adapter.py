@@ -141,6 +141,7 @@ def awt_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
 
 class AWTAdapter(TrainableModel):
     method = "awt-adapter"
+    int8_refusal = "its adapters sit on every block's attention and MLP branches inside both towers"
 
     def __init__(self, backbone, config: AWTAdapterConfig):
         super().__init__(backbone, config)

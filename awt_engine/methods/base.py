@@ -71,6 +71,8 @@ class TrainableBase(nn.Module):
     """
 
     method: ClassVar[str] = "?"
+    # Why the method cannot run on int8 towers (it changes a tower's inside); "" if it can
+    int8_refusal: ClassVar[str] = ""
 
     def __init__(self, backbone, config):
         super().__init__()
@@ -80,7 +82,9 @@ class TrainableBase(nn.Module):
         self.preprocess = backbone.preprocess
         self.device = backbone.device
         self.weights = getattr(backbone, "weights", None)
-        self.precision = str(backbone.dtype).removeprefix("torch.")
+        self.precision = getattr(backbone, "precision", None) or str(backbone.dtype).removeprefix(
+            "torch."
+        )
         self.dim = getattr(backbone, "embed_dim", None)
         self.train_labels: LabelSet | None = None
         # the checkpoint this model was loaded from (set by models.factory.load_trained)

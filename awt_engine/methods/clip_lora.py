@@ -111,6 +111,7 @@ def clip_lora_train_defaults(shots: int, dataset: str | None) -> TrainConfig:
 
 class ClipLoRA(TrainableModel):
     method = "clip-lora"
+    int8_refusal = "its LoRA changes the q, k and v weights of every block of both towers"
 
     def __init__(self, backbone, config):
         super().__init__(backbone, config)

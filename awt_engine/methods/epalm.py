@@ -111,6 +111,9 @@ class _InjectionState:
 
 class EPALM(GenerativeScoring, TrainableBase):
     method = "epalm"
+    int8_refusal = (
+        "it reads the image tower's intermediate [CLS] tokens, which the int8 graph does not give"
+    )
     score_batch: int = 64  # (view, text) rows per LM call when scoring: bounds memory
     prefill_batch: int = 64  # views whose shared prefix (and its cache) is held at once
     use_prefix_cache: bool = True  # False: every (view, text) sequence run whole

@@ -145,6 +145,7 @@ def _kaiming(shape: Sequence[int], generator: torch.Generator) -> Tensor:
 
 class LLaMP(TrainableModel):
     method = "llamp"
+    int8_refusal = "its LoRA changes the image tower's attention weights and its prompts enter the image tower's blocks"
 
     def __init__(self, backbone, config: LLaMPConfig):
         super().__init__(backbone, config)

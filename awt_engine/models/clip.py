@@ -23,12 +23,15 @@ class ClipEmbedder:
     def __init__(self, backbone, *, text_batch_size: int = 256):
         self.backbone = backbone
         # fp16 and fp32 forward passes give different embeddings: keep them apart in caches
-        self.identity = f"{backbone.identity}|{str(backbone.dtype).removeprefix('torch.')}"
+        # (int8 towers too: backbone.precision names them)
+        self.precision = getattr(backbone, "precision", None) or str(
+            getattr(backbone, "dtype", "")
+        ).removeprefix("torch.")
+        self.identity = f"{backbone.identity}|{self.precision}"
         self.logit_scale = float(backbone.logit_scale)
         self.preprocess: PreprocessConfig = backbone.preprocess
         self.device: torch.device = backbone.device
         self.weights = getattr(backbone, "weights", None)  # what was loaded, for records
-        self.precision = str(getattr(backbone, "dtype", "")).removeprefix("torch.")
         self.dim = getattr(backbone, "embed_dim", None)
         self.text_batch_size = text_batch_size
         self.text_progress = False  # a progress bar over long text encodes (set by callers)

@@ -110,6 +110,7 @@ def load_trained(
 
     header, tensors = read_checkpoint(path)
     spec, config = _trained_config(path, header, llm)
+    _check_precision(path, spec, backbone.precision if backbone is not None else precision)
     bb = header["backbone"]
     if backbone is None:
         from awt_engine.backbone import load_backbone
@@ -161,6 +162,17 @@ def _trained_config(path, header: dict[str, Any], llm: str | None):
         return spec, spec.config(**values)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: {spec.name} setting {exc}") from None
+
+
+def _check_precision(path, spec, precision: str | None) -> None:
+    """A method that changes a tower's inside refused at int8, before any weights load."""
+    from awt_engine.backbone.int8 import check_int8_method
+    from awt_engine.checkpoints import CheckpointError
+
+    try:
+        check_int8_method(spec.name, getattr(spec.model, "int8_refusal", ""), precision)
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
 
 
 def _tuple(v):
