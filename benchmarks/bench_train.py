@@ -621,7 +621,12 @@ def _before_after(args, pairs: list[str], lms: dict, tmp: Path, load: float) -> 
             "(total loss; every learned parameter's gradient)",
             _load_note(load),
             f"date: {today()}",
-        ],
+        ]
+        + [
+            "--only-before-after: the per-method tables were not rerun (a report that keeps an "
+            "earlier run's may show figures from before these changes)"
+        ]
+        * args.only_before_after,
     )
     return text + "\n" + _fingerprint_table(args, tmp, load)
 
