@@ -152,7 +152,9 @@ def _merge(section: str, command: str, text: str) -> str:
     new = ("\n" + text).split("\n### ")[1:]
     titles = {t.split("\n", 1)[0] for t in new}
     kept = [t.rstrip("\n") for t in tables if t.split("\n", 1)[0] not in titles]
-    blocks = [head.rstrip("\n") + f"\n\n{command}"] + [t.rstrip("\n") for t in kept + new]
+    run = command.rsplit(" (", 1)[0]  # the same command run again: its line replaced
+    lines = [c for c in head.rstrip("\n").split("\n\n") if c.rsplit(" (", 1)[0] != run]
+    blocks = ["\n\n".join([*lines, command])] + [t.rstrip("\n") for t in kept + new]
     return "\n\n### ".join(blocks) + "\n"
 
 
