@@ -455,8 +455,9 @@ def _child(args, flag: str, row: str, lms: dict) -> tuple[dict | None, str]:
 
 
 def _load_note(start: float) -> str:
+    """The load before this run began (others' work; the end figure includes this run's)."""
     now, cores = os.getloadavg()[0], os.cpu_count()
-    shared = "; other jobs shared the machine: figures noisy" if max(start, now) > cores / 2 else ""
+    shared = "; other jobs shared the machine: figures noisy" if start > cores / 2 else ""
     return f"load average (1 min) at start / end: {start:.1f} / {now:.1f} on {cores} cores{shared}"
 
 
