@@ -3,6 +3,9 @@
     uv run python benchmarks/report.py            # CPU rows (about 10 minutes on 2 cores)
     uv run python benchmarks/report.py --gpu      # also the GPU rows, where CUDA is present
     uv run python benchmarks/report.py --only bench_train.py   # rerun one script's section
+    uv run python benchmarks/report.py --only bench_train.py --args="--only-before-after"
+        # run it with other arguments: its new tables replace those of the same title in
+        # the section, the others are kept (the section lists each command that ran)
 
 The README is generated: edit this script or the benchmarks, never the README by hand.
 """
@@ -84,7 +87,14 @@ def main(argv=None) -> None:
         metavar="SCRIPT",
         help="rerun only this script's sections and keep the others of the existing report",
     )
+    ap.add_argument(
+        "--args",
+        help="with one --only: run it with these arguments instead, keeping the tables of its "
+        "section that this run does not print",
+    )
     args = ap.parse_args(argv)
+    if args.args is not None and len(args.only or ()) != 1:
+        sys.exit("--args: give exactly one --only SCRIPT")
     runs = list(CPU_RUNS)
     if args.gpu:
         import torch
@@ -109,10 +119,16 @@ def main(argv=None) -> None:
         if args.only and script not in args.only and title in kept:
             parts.append(kept[title])
             continue
+        partial = args.args is not None and title in kept
+        if args.args is not None:
+            script_args = args.args.split()
         print(f"running {script} {' '.join(script_args)} ...", file=sys.stderr, flush=True)
         text, dt = run(script, script_args)
         cmd = " ".join(["uv run python benchmarks/" + script, *script_args])
-        parts.append(f"## {title}\n\n`{cmd}` ({dt:.0f} s)\n\n{text}")
+        if partial:
+            parts.append(_merge(kept[title], f"`{cmd}` ({dt:.0f} s)", text))
+        else:
+            parts.append(f"## {title}\n\n`{cmd}` ({dt:.0f} s)\n\n{text}")
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text("\n".join(parts))
     tmp.replace(args.output)  # a failed run leaves the previous report whole
@@ -132,6 +148,19 @@ def _sections(report: str) -> dict[str, str]:
     if title is not None:
         out[title] = "\n".join(lines)
     return out
+
+
+def _merge(section: str, command: str, text: str) -> str:
+    """``section`` with the tables (``### `` titles) that ``text`` prints replaced by its
+    own, its new tables appended, and ``command`` added to the section's command lines."""
+    head, *tables = section.split("\n### ")
+    new = ("\n" + text).split("\n### ")[1:]
+    titles = {t.split("\n", 1)[0] for t in new}
+    kept = [t.rstrip("\n") for t in tables if t.split("\n", 1)[0] not in titles]
+    run = command.rsplit(" (", 1)[0]  # the same command run again: its line replaced
+    lines = [c for c in head.rstrip("\n").split("\n\n") if c.rsplit(" (", 1)[0] != run]
+    blocks = ["\n\n".join([*lines, command])] + [t.rstrip("\n") for t in kept + new]
+    return "\n\n### ".join(blocks) + "\n"
 
 
 if __name__ == "__main__":
