@@ -91,7 +91,7 @@ def metrics_from_topk(
     return Metrics(n1 / N, acc5, mean_recall, N, n_failed, per_class, **calib)
 
 
-_NUMBERS = (
+NUMBERS = (
     "acc1",
     "acc5",
     "mean_per_class_recall",
@@ -112,7 +112,7 @@ def mean_metrics(runs: list[Metrics]) -> Metrics:
         return runs[0]
     first = runs[0]
     means = {}
-    for name in _NUMBERS:
+    for name in NUMBERS:
         values = [getattr(r, name) for r in runs]
         means[name] = None if any(v is None for v in values) else math.fsum(values) / len(runs)
     recall = {
@@ -126,7 +126,7 @@ def metrics_std(runs: list[Metrics]) -> dict[str, float | None]:
     """Per metric, the standard deviation over runs (population, n in the denominator:
     the runs are all the orders asked for); None where a run has none or for one run."""
     out = {}
-    for name in _NUMBERS:
+    for name in NUMBERS:
         values = [getattr(r, name) for r in runs]
         if len(runs) < 2 or any(v is None for v in values):
             out[name] = None

@@ -121,6 +121,32 @@ Pretrained = Annotated[
         show_default=False,
     ),
 ]
+# Training options shared by `train` and `fewshot`.
+TrainModel = Annotated[
+    str | None,
+    typer.Option(
+        help="Backbone: open_clip name, local-dir:PATH or hf-hub:ORG/REPO "
+        "[default: ViT-B-16-quickgelu]."
+    ),
+]
+TrainPretrained = Annotated[
+    str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
+]
+Epochs = Annotated[
+    int | None, typer.Option(min=1, help="[default: the paper's for the shot count]")
+]
+Lr = Annotated[float | None, typer.Option(help="Learning rate [default: the paper's].")]
+TrainBatchSize = Annotated[
+    int | None, typer.Option(min=1, help="Training images per step [default: the paper's].")
+]
+SetOptions = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Override any method or training option: NAME=VALUE (repeatable; see "
+        "`awt-engine methods --verbose`).",
+    ),
+]
 Descriptions = Annotated[
     int | None,
     typer.Option(min=0, help="Descriptions per class [default: 50 with --dataset, else 0]."),

@@ -15,11 +15,17 @@ from awt_engine.cli._common import (
     Dataset,
     Descriptions,
     Device,
+    Epochs,
     Frames,
     Llm,
+    Lr,
     Precision,
     Progress,
+    SetOptions,
     Template,
+    TrainBatchSize,
+    TrainModel,
+    TrainPretrained,
     Views,
     Workers,
     fail,
@@ -100,24 +106,12 @@ def fewshot(
     transfer_suite: Annotated[
         str, typer.Option(help="The data sets --transfer looks for: coop11 or coop10.")
     ] = "coop11",
-    model: Annotated[
-        str | None,
-        typer.Option(help="Backbone [default: ViT-B-16-quickgelu]."),
-    ] = None,
-    pretrained: Annotated[
-        str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
-    ] = "openai",
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="[default: the paper's for each shot count]")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: the paper's].")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Training images per step [default: the paper's].")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Any method or training option: NAME=VALUE (repeatable)."),
-    ] = None,
+    model: TrainModel = None,
+    pretrained: TrainPretrained = "openai",
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: TrainBatchSize = None,
+    set_: SetOptions = None,
     llm: Llm = None,
     views: Views = 51,
     frames: Frames = 8,

@@ -14,10 +14,16 @@ from awt_engine.cli._common import (
     Dataset,
     Descriptions,
     Device,
+    Epochs,
     Llm,
+    Lr,
     Precision,
     Progress,
+    SetOptions,
     Template,
+    TrainBatchSize,
+    TrainModel,
+    TrainPretrained,
     Workers,
     fail,
     set_options,
@@ -59,29 +65,12 @@ def train(
     subsample: Annotated[
         str, typer.Option(help="Classes: all, or base / new (CoOp's base-to-new split).")
     ] = "all",
-    model: Annotated[
-        str | None,
-        typer.Option(
-            help="Backbone: open_clip name, local-dir:PATH or hf-hub:ORG/REPO [default: ViT-B-16-quickgelu]."
-        ),
-    ] = None,
-    pretrained: Annotated[
-        str, typer.Option(help='Pretrained tag or checkpoint file; "none" for random weights.')
-    ] = "openai",
-    epochs: Annotated[
-        int | None, typer.Option(min=1, help="[default: the paper's for the shot count]")
-    ] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate [default: the paper's].")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Images per step [default: the paper's].")
-    ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--set",
-            help="Override any method or training option: NAME=VALUE (repeatable; see `awt-engine methods --verbose`).",
-        ),
-    ] = None,
+    model: TrainModel = None,
+    pretrained: TrainPretrained = "openai",
+    epochs: Epochs = None,
+    lr: Lr = None,
+    batch_size: TrainBatchSize = None,
+    set_: SetOptions = None,
     preset: Annotated[
         str | None,
         typer.Option(
