@@ -298,3 +298,11 @@ def test_a_suite_checks_every_label_set_before_the_model_loads(tmp_path, monkeyp
     assert "2 data sets cannot be labelled" in res.stderr
     for name in ("eurosat", "oxford_pets"):  # each named, with describe's hint
         assert f"{name}: no class descriptions for data set '{name}'" in res.stderr
+
+
+def test_metric_names_are_the_eval_records():
+    """results_table keeps its own copy of the metric names (it loads no torch): the same
+    names, in the same order, as the eval records' (metrics.NUMBERS)."""
+    from awt_engine import metrics, results_table
+
+    assert results_table.METRICS == metrics.NUMBERS
