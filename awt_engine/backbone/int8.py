@@ -38,6 +38,9 @@ INSTALL_HINT = (
     "int8 runs in ONNX Runtime: pip install 'awt-engine[onnx]' (or: uv sync --extra onnx)"
 )
 FILES = ("image.int8.onnx", "text.int8.onnx")
+# Part of the folder's key: bumped whenever the export or the quantisation changes what the
+# graphs compute (design.md section 6: a change to what a cache holds bumps its FORMAT).
+FORMAT = 1
 
 
 class Int8Towers:
@@ -69,14 +72,14 @@ def _cached(folder: Path, fingerprint: str) -> bool:
 
 def int8_towers(backbone, model_name: str, cache_root: str | Path | None = None) -> Int8Towers:
     """The :class:`Int8Towers` of a float32 CPU ``backbone``: read from
-    ``<cache root>/onnx-int8/<hash of the fingerprint>/`` when written before, else exported,
+    ``<cache root>/onnx-int8/<hash of FORMAT and the fingerprint>/`` when written before, else exported,
     quantised and written there first (atomically: a folder renamed into place)."""
     try:
         onnx_modules()
     except ImportError as exc:
         raise ImportError(f"{INSTALL_HINT} ({exc})") from exc
     base = resolve_cache_root(cache_root) / "onnx-int8"
-    folder = base / sha256_hex("awt-int8-onnx", backbone.fingerprint)[:32]
+    folder = base / sha256_hex("awt-int8-onnx", str(FORMAT), backbone.fingerprint)[:32]
     if not _cached(folder, backbone.fingerprint):
         base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=base))
