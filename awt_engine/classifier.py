@@ -408,7 +408,13 @@ def create_classifier(
     root = resolve_cache_root(cache_dir)
     if embedder is None:
         embedder = load_model(
-            model, pretrained, checkpoint=checkpoint, llm=llm, device=device, precision=precision
+            model,
+            pretrained,
+            checkpoint=checkpoint,
+            llm=llm,
+            device=device,
+            precision=precision,
+            cache_root=root,
         )
     if cache_dir is not None and hasattr(embedder, "use_cache_root"):
         embedder.use_cache_root(root)  # a method's derived caches go there too (LLaMP's K/V)

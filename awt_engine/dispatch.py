@@ -63,6 +63,8 @@ class RayOptions:
     address: str | None = None  # None: a local Ray instance; "auto": the cluster running here
     concurrency: int | None = None  # actors; None: one per GPU (GPU actors), else per CPU budget
     num_gpus: float | None = None  # GPUs per actor; None: 1 when the device asks for CUDA
+    # CPUs per actor, and a CPU actor's threads (the CLI's --threads); None: pool's share
+    num_cpus: float | None = None
 
 
 def classify_stream(
@@ -98,6 +100,7 @@ def _ray_predictions(inputs, source, options, top_k, ray, progress, total):
         top_k=top_k,
         concurrency=ray.concurrency,
         num_gpus=ray.num_gpus,
+        num_cpus=ray.num_cpus,
         preserve_order=True,
     )
     with progress_bar(total, progress, desc="classify (ray)") as bar:
@@ -145,6 +148,7 @@ def evaluate_with(
         scorers,
         concurrency=ray.concurrency,
         num_gpus=ray.num_gpus,
+        num_cpus=ray.num_cpus,
         progress=progress,
         **eval_options,
     )

@@ -525,3 +525,25 @@ def test_version_and_jsonl_on_stdout(tmp_path, colour_backbone):
     assert res.exit_code == 0, res.output
     (row,) = [json.loads(x) for x in res.stdout.splitlines()]
     assert row["path"] == str(tmp_path / "r.png") and row["predictions"][0]["label"] == "red"
+
+
+def test_cli_threads_reach_the_ray_actors(colour_folder, monkeypatch):
+    """--threads with --ray: each CPU actor's CPUs and threads (distributed.pool's
+    num_cpus, which sets ceil(num_cpus) threads in the actor), not only the driver's."""
+    from awt_engine import distributed
+
+    folder, _ = colour_folder
+    seen = {}
+
+    def fake_dataset(inputs, **kw):
+        seen.update(kw)
+        raise SystemExit(0)  # nothing to run: the keywords are what is checked
+
+    monkeypatch.setattr(distributed, "init", lambda address=None: None)
+    monkeypatch.setattr(distributed, "classify_dataset", fake_dataset)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the driver's: untouched
+    for extra, want in ((["--threads", "3"], 3), ([], None)):
+        seen.clear()
+        args = ["classify", str(folder), "--classes", "red,blue", "--ray", *extra]
+        runner.invoke(app, [*args, "--device", "cpu"])
+        assert seen["num_cpus"] == want

@@ -129,6 +129,27 @@ def test_int8_classifier_scores_predictions_and_cache_keys(tiny_clip_dir):
     assert torch.isfinite(s8).all() and s8.shape == s32.shape == (3, len(classes))
 
 
+def test_int8_graphs_go_under_the_cache_dir_given(towers, tiny_clip_dir, tmp_path, monkeypatch):
+    """--cache-dir (create_classifier's cache_dir) is where int8 writes its graphs, as for
+    every other cache; the module's $AWT_ENGINE_CACHE only when none is given."""
+    import awt_engine
+    from awt_engine.backbone import int8 as int8_module
+
+    roots = []
+
+    def record(backbone, model_name, cache_root=None):
+        roots.append(cache_root)
+        return towers[1].int8  # the module's graphs: no second export
+
+    monkeypatch.setattr(int8_module, "int8_towers", record)
+    mine = tmp_path / "mine"
+    for given in (mine, None):
+        awt_engine.create_classifier(
+            tiny_clip_dir, classes=["a", "b"], device="cpu", precision="int8", cache_dir=given
+        )
+    assert [str(r) for r in roots] == [str(mine), os.environ["AWT_ENGINE_CACHE"]]
+
+
 def test_eval_records_name_int8(tiny_clip_dir, toy_task, tmp_path):
     import awt_engine
     from awt_engine.evaluate import evaluate, result_records

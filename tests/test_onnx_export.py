@@ -122,6 +122,37 @@ def test_int8_graphs_are_close_and_well_formed(exported):
     assert F.cosine_similarity(got_t, bb.encode_text(["a photo of a cat.", "a dog"])).min() >= 0.99
 
 
+@pytest.mark.slow
+def test_int8_quantises_block_matmuls_per_channel_and_keeps_the_ends_float(exported):
+    """What quantise_onnx promises, read off the int8 graphs: every weight MatMul of the
+    blocks int8 with one scale per output column; the patch embedding (Conv), the token
+    embedding (Gather) and the [width, D] projection left float32 on their own weights."""
+    import onnx
+
+    out, bb, _ = exported
+    D = bb.embed_dim
+    for name, first in (("image", "Conv"), ("text", "Gather")):
+        graph = onnx.load(str(out / f"{name}.int8.onnx")).graph
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+        ops = [n.op_type for n in graph.node]
+        assert first in ops and "ConvInteger" not in ops
+        quantised = [
+            n for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")
+        ]
+        float_mm = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        # the one float weight MatMul left is the projection into the D-wide embedding
+        assert [inits[n.input[1]].shape[1] for n in float_mm] == [D]
+        assert inits[float_mm[0].input[1]].dtype.name == "float32"
+        # TINY_MODEL_CFG: one block per tower; q/k/v in one MatMul, the attention's output
+        # projection (a Gemm, quantised as a MatMul), the MLP's two
+        assert len(quantised) == 4
+        for node in quantised:
+            assert node.op_type == "MatMulInteger"  # inputs: a, b, a zero point, b zero point
+            weight, zero = inits[node.input[1]], inits[node.input[3]]
+            assert weight.dtype.name == "int8" and weight.ndim == 2
+            assert zero.shape == (weight.shape[1],)  # per output channel
+
+
 def test_export_refuses_unknown_format(tmp_path):
     result = CliRunner().invoke(app, ["export", "--format", "tflite", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "only onnx" in result.output

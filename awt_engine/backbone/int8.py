@@ -4,8 +4,10 @@
 :func:`int8_towers` writes (once per weights, under ``<cache root>/onnx-int8/``) the image
 tower (pixels -> unit embeddings) and the text tower (token ids -> unit embeddings) as ONNX
 graphs (:mod:`awt_engine.backbone.onnx_export`) and quantises them with ONNX Runtime's dynamic
-quantisation: every MatMul weight in int8 (symmetric, one scale per tensor), its input
-quantised as it comes (uint8, one scale per tensor per call). :class:`Int8Towers` runs them in
+quantisation (:func:`~awt_engine.backbone.onnx_export.quantise_onnx`): every block's MatMul
+weight in int8 (symmetric, one scale per output channel), its input quantised as it comes
+(uint8, one scale per tensor per call); the patch embedding, the token embedding and the
+final projection stay float32. :class:`Int8Towers` runs them in
 ONNX Runtime sessions with the process's torch thread count (``--threads``).
 Why ONNX Runtime and not torchao or OpenVINO: docs/design.md (measured side by side in
 ``benchmarks/bench_cpu.py``).
@@ -40,7 +42,7 @@ INSTALL_HINT = (
 FILES = ("image.int8.onnx", "text.int8.onnx")
 # Part of the folder's key: bumped whenever the export or the quantisation changes what the
 # graphs compute (design.md section 6: a change to what a cache holds bumps its FORMAT).
-FORMAT = 1
+FORMAT = 2  # 2: per-channel weights, MatMuls only, the projection in float32
 
 
 class Int8Towers:

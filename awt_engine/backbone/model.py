@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -360,6 +361,7 @@ def load_backbone(
     device: str = "auto",
     precision: str | None = None,
     cache_dir: str | None = None,
+    cache_root: str | Path | None = None,
 ) -> ClipBackbone:
     """Load a CLIP model with its weights, in eval mode, on ``device``.
 
@@ -375,6 +377,8 @@ def load_backbone(
             to ONNX, quantised and run by ONNX Runtime, written once under the cache root:
             :mod:`awt_engine.backbone.int8`); None means fp16 on CUDA, fp32 elsewhere.
         cache_dir: where open_clip keeps downloaded weights (its default if None).
+        cache_root: the engine's cache root, where int8 keeps its quantised graphs (None:
+            ``$AWT_ENGINE_CACHE``, else ``./cache``).
 
     Raises:
         BackboneLoadError (a ValueError): unknown model, missing file, failed download, ...
@@ -435,7 +439,7 @@ def load_backbone(
     if prec in QUANTISED:  # the towers exported and quantised once, then run in ONNX Runtime
         from awt_engine.backbone.int8 import int8_towers
 
-        backbone.int8 = int8_towers(backbone, model)
+        backbone.int8 = int8_towers(backbone, model, cache_root)
         backbone.precision = prec
     logger.info("Loaded %r", backbone)
     return backbone

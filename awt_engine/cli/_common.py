@@ -172,7 +172,10 @@ Precision = Annotated[
 Threads = Annotated[
     int | None,
     typer.Option(
-        min=1, help="CPU threads for the towers [default: the cores this process may use]."
+        min=1,
+        help="CPU threads for the towers (torch and ONNX Runtime); with --ray, each CPU "
+        "actor's threads and CPUs [default: the cores this process may use; Ray: a share "
+        "of the cluster's CPUs].",
     ),
 ]
 

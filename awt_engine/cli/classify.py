@@ -190,7 +190,7 @@ def classify(
         source,
         options,
         top_k=top_k,
-        ray=RayOptions(ray_address, concurrency, num_gpus) if use_ray else None,
+        ray=RayOptions(ray_address, concurrency, num_gpus, threads) if use_ray else None,
         progress=progress,
         total=None if remote else len(paths),
     )

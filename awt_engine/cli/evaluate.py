@@ -252,7 +252,7 @@ def eval_command(
         split=split,
         limit=limit,
         source=source,
-        ray=RayOptions(ray_address, concurrency, num_gpus) if use_ray else None,
+        ray=RayOptions(ray_address, concurrency, num_gpus, threads) if use_ray else None,
         cache_root=root,
         image_cache=image_cache,
         progress=progress,

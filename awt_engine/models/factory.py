@@ -49,11 +49,13 @@ def load_model(
     llm: str | None = None,
     device: str = "auto",
     precision: str | None = None,
+    cache_root: str | Path | None = None,
 ):
     """The model behind the interface: a trained checkpoint (on the backbone it names, or
     on ``model``/``pretrained``: the same weights stored elsewhere), else zero-shot CLIP
     from (model, pretrained); ``model`` defaults to ViT-B-16-quickgelu. ``pretrained``
-    left out means the checkpoint's weights with a checkpoint, else OpenAI's."""
+    left out means the checkpoint's weights with a checkpoint, else OpenAI's.
+    ``cache_root``: the engine's cache root (int8's quantised graphs go there)."""
     if checkpoint is not None:
         from awt_engine.checkpoints import read_checkpoint_header
 
@@ -66,13 +68,18 @@ def load_model(
             llm=llm,
             device=device,
             precision=precision,
+            cache_root=cache_root,
         )
     from awt_engine.backbone import load_backbone
     from awt_engine.models.clip import ClipEmbedder
 
     model = model or DEFAULT_MODEL
     backbone = load_backbone(
-        model, weights_for(model, pretrained), device=device, precision=precision
+        model,
+        weights_for(model, pretrained),
+        device=device,
+        precision=precision,
+        cache_root=cache_root,
     )
     return ClipEmbedder(backbone)
 
@@ -95,6 +102,7 @@ def load_trained(
     device: str = "auto",
     precision: str | None = None,
     backbone=None,
+    cache_root: str | Path | None = None,
 ):
     """The model a checkpoint describes, ready to score (eval mode, learned tensors in,
     ``checkpoint`` set to the file and its header).
@@ -117,7 +125,9 @@ def load_trained(
 
         name = model or bb["model"]
         weights = pretrained if model else bb.get("pretrained")
-        backbone = load_backbone(name, weights, device=device, precision=precision)
+        backbone = load_backbone(
+            name, weights, device=device, precision=precision, cache_root=cache_root
+        )
     if backbone.fingerprint != bb["fingerprint"]:
         raise CheckpointError(
             f"checkpoint {path} was trained on backbone {bb['fingerprint']} "
