@@ -2,14 +2,16 @@
 
 Paths, all in one run on the same pixels: fp32 eager (the engine's default), torchao int8
 (every block matmul a Linear, int8 weights and activations: ``_torchao_int8.py``), ONNX
-Runtime fp32, the engine's int8 (``load_backbone(precision="int8")``: ONNX Runtime's dynamic
-quantisation of the exported graphs), and OpenVINO fp32 (its f32 hint) and on the same int8
+Runtime fp32, ONNX Runtime's dynamic int8 quantisation with its defaults (every op it
+knows, one scale per weight tensor), the engine's int8 (``load_backbone(precision="int8")``:
+the same quantiser on the block MatMuls only, one scale per output channel, the projection
+left float32: ``quantise_onnx``), and OpenVINO fp32 (its f32 hint) and on the same int8
 graph when the ``openvino`` package is importable (report.py layers it on with
 ``uv run --with openvino``). Images/s with 1 view (a batch of images) and with V
 views (one image's V views in one batch); the achieved GFLOP/s beside the machine's fp32
 peak; agreement with fp32 on the 1-view set: top-1 over the label set (class embeddings
-from the same precision's text tower for torch, torchao and the engine's int8, from the
-fp32 text tower for the other ONNX rows) and the largest change of a class probability (softmax at the model's
+from the same precision's text tower for torch and the int8 paths, from the fp32 text
+tower for the other ONNX rows) and the largest change of a class probability (softmax at the model's
 logit scale). Random weights (no downloads).
 
 A second table measures agreement on two larger sets, for the int8 paths against fp32 eager,
@@ -172,6 +174,7 @@ def candidates(model: str, folder: Path, threads: int):
             "fp32 ONNX Runtime",
             lambda: (_ort(ort_session(folder / "fp32" / "image.onnx", threads)), None),
         ),
+        ("int8 ONNX Runtime (ORT defaults)", lambda: _ort_defaults(fp32, folder, threads)),
         ("int8 ONNX Runtime (engine)", lambda: _engine_int8(model)),
     ]
     try:
@@ -189,6 +192,34 @@ def _engine_int8(model: str):
     """``--precision int8``: the engine's path (graphs written under $AWT_ENGINE_CACHE)."""
     int8 = load_backbone(model, None, device="cpu", precision="int8")
     return int8.encode_images, int8
+
+
+class _TextGraph:
+    """encode_text over an ONNX text graph (token ids from the backbone's tokenizer)."""
+
+    def __init__(self, bb, sess):
+        self.bb, self.sess = bb, sess
+
+    def encode_text(self, prompts):
+        ids = self.bb.tokenize(prompts).numpy()
+        return torch.from_numpy(self.sess.run(None, {"ids": ids})[0])
+
+
+def _ort_defaults(fp32, folder: Path, threads: int):
+    """ONNX Runtime's dynamic quantisation with its defaults (every op it knows, the patch
+    embedding's Conv and the token Gather included; one scale per weight tensor): the
+    candidate the engine's choice (quantise_onnx) is measured against."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    out = {}
+    for name in ("image", "text"):
+        dst = folder / f"{name}.ort-defaults.onnx"
+        if not dst.exists():
+            quantize_dynamic(
+                str(folder / "fp32" / f"{name}.onnx"), str(dst), weight_type=QuantType.QInt8
+            )
+        out[name] = ort_session(dst, threads)
+    return _ort(out["image"]), _TextGraph(fp32, out["text"])
 
 
 def _torchao(model: str):
@@ -210,7 +241,12 @@ def _ov(ov, path: Path, threads: int):
 
 
 # Paths measured on the larger agreement sets (each against fp32 eager, the first).
-AGREE_PATHS = ("fp32 eager (torch)", "int8 torchao", "int8 ONNX Runtime (engine)")
+AGREE_PATHS = (
+    "fp32 eager (torch)",
+    "int8 torchao",
+    "int8 ONNX Runtime (ORT defaults)",
+    "int8 ONNX Runtime (engine)",
+)
 # The prototype set's logit scale: CLIP's trained one (exp of the 4.6052 clamp), as a
 # few-shot cache classifier (Tip-Adapter's) scores cosines to its stored image embeddings.
 PROTO_SCALE = 100.0
@@ -292,7 +328,9 @@ def agreement_rows(model, sets, rows):
             emb, cls = got[set_name][:2]
             agree, dp = agreement(emb, ref_emb, cls, ref_cls, scale)
             size = f"{len(ref_emb)} x {len(ref_cls)}"
+            err = (1 - F.cosine_similarity(emb.double(), ref_emb.double())).mean().item()
             stats = [f"{scale:.1f}", f"{gap:.4f}", own_pct, name, f"{agree:.1f}%", f"{dp:.4f}"]
+            stats.append(f"{err:.2e}")
             rows.append([model, set_name, size, *stats])
 
 
@@ -330,7 +368,7 @@ def main() -> None:
     notes = speed_notes(args, threads, ghz, peak, flops, load)
     print_table("CPU throughput: fp32 eager, int8 candidates, ONNX Runtime", header, rows, notes)
     header = ["model", "set", "N x classes", "logit scale", "fp32 median gap"]
-    header += ["fp32 top-1 = own anchor", "path", "top-1 agree", "max dp"]
+    header += ["fp32 top-1 = own anchor", "path", "top-1 agree", "max dp", "mean 1 - cos"]
     title = "int8 agreement with fp32 eager: tied (zero-shot) and decided (prototype) margins"
     print_table(title, header, agree_rows, agree_notes(args))
     print(json.dumps({"rows": rows, "agreement": agree_rows}), file=sys.stderr)
@@ -363,7 +401,7 @@ def speed_notes(args, threads, ghz, peak, flops, load) -> list[str]:
         f"agreement on the 1-view set with {args.classes} classes: top-1 with fp32 eager, the "
         "largest change of a class probability, the smallest cosine of an image embedding; "
         "the fp32 ONNX Runtime and OpenVINO rows use the fp32 text tower's class embeddings, the "
-        "others their own text tower's (the engine's int8: the int8 text graph); with random "
+        "others their own text tower's (the ONNX Runtime int8 rows: their int8 text graph); with random "
         "weights these margins are ties: see the next table",
         "goal: int8 >= 1.7x fp32 eager with >= 99% top-1 agreement",
     ]
@@ -380,9 +418,10 @@ def agree_notes(args) -> list[str]:
     return [
         "each arm computes every embedding it scores with its own towers, as a user's run "
         "at that precision would: fp32 eager both sides, torchao int8 both sides, the "
-        "engine's int8 (ONNX Runtime) both sides (image and text graphs); top-1 agree and "
+        "ONNX Runtime int8 rows both sides (their image and text graphs); top-1 agree and "
         "max dp (the largest change of a class probability) are against fp32 eager; fp32 "
-        "median gap: the median over the set of fp32's p_top1 - p_top2",
+        "median gap: the median over the set of fp32's p_top1 - p_top2; mean 1 - cos: over "
+        "the set's query (image) embeddings, against fp32 eager's",
         f"zero-shot: {args.agree_images} smooth random images (a seeded 1/8-resolution noise "
         f"field, bicubic upsampled; the first {args.images} are the 1-view set above) against "
         f"the text embeddings of {args.classes} prompts, at the model's logit scale (random "
