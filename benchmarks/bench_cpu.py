@@ -1,6 +1,7 @@
 """CPU image-tower throughput: fp32 eager against each int8 candidate, and ONNX Runtime.
 
-Paths, all in one run on the same pixels: fp32 eager (the engine's default), torchao int8
+Paths, all in one run on the same pixels: fp32 eager (the engine's default), bf16 autocast
+(for reference: not an engine precision on the CPU; it rides on AMX where a CPU has it), torchao int8
 (every block matmul a Linear, int8 weights and activations: ``_torchao_int8.py``), ONNX
 Runtime fp32, ONNX Runtime's dynamic int8 quantisation with its defaults (every op it
 knows, one scale per weight tensor), the engine's int8 (``load_backbone(precision="int8")``:
@@ -67,6 +68,31 @@ def vit_flops(bb) -> float:
     layers = len(bb.vision_blocks.blocks)
     macs = (T - 1) * 3 * p * p * W + layers * (12 * T * W * W + 2 * T * T * W) + W * bb.embed_dim
     return 2.0 * macs
+
+
+def fma_width() -> tuple[int, str]:
+    """(fp32 FLOPs per cycle per core, why) from /proc/cpuinfo's vendor, family and flags:
+    2 FMA pipes x lanes x 2 FLOPs. Intel with AVX-512: two 512-bit FMA units (16 lanes:
+    64; the server parts, as here); AMD Zen 4 (family 25) runs AVX-512 on 256-bit pipes
+    (8 lanes: 32), Zen 5 (family 26) on 512-bit ones (64); AVX2 with FMA: 32; else 16."""
+    info = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    vendor, family = info.get("vendor_id", ""), info.get("cpu family", "")
+    flags = set(info.get("flags", "").split())
+    zen4 = vendor == "AuthenticAMD" and family == "25"
+    if "avx512f" in flags and zen4:
+        return 32, "AMD Zen 4: AVX-512 on 256-bit pipes, 2 FMA pipes x 8 fp32 lanes x 2"
+    if "avx512f" in flags:
+        return 64, f"{vendor} AVX-512: 2 FMA units x 16 fp32 lanes x 2"
+    if "fma" in flags:
+        return 32, "AVX2: 2 FMA pipes x 8 fp32 lanes x 2"
+    return 16, "no FMA flags read: an SSE-class guess"
 
 
 def peak_gflops(threads: int, flops_per_cycle: int) -> tuple[float, float]:
@@ -169,6 +195,7 @@ def candidates(model: str, folder: Path, threads: int):
     export_onnx(fp32, folder / "fp32", model_name=model, int8=True)
     out = [
         ("fp32 eager (torch)", lambda: (fp32.encode_images, fp32)),
+        ("bf16 autocast (torch)", lambda: (_bf16(fp32), None)),
         ("int8 torchao", lambda: _torchao(model)),
         (
             "fp32 ONNX Runtime",
@@ -192,6 +219,17 @@ def _engine_int8(model: str):
     """``--precision int8``: the engine's path (graphs written under $AWT_ENGINE_CACHE)."""
     int8 = load_backbone(model, None, device="cpu", precision="int8")
     return int8.encode_images, int8
+
+
+def _bf16(bb):
+    """The fp32 model under CPU autocast to bfloat16 (matmuls in bf16: oneDNN's AMX or
+    AVX512_BF16 kernels where the CPU has them), embeddings back in float32."""
+
+    def encode(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return bb.encode_images(x).float()
+
+    return encode
 
 
 class _TextGraph:
@@ -345,9 +383,8 @@ def main() -> None:
     ap.add_argument(
         "--flops-per-cycle",
         type=int,
-        default=32,
-        help="fp32 FLOPs per cycle per core: 2 FMA pipes x 8 lanes x 2 (Zen 4's AVX-512 "
-        "runs on 256-bit pipes; 64 on Zen 5 or Intel with two 512-bit FMA units)",
+        default=None,
+        help="fp32 FLOPs per cycle per core [default: from /proc/cpuinfo, fma_width()]",
     )
     ap.add_argument(
         "--agree-images", type=int, default=256, help="images of the zero-shot agreement set"
@@ -358,7 +395,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # random-weights warnings: deliberate here
     load0 = os.getloadavg()[0]
     threads = set_threads(args.threads)
-    ghz, peak = peak_gflops(threads, args.flops_per_cycle)
+    fpc, why = fma_width()
+    if args.flops_per_cycle is not None:
+        fpc, why = args.flops_per_cycle, "given by --flops-per-cycle"
+    args.flops_per_cycle, args.fpc_why = fpc, why
+    ghz, peak = peak_gflops(threads, fpc)
     rows, agree_rows, flops = [], [], {}
     for model in args.models.split(","):
         flops[model] = bench_model(model, args, rows, agree_rows, threads, peak)
@@ -395,8 +436,7 @@ def speed_notes(args, threads, ghz, peak, flops, load) -> list[str]:
         + ", ".join(f"{m} {f / 1e9:.2f} GFLOP per image" for m, f in flops.items())
         + " (2 FLOPs per multiply-add; matmuls, attention, patch embedding), on the 1-view "
         f"set; % of the fp32 peak {peak:.0f} GFLOP/s = {threads} cores x {ghz:.2f} GHz x "
-        f"{args.flops_per_cycle} FLOPs/cycle (AVX-512 on Zen 4: 2 FMA pipes x 8 fp32 lanes "
-        "x 2); the clock is /proc/cpuinfo's (in a VM the nominal one: boost clocks put fp32 "
+        f"{args.flops_per_cycle} FLOPs/cycle ({args.fpc_why}); the clock is /proc/cpuinfo's (in a VM the nominal one: boost clocks put fp32 "
         "above 100%, and int8 counts its multiply-adds as fp32 FLOPs would)",
         f"agreement on the 1-view set with {args.classes} classes: top-1 with fp32 eager, the "
         "largest change of a class probability, the smallest cosine of an image embedding; "
