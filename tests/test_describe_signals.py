@@ -100,6 +100,10 @@ def spawn(server, cache_dir, *extra):
         [
             sys.executable,
             "-c",
+            # Ctrl-C as in a terminal's foreground job, however pytest was started: a process
+            # started in the background by a shell without job control inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt
+            "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "from awt_engine.cli import main; main()",
             *describe_args(server, cache_dir, *extra),
         ],

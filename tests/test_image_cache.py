@@ -1,6 +1,8 @@
 """The per-image embedding cache: batched shards, verified on load, never fatal."""
 
+import dataclasses
 import json
+import math
 import warnings
 
 import pytest
@@ -60,7 +62,21 @@ def test_writes_are_batched_into_one_shard(colour_data, tmp_path):
     _, meta = load_tensors(shard, {"embeds": (torch.float16, (6, 3, 3))})
     assert len(json.loads(meta["keys"])) == 6
     m2, n2, msgs = _run(colour_data, tmp_path / "c")
-    assert n2 == 0 and m2 == m and not msgs
+    assert n2 == 0 and not msgs
+    assert_same_metrics(m2, m)
+
+
+def assert_same_metrics(got, want):
+    """Counts exactly; the rest to float rounding: the second run scores its cached rows 64
+    at a time, the first its misses in batches of 2, and BLAS may round a product over 6
+    images unlike one over 2 (as changing --batch-size does; seen on an Intel Xeon)."""
+    counted = {"acc1", "acc5", "mean_per_class_recall", "n_images", "n_failed"}
+    for name, w in dataclasses.asdict(want).items():
+        g = getattr(got, name)
+        if name in counted or name == "per_class_recall" or w is None:
+            assert g == w, name
+        else:
+            assert math.isclose(g, w, rel_tol=1e-4, abs_tol=1e-9), (name, g, w)
 
 
 def test_flipped_bit_in_a_shard_is_recomputed(colour_data, tmp_path):
