@@ -9,6 +9,12 @@ one, their standard deviation (population, as CoOp's ``parse_test_res.py`` and
 scorer) counts once. A column's average is the mean of its cells' means over the data
 sets it has; a missing cell is ``-`` and left out of the average, with a note naming it.
 
+Base-to-new results (records with subsample ``base`` and ``new``, CoOp's and CoCoOp's
+protocol) get a third column beside their pair for an accuracy metric, ``[HM]``: per data
+set the harmonic mean 2BN / (B + N) of the base and new cell means, and below it the
+harmonic mean of the two columns' averages over the data sets that have both (CoCoOp's
+Table 1 averages that way, not the mean of the per-set harmonic means).
+
 Summaries this package writes beside results (``summary.json``) carry
 ``"format": SUMMARY_FORMAT`` and are passed over by :func:`read_results`; any other file
 that is not an eval record is an error naming it.
@@ -43,6 +49,9 @@ METRICS = (
 _PERCENT = {"acc1", "acc5", "mean_per_class_recall", "ece", "ece_adaptive", "aurc"}
 _PERCENT |= {"ood_auroc", "ood_fpr95"}
 _TITLES = {"acc1": "top-1 accuracy", "acc5": "top-5 accuracy"}
+# The metrics whose base and new columns get a harmonic-mean column (accuracies).
+HARMONIC_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+_BASE, _NEW, _HM = " [base]", " [new]", " [HM]"
 
 
 class NotAnEvalResult(ValueError):
@@ -165,11 +174,28 @@ class ResultsTable:
     rows: tuple[str, ...]  # data sets: the papers' order, then by name
     columns: tuple[str, ...]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+    # an [HM] column -> its (base, new) columns; its cells are derived from theirs
+    harmonic: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def average(self, column: str) -> Average:
-        means = [self.cells[(r, column)].mean for r in self.rows if (r, column) in self.cells]
+        """The mean of the column's cell means; for an [HM] column, the harmonic mean of
+        its base and new columns' averages over the rows that have both."""
+        have = [r for r in self.rows if (r, column) in self.cells]
         missing = tuple(r for r in self.rows if (r, column) not in self.cells)
-        return Average(math.fsum(means) / len(means) if means else None, missing)
+        if not have:
+            return Average(None, missing)
+        if column in self.harmonic:
+            base, new = (
+                math.fsum(self.cells[(r, c)].mean for r in have) / len(have)
+                for c in self.harmonic[column]
+            )
+            return Average(harmonic_mean(base, new), missing)
+        return Average(math.fsum(self.cells[(r, column)].mean for r in have) / len(have), missing)
+
+
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b); 0 when both are 0."""
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
 
 
 def results_table(records: Sequence[dict], metric: str = "acc1") -> ResultsTable:
@@ -189,7 +215,26 @@ def results_table(records: Sequence[dict], metric: str = "acc1") -> ResultsTable
             runs.setdefault((row, col), {})[(rec["run_id"], rec["scorer"])] = float(value)
     cells = {k: Cell(tuple(v.values())) for k, v in runs.items()}
     order = sorted(columns, key=lambda c: (columns[c], c))
-    return ResultsTable(metric, tuple(sorted(rows, key=_row_key)), tuple(order), cells)
+    harmonic = _harmonic_columns(order, cells, rows) if metric in HARMONIC_METRICS else {}
+    for hm, (_, new) in harmonic.items():
+        order.insert(order.index(new) + 1, hm)
+    return ResultsTable(metric, tuple(sorted(rows, key=_row_key)), tuple(order), cells, harmonic)
+
+
+def _harmonic_columns(order, cells, rows) -> dict[str, tuple[str, str]]:
+    """The [HM] column of every [base] column whose [new] twin is there, its cells added
+    to ``cells`` (one value each: the harmonic mean of the pair's means)."""
+    out = {}
+    for base in order:
+        if not base.endswith(_BASE) or base[: -len(_BASE)] + _NEW not in order:
+            continue
+        stem = base[: -len(_BASE)]
+        new, hm = stem + _NEW, stem + _HM
+        out[hm] = (base, new)
+        for r in rows:
+            if (r, base) in cells and (r, new) in cells:
+                cells[(r, hm)] = Cell((harmonic_mean(cells[(r, base)].mean, cells[(r, new)].mean),))
+    return out
 
 
 def _number(table: ResultsTable, value: float | None, digits: int) -> str:
@@ -214,6 +259,11 @@ def notes(table: ResultsTable) -> list[str]:
         runs = sorted({len(c.values) for c in table.cells.values()})
         count = str(runs[0]) if len(runs) == 1 else f"{runs[0]} to {runs[-1]}"
         out.append(f"mean ± standard deviation over runs (seeds), {count} runs per cell")
+    if table.harmonic:
+        out.append(
+            "[HM]: the harmonic mean 2BN / (B + N) of the [base] and [new] means per data set; "
+            "its average is the harmonic mean of their averages over the data sets with both"
+        )
     for col in table.columns:
         avg = table.average(col)
         if avg.missing:
@@ -260,7 +310,8 @@ def to_csv(table: ResultsTable) -> str:
             if several:
                 std = cell.std if cell is not None else None
                 out += ["" if std is None else _number(table, std, 4)]
-                out += ["" if cell is None else str(len(cell.values))]
+                derived = cell is None or col in table.harmonic
+                out += ["" if derived else str(len(cell.values))]
         w.writerow(out)
     avg_row = ["average"]
     for col in table.columns:
@@ -292,6 +343,7 @@ def summary_record(table: ResultsTable, **extra) -> dict:
         "metric": table.metric,
         "rows": list(table.rows),
         "columns": list(table.columns),
+        "harmonic": {c: list(pair) for c, pair in table.harmonic.items()},
         "cells": cells,
         "averages": {
             c: {"value": a.value, "missing": list(a.missing)} for c, a in averages.items()
@@ -321,6 +373,7 @@ __all__ = [
     "ReadResults",
     "ResultsTable",
     "column_of",
+    "harmonic_mean",
     "notes",
     "read_results",
     "results_table",

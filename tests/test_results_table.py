@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from awt_engine import backbone as backbone_mod
 from awt_engine.cli import app
 from awt_engine.eval_runs import COOP11, SUITES, find_suite
-from awt_engine.results_table import results_table
+from awt_engine.results_table import notes, results_table
 from tests.fixtures_embedders import ColourBackbone, solid
 from tests.suite_data import coop_set
 
@@ -137,6 +137,46 @@ def test_other_metrics_and_a_metric_that_is_null():
     assert top5.average(ZS_AWT).missing == ("dtd", "eurosat")
     with pytest.raises(ValueError, match="unknown metric"):
         results_table(recs, "accuracy")
+
+
+def test_base_to_new_gets_a_harmonic_mean_column(tmp_path):
+    """CoCoOp's H: per data set 2BN / (B + N) of the seed means; the average row the H of
+    the base and new averages (over the sets with both), not the mean of the per-set H."""
+    cocoop = "cocoop 16-shot ViT-B-16 / clip"
+    base = {"dtd": [0.80, 0.70], "eurosat": [0.90], "oxford_pets": [0.95]}
+    new = {"dtd": [0.60], "eurosat": [0.50, 0.40]}  # pets: no new result
+    recs = []
+    for part, table in (("base", base), ("new", new)):
+        for ds, values in table.items():
+            for seed, acc in enumerate(values):
+                rec = _record(ds, "clip", acc, f"{ds}-{part}-{seed}", subsample=part)
+                recs.append(rec | {"method": "cocoop", "shots": 16})
+    hm = f"{cocoop} [HM]"
+    t = results_table(recs)
+    assert t.columns == (f"{cocoop} [base]", f"{cocoop} [new]", hm)
+    b, n = {d: _mean(v) for d, v in base.items()}, {d: _mean(v) for d, v in new.items()}
+    for ds in ("dtd", "eurosat"):
+        assert t.cells[(ds, hm)].mean == pytest.approx(2 * b[ds] * n[ds] / (b[ds] + n[ds]))
+    assert ("oxford_pets", hm) not in t.cells
+    avg_b, avg_n = (b["dtd"] + b["eurosat"]) / 2, (n["dtd"] + n["eurosat"]) / 2
+    assert t.average(hm).value == pytest.approx(2 * avg_b * avg_n / (avg_b + avg_n))
+    assert t.average(hm).missing == ("oxford_pets",)
+    per_set = [t.cells[(d, hm)].mean for d in ("dtd", "eurosat")]
+    assert abs(t.average(hm).value - _mean(per_set)) > 1e-3  # the two rules differ here
+    assert "harmonic mean" in "\n".join(notes(t))
+    assert not results_table(recs, "nll").harmonic  # only for accuracies
+    for ds, part in (("x", "base"), ("x", "all")):  # a base column alone: no HM column
+        lone = results_table([_record(ds, "clip", 0.5, "r", subsample=part)])
+        assert not lone.harmonic and all("[HM]" not in c for c in lone.columns)
+    folder = tmp_path / "runs"
+    for i, rec in enumerate(recs):
+        _write(folder, f"r{i}.json", rec)
+    res = runner.invoke(app, ["results", str(folder)])
+    assert res.exit_code == 0, res.output
+    want = 100 * 2 * b["dtd"] * n["dtd"] / (b["dtd"] + n["dtd"])
+    assert (
+        f"| dtd | {100 * b['dtd']:.2f} ± 5.00 | {100 * n['dtd']:.2f} | {want:.2f} |" in res.stdout
+    )
 
 
 # --------------------------------------------------------------------------- suites
