@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -148,6 +149,43 @@ def test_int8_graphs_go_under_the_cache_dir_given(towers, tiny_clip_dir, tmp_pat
             tiny_clip_dir, classes=["a", "b"], device="cpu", precision="int8", cache_dir=given
         )
     assert [str(r) for r in roots] == [str(mine), os.environ["AWT_ENGINE_CACHE"]]
+
+
+def test_a_second_first_load_waits_for_the_export_in_progress(towers, tmp_path, monkeypatch):
+    """Two processes loading int8 on a fresh cache (Ray actors on one machine): the one
+    that finds the folder's lock held waits, then reads the graphs the holder wrote,
+    exporting nothing itself."""
+    import shutil
+    import threading
+
+    from awt_engine.backbone import int8 as int8_module
+    from awt_engine.descriptions import locked
+
+    fp32 = towers[0]
+    key = int8_module.sha256_hex("awt-int8-onnx", str(int8_module.FORMAT), fp32.fingerprint)
+    folder = tmp_path / "onnx-int8" / key[:32]
+    folder.parent.mkdir(parents=True)
+    held, done = threading.Event(), threading.Event()
+
+    def other_process():
+        with locked(folder):
+            held.set()
+            time.sleep(0.5)  # the export in progress
+            shutil.copytree(towers[1].int8.folder, folder)
+        done.set()
+
+    def no_export(*a, **k):
+        raise AssertionError("exported although another process was writing the graphs")
+
+    monkeypatch.setattr(int8_module, "export_onnx", no_export)
+    writer = threading.Thread(target=other_process)
+    writer.start()
+    assert held.wait(10)
+    got = int8_module.int8_towers(fp32, "tiny", tmp_path)
+    assert done.is_set() and got.folder == folder
+    writer.join(10)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(got.encode_images(x), towers[1].int8.encode_images(x))
 
 
 def test_eval_records_name_int8(tiny_clip_dir, toy_task, tmp_path):

@@ -26,6 +26,7 @@ Axes: N rows (images or token sequences), R image side, L context length, D embe
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,14 +35,20 @@ import numpy as np
 import torch
 
 from awt_engine._io import resolve_cache_root, sha256_hex
+from awt_engine._progress import progress_bar
 from awt_engine.backbone.onnx_export import MANIFEST, export_onnx, onnx_modules, ort_session
+from awt_engine.descriptions import locked
 
+logger = logging.getLogger(__name__)
 INSTALL_HINT = (
     "int8 runs in ONNX Runtime: pip install 'awt-engine[onnx]' (or: uv sync --extra onnx)"
 )
 FILES = ("image.int8.onnx", "text.int8.onnx")
 # Part of the folder's key: bumped whenever the export or the quantisation changes what the
 # graphs compute (design.md section 6: a change to what a cache holds bumps its FORMAT).
+# How long a process waits for another one exporting the same graphs (ViT-B-16: about a
+# minute on 2 cores; a ViT-L or a slow disk: several).
+LOCK_TIMEOUT_S = 1800.0
 FORMAT = 2  # 2: per-channel weights, MatMuls only, the projection in float32
 
 
@@ -75,7 +82,8 @@ def _cached(folder: Path, fingerprint: str) -> bool:
 def int8_towers(backbone, model_name: str, cache_root: str | Path | None = None) -> Int8Towers:
     """The :class:`Int8Towers` of a float32 CPU ``backbone``: read from
     ``<cache root>/onnx-int8/<hash of FORMAT and the fingerprint>/`` when written before, else exported,
-    quantised and written there first (atomically: a folder renamed into place)."""
+    quantised and written there first (atomically: a folder renamed into place; under the
+    folder's lock, so concurrent first loads export once)."""
     try:
         onnx_modules()
     except ImportError as exc:
@@ -84,17 +92,31 @@ def int8_towers(backbone, model_name: str, cache_root: str | Path | None = None)
     folder = base / sha256_hex("awt-int8-onnx", str(FORMAT), backbone.fingerprint)[:32]
     if not _cached(folder, backbone.fingerprint):
         base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=base))
-        try:
-            export_onnx(backbone, tmp, model_name=model_name, int8=True)
-            for name in ("image.onnx", "text.onnx"):  # the float32 graphs: not needed here
-                (tmp / name).unlink()
-            if folder.exists():  # a damaged or stale entry
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # one writer: processes starting together (Ray actors on one machine) wait for the
+        # first one's graphs instead of exporting them N times and replacing each other's
+        with locked(folder, timeout_s=LOCK_TIMEOUT_S):
+            if not _cached(folder, backbone.fingerprint):
+                _export_into(backbone, model_name, base, folder)
     return Int8Towers(folder, torch.get_num_threads())
+
+
+def _export_into(backbone, model_name: str, base: Path, folder: Path) -> None:
+    """Export and quantise into a fresh temporary folder, then rename it to ``folder``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=base))
+    logger.info("int8: exporting and quantising %s's towers into %s", model_name, folder)
+    desc = "int8: export + quantise the towers (once per model)"
+    try:
+        with progress_bar(4, desc=desc, unit="graph") as bar:  # drawn on a terminal only
+            export_onnx(
+                backbone, tmp, model_name=model_name, int8=True, on_file=lambda _: bar.update(1)
+            )
+        for name in ("image.onnx", "text.onnx"):  # the float32 graphs: not needed here
+            (tmp / name).unlink()
+        if folder.exists():  # a damaged or stale entry
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_int8_method(method: str, reason: str, precision: str | None) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -194,31 +194,41 @@ def export_onnx(
     class_names: Sequence[str] | None = None,
     class_embeds: torch.Tensor | None = None,
     int8: bool = False,
+    on_file: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write the towers of a float32 CPU ``backbone`` as ONNX into ``out_dir`` (see the module
     docstring); ``class_embeds`` [C, D] (unit rows) with ``class_names`` add the zero-shot
-    head. Returns the manifest also written to ``preprocess.json``."""
+    head; ``on_file(name)`` is called as each graph is written (progress: a tower's export
+    or quantisation takes seconds to a minute). Returns the manifest also written to
+    ``preprocess.json``."""
     _check_exportable(backbone)
     onnx, _ = onnx_modules()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     R = backbone.preprocess.size
     ids = backbone.tokenize(["a photo of a cat.", "a photo of a dog."])  # [2, L]
+    if class_embeds is not None and (
+        class_names is None or len(class_names) != class_embeds.shape[0]
+    ):
+        raise ValueError("class_embeds [C, D] needs the C class_names")
     clip = backbone.model
-    files = {
-        "image.onnx": _write(_ImageTower(clip), torch.zeros(2, 3, R, R), "pixels", out),
-        "text.onnx": _write(_TextTower(clip), ids, "ids", out),
-    }
+    files: dict[str, dict] = {}
+
+    def written(name: str, entry: dict) -> None:
+        files[name] = entry
+        if on_file is not None:
+            on_file(name)
+
+    written("image.onnx", _write(_ImageTower(clip), torch.zeros(2, 3, R, R), "pixels", out))
+    written("text.onnx", _write(_TextTower(clip), ids, "ids", out))
     if class_embeds is not None:
-        if class_names is None or len(class_names) != class_embeds.shape[0]:
-            raise ValueError("class_embeds [C, D] needs the C class_names")
         head = _ClassHead(class_embeds, backbone.logit_scale)
         example = torch.zeros(2, backbone.embed_dim)
-        files["classes.onnx"] = _write(head, example, "embeddings", out, output="logits")
+        written("classes.onnx", _write(head, example, "embeddings", out, output="logits"))
     if int8:
         for name in ("image", "text"):
             quantise_onnx(out / f"{name}.onnx", out / f"{name}.int8.onnx", backbone.embed_dim)
-            files[f"{name}.int8.onnx"] = {**files[f"{name}.onnx"], "precision": "int8"}
+            written(f"{name}.int8.onnx", {**files[f"{name}.onnx"], "precision": "int8"})
     for name in files:
         onnx.checker.check_model(str(out / name))
     manifest = _manifest(backbone, model_name, ids.shape[1], class_names, files)

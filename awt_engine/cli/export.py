@@ -79,9 +79,19 @@ def export(
         labels = resolve_label_set(dataset, classes, template, descriptions, cache_dir)
         names = labels.classes
         embeds = F.normalize(net.class_embeddings(labels).mean(1), dim=-1)  # [C, D]
-    manifest = export_onnx(
-        net.backbone, output, model_name=name, class_names=names, class_embeds=embeds, int8=int8
-    )
+    from awt_engine._progress import progress_bar
+
+    graphs = 2 + (embeds is not None) + 2 * int8
+    with progress_bar(graphs, desc="export", unit="graph") as bar:  # on a terminal only
+        manifest = export_onnx(
+            net.backbone,
+            output,
+            model_name=name,
+            class_names=names,
+            class_embeds=embeds,
+            int8=int8,
+            on_file=lambda _: bar.update(1),
+        )
     for file in manifest["files"]:
         typer.echo(str(Path(output) / file))
     typer.echo(str(Path(output) / "preprocess.json"))
