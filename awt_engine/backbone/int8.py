@@ -46,10 +46,10 @@ INSTALL_HINT = (
 FILES = ("image.int8.onnx", "text.int8.onnx")
 # Part of the folder's key: bumped whenever the export or the quantisation changes what the
 # graphs compute (design.md section 6: a change to what a cache holds bumps its FORMAT).
+FORMAT = 2  # 2: per-channel weights, MatMuls only, the projection in float32
 # How long a process waits for another one exporting the same graphs (ViT-B-16: about a
 # minute on 2 cores; a ViT-L or a slow disk: several).
 LOCK_TIMEOUT_S = 1800.0
-FORMAT = 2  # 2: per-channel weights, MatMuls only, the projection in float32
 
 
 class Int8Towers:
